@@ -1,0 +1,287 @@
+// CPU kernels of the fused affine step. One task = one chunk of kChunk elements of one row; tasks are
+// spread over OpenMP threads, per-task partial sums are combined per row in a fixed order.
+#include "step_kernels.h"
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace diffrl_fast {
+namespace {
+
+// ---- storage types and their conversions to the accumulation type ---------------------------------
+using bf16_t = uint16_t;  // bfloat16 bits
+using f16_t = _Float16;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+static inline float ld(float v) { return v; }
+static inline double ld(double v) { return v; }
+static inline float ld(f16_t v) { return static_cast<float>(v); }
+static inline float ld(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T> static inline T st(typename Acc<T>::type v);
+template <> inline float st<float>(float v) { return v; }
+template <> inline double st<double>(double v) { return v; }
+template <> inline f16_t st<f16_t>(float v) { return static_cast<f16_t>(v); }
+template <> inline bf16_t st<bf16_t>(float v) {
+  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? static_cast<bf16_t>(0x7FC0u) : static_cast<bf16_t>(rounded);
+}
+
+// ---- compile-time feature masks ------------------------------------------------------------------
+constexpr int kEU = 1, kEC = 2, kY = 4, kREF = 8, kCLIP = 16, kMEAN = 32;  // forward; kMEAN = g_mean in backward
+constexpr int kMasks = 64;
+
+// Without eps there is nothing to guide, clip or compare: masks that set those bits are not instantiated.
+constexpr bool valid_mask(int m) { return (m & kEU) || !(m & (kEC | kREF | kCLIP)); }
+
+template <typename T>
+static inline const T* row_ptr(const Rows& t, int64_t r, int64_t n_inner, int64_t start) {
+  return static_cast<const T*>(t.ptr) + (r / n_inner) * t.so + (r % n_inner) * t.si + start;
+}
+
+// mean and its local derivatives for one element; identical arithmetic in forward and backward.
+template <bool EC, bool CLIP, typename A>
+static inline A step_mean(A x, A eu, A ec, A a, A b, A g, A m0, A cx, A ce, A lim, A am, A bm, A& dmdx, A& dmde) {
+  A e = eu;
+  if constexpr (EC) e = eu + g * (ec - eu);
+  A mean = a * x + b * e;
+  dmdx = a;
+  dmde = b;
+  if constexpr (CLIP) {
+    A x0 = cx * x + ce * e;
+    bool clipped = (x0 > lim) | (x0 < -lim);
+    A x0c = std::min(std::max(x0, -lim), lim);
+    mean = clipped ? m0 * x0c + am * x + bm * e : mean;
+    dmdx = clipped ? am : a;
+    dmde = clipped ? bm : b;
+  }
+  return mean;
+}
+
+template <typename T, int M>
+void fwd_impl(const StepArgs& args, const FwdOut& out) {
+  if constexpr (!valid_mask(M)) {
+    return;
+  } else {
+    constexpr bool EU = M & kEU, EC = M & kEC, Y = M & kY, REF = M & kREF, CLIP = M & kCLIP, MEAN = M & kMEAN;
+    using A = typename Acc<T>::type;
+    const int64_t D = args.D, n_inner = args.n_inner;
+    const int64_t n_chunk = std::max<int64_t>(1, (D + kChunk - 1) / kChunk);
+    const int64_t n_task = args.n_rows * n_chunk;
+    std::vector<A> part_ss(Y ? n_task : 0), part_kk(REF ? n_task : 0);
+    const A* coef = static_cast<const A*>(args.coef);
+    T* mean_out = static_cast<T*>(out.mean);
+
+#pragma omp parallel for schedule(static) num_threads(args.n_threads) if (n_task > 1)
+    for (int64_t task = 0; task < n_task; ++task) {
+      const int64_t r = task / n_chunk, start = (task % n_chunk) * kChunk;
+      const int64_t len = std::min(kChunk, D - start);
+      const A* c = coef + r * kCoef;
+      const A a = c[0], b = c[1], g = c[2], m0 = c[3], cx = c[4], ce = c[5], lim = c[6];
+      const A am = a - m0 * cx, bm = b - m0 * ce;
+      const T* px = row_ptr<T>(args.x, r, n_inner, start);
+      const T* py = Y ? row_ptr<T>(args.y, r, n_inner, start) : nullptr;
+      const T* peu = EU ? row_ptr<T>(args.eu, r, n_inner, start) : nullptr;
+      const T* pec = EC ? row_ptr<T>(args.ec, r, n_inner, start) : nullptr;
+      const T* pru = REF ? row_ptr<T>(args.ref_eu, r, n_inner, start) : nullptr;
+      const T* prc = (REF && EC) ? row_ptr<T>(args.ref_ec, r, n_inner, start) : nullptr;
+      T* pm = MEAN ? mean_out + r * D + start : nullptr;
+      A s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t i = 0; i < len; ++i) {
+        const A x = ld(px[i]);
+        A mean, dmdx, dmde;
+        if constexpr (EU) {
+          mean = step_mean<EC, CLIP, A>(x, ld(peu[i]), EC ? ld(pec[i]) : A(0), a, b, g, m0, cx, ce, lim, am, bm, dmdx, dmde);
+        } else {
+          mean = a * x;
+        }
+        if constexpr (MEAN) pm[i] = st<T>(mean);
+        if constexpr (Y) {
+          const A d = ld(py[i]) - mean;
+          s1 += d * d;
+        }
+        if constexpr (REF) {
+          const A rmean = step_mean<EC, CLIP, A>(x, ld(pru[i]), EC ? ld(prc[i]) : A(0), a, b, g, m0, cx, ce, lim, am, bm, dmdx, dmde);
+          const A d = mean - rmean;
+          s2 += d * d;
+        }
+      }
+      if constexpr (Y) part_ss[task] = s1;
+      if constexpr (REF) part_kk[task] = s2;
+    }
+    for (int64_t r = 0; r < args.n_rows; ++r) {
+      double t1 = 0, t2 = 0;
+      for (int64_t k = 0; k < n_chunk; ++k) {
+        if constexpr (Y) t1 += part_ss[r * n_chunk + k];
+        if constexpr (REF) t2 += part_kk[r * n_chunk + k];
+      }
+      if constexpr (Y) static_cast<A*>(out.ss)[r] = static_cast<A>(t1);
+      if constexpr (REF) static_cast<A*>(out.kk)[r] = static_cast<A>(t2);
+    }
+  }
+}
+
+// Backward. Outputs that are not needed are nullptr; the checks are loop-invariant and hoisted.
+template <typename T, int M>
+void bwd_impl(const StepArgs& args, const BwdIn& in, const BwdOut& out) {
+  if constexpr (!valid_mask(M)) {
+    return;
+  } else {
+    constexpr bool EU = M & kEU, EC = M & kEC, Y = M & kY, REF = M & kREF, CLIP = M & kCLIP, GMEAN = M & kMEAN;
+    using A = typename Acc<T>::type;
+    const int64_t D = args.D, n_inner = args.n_inner;
+    const int64_t n_chunk = std::max<int64_t>(1, (D + kChunk - 1) / kChunk);
+    const int64_t n_task = args.n_rows * n_chunk;
+    const A* coef = static_cast<const A*>(args.coef);
+    const A* w_ss = static_cast<const A*>(in.w_ss);
+    const A* w_kk = static_cast<const A*>(in.w_kk);
+
+#pragma omp parallel for schedule(static) num_threads(args.n_threads) if (n_task > 1)
+    for (int64_t task = 0; task < n_task; ++task) {
+      const int64_t r = task / n_chunk, start = (task % n_chunk) * kChunk;
+      const int64_t len = std::min(kChunk, D - start);
+      const A* c = coef + r * kCoef;
+      const A a = c[0], b = c[1], g = c[2], m0 = c[3], cx = c[4], ce = c[5], lim = c[6];
+      const A am = a - m0 * cx, bm = b - m0 * ce;
+      const A two_ws = Y ? A(2) * w_ss[r] : A(0), two_wk = REF ? A(2) * w_kk[r] : A(0);
+      const A one_minus_g = A(1) - g;
+      const T* px = row_ptr<T>(args.x, r, n_inner, start);
+      const T* py = Y ? row_ptr<T>(args.y, r, n_inner, start) : nullptr;
+      const T* peu = EU ? row_ptr<T>(args.eu, r, n_inner, start) : nullptr;
+      const T* pec = EC ? row_ptr<T>(args.ec, r, n_inner, start) : nullptr;
+      const T* pru = REF ? row_ptr<T>(args.ref_eu, r, n_inner, start) : nullptr;
+      const T* prc = (REF && EC) ? row_ptr<T>(args.ref_ec, r, n_inner, start) : nullptr;
+      const T* pg = GMEAN ? static_cast<const T*>(in.g_mean) + r * D + start : nullptr;
+      const int64_t o = r * D + start;
+      T* dx = out.dx ? static_cast<T*>(out.dx) + o : nullptr;
+      T* dy = out.dy ? static_cast<T*>(out.dy) + o : nullptr;
+      T* deu = out.deu ? static_cast<T*>(out.deu) + o : nullptr;
+      T* dec = out.dec ? static_cast<T*>(out.dec) + o : nullptr;
+
+      // dL/dmean, dmean/dx, dmean/de and dL/dy of element i (inlined into each loop below).
+      // dx_ref: x_t also enters ref_mean, so dL/dx gets -2 w_kk (mean - ref_mean) dref_mean/dx.
+      auto grad = [&](int64_t i, A& dm, A& dmdx, A& dmde, A& dyv, A& dx_ref) {
+        const A x = ld(px[i]);
+        A mean;
+        if constexpr (EU) {
+          mean = step_mean<EC, CLIP, A>(x, ld(peu[i]), EC ? ld(pec[i]) : A(0), a, b, g, m0, cx, ce, lim, am, bm, dmdx, dmde);
+        } else {
+          mean = a * x;
+          dmdx = a;
+          dmde = A(0);
+        }
+        dm = 0;
+        dyv = 0;
+        dx_ref = 0;
+        if constexpr (Y) {
+          dyv = two_ws * (ld(py[i]) - mean);
+          dm -= dyv;
+        }
+        if constexpr (REF) {
+          A rdmdx, unused_e;
+          const A rmean = step_mean<EC, CLIP, A>(x, ld(pru[i]), EC ? ld(prc[i]) : A(0), a, b, g, m0, cx, ce, lim, am, bm,
+                                                 rdmdx, unused_e);
+          const A dkk = two_wk * (mean - rmean);
+          dm += dkk;
+          dx_ref = dkk * rdmdx;
+        }
+        if constexpr (GMEAN) dm += ld(pg[i]);
+      };
+      A dm, dmdx, dmde, dyv, dx_ref;
+      if (EU && !dx && !dy && deu && (dec || !EC)) {
+        // the training hot path: gradients to the model outputs only, branch-free
+#pragma omp simd private(dm, dmdx, dmde, dyv, dx_ref)
+        for (int64_t i = 0; i < len; ++i) {
+          grad(i, dm, dmdx, dmde, dyv, dx_ref);
+          const A de = dm * dmde;
+          if constexpr (EC) {
+            deu[i] = st<T>(one_minus_g * de);
+            dec[i] = st<T>(g * de);
+          } else {
+            deu[i] = st<T>(de);
+          }
+        }
+      } else {
+#pragma omp simd private(dm, dmdx, dmde, dyv, dx_ref)
+        for (int64_t i = 0; i < len; ++i) {
+          grad(i, dm, dmdx, dmde, dyv, dx_ref);
+          const A de = dm * dmde;
+          if (dx) dx[i] = st<T>(dm * dmdx - dx_ref);
+          if (dy) dy[i] = st<T>(dyv);
+          if (deu) deu[i] = st<T>(EC ? one_minus_g * de : de);
+          if (dec) dec[i] = st<T>(g * de);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int... Ms>
+void fwd_dispatch(int mask, std::integer_sequence<int, Ms...>, const StepArgs& args, const FwdOut& out) {
+  using Fn = void (*)(const StepArgs&, const FwdOut&);
+  static constexpr Fn table[] = {&fwd_impl<T, Ms>...};
+  table[mask](args, out);
+}
+
+template <typename T, int... Ms>
+void bwd_dispatch(int mask, std::integer_sequence<int, Ms...>, const StepArgs& args, const BwdIn& in, const BwdOut& out) {
+  using Fn = void (*)(const StepArgs&, const BwdIn&, const BwdOut&);
+  static constexpr Fn table[] = {&bwd_impl<T, Ms>...};
+  table[mask](args, in, out);
+}
+
+template <typename F>
+void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat64: f(double{}); break;
+    case kFloat16: f(f16_t{}); break;
+    case kBFloat16: f(bf16_t{}); break;
+  }
+}
+
+int base_mask(const StepArgs& a) {
+  int m = 0;
+  if (a.eu.ptr) m |= kEU;
+  if (a.ec.ptr) m |= kEC;
+  if (a.ref_eu.ptr) m |= kREF;
+  if (a.clip) m |= kCLIP;
+  return m;
+}
+
+}  // namespace
+
+void step_fwd(const StepArgs& args, const FwdOut& out) {
+  int mask = base_mask(args);
+  if (out.ss) mask |= kY;
+  if (!out.kk) mask &= ~kREF;
+  if (out.mean) mask |= kMEAN;
+  by_dtype(args.dtype, [&](auto tag) {
+    fwd_dispatch<decltype(tag)>(mask, std::make_integer_sequence<int, kMasks>{}, args, out);
+  });
+}
+
+void step_bwd(const StepArgs& args, const BwdIn& in, const BwdOut& out) {
+  int mask = base_mask(args);
+  if (in.w_ss) mask |= kY;
+  if (!in.w_kk) mask &= ~kREF;
+  if (in.g_mean) mask |= kMEAN;
+  by_dtype(args.dtype, [&](auto tag) {
+    bwd_dispatch<decltype(tag)>(mask, std::make_integer_sequence<int, kMasks>{}, args, in, out);
+  });
+}
+
+}  // namespace diffrl_fast

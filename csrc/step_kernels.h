@@ -1,0 +1,61 @@
+// Fused affine-step kernels for CPU (see diffrl_fast/ops/_problem.py for the mathematics).
+//
+// Rows r = 0..n_rows-1 of each latent tensor start at element
+//     (r / n_inner) * so + (r % n_inner) * si
+// of its data pointer and hold D contiguous elements. Per row the coefficient matrix holds
+//     a, b, g, m0, cx, ce, limit      (kCoef columns, accumulation dtype)
+// Forward returns per-row sums of squares ss = |y - mean|^2 and kk = |mean - ref_mean|^2 and optionally
+// writes the mean; backward writes dx, dy, deu, dec from the per-row weights w_ss = dL/dss, w_kk = dL/dkk
+// and an optional latent-sized g_mean = dL/dmean.
+#pragma once
+
+#include <cstdint>
+
+namespace diffrl_fast {
+
+constexpr int kCoef = 7;
+
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+struct Rows {
+  const void* ptr = nullptr;  // nullptr: tensor absent
+  int64_t so = 0;             // element stride of the outer row group
+  int64_t si = 0;             // element stride of the inner row group
+};
+
+struct StepArgs {
+  int dtype = kFloat32;
+  int64_t n_rows = 0, n_inner = 1, D = 0;
+  Rows x, y, eu, ec, ref_eu, ref_ec;
+  const void* coef = nullptr;  // [n_rows, kCoef], float (double for kFloat64)
+  bool clip = false;
+  int n_threads = 1;
+};
+
+struct FwdOut {
+  void* ss = nullptr;    // [n_rows] accumulation dtype, or nullptr
+  void* kk = nullptr;    // [n_rows] accumulation dtype, or nullptr
+  void* mean = nullptr;  // [n_rows, D] input dtype, contiguous, or nullptr
+};
+
+struct BwdIn {
+  const void* w_ss = nullptr;    // [n_rows] accumulation dtype, or nullptr
+  const void* w_kk = nullptr;    // [n_rows] accumulation dtype, or nullptr
+  const void* g_mean = nullptr;  // [n_rows, D] input dtype, contiguous, or nullptr
+};
+
+struct BwdOut {
+  void* dx = nullptr;  // each [n_rows, D] input dtype, contiguous, or nullptr when not needed
+  void* dy = nullptr;
+  void* deu = nullptr;
+  void* dec = nullptr;
+};
+
+// Elements per parallel task. Fixed (not derived from the thread count or batch size) so that every
+// row is summed in the same order whatever the batch: recomputed log-probs match the rollout's bit for bit.
+constexpr int64_t kChunk = 4096;
+
+void step_fwd(const StepArgs& args, const FwdOut& out);
+void step_bwd(const StepArgs& args, const BwdIn& in, const BwdOut& out);
+
+}  // namespace diffrl_fast

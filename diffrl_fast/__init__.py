@@ -1,0 +1,6 @@
+"""diffrl_fast: performance-first RL and preference fine-tuning of text-to-image diffusion models."""
+__version__ = "0.1.0"
+
+from .diffusion.ddim import ddim_step_with_logprob  # noqa: E402
+
+__all__ = ["ddim_step_with_logprob", "__version__"]

@@ -1,0 +1,62 @@
+"""C++/OpenMP backend for CPU tensors (csrc/, built by setup.py as ``diffrl_fast._C``).
+
+Tensors cross into C++ as zero-copy numpy views (bfloat16 as an int16 view). The kernels take the
+two-level row addressing of ``_problem.row_addressing``, so strided leading dims are read in place.
+Thread count follows ``torch.get_num_threads()``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import _C  # noqa: F401  - ImportError here makes the registry fall back to torch
+from .._problem import StepProblem, row_addressing
+
+NAME = "cpp"
+
+_DTYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _np(t):
+    if t is None:
+        return None
+    if t.device.type != "cpu":
+        raise RuntimeError(f"the cpp backend runs on CPU tensors, got one on {t.device}")
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def _args(p: StepProblem):
+    n_inner, strides = row_addressing(p)
+    names = ("x", "y", "eu", "ec", "ref_eu", "ref_ec")
+    tensors = [_np(getattr(p, n)) for n in names]
+    pairs = [strides.get(n, (0, 0)) for n in names]
+    return (_DTYPE[p.x.dtype], p.n_rows, n_inner, p.row_size, tensors, pairs, _np(p.coef.contiguous()), p.clip)
+
+
+def step_fwd(p: StepProblem, want_ss: bool, want_kk: bool, want_mean: bool):
+    lead = p.lead_shape
+    ss = p.coef.new_empty(lead if want_ss else (0,))
+    kk = p.coef.new_empty(lead if want_kk else (0,))
+    mean = torch.empty(p.x.shape if want_mean else (0,), dtype=p.x.dtype)
+    if p.n_rows:
+        _C.step_fwd(*_args(p), _np(ss) if want_ss else None, _np(kk) if want_kk else None,
+                    _np(mean) if want_mean else None, torch.get_num_threads())
+    return ss, kk, mean
+
+
+def step_bwd(p: StepProblem, w_ss, w_kk, g_mean, need):
+    acc = p.coef.dtype
+    present = (p.x, p.y, p.eu, p.ec)
+    outs = [torch.empty(p.x.shape, dtype=p.x.dtype) if n and t is not None else None for n, t in zip(need, present)]
+    if p.n_rows:
+        _C.step_bwd(
+            *_args(p),
+            None if w_ss is None else _np(w_ss.to(acc).contiguous()),
+            None if w_kk is None else _np(w_kk.to(acc).contiguous()),
+            None if g_mean is None else _np(g_mean.to(p.x.dtype).contiguous()),
+            *[_np(o) for o in outs],
+            torch.get_num_threads(),
+        )
+    return tuple(outs)

@@ -1,0 +1,238 @@
+"""Triton backend for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1, for tests).
+
+Grid: one program per (row, chunk of CHUNK elements). CHUNK is fixed, not derived from the batch, so a
+row's partial sums and their combination are the same whatever the batch: log-probs recomputed in
+training match the rollout's exactly. Forward writes per-(row, chunk) partial sums of squares, summed
+per row afterwards in a fixed order; backward is purely elementwise and writes each gradient once.
+All arithmetic runs in float32 (float64 for float64 inputs), upcast right after loading.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._problem import N_COEF, StepProblem, row_addressing
+
+NAME = "triton"
+
+CHUNK = 4096
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter pays per launch and per op, not per element: one big block per program there.
+BLOCK = CHUNK if _INTERPRET else 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _row_start(row, n_inner, so, si):
+    return (row // n_inner) * so + (row % n_inner) * si
+
+
+@triton.jit
+def _mean(x, eu, ec, a, b, g, m0, cx, ce, lim, HAS_EU: tl.constexpr, HAS_EC: tl.constexpr, CLIP: tl.constexpr):
+    # e = eu + g (ec - eu);  mean = a x + b e;  clipped: m0 clamp(x0) + (a - m0 cx) x + (b - m0 ce) e, x0 = cx x + ce e
+    if HAS_EU:
+        e = eu
+        if HAS_EC:
+            e = eu + g * (ec - eu)
+        mean = a * x + b * e
+        dmdx = a + 0.0 * x
+        dmde = b + 0.0 * x
+        if CLIP:
+            x0 = cx * x + ce * e
+            clipped = (x0 > lim) | (x0 < -lim)
+            x0c = tl.minimum(tl.maximum(x0, -lim), lim)
+            am = a - m0 * cx
+            bm = b - m0 * ce
+            mean = tl.where(clipped, m0 * x0c + am * x + bm * e, mean)
+            dmdx = tl.where(clipped, am + 0.0 * x, dmdx)
+            dmde = tl.where(clipped, bm + 0.0 * x, dmde)
+    else:
+        mean = a * x
+        dmdx = a + 0.0 * x
+        dmde = 0.0 * x
+    return mean, dmdx, dmde
+
+
+@triton.jit
+def _load(ptr, offs, mask, ACC: tl.constexpr):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _step_fwd_kernel(
+    x_ptr, y_ptr, eu_ptr, ec_ptr, ru_ptr, rc_ptr, coef_ptr, ss_ptr, kk_ptr, mean_ptr,
+    n_inner, D, n_chunks,
+    sxo, sxi, syo, syi, suo, sui, sco, sci, sruo, srui, srco, srci,
+    HAS_Y: tl.constexpr, HAS_EU: tl.constexpr, HAS_EC: tl.constexpr, HAS_REF: tl.constexpr,
+    CLIP: tl.constexpr, WANT_MEAN: tl.constexpr, ACC: tl.constexpr,
+    CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    cp = coef_ptr + row * 7
+    a = tl.load(cp + 0).to(ACC)
+    b = tl.load(cp + 1).to(ACC)
+    g = tl.load(cp + 2).to(ACC)
+    m0 = tl.load(cp + 3).to(ACC)
+    cx = tl.load(cp + 4).to(ACC)
+    ce = tl.load(cp + 5).to(ACC)
+    lim = tl.load(cp + 6).to(ACC)
+    xo = _row_start(row, n_inner, sxo, sxi)
+    yo = _row_start(row, n_inner, syo, syi)
+    uo = _row_start(row, n_inner, suo, sui)
+    co = _row_start(row, n_inner, sco, sci)
+    ruo = _row_start(row, n_inner, sruo, srui)
+    rco = _row_start(row, n_inner, srco, srci)
+    acc_ss = tl.zeros([BLOCK_], dtype=ACC)
+    acc_kk = tl.zeros([BLOCK_], dtype=ACC)
+    for start in range(0, CHUNK_, BLOCK_):
+        idx = chunk * CHUNK_ + start + tl.arange(0, BLOCK_)
+        m = idx < D
+        x = _load(x_ptr + xo, idx, m, ACC)
+        eu = _load(eu_ptr + uo, idx, m, ACC) if HAS_EU else x
+        ec = _load(ec_ptr + co, idx, m, ACC) if HAS_EC else x
+        mean, dmdx, dmde = _mean(x, eu, ec, a, b, g, m0, cx, ce, lim, HAS_EU, HAS_EC, CLIP)
+        if WANT_MEAN:
+            tl.store(mean_ptr + row * D + idx, mean.to(mean_ptr.dtype.element_ty), mask=m)
+        if HAS_Y:
+            d = tl.where(m, _load(y_ptr + yo, idx, m, ACC) - mean, 0.0)
+            acc_ss += d * d
+        if HAS_REF:
+            ru = _load(ru_ptr + ruo, idx, m, ACC)
+            rc = _load(rc_ptr + rco, idx, m, ACC) if HAS_EC else x
+            rmean, _u1, _u2 = _mean(x, ru, rc, a, b, g, m0, cx, ce, lim, HAS_EU, HAS_EC, CLIP)
+            d = tl.where(m, mean - rmean, 0.0)
+            acc_kk += d * d
+    if HAS_Y:
+        tl.store(ss_ptr + row * n_chunks + chunk, tl.sum(acc_ss, axis=0))
+    if HAS_REF:
+        tl.store(kk_ptr + row * n_chunks + chunk, tl.sum(acc_kk, axis=0))
+
+
+@triton.jit
+def _step_bwd_kernel(
+    x_ptr, y_ptr, eu_ptr, ec_ptr, ru_ptr, rc_ptr, coef_ptr, wss_ptr, wkk_ptr, gm_ptr,
+    dx_ptr, dy_ptr, deu_ptr, dec_ptr,
+    n_inner, D,
+    sxo, sxi, syo, syi, suo, sui, sco, sci, sruo, srui, srco, srci,
+    HAS_Y: tl.constexpr, HAS_EU: tl.constexpr, HAS_EC: tl.constexpr, HAS_REF: tl.constexpr,
+    CLIP: tl.constexpr, HAS_GMEAN: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, NEED_DEU: tl.constexpr, NEED_DEC: tl.constexpr,
+    ACC: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
+):
+    # dL/dmean = -2 w_ss (y - mean) + 2 w_kk (mean - ref_mean) + g_mean;  dL/dy = 2 w_ss (y - mean)
+    # dL/dx = dL/dmean dmean/dx - 2 w_kk (mean - ref_mean) dref_mean/dx;  dL/de = dL/dmean dmean/de;  dL/dec = g dL/de;  dL/deu = (1 - g) dL/de
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    cp = coef_ptr + row * 7
+    a = tl.load(cp + 0).to(ACC)
+    b = tl.load(cp + 1).to(ACC)
+    g = tl.load(cp + 2).to(ACC)
+    m0 = tl.load(cp + 3).to(ACC)
+    cx = tl.load(cp + 4).to(ACC)
+    ce = tl.load(cp + 5).to(ACC)
+    lim = tl.load(cp + 6).to(ACC)
+    two_ws = 2.0 * tl.load(wss_ptr + row).to(ACC) if HAS_Y else 0.0
+    two_wk = 2.0 * tl.load(wkk_ptr + row).to(ACC) if HAS_REF else 0.0
+    xo = _row_start(row, n_inner, sxo, sxi)
+    yo = _row_start(row, n_inner, syo, syi)
+    uo = _row_start(row, n_inner, suo, sui)
+    co = _row_start(row, n_inner, sco, sci)
+    ruo = _row_start(row, n_inner, sruo, srui)
+    rco = _row_start(row, n_inner, srco, srci)
+    for start in range(0, CHUNK_, BLOCK_):
+        idx = chunk * CHUNK_ + start + tl.arange(0, BLOCK_)
+        m = idx < D
+        out = row * D + idx
+        x = _load(x_ptr + xo, idx, m, ACC)
+        eu = _load(eu_ptr + uo, idx, m, ACC) if HAS_EU else x
+        ec = _load(ec_ptr + co, idx, m, ACC) if HAS_EC else x
+        mean, dmdx, dmde = _mean(x, eu, ec, a, b, g, m0, cx, ce, lim, HAS_EU, HAS_EC, CLIP)
+        dm = 0.0 * x
+        dyv = 0.0 * x
+        if HAS_Y:
+            dyv = two_ws * (_load(y_ptr + yo, idx, m, ACC) - mean)
+            dm -= dyv
+        dx_ref = 0.0 * x  # x_t also enters ref_mean: dL/dx gets -2 w_kk (mean - ref_mean) dref_mean/dx
+        if HAS_REF:
+            ru = _load(ru_ptr + ruo, idx, m, ACC)
+            rc = _load(rc_ptr + rco, idx, m, ACC) if HAS_EC else x
+            rmean, rdmdx, _u2 = _mean(x, ru, rc, a, b, g, m0, cx, ce, lim, HAS_EU, HAS_EC, CLIP)
+            dkk = two_wk * (mean - rmean)
+            dm += dkk
+            dx_ref = dkk * rdmdx
+        if HAS_GMEAN:
+            dm += _load(gm_ptr, out, m, ACC)
+        if NEED_DX:
+            tl.store(dx_ptr + out, (dm * dmdx - dx_ref).to(dx_ptr.dtype.element_ty), mask=m)
+        if NEED_DY:
+            tl.store(dy_ptr + out, dyv.to(dy_ptr.dtype.element_ty), mask=m)
+        de = dm * dmde
+        if NEED_DEU:
+            if HAS_EC:
+                tl.store(deu_ptr + out, ((1.0 - g) * de).to(deu_ptr.dtype.element_ty), mask=m)
+            else:
+                tl.store(deu_ptr + out, de.to(deu_ptr.dtype.element_ty), mask=m)
+        if NEED_DEC:
+            tl.store(dec_ptr + out, (g * de).to(dec_ptr.dtype.element_ty), mask=m)
+
+
+def _launch_args(p: StepProblem):
+    n_inner, strides = row_addressing(p)
+    names = ("x", "y", "eu", "ec", "ref_eu", "ref_ec")
+    ptrs = [getattr(p, n) if getattr(p, n) is not None else p.x for n in names]
+    flat = [s for n in names for s in strides.get(n, (0, 0))]
+    acc = tl.float64 if p.coef.dtype == torch.float64 else tl.float32
+    return n_inner, ptrs, flat, acc
+
+
+def _grid(p: StepProblem) -> tuple[int, int]:
+    return p.n_rows, triton.cdiv(p.row_size, CHUNK)
+
+
+def step_fwd(p: StepProblem, want_ss: bool, want_kk: bool, want_mean: bool):
+    assert p.coef.shape[1] == N_COEF
+    lead = p.lead_shape
+    n_rows, n_chunks = _grid(p)
+    part_ss = p.coef.new_empty((n_rows, n_chunks) if want_ss else (1,))
+    part_kk = p.coef.new_empty((n_rows, n_chunks) if want_kk else (1,))
+    mean = torch.empty(p.x.shape if want_mean else (0,), dtype=p.x.dtype, device=p.x.device)
+    if n_rows:
+        n_inner, ptrs, flat, acc = _launch_args(p)
+        _step_fwd_kernel[(n_rows, n_chunks)](
+            *ptrs, p.coef.contiguous(), part_ss, part_kk, mean if want_mean else p.x,
+            n_inner, p.row_size, n_chunks, *flat,
+            HAS_Y=want_ss, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=want_kk,
+            CLIP=p.clip, WANT_MEAN=want_mean, ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK, num_warps=NUM_WARPS,
+        )
+    ss = part_ss.sum(1).reshape(lead) if want_ss else p.coef.new_empty(0)
+    kk = part_kk.sum(1).reshape(lead) if want_kk else p.coef.new_empty(0)
+    return ss, kk, mean
+
+
+def step_bwd(p: StepProblem, w_ss, w_kk, g_mean, need):
+    acc_dtype = p.coef.dtype
+    present = (p.x, p.y, p.eu, p.ec)
+    outs = [torch.empty(p.x.shape, dtype=p.x.dtype, device=p.x.device) if n and t is not None else None
+            for n, t in zip(need, present)]
+    n_rows, n_chunks = _grid(p)
+    if n_rows:
+        n_inner, ptrs, flat, acc = _launch_args(p)
+        dummy = p.coef
+        _step_bwd_kernel[(n_rows, n_chunks)](
+            *ptrs, p.coef.contiguous(),
+            dummy if w_ss is None else w_ss.to(acc_dtype).contiguous(),
+            dummy if w_kk is None else w_kk.to(acc_dtype).contiguous(),
+            p.x if g_mean is None else g_mean.to(p.x.dtype).contiguous(),
+            *[p.x if o is None else o for o in outs],
+            n_inner, p.row_size, *flat,
+            HAS_Y=w_ss is not None, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=w_kk is not None,
+            CLIP=p.clip, HAS_GMEAN=g_mean is not None,
+            NEED_DX=outs[0] is not None, NEED_DY=outs[1] is not None,
+            NEED_DEU=outs[2] is not None, NEED_DEC=outs[3] is not None,
+            ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK, num_warps=NUM_WARPS,
+        )
+    return tuple(outs)

@@ -1,0 +1,60 @@
+"""The backend registry: automatic choice, explicit choice, environment override, fallback."""
+import warnings
+
+import pytest
+import torch
+
+from diffrl_fast.ops import available_backends, step_logprob, use_backend
+from diffrl_fast.ops import backends
+
+
+def test_auto_prefers_cpp_on_cpu(monkeypatch):
+    monkeypatch.delenv("DIFFRL_FAST_BACKEND", raising=False)
+    assert backends.resolve("cpu") == "cpp"
+    assert "torch" in available_backends("cpu")
+
+
+def test_environment_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("DIFFRL_FAST_BACKEND", "torch")
+    assert backends.resolve("cpu") == "torch"
+    with use_backend("cpp"):  # the context manager wins over the environment
+        assert backends.resolve("cpu") == "cpp"
+
+
+def test_explicit_choice_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("DIFFRL_FAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        backends.resolve("cpu")
+    monkeypatch.delenv("DIFFRL_FAST_BACKEND")
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="cannot run on cuda"):
+        backends.resolve("cuda")
+    with pytest.raises(ValueError):
+        with use_backend("gpu"):
+            pass
+
+
+def test_automatic_choice_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.delenv("DIFFRL_FAST_BACKEND", raising=False)
+    monkeypatch.setitem(backends._load_errors, "cpp", ImportError("simulated missing extension"))
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="cpp backend is unavailable"):
+        assert backends.resolve("cpu") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve("cpu") == "torch"  # warned once only
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="failed to load"):
+        backends.resolve("cpu")
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.isfinite(step_logprob(x, x, x, None, 1.0, 0.5, 1.0, 0.3)).all()
+
+
+def test_backends_agree_on_a_realistic_chunk():
+    g = torch.Generator().manual_seed(0)
+    x, y, eu, ec = (torch.randn(4, 2, 4, 64, 64, generator=g) for _ in range(4))
+    outs = {}
+    for name in available_backends("cpu"):
+        with use_backend(name):
+            outs[name] = step_logprob(x, y, eu, ec, 0.99, -0.1, 7.5, 0.3)
+    ref = outs["torch"]
+    for name, out in outs.items():
+        assert torch.allclose(out, ref, rtol=1e-6, atol=1e-5), name
