@@ -84,7 +84,7 @@ void fwd_impl(const StepArgs& args, const FwdOut& out) {
     const A* coef = static_cast<const A*>(args.coef);
     T* mean_out = static_cast<T*>(out.mean);
 
-#pragma omp parallel for schedule(static) num_threads(args.n_threads) if (n_task > 1)
+#pragma omp parallel for schedule(static) num_threads(args.n_threads) if (n_task > 1 && args.n_rows * D >= kParallelMin)
     for (int64_t task = 0; task < n_task; ++task) {
       const int64_t r = task / n_chunk, start = (task % n_chunk) * kChunk;
       const int64_t len = std::min(kChunk, D - start);
@@ -149,7 +149,7 @@ void bwd_impl(const StepArgs& args, const BwdIn& in, const BwdOut& out) {
     const A* w_ss = static_cast<const A*>(in.w_ss);
     const A* w_kk = static_cast<const A*>(in.w_kk);
 
-#pragma omp parallel for schedule(static) num_threads(args.n_threads) if (n_task > 1)
+#pragma omp parallel for schedule(static) num_threads(args.n_threads) if (n_task > 1 && args.n_rows * D >= kParallelMin)
     for (int64_t task = 0; task < n_task; ++task) {
       const int64_t r = task / n_chunk, start = (task % n_chunk) * kChunk;
       const int64_t len = std::min(kChunk, D - start);

@@ -54,6 +54,9 @@ struct BwdOut {
 // Elements per parallel task. Fixed (not derived from the thread count or batch size) so that every
 // row is summed in the same order whatever the batch: recomputed log-probs match the rollout's bit for bit.
 constexpr int64_t kChunk = 4096;
+// Below this many elements a parallel region costs more than it saves (and stalls badly when the
+// cores are oversubscribed): run on the calling thread.
+constexpr int64_t kParallelMin = 1 << 16;
 
 void step_fwd(const StepArgs& args, const FwdOut& out);
 void step_bwd(const StepArgs& args, const BwdIn& in, const BwdOut& out);

@@ -1,0 +1,198 @@
+"""Ops benchmark: the fused DDPO-IS step loss against the eager formula of ddpo-pytorch/trl and torch.compile of it.
+
+For one DDIM step with classifier-free guidance (x_t, x_prev, eps_u, eps_c of shape [N, 4, H, W], per-row
+coefficients), each provider computes the clipped PPO loss and, in backward, the gradients to eps_u and
+eps_c (the model outputs):
+
+    eager    the formula as ddpo-pytorch/trl write it (tests/baselines.py), plain PyTorch
+    compile  torch.compile of that same function
+    cpp      diffrl_fast.ops.ppo_clip_step_loss on the C++ backend (CPU tensors)
+    triton   diffrl_fast.ops.ppo_clip_step_loss on the Triton backend (CUDA tensors)
+
+Modes: forward (loss with autograd enabled), backward (loss.backward() of a recorded graph), full (both).
+Effective GB/s counts the bytes a fused pass must move (forward reads 4 latent tensors, backward reads 4
+and writes 2), the same for every provider, and is compared with the copy bandwidth measured in the same
+run. Run: ``python benchmarks/bench_ops.py`` or ``diffrl-fast bench ops``; results go to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, copy_bandwidth_gbs, machine_info, peak_memory_mb, time_fn, write_rows  # noqa: E402
+from diffrl_fast.ops import ppo_clip_step_loss, use_backend  # noqa: E402
+from tests.baselines import ddim_affine, ddpo_ppo_step_loss, random_ddim_rows  # noqa: E402
+
+GUIDANCE = 7.5
+CLIP_RANGE = 1e-4
+ADV_CLIP = 5.0
+# Bytes per latent element a fused implementation must move, per mode (fp32: 4 bytes per tensor element).
+TENSOR_PASSES = {"forward": 4, "backward": 6, "full": 10}
+TARGET_SHAPE = (32, 4, 128, 128)
+TARGETS = {  # fused provider -> (min speed-up vs eager, vs compile, min fraction of copy bandwidth); full mode, fp32
+    "cpp": (4.0, 1.5, 0.60),
+    "triton": (5.0, 1.3, 0.75),
+}
+
+
+def make_inputs(shape, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0]
+    x, prev, eu, ec = (torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    abar_t, abar_p, std = (v.to(device) for v in random_ddim_rows(n, g))
+    a, b = ddim_affine(abar_t, abar_p, std)
+    old = (torch.randn(n, generator=g) * 0.01 - 1.0).to(device)
+    adv = torch.randn(n, generator=g).to(device)
+    return dict(x=x, prev=prev, eu=eu, ec=ec, abar_t=abar_t, abar_p=abar_p, std=std, a=a, b=b, old=old, adv=adv)
+
+
+def loss_fns(inp, device):
+    """provider -> function(eu, ec) returning the scalar loss."""
+
+    def eager(eu, ec):
+        return ddpo_ppo_step_loss(inp["x"], inp["prev"], eu, ec, GUIDANCE, inp["abar_t"], inp["abar_p"], inp["std"],
+                                  inp["old"], inp["adv"], CLIP_RANGE, ADV_CLIP)
+
+    def fused(backend):
+        def fn(eu, ec):
+            with use_backend(backend):
+                return ppo_clip_step_loss(inp["x"], inp["prev"], eu, ec, inp["a"], inp["b"], GUIDANCE, inp["std"],
+                                          inp["old"], inp["adv"], clip_range=CLIP_RANGE, adv_clip=ADV_CLIP).loss
+
+        return fn
+
+    fns = {"eager": eager, "compile": torch.compile(eager, dynamic=False)}
+    if device == "cpu":
+        fns["cpp"] = fused("cpp")
+    else:
+        fns["triton"] = fused("triton")
+    return fns
+
+
+def run_case(fn, inp, mode, device, iters, min_time_s):
+    eu = inp["eu"].clone().requires_grad_()
+    ec = inp["ec"].clone().requires_grad_()
+
+    def forward():
+        return fn(eu, ec)
+
+    def full():
+        eu.grad = ec.grad = None
+        fn(eu, ec).backward()
+
+    if mode == "forward":
+        call = forward
+    elif mode == "full":
+        call = full
+    else:
+        loss = fn(eu, ec)
+
+        def call():
+            eu.grad = ec.grad = None
+            loss.backward(retain_graph=True)
+
+    stats = time_fn(call, device, warmup=3, iters=iters, min_time_s=min_time_s)
+    stats["peak_mem_mb"] = peak_memory_mb(call, device)
+    return stats
+
+
+def evaluate_targets(rows, copy_gbs):
+    """The issue's targets for the fused PPO step loss, fp32, full mode, [32, 4, 128, 128]: met or missed and by how much."""
+    by = {(r["provider"], r["mode"], tuple(r["shape"])): r for r in rows}
+    out = []
+    for provider, (vs_eager, vs_compile, bw_frac) in TARGETS.items():
+        key = (provider, "full", TARGET_SHAPE)
+        if key not in by:
+            continue
+        r = by[key]
+        eager = by[("eager", "full", TARGET_SHAPE)]["median_ms"]
+        comp = by[("compile", "full", TARGET_SHAPE)]["median_ms"]
+        got = {"speedup_vs_eager": eager / r["median_ms"], "speedup_vs_compile": comp / r["median_ms"],
+               "copy_bandwidth_fraction": r["gbs"] / copy_gbs}
+        need = {"speedup_vs_eager": vs_eager, "speedup_vs_compile": vs_compile, "copy_bandwidth_fraction": bw_frac}
+        for k in got:
+            out.append({"provider": provider, "metric": k, "measured": round(got[k], 3), "target": need[k],
+                        "met": got[k] >= need[k], "ratio_to_target": round(got[k] / need[k], 3)})
+    return out
+
+
+def plot(rows, copy_gbs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({tuple(r["shape"]) for r in rows})
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    modes = ["forward", "backward", "full"]
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4.2 * len(shapes), 7), squeeze=False)
+    for j, shape in enumerate(shapes):
+        for k, (metric, label) in enumerate((("median_ms", "median time (ms, lower is better)"), ("gbs", "effective GB/s"))):
+            ax = axes[k][j]
+            width = 0.8 / len(providers)
+            for i, p in enumerate(providers):
+                vals = [next((r[metric] for r in rows if r["provider"] == p and r["mode"] == m and tuple(r["shape"]) == shape), 0) for m in modes]
+                ax.bar([m + i * width for m in range(len(modes))], vals, width, label=p)
+            if metric == "gbs":
+                ax.axhline(copy_gbs, color="k", ls="--", lw=1, label="copy bandwidth")
+            ax.set_xticks([m + width * (len(providers) - 1) / 2 for m in range(len(modes))], modes)
+            ax.set_title(f"{list(shape)}", fontsize=9)
+            ax.set_ylabel(label, fontsize=8)
+            if j == 0 and k == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("fused DDPO-IS step loss, fp32", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="diffrl-fast bench ops", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="one small shape, few iterations (a smoke run, not a measurement)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--min-time", type=float, default=1.0, help="minimum seconds of timing per case")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    device = args.device
+    shapes = [(2, 4, 16, 16)] if args.quick else [(n, 4, h, h) for h in (64, 128) for n in (8, 32)]
+    iters, min_time = (2, 0.0) if args.quick else (args.iters, args.min_time)
+    copy_gbs = copy_bandwidth_gbs(device, nbytes=8 * 2**20 if args.quick else 256 * 2**20)
+    print(f"device {device}, {torch.get_num_threads()} threads, copy bandwidth {copy_gbs:.1f} GB/s")
+    rows = []
+    for shape in shapes:
+        inp = make_inputs(shape, device)
+        numel = inp["x"].numel()
+        for provider, fn in loss_fns(inp, device).items():
+            for mode in ("forward", "backward", "full"):
+                stats = run_case(fn, inp, mode, device, iters, min_time)
+                gbs = TENSOR_PASSES[mode] * numel * 4 / (stats["median_ms"] * 1e-3) / 1e9
+                row = {"op": "ppo_clip_step_loss", "provider": provider, "mode": mode, "shape": list(shape), "dtype": "float32",
+                       **{k: round(v, 4) for k, v in stats.items()}, "gbs": round(gbs, 3),
+                       "copy_fraction": round(gbs / copy_gbs, 4)}
+                rows.append(row)
+                print(f"{str(list(shape)):>20} {provider:>8} {mode:>8}  median {stats['median_ms']:9.3f} ms  "
+                      f"p20 {stats['p20_ms']:9.3f}  p80 {stats['p80_ms']:9.3f}  {gbs:7.2f} GB/s ({gbs / copy_gbs:5.1%} of copy)  "
+                      f"peak +{stats['peak_mem_mb']:.1f} MB")
+    meta = machine_info(device)
+    meta["copy_bandwidth_gbs"] = round(copy_gbs, 3)
+    targets = [] if args.quick else evaluate_targets(rows, copy_gbs)
+    for t in targets:
+        print(f"target {t['provider']} {t['metric']}: measured {t['measured']} vs {t['target']} -> {'met' if t['met'] else 'MISSED'}")
+    stem = f"ops_{device}" + ("_quick" if args.quick else "")
+    meta["targets"] = targets
+    jpath, cpath = write_rows(stem, rows, meta, args.out)
+    plot(rows, copy_gbs, args.out / f"{stem}.png")
+    print(f"wrote {jpath}, {cpath}, {args.out / f'{stem}.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Shared benchmark plumbing: timing, memory, machine facts, result files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 20, min_time_s: float = 0.0) -> dict:
+    """Run ``fn`` ``warmup`` times, then time ``iters`` calls (at least ``min_time_s`` in total); ms quantiles."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "iters": len(times)}
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Extra memory at the peak of one call of ``fn``, in MB.
+
+    CUDA: torch.cuda.max_memory_allocated above what was allocated before. CPU: the process's peak
+    resident set (VmHWM, reset through /proc/self/clear_refs) above its resident set before the call;
+    it counts every allocation the call touches, PyTorch's or not.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _rss_kb("VmRSS:")
+    fn()
+    return max(0, _rss_kb("VmHWM:") - base) / 1024
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 256 * 2**20) -> float:
+    """Measured copy bandwidth (bytes read + bytes written per second) of ``dst.copy_(src)``, GB/s."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "device": device,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_rows(stem: str, rows: Iterable[dict], meta: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """Write ``rows`` as ``stem``.json (with ``meta``) and ``stem``.csv under ``out_dir``."""
+    rows = list(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    jpath.write_text(json.dumps({"machine": meta, "rows": rows}, indent=2) + "\n")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(cpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return jpath, cpath
