@@ -1,14 +1,18 @@
-"""Per-sample affine step coefficients (a, b, s, x0 clipping) for each supported scheduler.
+"""Per-step affine coefficients (a, b, s, x0 clipping) for every supported scheduler.
 
-Every supported step has the form  x_{t-1} = a x_t + b eps_hat + s z  (../shared/DESIGN.md section 2),
-possibly with x0 clipping (see ``diffrl_fast.ops.X0Clip``). The rollout and the training-side recompute
-both take their coefficients from here, so they cannot drift apart.
+Every supported step has the form  x_{j+1} = a_j x_j + b_j eps_hat_j + s_j z  (../shared/DESIGN.md
+section 2; j counts sampling steps from noise to data), possibly with x0 clipping
+(``diffrl_fast.ops.X0Clip``). ``make_schedule`` turns a diffusers scheduler and a step count into a
+``StepSchedule`` of per-step tables; the rollout and the training-side recompute both read those
+tables, so they cannot drift apart.
 
-Coefficients are computed in float64 from the scheduler's tables and returned as float32 tensors of
-shape [B] on the requested device.
+Supported: DDIMScheduler (epsilon, v_prediction, sample; eta > 0), DDPMScheduler (fixed_small /
+fixed_small_log / fixed_large variances) and FlowMatchEulerDiscreteScheduler run as the SDE of
+Flow-GRPO (Liu et al. 2025). Tables are computed in float64 and stored as float32.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -19,7 +23,7 @@ Timestep = Union[int, float, torch.Tensor]
 
 
 class StepCoefficients(NamedTuple):
-    """x_{t-1} = a x_t + b eps_hat + s z, with optional x0 clipping; each field [B] float32."""
+    """x_{t-1} = a x_t + b eps_hat + s z, with optional x0 clipping; each field a float32 tensor."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -27,11 +31,89 @@ class StepCoefficients(NamedTuple):
     clip_x0: Optional[X0Clip] = None
 
 
+@dataclass(frozen=True)
+class StepSchedule:
+    """Coefficient tables of one sampling run of ``num_steps`` steps (index j = 0 is the noisiest step).
+
+    timesteps: [T] what the denoiser is fed at step j; a, b, s: [T] float32; clip: [T, 3] float32 columns
+    (m0, cx, ce) of X0Clip with limit ``clip_limit``, or None. Steps with s == 0 are deterministic (DDPM's
+    last step): they have no log-prob and are never trained on.
+    """
+
+    kind: str
+    timesteps: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    s: torch.Tensor
+    clip: Optional[torch.Tensor] = None
+    clip_limit: float = 1.0
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    @property
+    def stochastic(self) -> torch.Tensor:
+        """[T] bool: the steps that have a log-prob (s > 0)."""
+        return self.s > 0
+
+    def at(self, index: torch.Tensor, device=None) -> StepCoefficients:
+        """Coefficients gathered at step indices ``index`` (any shape), as tensors of that shape."""
+        idx = index.to(self.a.device, torch.long)
+        get = lambda t: t[idx].to(device) if device is not None else t[idx]  # noqa: E731
+        clip = None
+        if self.clip is not None:
+            c = self.clip[idx]
+            clip = X0Clip(*(v.to(device) if device is not None else v for v in c.unbind(-1)), self.clip_limit)
+        return StepCoefficients(get(self.a), get(self.b), get(self.s), clip)
+
+
 def _timesteps(timestep: Timestep, batch: int) -> torch.Tensor:
     t = torch.as_tensor(timestep).detach().to("cpu")
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, batch)):
         raise ValueError(f"timestep must be a scalar or a [B={batch}] tensor, got shape {tuple(t.shape)}")
     return t.reshape(-1).expand(batch).to(torch.int64) if t.numel() == 1 else t.to(torch.int64)
+
+
+def _x0_eps(prediction_type: str, sa, sb):
+    """x0 = cx x + ce e and eps = px x + pe e for each prediction type (sa = sqrt(abar_t), sb = sqrt(1 - abar_t))."""
+    if prediction_type == "epsilon":
+        return 1 / sa, -sb / sa, torch.zeros_like(sa), torch.ones_like(sa)
+    if prediction_type == "v_prediction":
+        return sa, -sb, sb, sa
+    if prediction_type == "sample":
+        return torch.zeros_like(sa), torch.ones_like(sa), 1 / sb, -sa / sb
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
+
+
+def _ddim_tables(scheduler, t: torch.Tensor, eta: float, use_clipped_model_output: bool, clamp_prev_timestep: bool):
+    cfg = scheduler.config
+    if cfg.thresholding:
+        raise ValueError("dynamic thresholding makes the step non-affine and is not supported; set thresholding=False")
+    prev = t - cfg.num_train_timesteps // scheduler.num_inference_steps
+    table = scheduler.alphas_cumprod.to(torch.float64)
+    if (t < 0).any() or (t >= table.numel()).any():
+        raise ValueError(f"timestep out of range [0, {table.numel()}): {t.tolist()}")
+    abar_t = table[t]
+    if clamp_prev_timestep:
+        abar_p = table[prev.clamp(0, cfg.num_train_timesteps - 1)]
+    else:
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+        abar_p = torch.where(prev >= 0, table[prev.clamp(min=0)], final)
+    var = (1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)
+    s = eta * var.clamp(min=0).sqrt()
+    c_dir = (1 - abar_p - s * s).clamp(min=0).sqrt()
+    sa, sb = abar_t.sqrt(), (1 - abar_t).sqrt()
+    cx, ce, px, pe = _x0_eps(cfg.prediction_type, sa, sb)
+    m0 = abar_p.sqrt()
+    if cfg.clip_sample and use_clipped_model_output:
+        # eps is re-derived from the clipped x0: eps = (x - sqrt(abar_t) x0c) / sqrt(1 - abar_t)
+        m0 = m0 - c_dir * sa / sb
+        a, b = m0 * cx + c_dir / sb, m0 * ce
+    else:
+        a, b = m0 * cx + c_dir * px, m0 * ce + c_dir * pe
+    clip = torch.stack([m0, cx, ce], -1) if cfg.clip_sample else None
+    return a, b, s, clip, float(cfg.clip_sample_range)
 
 
 def ddim_coefficients(
@@ -69,46 +151,113 @@ def ddim_coefficients(
         raise ValueError("the scheduler has no inference steps: call scheduler.set_timesteps(num_steps) first")
     if not eta > 0:
         raise ValueError(f"eta must be > 0 for a stochastic step with a log-prob, got {eta}")
-    cfg = scheduler.config
-    if cfg.thresholding:
-        raise ValueError("dynamic thresholding makes the DDIM step non-affine and is not supported; set thresholding=False")
     t = _timesteps(timestep, batch)
-    prev = t - cfg.num_train_timesteps // scheduler.num_inference_steps
-    table = scheduler.alphas_cumprod.to(torch.float64)
-    if (t < 0).any() or (t >= table.numel()).any():
-        raise ValueError(f"timestep out of range [0, {table.numel()}): {t.tolist()}")
-    abar_t = table[t]
-    if clamp_prev_timestep:
-        abar_p = table[prev.clamp(0, cfg.num_train_timesteps - 1)]
-    else:
-        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
-        abar_p = torch.where(prev >= 0, table[prev.clamp(min=0)], final)
-    var = (1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)
-    s = eta * var.sqrt()
+    a, b, s, clip, limit = _ddim_tables(scheduler, t, eta, use_clipped_model_output, clamp_prev_timestep)
     if not bool((s > 0).all()):
         raise ValueError(
             f"the DDIM step at timestep {t.tolist()} is deterministic (variance 0, e.g. the last step with "
             "set_alpha_to_one=True), so it has no log-prob; use clamp_prev_timestep=True or set_alpha_to_one=False"
         )
-    c_dir = (1 - abar_p - s * s).clamp(min=0).sqrt()
-    sa, sb = abar_t.sqrt(), (1 - abar_t).sqrt()
-    if cfg.prediction_type == "epsilon":
-        cx, ce, px, pe = 1 / sa, -sb / sa, torch.zeros_like(sa), torch.ones_like(sa)
-    elif cfg.prediction_type == "v_prediction":
-        cx, ce, px, pe = sa, -sb, sb, sa
-    elif cfg.prediction_type == "sample":
-        cx, ce, px, pe = torch.zeros_like(sa), torch.ones_like(sa), 1 / sb, -sa / sb
-    else:
-        raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}; expected epsilon, v_prediction or sample")
-    m0 = abar_p.sqrt()
-    clip = None
-    if cfg.clip_sample and use_clipped_model_output:
-        # eps is re-derived from the clipped x0: eps = (x - sqrt(abar_t) x0c) / sqrt(1 - abar_t)
-        m0 = m0 - c_dir * sa / sb
-        a, b = m0 * cx + c_dir / sb, m0 * ce
-    else:
-        a, b = m0 * cx + c_dir * px, m0 * ce + c_dir * pe
     f32 = dict(dtype=torch.float32, device=device)
-    if cfg.clip_sample:
-        clip = X0Clip(m0.to(**f32), cx.to(**f32), ce.to(**f32), float(cfg.clip_sample_range))
-    return StepCoefficients(a.to(**f32), b.to(**f32), s.to(**f32), clip)
+    x0clip = None if clip is None else X0Clip(*(c.to(**f32) for c in clip.unbind(-1)), limit)
+    return StepCoefficients(a.to(**f32), b.to(**f32), s.to(**f32), x0clip)
+
+
+def ddim_schedule(scheduler, num_steps: int, eta: float = 1.0, *, clamp_prev_timestep: bool = False) -> StepSchedule:
+    """Tables of a DDIM run (see ``ddim_coefficients``); calls ``scheduler.set_timesteps(num_steps)``."""
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0: RL needs a stochastic sampler (got eta={eta})")
+    scheduler.set_timesteps(num_steps)
+    t = scheduler.timesteps.to(torch.int64).cpu()
+    a, b, s, clip, limit = _ddim_tables(scheduler, t, eta, False, clamp_prev_timestep)
+    return _schedule("ddim", scheduler.timesteps, a, b, s, clip, limit)
+
+
+def ddpm_schedule(scheduler, num_steps: int) -> StepSchedule:
+    """Tables of diffusers' ``DDPMScheduler.step`` (Ho et al. 2020, eq. 6-7), possibly with fewer inference steps.
+
+        alpha_t = abar_t / abar_p,  beta_t = 1 - alpha_t,  x0 = cx x + ce e (by prediction type, optionally clipped)
+        mean = sqrt(abar_p) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_p) / (1 - abar_t) x
+        s    = sqrt((1 - abar_p) / (1 - abar_t) beta_t)  (fixed_small / fixed_small_log),  sqrt(beta_t) (fixed_large)
+    The last step (t = 0) adds no noise: s = 0 there.
+    """
+    cfg = scheduler.config
+    if cfg.thresholding:
+        raise ValueError("dynamic thresholding makes the step non-affine and is not supported; set thresholding=False")
+    if cfg.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+        raise ValueError(f"DDPM variance_type {cfg.variance_type!r} is not supported (fixed_small, fixed_small_log, fixed_large)")
+    scheduler.set_timesteps(num_steps)
+    t = scheduler.timesteps.to(torch.int64).cpu()
+    prev = torch.tensor([int(scheduler.previous_timestep(int(ti))) for ti in t], dtype=torch.int64)
+    table = scheduler.alphas_cumprod.to(torch.float64)
+    abar_t = table[t]
+    abar_p = torch.where(prev >= 0, table[prev.clamp(min=0)], torch.ones_like(abar_t))
+    alpha_t = abar_t / abar_p
+    beta_t = 1 - alpha_t
+    c0 = abar_p.sqrt() * beta_t / (1 - abar_t)
+    ct = alpha_t.sqrt() * (1 - abar_p) / (1 - abar_t)
+    var = ((1 - abar_p) / (1 - abar_t) * beta_t).clamp(min=1e-20)
+    s = beta_t.sqrt() if cfg.variance_type == "fixed_large" else var.sqrt()
+    s = torch.where(t > 0, s, torch.zeros_like(s))
+    sa, sb = abar_t.sqrt(), (1 - abar_t).sqrt()
+    cx, ce, _, _ = _x0_eps(cfg.prediction_type, sa, sb)
+    a, b = c0 * cx + ct, c0 * ce
+    clip = torch.stack([c0, cx, ce], -1) if cfg.clip_sample else None
+    return _schedule("ddpm", scheduler.timesteps, a, b, s, clip, float(cfg.clip_sample_range))
+
+
+def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu: Optional[float] = None) -> StepSchedule:
+    """A flow-matching model (velocity v, sigma from 1 to 0) sampled as the SDE of Flow-GRPO (Liu et al. 2025).
+
+    With sigma the current and sigma' the next sigma, dt = sigma' - sigma < 0, and
+    std = noise_level sqrt(sigma / (1 - sigma))  (sigma = 1 replaced by sigmas[1] in the denominator):
+
+        mean = x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt,    s = std sqrt(-dt)
+
+    ``mu`` is passed to ``set_timesteps`` for schedulers with dynamic shifting (SD3 computes it from the
+    image size).
+    """
+    if not noise_level > 0:
+        raise ValueError(f"noise_level must be > 0 for a stochastic step with a log-prob, got {noise_level}")
+    kwargs = {"mu": mu} if mu is not None else {}
+    scheduler.set_timesteps(num_steps, **kwargs)
+    sig = scheduler.sigmas.to(torch.float64).cpu()
+    sigma, sigma_next = sig[:-1], sig[1:]
+    dt = sigma_next - sigma
+    sigma_max = sig[1] if sig.numel() > 1 else sig[0]
+    denom = 1 - torch.where(sigma == 1, sigma_max, sigma)
+    std = noise_level * (sigma / denom).sqrt()
+    a = 1 + std * std * dt / (2 * sigma)
+    b = (1 + std * std * (1 - sigma) / (2 * sigma)) * dt
+    s = std * (-dt).sqrt()
+    return _schedule("flow_sde", scheduler.timesteps, a, b, s, None, 1.0)
+
+
+def _schedule(kind, timesteps, a, b, s, clip, limit) -> StepSchedule:
+    f32 = dict(dtype=torch.float32, device="cpu")
+    for name, v in (("a", a), ("b", b), ("s", s)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"the {kind} schedule has non-finite {name} coefficients: {v.tolist()}")
+    return StepSchedule(
+        kind, timesteps.detach().cpu(), a.to(**f32), b.to(**f32), s.to(**f32),
+        None if clip is None else clip.to(**f32), limit,
+    )
+
+
+def make_schedule(scheduler, num_steps: int, *, eta: float = 1.0, noise_level: float = 0.7, mu: Optional[float] = None) -> StepSchedule:
+    """The ``StepSchedule`` of ``scheduler`` for ``num_steps`` steps, chosen by the scheduler's class."""
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if isinstance(scheduler, DDIMScheduler):
+        return ddim_schedule(scheduler, num_steps, eta)
+    if isinstance(scheduler, DDPMScheduler):
+        return ddpm_schedule(scheduler, num_steps)
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return flow_sde_schedule(scheduler, num_steps, noise_level, mu=mu)
+    raise ValueError(
+        f"unsupported scheduler type {type(scheduler).__name__}: the rollout supports DDIMScheduler, DDPMScheduler "
+        "and FlowMatchEulerDiscreteScheduler (convert with e.g. DDIMScheduler.from_config(scheduler.config))"
+    )
+

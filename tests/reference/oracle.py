@@ -144,3 +144,16 @@ def ddim_step(alphas_cumprod, final_alpha_cumprod, t, prev_t, x, model_output, e
     std = eta * math.sqrt(var)
     mean = math.sqrt(ap) * x0 + math.sqrt(1 - ap - std**2) * eps
     return mean + std * noise.to(F64), mean, std
+
+
+def flow_sde_step(sigmas, j, x, v, noise_level, noise):
+    """Flow-GRPO's SDE step (Liu et al. 2025), float64: returns (prev_sample, mean, std)."""
+    sig = [float(s) for s in sigmas]
+    sigma, nxt = sig[j], sig[j + 1]
+    dt = nxt - sigma
+    denom = 1 - (sig[1] if sigma == 1 else sigma)
+    std_t = math.sqrt(sigma / denom) * noise_level
+    x, v = x.to(F64), v.to(F64)
+    mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    s = std_t * math.sqrt(-dt)
+    return mean + s * noise.to(F64), mean, s
