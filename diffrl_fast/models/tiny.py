@@ -1,0 +1,632 @@
+"""Tiny diffusers pipelines with random (seeded) weights, built offline for tests and benchmarks.
+
+Nothing here touches a model hub: the tokenizers are generated locally, every network is built from a
+config with seeded random weights, and the pipeline is written with ``save_pretrained(path)`` so that
+``DiffusionPipeline.from_pretrained(path)`` loads it offline, exactly like a real checkpoint.
+
+    path = cached_tiny_pipeline("sd")                        # 4x16x16 latents, 128x128 images
+    path = cached_tiny_pipeline("sd", block_out_channels=(64, 128), layers_per_block=2, latent_size=32)
+    pipe = StableDiffusionPipeline.from_pretrained(path)     # any loader works: it is a normal folder
+
+Builders (each returns the folder as a string; same seed and arguments -> bit-identical weights):
+
+- ``build_tiny_sd``:   StableDiffusionPipeline (SD 1.x layout: CLIPTextModel, UNet2DConditionModel, DDIM).
+- ``build_tiny_sdxl``: StableDiffusionXLPipeline (two CLIP text encoders, "text_time" added conditioning).
+- ``build_tiny_sd3``:  StableDiffusion3Pipeline (SD3Transformer2DModel, flow matching, two CLIP + one T5
+  encoder). The T5 tokenizer is a small Unigram model built with the ``tokenizers`` library, so no
+  sentencepiece file is needed. ``with_t5=False`` drops the T5 branch (the pipeline then feeds
+  zeros in its place); diffusers does not list that branch as optional, so such a folder loads only
+  with ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
+- ``build_tiny_clip``: a CLIPModel folder (weights, tokenizer, preprocessor config) for the CLIP rewards.
+
+Sizes: the UNet sees ``latent_size`` x ``latent_size`` latents and the VAE decodes them to
+``latent_size * vae_scale_factor`` pixels (default factor 8, as in Stable Diffusion).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+# Bump when a builder's output changes for the same arguments: cached folders are keyed by it.
+BUILDER_VERSION = 1
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Whole-word tokens of the tiny vocabularies. Anything else still tokenizes (CLIP: byte-level
+# pieces; T5: single characters), only less compactly.
+WORDS = tuple(
+    """
+    a an the of in on at with and or to by for from is are this that it its
+    photo picture image painting drawing sketch render art style portrait close up high quality
+    black white red green blue yellow orange purple pink brown gray grey dark light bright
+    big small tiny large old young happy sad cute funny beautiful
+    cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox
+    wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog
+    chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo
+    eating riding playing sitting standing running flying swimming holding wearing
+    burger pizza apple banana cake hat tree flower house car bike boat city forest beach mountain
+    sky sun moon star water fire snow street room table chair book
+    zero one two three four five six seven eight nine ten digit number handwritten
+    """.split()
+)
+
+
+_BUILD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run with torch's global RNG seeded, restoring the caller's RNG state afterwards.
+
+    Module constructors draw their initial weights from the global RNG, so builds are serialised
+    by a lock: two threads building at once would interleave their draws.
+    """
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode table: 256 printable characters, one per byte, in CLIP's order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable[:]
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            codes.append(256 + shift)
+            shift += 1
+    return [chr(c) for c in codes]
+
+
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest rank."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(p, math.inf), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == math.inf:
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def tiny_clip_vocab() -> tuple[dict[str, int], list[str]]:
+    """The tiny CLIP BPE vocabulary and merges, laid out like OpenAI CLIP's.
+
+    Ids: 256 byte characters, the same with the end-of-word suffix ``</w>``, one entry per merge,
+    then ``<|startoftext|>`` and ``<|endoftext|>`` last (so the EOS id is the largest, as in CLIP).
+    Every word of ``WORDS`` becomes a single ``word</w>`` token: a word gets new merges (appended,
+    so with the lowest priority) until the merges learnt so far spell it as one symbol; merges
+    added later never fire on earlier words, which already collapse through higher-priority ones.
+    """
+    base = _byte_alphabet()
+    tokens = base + [c + "</w>" for c in base]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in WORDS:
+        while len(symbols := _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
+            ranks[symbols[0], symbols[1]] = len(ranks)
+            tokens.append(symbols[0] + symbols[1])
+    tokens += [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
+
+
+def _write_clip_vocab(folder: Path) -> None:
+    vocab, merges = tiny_clip_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def write_tiny_clip_tokenizer(folder, *, model_max_length: int = 77) -> str:
+    """Write a tiny CLIP BPE tokenizer as vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json.
+
+    ``CLIPTokenizer.from_pretrained(folder)`` loads it (transformers 4 and 5). Padding uses
+    ``<|endoftext|>`` as CLIP does. Returns the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_clip_vocab(folder)
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, **special}
+    config["model_input_names"] = ["input_ids", "attention_mask"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return str(folder)
+
+
+def tiny_clip_tokenizer(*, model_max_length: int = 77):
+    """The tiny CLIP tokenizer as a ``CLIPTokenizer`` (written to a temporary folder and loaded back).
+
+    Going through files rather than ``CLIPTokenizer(vocab_file=...)`` matters: transformers 5
+    silently ignores ``vocab_file``/``merges_file`` keyword arguments.
+    """
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tmp, model_max_length=model_max_length))
+
+
+def write_tiny_t5_tokenizer(folder, *, model_max_length: int = 256) -> str:
+    """Write a tiny T5-style Unigram tokenizer (tokenizer.json + configs) without sentencepiece.
+
+    Pieces: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2 (T5's ids), then "▁word" for every word of
+    ``WORDS``, then single characters with and without the "▁" word-start marker. Whole words score
+    higher than their spelling, so known words stay one piece. Loads with ``T5TokenizerFast`` or
+    ``AutoTokenizer``; encoding appends ``</s>`` as T5 does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:;()"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    pieces += [("▁" + w, -2.0) for w in WORDS]
+    pieces += [("▁" + c, -4.0) for c in chars] + [(c, -5.0) for c in chars]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length, "extra_ids": 0, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return str(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+# ----------------------------------------------------------------------------------------------
+
+
+def _clip_text_config(hidden_size: int, *, projection_dim: int | None = None, max_length: int = 77):
+    from transformers import CLIPTextConfig
+
+    vocab, _ = tiny_clip_vocab()
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=projection_dim or hidden_size,
+        num_hidden_layers=2,  # >= 2 so SDXL's penultimate-layer features exist
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        hidden_act="quick_gelu",  # OpenAI CLIP's activation
+        # Pool at the first EOS (not argmax of ids: that legacy path is taken only when eos id == 2).
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+    )
+
+
+def _tiny_vae(*, latent_channels: int, latent_size: int, vae_scale_factor: int, **sd_config):
+    """AutoencoderKL with one encoder/decoder block per factor of 2 of downsampling (narrow channels)."""
+    from diffusers import AutoencoderKL
+
+    if vae_scale_factor < 1 or vae_scale_factor & (vae_scale_factor - 1):
+        raise ValueError(f"vae_scale_factor must be a power of 2, got {vae_scale_factor}")
+    n_blocks = int(math.log2(vae_scale_factor)) + 1
+    channels = tuple(min(8 * 2**i, 32) for i in range(n_blocks))
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=latent_size * vae_scale_factor,
+        **sd_config,
+    )
+
+
+def _unet_block_types(n: int, *, attention_first: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Down/up block types: SD 1.x puts cross-attention everywhere but the lowest resolution,
+    SDXL everywhere but the highest. Up blocks mirror the down blocks."""
+    if n == 1:
+        kinds = [True]
+    elif attention_first:
+        kinds = [True] * (n - 1) + [False]
+    else:
+        kinds = [False] + [True] * (n - 1)
+    down = tuple("CrossAttnDownBlock2D" if k else "DownBlock2D" for k in kinds)
+    up = tuple("CrossAttnUpBlock2D" if k else "UpBlock2D" for k in reversed(kinds))
+    return down, up
+
+
+def _ddpm_family_scheduler(name: str, prediction_type: str):
+    """Stable Diffusion's noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps, "leading"
+    spacing with steps_offset=1) for the samplers named "ddim" (default), "ddpm" or "euler"."""
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+    common = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    if name == "ddim":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
+    if name == "ddpm":
+        return DDPMScheduler(clip_sample=False, **common)
+    if name == "euler":
+        return EulerDiscreteScheduler(**common)
+    raise ValueError(f"unknown scheduler {name!r}; expected 'ddim', 'ddpm' or 'euler'")
+
+
+def _heads(channels, head_dim: int) -> tuple[int, ...]:
+    # diffusers' UNet calls the number of heads "attention_head_dim" (a historical misnomer).
+    return tuple(max(1, c // head_dim) for c in channels)
+
+
+def _save(pipe, path) -> str:
+    """Save the pipeline, then add vocab.json/merges.txt next to each CLIP tokenizer.json so the
+    folder also loads with tokenizer classes that read the classic files."""
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        if tok is not None and (path / name).is_dir():
+            _write_clip_vocab(path / name)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tiny_sd(
+    path,
+    *,
+    block_out_channels=(32, 64),
+    layers_per_block: int = 1,
+    latent_size: int = 16,
+    cross_attention_dim: int = 32,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    prediction_type: str = "epsilon",
+    head_dim: int = 16,
+    vae_scale_factor: int = 8,
+    max_length: int = 77,
+) -> str:
+    """Build a random tiny ``StableDiffusionPipeline`` (SD 1.x layout) into ``path``; returns the path.
+
+    Text encoder: CLIPTextModel, hidden ``cross_attention_dim``, 2 layers, 2 heads, context ``max_length``.
+    UNet: ``block_out_channels`` wide, 4 latent channels, cross-attention in all but the last block,
+    ``head_dim`` channels per head. VAE: 4 latent channels, ``latent_size * vae_scale_factor`` pixels.
+    Scheduler: DDIM with SD's config (clip_sample=False, set_alpha_to_one=False, steps_offset=1).
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    block_out_channels = tuple(block_out_channels)
+    down, up = _unet_block_types(len(block_out_channels), attention_first=True)
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(_clip_text_config(cross_attention_dim, max_length=max_length))
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=latent_size,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=down,
+            up_block_types=up,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=_heads(block_out_channels, head_dim),
+            norm_num_groups=math.gcd(32, *block_out_channels),
+        )
+    with _seeded(seed):
+        vae = _tiny_vae(latent_channels=4, latent_size=latent_size, vae_scale_factor=vae_scale_factor)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_clip_tokenizer(model_max_length=max_length),
+        unet=unet,
+        scheduler=_ddpm_family_scheduler(scheduler, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _save(pipe, path)
+
+
+def build_tiny_sdxl(
+    path,
+    *,
+    block_out_channels=(32, 64),
+    layers_per_block: int = 1,
+    latent_size: int = 16,
+    text_hidden_size: int = 32,
+    addition_time_embed_dim: int = 8,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    prediction_type: str = "epsilon",
+    head_dim: int = 16,
+    vae_scale_factor: int = 8,
+    max_length: int = 77,
+) -> str:
+    """Build a random tiny ``StableDiffusionXLPipeline`` into ``path``; returns the path.
+
+    Two text encoders of hidden ``text_hidden_size`` (CLIPTextModel and CLIPTextModelWithProjection,
+    projection dim = hidden), so the UNet's cross_attention_dim = 2 * hidden and its "text_time"
+    added conditioning takes 6 size/crop numbers embedded in ``addition_time_embed_dim`` each plus
+    the pooled text: projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + hidden.
+    UNet blocks as in SDXL (no attention at the highest resolution, linear projections,
+    2 transformer layers deeper down). DDIM with SDXL's config.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    block_out_channels = tuple(block_out_channels)
+    n = len(block_out_channels)
+    down, up = _unet_block_types(n, attention_first=False)
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(_clip_text_config(text_hidden_size, max_length=max_length))
+    with _seeded(seed + 1):  # a different draw, so the two encoders differ as in SDXL
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(text_hidden_size, max_length=max_length))
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=latent_size,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=down,
+            up_block_types=up,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            transformer_layers_per_block=tuple(min(i + 1, 2) for i in range(n)),
+            cross_attention_dim=2 * text_hidden_size,
+            attention_head_dim=_heads(block_out_channels, head_dim),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=addition_time_embed_dim,
+            projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_hidden_size,
+            norm_num_groups=math.gcd(32, *block_out_channels),
+        )
+    with _seeded(seed):
+        vae = _tiny_vae(
+            latent_channels=4, latent_size=latent_size, vae_scale_factor=vae_scale_factor, scaling_factor=0.13025
+        )
+    tokenizer = tiny_clip_tokenizer(model_max_length=max_length)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_ddpm_family_scheduler(scheduler, prediction_type),
+        force_zeros_for_empty_prompt=True,
+    )
+    return _save(pipe, path)
+
+
+def build_tiny_sd3(
+    path,
+    *,
+    latent_size: int = 16,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    patch_size: int = 2,
+    latent_channels: int = 16,
+    text_hidden_size: int = 32,
+    with_t5: bool = True,
+    seed: int = 0,
+    shift: float = 3.0,
+    vae_scale_factor: int = 8,
+    max_length: int = 77,
+) -> str:
+    """Build a random tiny ``StableDiffusion3Pipeline`` into ``path``; returns the path.
+
+    Transformer: SD3Transformer2DModel (MMDiT) with ``num_layers`` joint blocks of width
+    ``num_attention_heads * attention_head_dim``. Text: two CLIPTextModelWithProjection (hidden and
+    projection ``text_hidden_size``; pooled_projection_dim = 2 * hidden) and a tiny T5EncoderModel
+    whose width is the joint_attention_dim (>= 2 * hidden, since the pipeline zero-pads the
+    concatenated CLIP features to the T5 width). VAE: SD3's 16 latent channels, no quant convs,
+    shift/scale 0.0609/1.5305. Scheduler: FlowMatchEulerDiscreteScheduler(shift=3.0) as SD3.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+
+    joint_dim = max(64, 2 * text_hidden_size)
+    with _seeded(seed):
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(text_hidden_size, max_length=max_length))
+    with _seeded(seed + 1):
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(text_hidden_size, max_length=max_length))
+    text_encoder_3 = tokenizer_3 = None
+    if with_t5:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer_3 = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp))
+        t5_config = T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=joint_dim,
+            d_kv=16,
+            d_ff=2 * joint_dim,
+            num_layers=2,
+            num_heads=max(1, joint_dim // 16),
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's T5-XXL
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+        with _seeded(seed + 2):
+            text_encoder_3 = T5EncoderModel(t5_config)
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=latent_size,
+            patch_size=patch_size,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_dim,
+            caption_projection_dim=num_attention_heads * attention_head_dim,
+            pooled_projection_dim=2 * text_hidden_size,
+        )
+    with _seeded(seed):
+        vae = _tiny_vae(
+            latent_channels=latent_channels,
+            latent_size=latent_size,
+            vae_scale_factor=vae_scale_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5305,
+        )
+    tokenizer = tiny_clip_tokenizer(model_max_length=max_length)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    return _save(pipe, path)
+
+
+def build_tiny_clip(
+    path,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    projection_dim: int = 16,
+    seed: int = 0,
+    max_length: int = 77,
+) -> str:
+    """Build a random tiny ``CLIPModel`` folder for the CLIP rewards; returns the path.
+
+    Holds config.json + model.safetensors, the tiny CLIP tokenizer and a preprocessor_config.json
+    (shortest side and centre crop ``image_size``, OpenAI CLIP's mean/std), i.e. what
+    ``CLIPModel``/``CLIPProcessor.from_pretrained`` expect of a real checkpoint such as ViT-L/14.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    text = _clip_text_config(hidden_size, projection_dim=projection_dim, max_length=max_length)
+    vision = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=projection_dim)
+    with _seeded(seed):
+        model = CLIPModel(config)
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tiny_clip_tokenizer(path, model_max_length=max_length)
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,  # bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return str(path)
+
+
+# "clip" is no pipeline, but shares the cache: the CLIP rewards' tests and benchmarks need one.
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "clip": build_tiny_clip}
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared cache
+# ----------------------------------------------------------------------------------------------
+
+
+def default_cache_root() -> Path:
+    """``$DIFFRL_FAST_CACHE`` if set, else ``~/.cache/diffrl_fast/tiny``."""
+    return Path(os.environ.get("DIFFRL_FAST_CACHE") or Path.home() / ".cache" / "diffrl_fast" / "tiny")
+
+
+def _cache_key(kind: str, kwargs: dict) -> str:
+    import diffusers
+    import transformers
+
+    # Library versions are part of the key: a folder written by other versions may not load.
+    spec = {
+        "kind": kind,
+        "kwargs": kwargs,
+        "builder_version": BUILDER_VERSION,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+    blob = json.dumps(spec, sort_keys=True, default=list)
+    return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def cached_tiny_pipeline(kind: str, root=None, **kwargs) -> str:
+    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "clip") built with ``kwargs``, building it once.
+
+    The folder lives under ``root`` (default ``default_cache_root()``), named by a hash of the kind,
+    the arguments, ``BUILDER_VERSION`` and the diffusers/transformers versions. Safe when several
+    processes ask at once: each builds into its own temporary folder and renames it into place
+    (atomic on one file system); a process that loses the race discards its copy. The folder holds
+    tiny_build.json (kind and arguments), written last, so its presence means the build completed.
+    """
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown tiny pipeline {kind!r}; expected one of {sorted(BUILDERS)}")
+    # Key on every argument, defaults included, so ("sd") and ("sd", latent_size=16) share a folder;
+    # binding also rejects unknown arguments before any work.
+    bound = inspect.signature(BUILDERS[kind]).bind("", **kwargs)
+    bound.apply_defaults()
+    kwargs = bound.kwargs  # the builders take everything but the path by keyword
+    root = Path(root) if root is not None else default_cache_root()
+    final = root / _cache_key(kind, kwargs)
+    if (final / "tiny_build.json").is_file():
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        BUILDERS[kind](tmp, **kwargs)
+        (tmp / "tiny_build.json").write_text(json.dumps({"kind": kind, "kwargs": kwargs}, default=list, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process renamed its build into place first (rename onto a non-empty folder fails).
+            if not (final / "tiny_build.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
