@@ -1,0 +1,18 @@
+"""Models: diffusers pipelines (SD 1.x/2.x, SDXL, SD3) and the digits world behind one interface."""
+from __future__ import annotations
+
+import torch
+
+from .conditioning import Conditioning
+from .pipelines import DiffusionModel, load_pipeline
+
+__all__ = ["Conditioning", "DiffusionModel", "load_model", "load_pipeline"]
+
+
+def load_model(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, sampler: str = "auto") -> DiffusionModel:
+    """A ``DiffusionModel`` from a spec: "digits" (the built-in digits world) or a diffusers pipeline folder / hub id."""
+    if spec == "digits":
+        from .digits_model import load_digits_model
+
+        return load_digits_model(device=device, dtype=dtype)
+    return load_pipeline(spec, device=device, dtype=dtype, sampler=sampler)

@@ -1,0 +1,201 @@
+"""Rollouts: sample a batch of denoising trajectories and record what RL training needs.
+
+One trajectory is an episode of the MDP of ../shared/DESIGN.md section 1: states (c, t_j, x_j), actions
+x_{j+1} ~ N(a_j x_j + b_j eps_hat_j, s_j^2 I), a reward on the decoded x_T at the end. Each step runs
+the denoiser once on the concatenated [uncond; cond] batch (classifier-free guidance), then the fused
+step op: ``step_mean`` for the mean, x_{j+1} = mean + s_j z with z from the sample's own generator, and
+``step_logprob`` of the stored x_{j+1} -- the same op and arithmetic the training recompute uses, so the
+two agree exactly before any update.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+
+from ..models.conditioning import Conditioning
+from ..ops import step_logprob, step_mean
+from .coefficients import StepSchedule, make_schedule
+
+
+@dataclass
+class Trajectory:
+    """A batch of B sampled trajectories of T steps (j = 0 is the noisiest step).
+
+    latents:   [B, T+1, C, H, W] x_0 (noise) ... x_T (the final latent), float32
+    log_probs: [B, T] log-prob of each step's action under the sampling policy ("mean" reduction), 0 at
+               deterministic steps
+    schedule:  the StepSchedule (timesteps and per-step coefficients) the steps used
+    cond, uncond: the conditioning of each sample (uncond is None without guidance)
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    schedule: StepSchedule
+    guidance_scale: float
+    cond: Conditioning
+    uncond: Optional[Conditioning]
+    images: torch.Tensor
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: torch.Tensor
+    metadata: list[dict] = field(default_factory=list)
+    eta: float = 1.0
+    reduction: str = "mean"
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    def index(self, idx) -> "Trajectory":
+        """The sub-batch ``idx`` (a LongTensor of sample indices)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        pick = idx.tolist()
+        return replace(
+            self,
+            latents=self.latents[idx.to(self.latents.device)],
+            log_probs=self.log_probs[idx.to(self.log_probs.device)],
+            cond=self.cond.index(idx.to(self.cond.hidden.device)),
+            uncond=None if self.uncond is None else self.uncond.index(idx.to(self.uncond.hidden.device)),
+            images=self.images[idx.to(self.images.device)],
+            prompts=[self.prompts[i] for i in pick],
+            negative_prompts=[self.negative_prompts[i] for i in pick],
+            seeds=self.seeds[idx.to(self.seeds.device)],
+            metadata=[self.metadata[i] for i in pick] if self.metadata else [],
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["Trajectory"]) -> "Trajectory":
+        first = parts[0]
+        return replace(
+            first,
+            latents=torch.cat([p.latents for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            cond=Conditioning.cat([p.cond for p in parts]),
+            uncond=None if first.uncond is None else Conditioning.cat([p.uncond for p in parts]),
+            images=torch.cat([p.images for p in parts]),
+            prompts=[x for p in parts for x in p.prompts],
+            negative_prompts=[x for p in parts for x in p.negative_prompts],
+            seeds=torch.cat([p.seeds for p in parts]),
+            metadata=[x for p in parts for x in p.metadata],
+        )
+
+
+def _generators(seeds: torch.Tensor, device: torch.device) -> list[torch.Generator]:
+    gens = []
+    for s in seeds.tolist():
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        gens.append(g)
+    return gens
+
+
+def _randn(gens: list[torch.Generator], shape, device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g, device=device, dtype=torch.float32) for g in gens])
+
+
+def guided_outputs(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Optional[Conditioning],
+                   autocast_dtype: Optional[torch.dtype] = None):
+    """(eps_u, eps_c) of the denoiser on x at per-row timesteps t; one forward of the [uncond; cond] batch.
+
+    Without guidance (uncond None) returns (out, None). Outputs are float32 whatever the denoiser runs in.
+    """
+    dtype = model.dtype
+    ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with ctx:
+        if uncond is None:
+            return model.predict(x.to(dtype), t, cond).float(), None
+        out = model.predict(torch.cat([x, x]).to(dtype), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+    eps_u, eps_c = out.float().chunk(2)
+    return eps_u, eps_c
+
+
+@torch.no_grad()
+def sample_trajectories(
+    model,
+    prompts: Sequence[str],
+    *,
+    num_steps: int = 20,
+    guidance_scale: float = 5.0,
+    eta: float = 1.0,
+    noise_level: float = 0.7,
+    negative_prompts: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    schedule: Optional[StepSchedule] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    storage_device: Optional[str | torch.device] = None,
+    decode_batch_size: int = 64,
+    metadata: Optional[list[dict]] = None,
+    progress=None,
+) -> Trajectory:
+    """Sample one trajectory per prompt with the model's scheduler run as a stochastic policy.
+
+    Args:
+        guidance_scale: classifier-free guidance g (eps_hat = eps_u + g (eps_c - eps_u)); g = 1 disables it
+            (one denoiser pass per step instead of two).
+        eta: DDIM's noise scale (> 0); noise_level: the flow-matching SDE's (Flow-GRPO).
+        seeds: one int per prompt; sample i's initial noise and every step noise come from a generator
+            seeded with seeds[i], so any single trajectory can be regenerated from its seed.
+        autocast_dtype: run the denoiser under autocast (torch.bfloat16 / torch.float16); the step math,
+            log-probs and stored latents stay float32.
+        height, width: image size in pixels (the model's native size by default); must fit the VAE and
+            denoiser strides, else ValueError.
+        storage_device: where the trajectory tensors live (e.g. "cpu" for long SDXL chains on a GPU).
+        progress: optional callable(j, num_steps) for progress bars.
+    """
+    prompts = model.validate_prompts(prompts)
+    B = len(prompts)
+    device = model.device
+    if seeds is None:
+        seeds = torch.randint(0, 2**31 - 1, (B,)).tolist()
+    seeds_t = torch.as_tensor(list(seeds), dtype=torch.int64)
+    if seeds_t.shape != (B,):
+        raise ValueError(f"got {seeds_t.numel()} seeds for {B} prompts")
+    if schedule is None:
+        schedule = make_schedule(model.scheduler, num_steps, eta=eta, noise_level=noise_level, **model.sampling_kwargs())
+    T = schedule.num_steps
+    shape = model.latent_shape_for(height, width)
+    storage = torch.device(storage_device) if storage_device is not None else device
+    use_cfg = guidance_scale != 1.0
+    cond, uncond = model.encode(prompts, negative_prompts)
+    if not use_cfg:
+        uncond = None
+    neg = list(negative_prompts) if negative_prompts is not None else [""] * B
+
+    gens = _generators(seeds_t, device)
+    x = _randn(gens, shape, device) * float(getattr(model.scheduler, "init_noise_sigma", 1.0))
+    latents = torch.empty((B, T + 1, *shape), dtype=torch.float32, device=storage)
+    log_probs = torch.zeros((B, T), dtype=torch.float32, device=storage)
+    latents[:, 0] = x.to(storage)
+    timesteps = schedule.timesteps.to(device)
+    for j in range(T):
+        t = timesteps[j].expand(B)
+        eps_u, eps_c = guided_outputs(model, x, t, cond, uncond, autocast_dtype)
+        c = schedule.at(torch.full((B,), j), device=device)
+        g = guidance_scale if use_cfg else 1.0
+        mean = step_mean(x, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
+        if bool(schedule.stochastic[j]):
+            noise = _randn(gens, shape, device)
+            x_next = mean + c.s.reshape(B, 1, 1, 1) * noise
+            log_probs[:, j] = step_logprob(x, x_next, eps_u, eps_c, c.a, c.b, g, c.s, clip_x0=c.clip_x0).to(storage)
+        else:
+            x_next = mean
+        latents[:, j + 1] = x_next.to(storage)
+        x = x_next
+        if progress is not None:
+            progress(j + 1, T)
+
+    images = torch.cat([model.decode(x[i:i + decode_batch_size]) for i in range(0, B, decode_batch_size)]).to(storage)
+    return Trajectory(
+        latents=latents, log_probs=log_probs, schedule=schedule, guidance_scale=float(guidance_scale),
+        cond=cond.to(storage), uncond=None if uncond is None else uncond.to(storage), images=images,
+        prompts=prompts, negative_prompts=neg, seeds=seeds_t,
+        metadata=metadata if metadata is not None else model.prompt_metadata(prompts), eta=eta,
+    )

@@ -1,0 +1,346 @@
+"""Diffusion models as RL environments: one interface over SD 1.x/2.x, SDXL, SD3 and the digits world.
+
+A ``DiffusionModel`` holds the trainable denoiser (UNet or transformer), the scheduler, and what turns
+prompts into conditioning and latents into images:
+
+    cond, uncond = model.encode(prompts, negative_prompts)      # frozen text encoders, cached per prompt
+    out = model.predict(x_t [N, C, H, W], t [N], cond)           # the denoiser, with its model-specific kwargs
+    images = model.decode(x_0)                                   # [B, 3 (or 1), H, W] in [0, 1]
+
+Loading a diffusers folder (``load_pipeline``) picks the adapter from the pipeline class in
+model_index.json; nothing is downloaded unless the user's machine reaches the hub.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .conditioning import Conditioning
+
+
+class DiffusionModel:
+    """Base adapter. Subclasses set ``kind``, ``denoiser``, ``scheduler``, ``latent_shape`` and implement
+    ``_encode_unique``, ``predict`` and ``decode``."""
+
+    kind: str = "base"
+    denoiser: nn.Module
+    scheduler: object
+    latent_shape: tuple[int, int, int]  # native (C, H, W)
+    pixels_per_latent: int = 1  # image pixels per latent pixel (the VAE's scale factor)
+    latent_multiple: int = 1  # latent height/width must divide by this (UNet levels, DiT patch)
+
+    def __init__(self) -> None:
+        self._prompt_cache: dict[str, Conditioning] = {}
+        self.cache_size = 4096
+        self.ref_denoiser: Optional[nn.Module] = None  # frozen copy for full fine-tuning
+        self.lora = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def validate_prompts(self, prompts: Sequence[str], name: str = "prompts") -> list[str]:
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ValueError(f"{name} must be a list of strings, got {type(prompts).__name__}")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError(f"{name} is empty: give at least one prompt")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"{name} must hold strings only; got {type(bad[0]).__name__} {bad[0]!r}")
+        return prompts
+
+    def _encode_unique(self, prompts: list[str]) -> Conditioning:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Conditioning of each prompt; unique prompts are encoded once and cached (the encoders are frozen)."""
+        prompts = list(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if missing:
+            if len(self._prompt_cache) + len(missing) > self.cache_size:
+                self._prompt_cache.clear()
+            enc = self._encode_unique(missing)
+            for i, p in enumerate(missing):
+                self._prompt_cache[p] = enc.index(slice(i, i + 1))
+        return Conditioning.cat([self._prompt_cache[p] for p in prompts])
+
+    def encode(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]] = None) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) for classifier-free guidance; uncond encodes the negative prompts ("" by default)."""
+        prompts = self.validate_prompts(prompts)
+        if negative_prompts is None:
+            negative_prompts = [""] * len(prompts)
+        negative_prompts = list(negative_prompts)
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+        return self.encode_prompts(prompts), self.encode_prompts(negative_prompts)
+
+    def prompt_metadata(self, prompts: Sequence[str]) -> list[dict]:
+        """Per-prompt metadata handed to reward functions (the digits world adds the class id)."""
+        return [{} for _ in prompts]
+
+    # ---- denoiser and decoder ------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampling_kwargs(self) -> dict:
+        """Extra arguments for ``make_schedule`` (SD3's dynamic shift)."""
+        return {}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    # ---- policy parametrisation and the reference policy ---------------------------------------
+    def add_lora(self, rank: int = 4, alpha: Optional[float] = None, target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+                 dropout: float = 0.0, init_weights: bool | str = True) -> None:
+        """Train LoRA adapters (peft) on ``target_modules`` of the denoiser and freeze everything else.
+
+        The reference (pretrained) policy is then the denoiser with the adapter switched off: no second
+        model is held. Saved weights follow diffusers' LoRA format (``save_lora_weights``).
+        """
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        names = {n.rsplit(".", 1)[-1] for n, _ in self.denoiser.named_modules()} | {n for n, _ in self.denoiser.named_modules()}
+        missing = [m for m in target_modules if m not in names and not any(n.endswith("." + m) for n in names)]
+        if missing:
+            raise ValueError(f"LoRA target modules {missing} are not in the {self.kind} denoiser; e.g. {sorted(names)[:8]}")
+        self.denoiser.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules),
+                            lora_dropout=dropout, init_lora_weights=init_weights)
+        self.denoiser.add_adapter(config)
+        self.lora = True
+
+    def keep_reference_copy(self, device: Optional[str | torch.device] = None) -> None:
+        """Full fine-tuning: keep a frozen copy of the current denoiser as the reference policy
+        (optionally on another device, e.g. "cpu" to spare GPU memory)."""
+        ref = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        self.ref_denoiser = ref.to(device) if device is not None else ref
+
+    @property
+    def has_reference(self) -> bool:
+        return self.lora or self.ref_denoiser is not None
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside the block, ``predict`` runs the reference (pretrained) policy: the LoRA adapter switched
+        off, or the frozen copy of ``keep_reference_copy``."""
+        if self.lora:
+            self.denoiser.disable_adapters()
+            try:
+                yield
+            finally:
+                self.denoiser.enable_adapters()
+        elif self.ref_denoiser is not None:
+            policy = self.denoiser
+            device = self.device
+            self.denoiser = self.ref_denoiser.to(device)
+            try:
+                yield
+            finally:
+                self.denoiser = policy
+        else:
+            raise ValueError("no reference policy: call add_lora() (reference = adapter off) or keep_reference_copy() first")
+
+    def latent_shape_for(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
+        """Latent shape for an image of height x width pixels (the model's native size when omitted)."""
+        c, h, w = self.latent_shape
+        if height is None and width is None:
+            return self.latent_shape
+        scale, multiple = self.pixels_per_latent, self.latent_multiple
+        height = height if height is not None else h * scale
+        width = width if width is not None else w * scale
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % (scale * multiple):
+                raise ValueError(
+                    f"image {name} {v} does not fit the {self.kind} model: it must be a positive multiple of "
+                    f"{scale * multiple} (latents are 1/{scale} of the image and must divide by {multiple})"
+                )
+        return (c, height // scale, width // scale)
+
+
+def _vae_decode(vae, latents: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    image = vae.decode(z, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+class StableDiffusionModel(DiffusionModel):
+    """SD 1.x / 2.x: CLIP text encoder, UNet2DConditionModel, AutoencoderKL."""
+
+    kind = "sd"
+
+    def __init__(self, pipe) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.denoiser = pipe.unet
+        self.scheduler = pipe.scheduler
+        c = pipe.unet.config
+        self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+        self.pixels_per_latent = pipe.vae_scale_factor
+        self.latent_multiple = 2 ** (len(c.block_out_channels) - 1)
+
+    def _encode_unique(self, prompts):
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return Conditioning(embeds)
+
+    def predict(self, x, t, cond):
+        return self.denoiser(x, t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return _vae_decode(self.pipe.vae, latents)
+
+
+class StableDiffusionXLModel(DiffusionModel):
+    """SDXL: two CLIP text encoders, pooled embeddings and micro-conditioning time ids."""
+
+    kind = "sdxl"
+
+    def __init__(self, pipe) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.denoiser = pipe.unet
+        self.scheduler = pipe.scheduler
+        c = pipe.unet.config
+        self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+        self.pixels_per_latent = pipe.vae_scale_factor
+        self.latent_multiple = 2 ** (len(c.block_out_channels) - 1)
+        size = c.sample_size * pipe.vae_scale_factor
+        enc2 = pipe.text_encoder_2
+        proj = enc2.config.projection_dim if enc2 is not None else None
+        self._time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), torch.float32, text_encoder_projection_dim=proj)
+
+    def _encode_unique(self, prompts):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)
+        time_ids = self._time_ids.to(self.device).expand(len(prompts), -1)
+        return Conditioning(embeds, pooled, time_ids)
+
+    def encode(self, prompts, negative_prompts=None):
+        cond, uncond = super().encode(prompts, negative_prompts)
+        if negative_prompts is None and self.pipe.config.force_zeros_for_empty_prompt:
+            # SDXL's convention: the unconditional branch of an empty negative prompt is all zeros.
+            uncond = Conditioning(torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.pooled), uncond.time_ids)
+        return cond, uncond
+
+    def predict(self, x, t, cond):
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        return self.denoiser(x, t, encoder_hidden_states=cond.hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents):
+        vae = self.pipe.vae
+        if vae.dtype == torch.float16 and vae.config.force_upcast:
+            vae.to(torch.float32)
+        return _vae_decode(vae, latents)
+
+
+class StableDiffusion3Model(DiffusionModel):
+    """SD3: MMDiT transformer, flow matching, CLIP x2 (+ T5) text encoders."""
+
+    kind = "sd3"
+
+    def __init__(self, pipe, max_sequence_length: int = 77) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.scheduler = pipe.scheduler
+        c = pipe.transformer.config
+        self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+        self.pixels_per_latent = pipe.vae_scale_factor
+        self.latent_multiple = c.patch_size
+        self.max_sequence_length = max_sequence_length
+
+    def _encode_unique(self, prompts):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return Conditioning(embeds, pooled)
+
+    def predict(self, x, t, cond):
+        return self.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden,
+                             pooled_projections=cond.pooled, return_dict=False)[0]
+
+    def sampling_kwargs(self) -> dict:
+        cfg = self.scheduler.config
+        if not getattr(cfg, "use_dynamic_shifting", False):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        p = self.denoiser.config.patch_size
+        seq = (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
+        return {"mu": calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                      cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))}
+
+    @torch.no_grad()
+    def decode(self, latents):
+        vae = self.pipe.vae
+        return _vae_decode(vae, latents, shift=vae.config.shift_factor or 0.0)
+
+
+PIPELINE_ADAPTERS = {
+    "StableDiffusionPipeline": StableDiffusionModel,
+    "StableDiffusionXLPipeline": StableDiffusionXLModel,
+    "StableDiffusion3Pipeline": StableDiffusion3Model,
+}
+
+
+def load_pipeline(
+    path: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    sampler: str = "auto",
+) -> DiffusionModel:
+    """Load a diffusers pipeline folder (or hub id, where reachable) as a ``DiffusionModel``.
+
+    ``sampler``: "auto" keeps a supported scheduler (DDIM, DDPM, flow matching) and converts any other to
+    DDIM, as ddpo-pytorch does; "ddim" or "ddpm" convert explicitly.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    local = Path(path)
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{path} has no model_index.json: expected a diffusers pipeline folder (save_pretrained)")
+        class_name = json.loads(index.read_text()).get("_class_name")
+        if class_name not in PIPELINE_ADAPTERS:
+            raise ValueError(f"{path} holds a {class_name}; supported pipelines: {sorted(PIPELINE_ADAPTERS)}")
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"model folder {path} does not exist (and is not a hub id of the form owner/name)")
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    adapter = PIPELINE_ADAPTERS.get(type(pipe).__name__)
+    if adapter is None:
+        raise ValueError(f"{path} loads as {type(pipe).__name__}; supported pipelines: {sorted(PIPELINE_ADAPTERS)}")
+    if sampler not in ("auto", "ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'auto', 'ddim' or 'ddpm', got {sampler!r}")
+    supported = (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler)
+    if sampler == "ddim" or (sampler == "auto" and not isinstance(pipe.scheduler, supported)):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif sampler == "ddpm":
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return adapter(pipe)
