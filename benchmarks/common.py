@@ -37,36 +37,14 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 3, iters: int =
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "iters": len(times)}
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
-    """Extra memory at the peak of one call of ``fn``, in MB.
+    """Extra memory at the peak of one call of ``fn``, in MB (see diffrl_fast.utils.memory.PeakMemory)."""
+    from diffrl_fast.utils.memory import PeakMemory
 
-    CUDA: torch.cuda.max_memory_allocated above what was allocated before. CPU: the process's peak
-    resident set (VmHWM, reset through /proc/self/clear_refs) above its resident set before the call;
-    it counts every allocation the call touches, PyTorch's or not.
-    """
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return float("nan")
-    base = _rss_kb("VmRSS:")
+    mem = PeakMemory(device)
+    mem.reset()
     fn()
-    return max(0, _rss_kb("VmHWM:") - base) / 1024
+    return mem.extra_mb()
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 256 * 2**20) -> float:

@@ -1,5 +1,6 @@
 """``diffrl-fast``: the command line.
 
+    diffrl-fast train [CONFIG.yaml] [key=value ...]   RL fine-tuning (default: DDPO on the digits world)
     diffrl-fast check-parity --model PATH   rollout vs training-recompute log-prob parity on your model
     diffrl-fast bench ops [--quick]         fused-op benchmark (benchmarks/bench_ops.py)
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -28,6 +30,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # command -> module with main(argv) -> int
 COMMANDS = {
+    "train": "diffrl_fast.commands.train",
     "check-parity": "diffrl_fast.commands.parity",
     "bench": "diffrl_fast.commands.bench",
 }
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else EXIT_USAGE
     command, rest = argv[0], argv[1:]
+    # transformers warns on import about optional image backends we never use; keep the CLI's output readable
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if command not in COMMANDS:
         import difflib
 

@@ -1,0 +1,98 @@
+"""``diffrl-fast train [CONFIG.yaml] [key=value ...] [--resume | --overwrite]``: run RL fine-tuning.
+
+With no arguments it fine-tunes the built-in digits world with DDPO for the digit_confidence reward.
+Outputs go to runs/<name>/ (config.yaml, metrics.jsonl, reward_curve.png, grid_before/after.png,
+weights, summary.md, checkpoints/). An existing run folder is never overwritten: pass --resume to
+continue it from its last checkpoint or --overwrite to start over.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from ..cli import UsageError
+from ..config_utils import ConfigError, describe, load_config
+from ..train.config import Config, validate
+
+
+def _usage() -> str:
+    return "\n".join([__doc__.strip(), "", "Config fields (set in YAML or as key=value):", *describe(Config)])
+
+
+def _check_writable(run_dir: Path) -> None:
+    parent = run_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".diffrl_fast_write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"the output folder {parent} cannot be written ({exc.strerror}); set output_dir=... to a writable folder") from None
+
+
+def prepare_run(argv: list[str]) -> tuple[Config, Path, bool]:
+    """Parse arguments into (config, run folder, resume) and settle the run folder; raises UsageError."""
+    flags = {a for a in argv if a.startswith("--")}
+    unknown = flags - {"--resume", "--overwrite"}
+    if unknown:
+        raise UsageError(f"unknown option {sorted(unknown)[0]}; options: --resume, --overwrite, --help")
+    resume, overwrite = "--resume" in flags, "--overwrite" in flags
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: pick one")
+    rest = [a for a in argv if not a.startswith("--")]
+    path = rest[0] if rest and "=" not in rest[0] else None
+    overrides = rest[1:] if path is not None else rest
+    try:
+        cfg = validate(load_config(Config, path, overrides))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    run_dir = Path(cfg.output_dir) / cfg.name
+    _check_writable(run_dir)
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not (resume or overwrite):
+        raise UsageError(f"run folder {run_dir} already exists: pass --resume to continue it, --overwrite to replace it, "
+                         f"or choose another name=...")
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return cfg, run_dir, resume and exists
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(_usage())
+        return 0
+    cfg, run_dir, resume = prepare_run(argv)
+    from ..train.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir)
+    if resume and not trainer.resume():
+        print(f"no checkpoint in {run_dir} yet: starting from scratch")
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+        print(f"\n{stop['signal']} received: stopping after the current step", file=sys.stderr)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = trainer.run(stop_flag=lambda: stop["signal"] is not None)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if summary.get("interrupted"):
+        args = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+        cmd = " ".join(shlex.quote(a) for a in ["diffrl-fast", "train", *args])
+        print(f"interrupted by {stop['signal']}: the last checkpoint (epoch {summary['epoch']}) is in {run_dir / 'checkpoints'}.\n"
+              f"Resume with: {cmd}", file=sys.stderr)
+        return 130 if stop["signal"] == "SIGINT" else 143
+    before, after = summary.get("before"), summary.get("after")
+    if before and after:
+        print(f"done: reward {before['mean']:+.4f} -> {after['mean']:+.4f} over {after['n']} fixed-seed samples; "
+              f"see {run_dir / 'summary.md'}")
+    else:
+        print(f"done: see {run_dir / 'summary.md'}")
+    return 0

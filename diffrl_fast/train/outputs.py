@@ -1,0 +1,200 @@
+"""What a run writes into runs/<name>/: the resolved config, metrics.jsonl (and TensorBoard), progress bars,
+one log line per epoch, reward_curve.png, before/after image grids of the same seeds, final weights and
+summary.md."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import yaml
+
+from ..config_utils import to_dict
+
+
+def image_grid(images: torch.Tensor, path: Path, cols: Optional[int] = None, scale: int = 1) -> Path:
+    """Save images [N, C, H, W] in [0, 1] (C = 1 or 3) as one PNG grid with a 2-pixel border."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    pad = 2
+    canvas = torch.ones((3, rows * (h + pad) + pad, cols * (w + pad) + pad))
+    imgs = images.detach().float().cpu().clamp(0, 1)
+    if c == 1:
+        imgs = imgs.expand(-1, 3, -1, -1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = imgs[i]
+    array = (canvas.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    image = Image.fromarray(array)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+class _Bars:
+    def __init__(self, enabled: bool, cfg) -> None:
+        self.enabled, self.cfg = enabled, cfg
+
+    @contextlib.contextmanager
+    def sampling(self, epoch: int) -> Iterator[Optional[object]]:
+        if not self.enabled:
+            yield None
+            return
+        from tqdm.auto import tqdm
+
+        s = self.cfg.sample
+        total = s.num_steps * s.num_batches_per_epoch
+        with tqdm(total=total, desc=f"epoch {epoch + 1} sampling", unit="step", leave=False) as bar:
+            yield lambda j, T: bar.update(1)
+
+    @contextlib.contextmanager
+    def training(self, epoch: int, rows: int) -> Iterator[Optional[object]]:
+        if not self.enabled:
+            yield None
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=rows, desc=f"epoch {epoch + 1} training", unit="row", leave=False) as bar:
+            yield bar
+
+
+class RunLogger:
+    """metrics.jsonl (always), TensorBoard (when installed and enabled), and a console line per epoch."""
+
+    def __init__(self, run_dir: Path, cfg, print_fn=print) -> None:
+        self.run_dir, self.cfg, self.print = Path(run_dir), cfg, print_fn
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.tb = None
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        if self.cfg.log.tensorboard and self.tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def bars(self) -> _Bars:
+        return _Bars(self.cfg.log.progress, self.cfg)
+
+    def records(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def log_epoch(self, record: dict) -> None:
+        kept = [r for r in self.records() if r["epoch"] < record["epoch"]]  # a resumed run rewrites later epochs
+        with open(self.metrics_path, "w") as f:
+            for r in kept + [record]:
+                f.write(json.dumps(r) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, record["epoch"])
+            self.tb.flush()
+        r = record
+        extra = f"clipfrac {r['clipfrac']:.3f}  approx_kl {r['approx_kl']:.2e}  " if "clipfrac" in r else ""
+        self.print(
+            f"epoch {r['epoch']:>3}/{self.cfg.num_epochs}  reward {r['reward_mean']:+.4f} ± {r['reward_std']:.4f}  "
+            f"loss {r.get('loss', float('nan')):+.4f}  {extra}grad {r['grad_norm']:.3f}  "
+            f"{r['samples_per_s']:.1f} samples/s  peak {r['peak_mem_mb']:.0f} MB"
+            + (f"  skipped {r['skipped_steps']}" if r["skipped_steps"] else "")
+        )
+        self.plot_rewards()
+
+    def plot_rewards(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        recs = self.records()
+        if not recs:
+            return
+        x = [r["epoch"] for r in recs]
+        m = [r["reward_mean"] for r in recs]
+        s = [r["reward_std"] for r in recs]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(x, m, marker="o", ms=3)
+        ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"reward ({self.cfg.reward.name})")
+        ax.set_title(f"{self.cfg.name}: {self.cfg.algo}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "reward_curve.png", dpi=110)
+        plt.close(fig)
+
+    def save_eval(self, tag: str, rewards: torch.Tensor, images: torch.Tensor) -> dict:
+        stats = {"n": int(rewards.numel()), "mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False))}
+        (self.run_dir / f"eval_{tag}.json").write_text(json.dumps(stats))
+        if images.numel():
+            image_grid(images, self.run_dir / f"grid_{tag}.png", scale=4 if images.shape[-1] <= 32 else 1)
+        return stats
+
+    def load_eval(self, tag: str) -> Optional[dict]:
+        path = self.run_dir / f"eval_{tag}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_final_weights(model, run_dir: Path) -> Path:
+    """LoRA: diffusers' LoRA format (``pipeline.load_lora_weights(run_dir / "lora")`` reads it).
+    Full fine-tuning: the denoiser with ``save_pretrained`` (safetensors)."""
+    run_dir = Path(run_dir)
+    if model.lora:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.denoiser))
+        out = run_dir / "lora"
+        out.mkdir(parents=True, exist_ok=True)
+        if model.kind == "sd3":
+            from diffusers import StableDiffusion3Pipeline
+
+            StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers)
+        elif model.kind == "sdxl":
+            from diffusers import StableDiffusionXLPipeline
+
+            StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=layers)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers)
+        return out
+    out = run_dir / "denoiser"
+    model.denoiser.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict], after: Optional[dict],
+                  weights: Path, wall_s: float) -> dict:
+    run_dir = Path(run_dir)
+    train_time = sum(r["sample_time_s"] + r["train_time_s"] for r in records)
+    summary = {"name": cfg.name, "algo": cfg.algo, "model": cfg.model.path, "reward": cfg.reward.name,
+               "epochs": len(records), "samples": sum(r["samples"] for r in records), "training_wall_s": round(train_time, 1),
+               "wall_s": round(wall_s, 1), "before": before, "after": after, "weights": str(weights)}
+    lines = [f"# {cfg.name}", "",
+             f"- algorithm: `{cfg.algo}`, model: `{cfg.model.path}` ({'LoRA r=' + str(cfg.model.lora_rank) if cfg.model.lora else 'full fine-tuning'}), reward: `{cfg.reward.name}`",
+             f"- {len(records)} epochs, {summary['samples']} trajectories of {cfg.sample.num_steps} steps, "
+             f"training wall time {train_time:.1f} s (sampling + training; {wall_s:.1f} s with evaluation)"]
+    if before and after:
+        lines += ["", f"Reward over the same {before['n']} fixed-seed samples:", "",
+                  "| | mean | std |", "| --- | --- | --- |",
+                  f"| before | {before['mean']:+.4f} | {before['std']:.4f} |",
+                  f"| after | {after['mean']:+.4f} | {after['std']:.4f} |",
+                  "", f"Change: {after['mean'] - before['mean']:+.4f} ({(after['mean'] - before['mean']) / max(before['std'], 1e-12):+.2f} before-std).",
+                  "", "![before](grid_before.png) ![after](grid_after.png)", "", "![reward curve](reward_curve.png)"]
+    lines += ["", f"Weights: `{weights}`"]
+    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,308 @@
+"""The one trainer loop: sample -> reward -> advantages -> inner epochs over packed timestep chunks -> step -> log.
+
+Per epoch:
+ 1. Rollout: ``sample.num_batches_per_epoch`` batches of trajectories (prompts drawn uniformly, seeds
+    derived from (seed, epoch)); each batch's rewards are computed in a background thread while the
+    next batch samples (``reward.overlap``).
+ 2. The algorithm turns trajectories and rewards into what its loss needs (advantages, pairs, ...).
+ 3. For each inner epoch: shuffle the samples, draw each sample's trained timesteps (a random subset of
+    its stochastic steps), cut minibatches of ``train.batch_size`` samples, and walk each minibatch in
+    chunks of K timesteps: one packed denoiser forward, the fused loss, backward scaled by the chunk's
+    share of the rows of the optimiser step. Step after ``gradient_accumulation_steps`` minibatches;
+    a step with non-finite gradients is skipped and counted.
+ 4. Log one line and a metrics.jsonl record; checkpoint atomically.
+
+Every random choice comes from a generator seeded by (seed, epoch, purpose), so a resumed run repeats
+exactly what the uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..algos import make_algorithm
+from ..diffusion.recompute import pack_chunk, trainable_steps
+from ..diffusion.rollout import Trajectory, sample_trajectories
+from ..models import load_model
+from ..rewards import RewardError, check_rewards, get_reward
+from ..utils.memory import PeakMemory
+from .advantages import PerPromptStatTracker, normalize
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config
+from .outputs import RunLogger, save_final_weights, write_summary
+
+AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+EVAL_SEED_BASE = 1_000_000_007
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps in a row); a checkpoint was written."""
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints (seed, epoch, purpose, ...), independent of other streams."""
+    h = 1469598103934665603
+    for k in key:
+        h = ((h ^ (int(k) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return torch.Generator().manual_seed(h)
+
+
+def read_prompts(cfg: Config) -> list[str]:
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt_file {path} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt_file {path} holds no prompts (one per line expected)")
+        return prompts
+    return list(cfg.prompts)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, *, model=None, reward_fn: Optional[Callable] = None,
+                 device: Optional[str] = None, log_fn: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.log_fn = log_fn
+        self.prompts = read_prompts(cfg)
+        torch.manual_seed(cfg.seed)
+        self.algo = make_algorithm(cfg)
+        self.reward_fn = reward_fn if reward_fn is not None else get_reward(cfg.reward.name, **cfg.reward.kwargs)
+        self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
+        m = cfg.model
+        if m.lora:
+            self.model.add_lora(m.lora_rank, m.lora_alpha, m.lora_targets)
+        else:
+            self.model.denoiser.requires_grad_(True)
+            if self.algo.needs_reference:
+                self.model.keep_reference_copy(m.reference_device or None)
+        if m.gradient_checkpointing:
+            self.model.denoiser.enable_gradient_checkpointing()
+        self.params = self.model.trainable_parameters()
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (check model.lora_targets)")
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                           weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        self.autocast_dtype = AUTOCAST[m.mixed_precision]
+        a = cfg.advantage
+        self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.per_prompt_stat_tracking else None
+        self.epoch = 0  # epochs completed
+        self.skipped_steps = 0
+        self.nonfinite_in_row = 0
+        self.max_nonfinite_in_row = 5
+        self.dropped_samples = 0
+        self.memory = PeakMemory(self.device)
+        self.logger = RunLogger(self.run_dir, cfg)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if cfg.reward.overlap else None
+
+    # ---- identity, checkpoints -----------------------------------------------------------------
+    def identity(self) -> dict:
+        m = self.cfg.model
+        return {"model": m.path, "algo": self.cfg.algo, "lora": m.lora, "lora_rank": m.lora_rank if m.lora else None,
+                "lora_targets": list(m.lora_targets) if m.lora else None}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.denoiser.named_parameters() if p.requires_grad}
+
+    def save(self) -> Path:
+        state = {"identity": self.identity(), "tracker": self.tracker.state_dict() if self.tracker else None,
+                 "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples}
+        return save_checkpoint(self.run_dir, self.epoch, self.trainable_state(), self.optimizer.state_dict(), state)
+
+    def resume(self) -> bool:
+        """Load the run's latest checkpoint; False when there is none yet."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        weights, opt_state, state, rng = load_checkpoint(path, self.identity())
+        params = dict(self.model.denoiser.named_parameters())
+        names = {n for n, p in params.items() if p.requires_grad}
+        if set(weights) != names:
+            raise ValueError(f"checkpoint {path} holds other weights than this model trains "
+                             f"({len(set(weights) ^ names)} names differ, e.g. {sorted(set(weights) ^ names)[:3]})")
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        self.optimizer.load_state_dict(opt_state)
+        if self.tracker is not None and state.get("tracker"):
+            self.tracker.load_state_dict(state["tracker"])
+        self.epoch = int(state["epoch"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.dropped_samples = int(state.get("dropped_samples", 0))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.log_fn(f"resumed from {path} (epoch {self.epoch})")
+        return True
+
+    # ---- rollout and rewards -------------------------------------------------------------------
+    def _sample(self, prompts: list[str], seeds: list[int], progress=None) -> Trajectory:
+        s = self.cfg.sample
+        return sample_trajectories(
+            self.model, prompts, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
+            noise_level=s.noise_level, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
+            seeds=seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
+        )
+
+    def _score(self, traj: Trajectory) -> torch.Tensor:
+        out = self.reward_fn(traj.images, traj.prompts, traj.metadata)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise RewardError(f"reward {self.cfg.reward.name!r} must return (rewards, info), got {type(out).__name__}")
+        rewards, _info = out
+        if self.cfg.reward.drop_nonfinite:
+            rewards = torch.as_tensor(rewards).detach().float().reshape(-1).cpu()
+            if rewards.shape != (len(traj),):
+                check_rewards(self.cfg.reward.name, rewards, len(traj))
+            return rewards
+        return check_rewards(self.cfg.reward.name, rewards, len(traj)).cpu()
+
+    def sample_epoch(self, epoch: int, bar=None) -> tuple[Trajectory, torch.Tensor]:
+        s = self.cfg.sample
+        g = _generator(self.cfg.seed, epoch, 1)
+        trajs: list[Trajectory] = []
+        pending: list[Future | torch.Tensor] = []
+        for _ in range(s.num_batches_per_epoch):
+            idx = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
+            seeds = torch.randint(0, 2**31 - 1, (s.batch_size,), generator=g).tolist()
+            traj = self._sample([self.prompts[i] for i in idx], seeds, progress=bar)
+            trajs.append(traj)
+            pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
+        rewards = torch.cat([p.result() if isinstance(p, Future) else p for p in pending])
+        traj = Trajectory.cat(trajs)
+        if self.cfg.reward.drop_nonfinite:
+            keep = torch.isfinite(rewards)
+            if not bool(keep.all()):
+                self.dropped_samples += int((~keep).sum())
+                if not bool(keep.any()):
+                    raise RewardError(f"reward {self.cfg.reward.name!r} returned no finite value in epoch {epoch}")
+                traj, rewards = traj.index(torch.nonzero(keep).flatten()), rewards[keep]
+        return traj, rewards
+
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        return self.tracker.update(prompts, rewards) if self.tracker is not None else normalize(rewards)
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def _optimizer_step(self) -> float:
+        max_norm = self.cfg.train.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        norm = float(grad_norm)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= self.max_nonfinite_in_row:
+                raise TrainingError(f"{self.nonfinite_in_row} optimiser steps in a row had non-finite gradients; "
+                                    f"stopping (the last good checkpoint is in {self.run_dir / 'checkpoints'})")
+            return float("nan")
+        self.nonfinite_in_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def train_epoch(self, epoch: int, traj: Trajectory, data, bar=None) -> dict[str, float]:
+        t = self.cfg.train
+        self.model.denoiser.train()
+        steps = trainable_steps(traj)
+        n_train = max(1, round(t.timestep_fraction * steps.numel()))
+        B, K = len(traj), t.chunk_size
+        totals: dict[str, float] = {}
+        rows_seen = 0
+        grad_norms = []
+        for inner in range(t.num_inner_epochs):
+            g = _generator(self.cfg.seed, epoch, 2, inner)
+            perm = self.algo.sample_order(B, data, g)
+            order = torch.stack([steps[torch.randperm(steps.numel(), generator=g)[:n_train]] for _ in range(B)])
+            minibatches = list(perm.split(t.batch_size))
+            for first in range(0, len(minibatches), t.gradient_accumulation_steps):
+                group = minibatches[first:first + t.gradient_accumulation_steps]
+                group_rows = sum(len(mb) for mb in group) * n_train
+                for mb in group:
+                    for k0 in range(0, n_train, K):
+                        chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device)
+                        loss, stats = self.algo.chunk_loss(self, chunk, data)
+                        rows = chunk.step_idx.numel()
+                        (loss * (rows / group_rows)).backward()
+                        rows_seen += rows
+                        for k, v in {"loss": loss, **stats}.items():
+                            totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * rows
+                        if bar is not None:
+                            bar.update(rows)
+                grad_norms.append(self._optimizer_step())
+        out = {k: v / max(rows_seen, 1) for k, v in totals.items()}
+        finite = [n for n in grad_norms if math.isfinite(n)]
+        out["grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
+        out["optimizer_steps"] = len(grad_norms)
+        return out
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards and images of n fixed-seed samples (prompts round-robin), the same before and after training."""
+        self.model.denoiser.eval()
+        rewards, images = [], []
+        bs = self.cfg.sample.batch_size
+        for start in range(0, n, bs):
+            ids = list(range(start, min(start + bs, n)))
+            traj = self._sample([self.prompts[i % len(self.prompts)] for i in ids], [EVAL_SEED_BASE + i for i in ids])
+            rewards.append(self._score(traj))
+            images.append(traj.images[: max(0, self.cfg.log.grid_samples - start)].cpu())
+        return torch.cat(rewards), torch.cat(images)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self, *, stop_flag: Callable[[], bool] = lambda: False) -> dict:
+        cfg = self.cfg
+        self.logger.start()
+        if self.epoch == 0:
+            self.save()  # a checkpoint of the starting point: an interrupted first epoch resumes from here
+        start = time.perf_counter()
+        before = self.logger.load_eval("before")
+        if before is None and cfg.log.eval_samples:
+            rewards, images = self.evaluate(cfg.log.eval_samples)
+            before = self.logger.save_eval("before", rewards, images)
+        bars = self.logger.bars()
+        while self.epoch < cfg.num_epochs:
+            if stop_flag():
+                return {"interrupted": True, "epoch": self.epoch}
+            epoch = self.epoch
+            self.memory.reset()
+            t0 = time.perf_counter()
+            self.model.denoiser.eval()
+            with bars.sampling(epoch) as bar:
+                traj, rewards = self.sample_epoch(epoch, bar)
+            t1 = time.perf_counter()
+            data = self.algo.prepare(self, traj, rewards)
+            with bars.training(epoch, len(traj) * max(1, round(cfg.train.timestep_fraction * trainable_steps(traj).numel()))
+                               * cfg.train.num_inner_epochs) as bar:
+                stats = self.train_epoch(epoch, traj, data, bar)
+            t2 = time.perf_counter()
+            if stop_flag():
+                return {"interrupted": True, "epoch": self.epoch}
+            self.epoch += 1
+            record = {
+                "epoch": self.epoch, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                **stats, "samples": len(traj), "sample_time_s": t1 - t0, "train_time_s": t2 - t1,
+                "samples_per_s": len(traj) / (t2 - t0), "rollout_samples_per_s": len(traj) / (t1 - t0),
+                "train_samples_per_s": len(traj) * cfg.train.num_inner_epochs / max(t2 - t1, 1e-9),
+                "peak_mem_mb": self.memory.peak_mb(), "skipped_steps": self.skipped_steps,
+                "dropped_samples": self.dropped_samples,
+            }
+            self.logger.log_epoch(record)
+            self.save()
+        wall = time.perf_counter() - start
+        after = None
+        if cfg.log.eval_samples:
+            rewards, images = self.evaluate(cfg.log.eval_samples)
+            after = self.logger.save_eval("after", rewards, images)
+        weights_path = save_final_weights(self.model, self.run_dir)
+        summary = write_summary(self.run_dir, cfg, self.logger.records(), before, after, weights_path, wall)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        return summary

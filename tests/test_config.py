@@ -1,0 +1,77 @@
+"""Typed configs: YAML + dotted overrides, unknown keys and wrong types rejected with the closest valid key."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffrl_fast.config_utils import ConfigError, describe, load_config
+from diffrl_fast.train.config import Config, validate
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = validate(load_config(Config))
+    assert cfg.algo == "ddpo_is" and cfg.model.path == "digits"
+    lines = describe(Config)
+    assert any(line.strip().startswith("train.learning_rate (float") for line in lines)
+    assert all(line.rstrip().endswith((".", ":", ")")) or "help" not in line for line in lines)
+
+
+def test_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\ntrain:\n  learning_rate: 0.001\n  chunk_size: 2\nprompts: [a, b]\n")
+    cfg = load_config(Config, f, ["train.learning_rate=1e-4", "sample.guidance_scale=3", "model.lora=false", "reward.kwargs={quality: 80}"])
+    assert cfg.name == "x" and cfg.train.learning_rate == 1e-4 and cfg.train.chunk_size == 2
+    assert cfg.sample.guidance_scale == 3.0 and cfg.model.lora is False and cfg.prompts == ["a", "b"]
+    assert cfg.reward.kwargs == {"quality": 80}
+
+
+@pytest.mark.parametrize("override,match", [
+    (["train.learnig_rate=1e-4"], "did you mean 'train.learning_rate'"),
+    (["trian.learning_rate=1e-4"], "did you mean 'train'"),
+    (["train.chunk_size=two"], "train.chunk_size: expected an integer"),
+    (["model.lora=maybe"], "model.lora: expected true or false"),
+    (["train=3"], "train is a section"),
+    (["num_epochs"], "key=value"),
+])
+def test_bad_overrides(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Config, None, override)
+
+
+@pytest.mark.parametrize("override,match", [
+    (["train.chunk_size=30", "sample.num_steps=20"], "chunk_size"),
+    (["sample.batch_size=10", "train.batch_size=3"], "multiple of train.batch_size"),
+    (["sample.eta=0"], "eta"),
+    (["algo=ppo"], "algo"),
+    (["model.mixed_precision=fp8"], "mixed_precision"),
+    (["prompts=[]"], "no prompts"),
+])
+def test_impossible_combinations(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(load_config(Config, None, override))
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Config, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Config, bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Config, listy)
+
+
+KEYS = ["name", "seed", "num_epochs", "train.learning_rate", "train.chunk_size", "sample.num_steps", "model.lora", "prompts"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.one_of(st.sampled_from(KEYS), st.text(min_size=1, max_size=12)), value=st.text(max_size=12))
+def test_fuzzed_overrides_never_crash(key, value):
+    """Any key=value either loads into a well-typed config or raises ConfigError; never anything else."""
+    try:
+        cfg = load_config(Config, None, [f"{key}={value}"])
+    except ConfigError:
+        return
+    assert isinstance(cfg.seed, int) and isinstance(cfg.train.learning_rate, float) and isinstance(cfg.prompts, list)
