@@ -1,6 +1,9 @@
 """``diffrl-fast``: the command line.
 
     diffrl-fast train [CONFIG.yaml] [key=value ...]   RL fine-tuning (default: DDPO on the digits world)
+    diffrl-fast sample --run runs/NAME        images from a trained run (or --model for a base model)
+    diffrl-fast eval --run runs/NAME --reward R   mean and std of rewards over N fixed-seed samples
+    diffrl-fast pretrain digits               retrain the digits world's shipped weights
     diffrl-fast check-parity --model PATH   rollout vs training-recompute log-prob parity on your model
     diffrl-fast bench ops [--quick]         fused-op benchmark (benchmarks/bench_ops.py)
 
@@ -31,6 +34,9 @@ class ArgumentParser(argparse.ArgumentParser):
 # command -> module with main(argv) -> int
 COMMANDS = {
     "train": "diffrl_fast.commands.train",
+    "sample": "diffrl_fast.commands.sample",
+    "eval": "diffrl_fast.commands.evaluate",
+    "pretrain": "diffrl_fast.commands.pretrain",
     "check-parity": "diffrl_fast.commands.parity",
     "bench": "diffrl_fast.commands.bench",
 }

@@ -43,3 +43,51 @@ def test_check_parity_usage_errors_exit_2(tmp_path):
         out = subprocess.run([sys.executable, "-m", "diffrl_fast.cli", "check-parity", *args], capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, (args, out.stderr)
         assert "Traceback" not in out.stderr and "error:" in out.stderr
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "diffrl_fast.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_sample_eval_roundtrip_and_run_folder_protection(tmp_path):
+    common = ["num_epochs=1", "sample.batch_size=16", "sample.num_batches_per_epoch=1", "sample.num_steps=4",
+              "log.eval_samples=16", "log.progress=false", f"output_dir={tmp_path}", "name=r"]
+    out = _run("train", *common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reward" in out.stdout and (tmp_path / "r" / "summary.md").exists()
+    again = _run("train", *common)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    resumed = _run("train", *common, "--resume")  # nothing left to do: finishes at once
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    out = _run("sample", "--run", str(tmp_path / "r"), "--n", "4", "--out", str(tmp_path / "s"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "s" / "grid.png").exists() and (tmp_path / "s" / "0003.png").exists()
+    out = _run("eval", "--run", str(tmp_path / "r"), "--reward", "digit_confidence", "--reward", "jpeg_compressibility",
+               "--n", "8", "--json", str(tmp_path / "e.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert set(data["rewards"]) == {"digit_confidence", "jpeg_compressibility"} and data["rewards"]["digit_confidence"]["n"] == 8
+
+
+def test_train_usage_errors_exit_2(tmp_path):
+    cases = [
+        (["train.learnig_rate=1"], "did you mean 'train.learning_rate'"),
+        (["train.chunk_size=x"], "expected an integer"),
+        (["--frobnicate"], "unknown option"),
+        ([str(tmp_path / "missing.yaml")], "does not exist"),
+        (["train.chunk_size=50"], "chunk_size"),
+    ]
+    for args, msg in cases:
+        out = _run("train", *args, f"output_dir={tmp_path}")
+        assert out.returncode == 2, (args, out.stderr[-500:])
+        assert msg in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-500:])
+    out = _run("train", "--help")
+    assert out.returncode == 0 and "train.learning_rate (float" in out.stdout
+    out = _run("sample", "--model", "digits", "--prompt", "a handwritten bird", "--n", "2", "--out", str(tmp_path / "x"))
+    assert out.returncode == 2 and "cannot parse digit prompt" in out.stderr
+
+
+def test_pretrain_quick(tmp_path):
+    out = _run("pretrain", "digits", "--quick", "--out", str(tmp_path / "assets"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "assets" / "digits_unet.safetensors").exists() and (tmp_path / "assets" / "digit_classifier.json").exists()

@@ -75,3 +75,14 @@ def test_fuzzed_overrides_never_crash(key, value):
     except ConfigError:
         return
     assert isinstance(cfg.seed, int) and isinstance(cfg.train.learning_rate, float) and isinstance(cfg.prompts, list)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert {f.name for f in files} >= {"digits.yaml", "sd15.yaml", "sdxl.yaml"}
+    for f in files:
+        validate(load_config(Config, f))
+    assert load_config(Config, root / "digits.yaml") == load_config(Config)  # digits.yaml writes out the defaults

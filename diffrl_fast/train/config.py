@@ -16,7 +16,7 @@ from ..config_utils import ConfigError, option
 class ModelConfig:
     path: str = option("digits", "The policy: 'digits' (the built-in digits world) or a diffusers pipeline folder / hub id (SD 1.x/2.x, SDXL, SD3).")
     sampler: str = option("auto", "Scheduler run as the policy: 'auto' keeps DDIM/DDPM/flow matching and converts others to DDIM; or 'ddim', 'ddpm'.")
-    lora: bool = option(True, "Train LoRA adapters (true; reference policy = adapter off) or all denoiser weights (false; reference = frozen copy).")
+    lora: bool = option(False, "Train LoRA adapters (true; reference policy = adapter off) or all denoiser weights (false; reference = frozen copy). The 0.25M-parameter digits UNet learns faster fully fine-tuned; SD-size models use LoRA (configs/sd15.yaml).")
     lora_rank: int = option(8, "LoRA rank r; 4-64 is usual.")
     lora_alpha: Optional[float] = option(None, "LoRA alpha (scale alpha/r); null means alpha = rank.")
     lora_targets: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "Denoiser modules that get LoRA adapters (attention projections by default).")
@@ -40,18 +40,18 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = option(32, "Trajectories per training minibatch (per process).")
+    batch_size: int = option(16, "Trajectories per training minibatch (per process).")
     timestep_fraction: float = option(1.0, "Fraction of each trajectory's stochastic steps trained on per inner epoch (random per sample).")
     chunk_size: int = option(4, "Timesteps packed into one denoiser forward (K): the forward batch is batch_size x K (x2 with guidance).")
     num_inner_epochs: int = option(1, "Passes over each epoch's samples.")
     gradient_accumulation_steps: int = option(1, "Minibatches per optimiser step.")
-    learning_rate: float = option(3e-4, "AdamW learning rate (LoRA 1e-4..1e-3; full fine-tuning 1e-6..1e-5).")
+    learning_rate: float = option(3e-4, "AdamW learning rate (digits world fully fine-tuned: 3e-4; SD LoRA: 1e-4..1e-3; SD full fine-tuning: 1e-6..1e-5).")
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_weight_decay: float = option(1e-4, "AdamW weight decay.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables.")
-    clip_range: float = option(1e-4, "PPO ratio clip epsilon of DDPO-IS.")
+    clip_range: float = option(1e-3, "PPO ratio clip epsilon of DDPO-IS (DDPO uses 1e-4 for SD's 16384-dim latents; the digits world's 256-dim steps move ratios more).")
     adv_clip_max: float = option(5.0, "Advantages are clipped to [-adv_clip_max, adv_clip_max].")
     checkpoint_chunks: bool = option(False, "Activation checkpointing per packed timestep chunk (recompute the chunk's forward in backward).")
 
