@@ -6,6 +6,7 @@
     diffrl-fast pretrain digits               retrain the digits world's shipped weights
     diffrl-fast check-parity --model PATH   rollout vs training-recompute log-prob parity on your model
     diffrl-fast bench ops [--quick]         fused-op benchmark (benchmarks/bench_ops.py)
+    diffrl-fast experiment algos            every algorithm on the digits world, 3 seeds (benchmarks/bench_algos.py)
 
 Errors a user can cause (bad arguments, bad config, missing files) print one clear message and exit
 with code 2, without a traceback.
@@ -39,6 +40,7 @@ COMMANDS = {
     "pretrain": "diffrl_fast.commands.pretrain",
     "check-parity": "diffrl_fast.commands.parity",
     "bench": "diffrl_fast.commands.bench",
+    "experiment": "diffrl_fast.commands.experiment",
 }
 
 

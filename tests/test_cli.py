@@ -14,7 +14,7 @@ def test_unknown_command_exits_2(capsys):
 
 def test_unknown_benchmark_exits_2(capsys):
     assert main(["bench", "nope"]) == 2
-    assert "unknown benchmark" in capsys.readouterr().err
+    assert "unknown bench" in capsys.readouterr().err
 
 
 def test_bench_ops_quick_writes_results(tmp_path):

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 from .base import Algorithm, EpochData
+from .d3po import D3PO
 from .ddpo import DDPO, DDPO_SF
+from .dense import Dense
+from .dpok import DPOK
+from .grpo import GRPO
+from .tdpo import TDPO, TDPO_R
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, DDPO_SF)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, DDPO_SF, DPOK, D3PO, Dense, TDPO, TDPO_R, GRPO)}
 
 
 def make_algorithm(cfg) -> Algorithm:

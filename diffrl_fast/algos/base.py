@@ -1,15 +1,22 @@
 """What every algorithm provides to the one trainer loop.
 
 The trainer owns everything algorithms share: rollouts, rewards, the recompute of log-probs over packed
-timestep chunks, optimisation, logging and checkpointing. An algorithm decides (1) what it needs from
-an epoch's trajectories and rewards (``prepare``), and (2) the loss of one chunk of n samples x K
-timesteps (``chunk_loss``). The trainer scales each chunk's loss by its share of the rows in the
-optimiser step, so gradients are the mean over all trained (sample, timestep) rows whatever K is.
+timestep chunks, optimisation, logging and checkpointing. An algorithm decides
+
+- ``samples_per_prompt``: G > 1 makes every rollout batch G samples of each prompt, adjacent (groups);
+- ``prepare``: what it needs from an epoch's trajectories and rewards (advantages, pairs, a critic fit);
+- ``sample_order`` / ``step_order``: how samples are cut into minibatches and which timesteps each trains
+  on (group algorithms keep a group in one minibatch, on shared timesteps);
+- ``begin_minibatch``: an optional first pass over a minibatch (losses that couple timesteps);
+- ``chunk_loss``: the loss of one chunk of n samples x K timesteps.
+
+The trainer scales each chunk's loss by its share of the rows in the optimiser step, so gradients are
+the mean over all trained (sample, timestep) rows whatever K is.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -18,24 +25,59 @@ import torch
 class EpochData:
     """What ``prepare`` hands to ``chunk_loss``: per-sample tensors indexed by trajectory position."""
 
-    advantages: torch.Tensor  # [B] (or [B, T] for per-step advantages)
+    advantages: Optional[torch.Tensor] = None  # [B] (or [B, T] for per-step advantages)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Algorithm:
     name = "base"
     needs_reference = False  # the trainer keeps a reference policy (LoRA off / frozen copy) when True
+    samples_per_prompt = 1
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
 
+    # ---- shapes of the data --------------------------------------------------------------------
     def sample_order(self, n: int, data: EpochData, generator: torch.Generator) -> torch.Tensor:
-        """The order in which samples are cut into training minibatches (algorithms that train on groups
-        of samples, e.g. preference pairs, keep each group together)."""
-        return torch.randperm(n, generator=generator)
+        """The order in which samples are cut into minibatches; groups of ``samples_per_prompt`` adjacent
+        samples stay together (and in their order)."""
+        G = self.samples_per_prompt
+        groups = torch.randperm(n // G, generator=generator)
+        return (groups[:, None] * G + torch.arange(G)).flatten()
 
+    def step_order(self, n: int, steps: torch.Tensor, n_train: int, generator: torch.Generator) -> torch.Tensor:
+        """[n, n_train] step indices each sample trains on: a random subset of the stochastic ``steps``,
+        drawn per sample, or per group when ``samples_per_prompt`` > 1 (group members share timesteps)."""
+        G = self.samples_per_prompt
+        per_group = torch.stack([steps[torch.randperm(steps.numel(), generator=generator)[:n_train]] for _ in range(n // G)])
+        return per_group.repeat_interleave(G, dim=0)
+
+    # ---- rollouts -------------------------------------------------------------------------------
+    sample_with_reference = False  # roll out the reference policy (offline preference data), not the current one
+
+    def rollout_plan(self, trainer, epoch: int, batch: int, generator: torch.Generator) -> Optional[tuple[list[str], list[int]]]:
+        """(prompts, seeds) of rollout batch ``batch``, or None for the trainer's default (prompts drawn
+        uniformly, ``samples_per_prompt`` adjacent samples each)."""
+        return None
+
+    # ---- losses --------------------------------------------------------------------------------
     def prepare(self, trainer, traj, rewards: torch.Tensor) -> EpochData:
         return EpochData(trainer.advantages(traj.prompts, rewards))
 
-    def chunk_loss(self, trainer, chunk, data: EpochData) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def begin_minibatch(self, trainer, traj, sample_idx: torch.Tensor, order: torch.Tensor, data: EpochData) -> Any:
+        """Called before a minibatch's chunks; its return value reaches ``chunk_loss`` as ``ctx``."""
+        return None
+
+    def chunk_loss(self, trainer, chunk, data: EpochData, ctx: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def after_epoch(self, trainer, epoch: int) -> dict[str, float]:
+        """Called once an epoch's updates are done; returns extra metrics to log."""
+        return {}
+
+    # ---- checkpointing of algorithm state (critics) --------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass

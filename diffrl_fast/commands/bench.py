@@ -20,14 +20,19 @@ def _repo_root() -> Path:
     return root
 
 
-def main(argv: list[str]) -> int:
+def run_script(kind: str, scripts: dict[str, str], argv: list[str]) -> int:
+    """Run ``scripts[argv[0]].main(argv[1:])`` from the source checkout."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: diffrl-fast bench {{{','.join(BENCHES)}}} [options]   (see diffrl-fast bench NAME --help)")
+        print(f"usage: diffrl-fast {kind} {{{','.join(scripts)}}} [options]   (see diffrl-fast {kind} NAME --help)")
         return 0 if argv else EXIT_USAGE
     name, rest = argv[0], argv[1:]
-    if name not in BENCHES:
-        raise UsageError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHES)}")
+    if name not in scripts:
+        raise UsageError(f"unknown {kind} {name!r}; choose one of {sorted(scripts)}")
     root = _repo_root()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    return importlib.import_module(BENCHES[name]).main(rest)
+    return importlib.import_module(scripts[name]).main(rest)
+
+
+def main(argv: list[str]) -> int:
+    return run_script("bench", BENCHES, argv)

@@ -3,7 +3,8 @@
 A checkpoint is a folder ``checkpoints/epoch_NNNN`` holding
 
     weights.safetensors   the trainable denoiser weights (LoRA adapters, or all weights when fully fine-tuned)
-    optimizer.pt          optimiser (and LR scheduler) state, loadable with torch.load(weights_only=True)
+    optimizer.pt          optimiser state of the policy and the algorithm's own state (critics and their
+                          optimisers), loadable with torch.load(weights_only=True)
     state.json            epoch, run identity (model, algo, parametrisation), statistics tracker, counters
     rng.pt                torch RNG states
 

@@ -60,6 +60,7 @@ class TrainConfig:
 class RewardConfig:
     name: str = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, aesthetic, clip_score) or 'package.module:function'.")
     kwargs: dict = option({}, "Keyword arguments of the reward factory (e.g. {clip_path: ..., mlp_path: ...} for aesthetic).")
+    track: list[str] = option([], "Held-out rewards computed on every epoch's samples and logged as track_<name>, never optimised (over-optimisation studies).")
     drop_nonfinite: bool = option(False, "Drop samples whose reward is NaN/inf (counted in the logs) instead of stopping with an error.")
     overlap: bool = option(True, "Compute rewards in a background thread while the next rollout batch samples.")
 
@@ -69,6 +70,47 @@ class AdvantageConfig:
     per_prompt_stat_tracking: bool = option(True, "Normalise rewards per prompt with running statistics (DDPO); false: whole-batch normalisation.")
     buffer_size: int = option(32, "Per-prompt tracking: rewards kept per prompt.")
     min_count: int = option(16, "Per-prompt tracking: below this many rewards a prompt uses the whole batch's statistics.")
+
+
+@dataclass
+class DPOKConfig:
+    alpha: float = option(1.0, "Weight of the policy-gradient term.")
+    beta: float = option(0.1, "Weight of the per-step KL to the pretrained policy (log-probs and KL averaged over latent elements).")
+    clip: bool = option(True, "Clip the importance ratio as DDPO-IS does (train.clip_range); false gives the plain reward-weighted policy gradient.")
+    value_baseline: bool = option(False, "Use r - V(x_t, c) with a learned value function V (the temporal critic, tdpo.critic_*) as per-step advantage.")
+
+
+@dataclass
+class D3POConfig:
+    beta: float = option(10.0, "DPO inverse temperature beta on per-step log-ratios (averaged over latent elements, so they are small).")
+    samples_per_prompt: int = option(2, "K >= 2 samples per prompt; ranked, they form disjoint (winner, loser) pairs: best with worst, ...")
+    ratio_clip: Optional[float] = option(0.1, "Clamp each step's ratio pi_theta/pi_ref to [1 - c, 1 + c] as D3PO does; null disables.")
+    preferences: str = option("", "JSON file of human choices written by `diffrl-fast label`; empty: preferences from the reward (AI feedback).")
+
+
+@dataclass
+class DenseConfig:
+    samples_per_prompt: int = option(2, "K >= 2 samples per prompt, ranked by reward; K > 2 uses the Plackett-Luce loss.")
+    gamma: float = option(0.9, "Temporal discount gamma in (0, 1]: step t (0 = noisiest) counts gamma^t.")
+    temperature: float = option(10.0, "Temperature C multiplying the discounted log-ratios inside the sigmoid.")
+    ratio_clip: Optional[float] = option(0.1, "Clamp each step's ratio pi_theta/pi_I to [1 - c, 1 + c] before averaging (D3PO's trust region); null disables.")
+    kl_coef: float = option(0.0, "Weight of an explicit per-step KL to the initial policy on the trained steps (0 disables).")
+    timestep_sampling: str = option("discounted", "'discounted': train on steps drawn with probability gamma^t; 'weighted': uniform steps weighted by gamma^t.")
+
+
+@dataclass
+class TDPOConfig:
+    critic_lr: float = option(1e-3, "Adam learning rate of the temporal critic R_phi(x_t, c).")
+    critic_epochs: int = option(2, "Passes of critic regression over each epoch's (x_t, c, reward) rows.")
+    critic_batch_size: int = option(256, "Rows per critic update.")
+    reset_every: int = option(3, "TDPO-R: reset the critic's active neurons every this many epochs.")
+    reset_threshold: float = option(0.0, "TDPO-R: a neuron is active (and reset) when its mean activation / the layer's mean exceeds this.")
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = option(4, "G samples per prompt; advantages are rewards normalised within each group.")
+    beta: float = option(0.0, "Weight of the per-step KL to the reference policy (0: no KL, no reference model).")
 
 
 @dataclass
@@ -84,7 +126,7 @@ class Config:
     name: str = option("digits_ddpo", "Run name; outputs go to output_dir/name.")
     output_dir: str = option("runs", "Folder holding the run folders.")
     seed: int = option(0, "Seed of everything: prompts, rollouts, shuffles, initialisation.")
-    algo: str = option("ddpo_is", "Algorithm: ddpo_is (PPO-clipped, DDPO-IS) or ddpo_sf (REINFORCE, DDPO-SF).")
+    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r or grpo (see diffrl_fast/algos/).")
     num_epochs: int = option(12, "Epochs (rollout + training rounds).")
     prompts: list[str] = option([str(d) for d in range(10)], "Prompts, drawn uniformly per sample (for the digits world: '7', 'a handwritten 7', ...).")
     prompt_file: str = option("", "A text file with one prompt per line; replaces `prompts` when set.")
@@ -93,10 +135,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "The reward function."})
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig, metadata={"help": "Advantage estimation."})
+    dpok: DPOKConfig = field(default_factory=DPOKConfig, metadata={"help": "DPOK (algo=dpok)."})
+    d3po: D3POConfig = field(default_factory=D3POConfig, metadata={"help": "D3PO (algo=d3po)."})
+    dense: DenseConfig = field(default_factory=DenseConfig, metadata={"help": "The dense-reward view (algo=dense)."})
+    tdpo: TDPOConfig = field(default_factory=TDPOConfig, metadata={"help": "TDPO / TDPO-R critic (algo=tdpo, tdpo_r; also dpok.value_baseline)."})
+    grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Group-relative advantages (algo=grpo)."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging, evaluation and outputs."})
 
 
-ALGOS = ("ddpo_is", "ddpo_sf")
+def samples_per_prompt(cfg: Config) -> int:
+    """Group size G of the chosen algorithm (samples of one prompt trained together)."""
+    if cfg.algo == "d3po":
+        return 2 if cfg.d3po.preferences else cfg.d3po.samples_per_prompt
+    return {"dense": cfg.dense.samples_per_prompt, "grpo": cfg.grpo.group_size}.get(cfg.algo, 1)
 
 
 def validate(cfg: Config) -> Config:
@@ -105,7 +156,9 @@ def validate(cfg: Config) -> Config:
         if not cond:
             raise ConfigError(msg)
 
-    need(cfg.algo in ALGOS, f"algo: {cfg.algo!r} is not one of {list(ALGOS)}")
+    from ..algos import ALGORITHMS
+
+    need(cfg.algo in ALGORITHMS, f"algo: {cfg.algo!r} is not one of {sorted(ALGORITHMS)}")
     need(cfg.num_epochs >= 1, "num_epochs must be >= 1")
     s, t = cfg.sample, cfg.train
     need(s.num_steps >= 1, "sample.num_steps must be >= 1")
@@ -129,4 +182,16 @@ def validate(cfg: Config) -> Config:
     need(a.buffer_size >= 1 and 1 <= a.min_count <= a.buffer_size, "advantage.min_count must be in [1, advantage.buffer_size]")
     need(bool(cfg.prompts) or bool(cfg.prompt_file), "no prompts: set `prompts` or `prompt_file`")
     need(cfg.log.eval_samples >= 0 and cfg.log.grid_samples >= 0, "log.eval_samples and log.grid_samples must be >= 0")
+    G = samples_per_prompt(cfg)
+    need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
+    need(s.batch_size % G == 0 and t.batch_size % G == 0,
+         f"{cfg.algo} trains on groups of {G} samples per prompt: sample.batch_size ({s.batch_size}) and train.batch_size ({t.batch_size}) must be multiples of {G}")
+    need(0 < cfg.dense.gamma <= 1, f"dense.gamma must be in (0, 1], got {cfg.dense.gamma}")
+    need(cfg.dense.timestep_sampling in ("discounted", "weighted"), f"dense.timestep_sampling must be 'discounted' or 'weighted', got {cfg.dense.timestep_sampling!r}")
+    need(cfg.d3po.beta > 0 and cfg.dense.temperature > 0, "d3po.beta and dense.temperature must be > 0")
+    for key, c in (("d3po.ratio_clip", cfg.d3po.ratio_clip), ("dense.ratio_clip", cfg.dense.ratio_clip)):
+        need(c is None or 0 < c < 1, f"{key} must be in (0, 1) or null")
+    need(cfg.dense.kl_coef >= 0, "dense.kl_coef must be >= 0")
+    need(cfg.dpok.beta >= 0 and cfg.grpo.beta >= 0 and cfg.dpok.alpha >= 0, "dpok.alpha, dpok.beta and grpo.beta must be >= 0")
+    need(cfg.tdpo.reset_every >= 1 and cfg.tdpo.critic_epochs >= 1 and cfg.tdpo.critic_batch_size >= 1, "tdpo.reset_every, tdpo.critic_epochs and tdpo.critic_batch_size must be >= 1")
     return cfg

@@ -75,6 +75,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.algo = make_algorithm(cfg)
         self.reward_fn = reward_fn if reward_fn is not None else get_reward(cfg.reward.name, **cfg.reward.kwargs)
+        self.tracked = {name: get_reward(name) for name in cfg.reward.track}
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
         m = cfg.model
         if m.lora:
@@ -103,6 +104,10 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, cfg)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if cfg.reward.overlap else None
 
+    def generator(self, *key: int) -> torch.Generator:
+        """An independent generator for (epoch, purpose, ...) of this run's seed: same draws on resume."""
+        return _generator(self.cfg.seed, *key)
+
     # ---- identity, checkpoints -----------------------------------------------------------------
     def identity(self) -> dict:
         m = self.cfg.model
@@ -115,7 +120,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"identity": self.identity(), "tracker": self.tracker.state_dict() if self.tracker else None,
                  "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples}
-        return save_checkpoint(self.run_dir, self.epoch, self.trainable_state(), self.optimizer.state_dict(), state)
+        return save_checkpoint(self.run_dir, self.epoch, self.trainable_state(),
+                               {"policy": self.optimizer.state_dict(), "algo": self.algo.state_dict()}, state)
 
     def resume(self) -> bool:
         """Load the run's latest checkpoint; False when there is none yet."""
@@ -131,7 +137,8 @@ class Trainer:
         with torch.no_grad():
             for n, w in weights.items():
                 params[n].copy_(w)
-        self.optimizer.load_state_dict(opt_state)
+        self.optimizer.load_state_dict(opt_state["policy"])
+        self.algo.load_state_dict(opt_state["algo"])
         if self.tracker is not None and state.get("tracker"):
             self.tracker.load_state_dict(state["tracker"])
         self.epoch = int(state["epoch"])
@@ -169,14 +176,24 @@ class Trainer:
         g = _generator(self.cfg.seed, epoch, 1)
         trajs: list[Trajectory] = []
         pending: list[Future | torch.Tensor] = []
-        for _ in range(s.num_batches_per_epoch):
-            idx = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
-            seeds = torch.randint(0, 2**31 - 1, (s.batch_size,), generator=g).tolist()
-            traj = self._sample([self.prompts[i] for i in idx], seeds, progress=bar)
+        G = self.algo.samples_per_prompt
+        for b in range(s.num_batches_per_epoch):
+            plan = self.algo.rollout_plan(self, epoch, b, g)
+            if plan is None:
+                idx = torch.randint(len(self.prompts), (s.batch_size // G,), generator=g).repeat_interleave(G)
+                seeds = torch.randint(0, 2**31 - 1, (s.batch_size,), generator=g).tolist()
+                plan = ([self.prompts[i] for i in idx], seeds)
+            if self.algo.sample_with_reference:
+                with self.model.reference():
+                    traj = self._sample(*plan, progress=bar)
+            else:
+                traj = self._sample(*plan, progress=bar)
             trajs.append(traj)
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
         rewards = torch.cat([p.result() if isinstance(p, Future) else p for p in pending])
         traj = Trajectory.cat(trajs)
+        self.tracked_means = {f"track_{name}": float(check_rewards(name, fn(traj.images, traj.prompts, traj.metadata)[0], len(traj)).mean())
+                              for name, fn in self.tracked.items()}
         if self.cfg.reward.drop_nonfinite:
             keep = torch.isfinite(rewards)
             if not bool(keep.all()):
@@ -219,15 +236,16 @@ class Trainer:
         for inner in range(t.num_inner_epochs):
             g = _generator(self.cfg.seed, epoch, 2, inner)
             perm = self.algo.sample_order(B, data, g)
-            order = torch.stack([steps[torch.randperm(steps.numel(), generator=g)[:n_train]] for _ in range(B)])
+            order = self.algo.step_order(B, steps, n_train, g)
             minibatches = list(perm.split(t.batch_size))
             for first in range(0, len(minibatches), t.gradient_accumulation_steps):
                 group = minibatches[first:first + t.gradient_accumulation_steps]
                 group_rows = sum(len(mb) for mb in group) * n_train
                 for mb in group:
+                    ctx = self.algo.begin_minibatch(self, traj, mb, order[mb], data)
                     for k0 in range(0, n_train, K):
                         chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device)
-                        loss, stats = self.algo.chunk_loss(self, chunk, data)
+                        loss, stats = self.algo.chunk_loss(self, chunk, data, ctx)
                         rows = chunk.step_idx.numel()
                         (loss * (rows / group_rows)).backward()
                         rows_seen += rows
@@ -285,6 +303,9 @@ class Trainer:
             t2 = time.perf_counter()
             if stop_flag():
                 return {"interrupted": True, "epoch": self.epoch}
+            stats.update(data.extra.get("log", {}) if data is not None else {})
+            stats.update(self.tracked_means)
+            stats.update(self.algo.after_epoch(self, epoch))
             self.epoch += 1
             record = {
                 "epoch": self.epoch, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
