@@ -7,6 +7,11 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#define DIFFRL_HAS_MXCSR 1
+#endif
+
 namespace diffrl_fast {
 namespace {
 
@@ -38,6 +43,17 @@ template <> inline bf16_t st<bf16_t>(float v) {
   uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return v != v ? static_cast<bf16_t>(0x7FC0u) : static_cast<bf16_t>(rounded);
 }
+
+// Denormal inputs or intermediates (e.g. vanishing loss gradients) make x86 arithmetic ~5x slower via
+// microcode assists; they carry no signal here. Flush them to zero inside the kernels (FTZ + DAZ) and
+// restore the caller's mode afterwards, per thread.
+struct FlushDenormals {
+#ifdef DIFFRL_HAS_MXCSR
+  unsigned int saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
 
 // ---- compile-time feature masks ------------------------------------------------------------------
 constexpr int kEU = 1, kEC = 2, kY = 4, kREF = 8, kCLIP = 16, kMEAN = 32;  // forward; kMEAN = g_mean in backward
@@ -84,7 +100,10 @@ void fwd_impl(const StepArgs& args, const FwdOut& out) {
     const A* coef = static_cast<const A*>(args.coef);
     T* mean_out = static_cast<T*>(out.mean);
 
-#pragma omp parallel for schedule(static) num_threads(args.n_threads) if (n_task > 1 && args.n_rows * D >= kParallelMin)
+#pragma omp parallel num_threads(args.n_threads) if (n_task > 1 && args.n_rows * D >= kParallelMin)
+    {
+    FlushDenormals ftz;
+#pragma omp for schedule(static)
     for (int64_t task = 0; task < n_task; ++task) {
       const int64_t r = task / n_chunk, start = (task % n_chunk) * kChunk;
       const int64_t len = std::min(kChunk, D - start);
@@ -122,6 +141,7 @@ void fwd_impl(const StepArgs& args, const FwdOut& out) {
       if constexpr (Y) part_ss[task] = s1;
       if constexpr (REF) part_kk[task] = s2;
     }
+    }
     for (int64_t r = 0; r < args.n_rows; ++r) {
       double t1 = 0, t2 = 0;
       for (int64_t k = 0; k < n_chunk; ++k) {
@@ -149,7 +169,10 @@ void bwd_impl(const StepArgs& args, const BwdIn& in, const BwdOut& out) {
     const A* w_ss = static_cast<const A*>(in.w_ss);
     const A* w_kk = static_cast<const A*>(in.w_kk);
 
-#pragma omp parallel for schedule(static) num_threads(args.n_threads) if (n_task > 1 && args.n_rows * D >= kParallelMin)
+#pragma omp parallel num_threads(args.n_threads) if (n_task > 1 && args.n_rows * D >= kParallelMin)
+    {
+    FlushDenormals ftz;
+#pragma omp for schedule(static)
     for (int64_t task = 0; task < n_task; ++task) {
       const int64_t r = task / n_chunk, start = (task % n_chunk) * kChunk;
       const int64_t len = std::min(kChunk, D - start);
@@ -225,6 +248,7 @@ void bwd_impl(const StepArgs& args, const BwdIn& in, const BwdOut& out) {
           if (dec) dec[i] = st<T>(g * de);
         }
       }
+    }
     }
   }
 }

@@ -48,6 +48,15 @@ def checks(enabled: bool) -> Iterator[None]:
         _local.enabled = previous
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every entry is finite: one reduction and one host sync (torch.isfinite is several ops).
+
+    A NaN or inf anywhere makes the sum non-finite; a finite tensor whose sum overflows (entries ~1e38)
+    is reported as non-finite too, which is as much a sign of trouble.
+    """
+    return t.numel() == 0 or math.isfinite(float(t.sum()))
+
+
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -103,8 +112,13 @@ def per_row(
     device: torch.device,
     dtype: torch.dtype,
     positive: bool = False,
+    check_data: bool = True,
 ) -> torch.Tensor:
-    """A per-row coefficient (python number or tensor broadcastable to the leading dims) as a flat [N] tensor."""
+    """A per-row coefficient (python number or tensor broadcastable to the leading dims) as a flat [N] tensor.
+
+    ``check_data=False`` leaves the value checks (finite, > 0) of a tensor to the caller, which can then
+    check several coefficients in one pass and call again with checks on to name the culprit.
+    """
     if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
         raise ValueError(f"{name} must be a float or a tensor broadcastable to {tuple(lead_shape)}, got {type(value).__name__}")
     if isinstance(value, Real):
@@ -122,7 +136,7 @@ def per_row(
         raise ValueError(
             f"{name} has shape {tuple(value.shape)}, which does not broadcast to the leading dims {tuple(lead_shape)}"
         ) from None
-    if data_checks_enabled():
+    if check_data and data_checks_enabled() and not (all_finite(v) and (not positive or v.numel() == 0 or float(v.min()) > 0)):
         bad = ~torch.isfinite(v) | (v <= 0) if positive else ~torch.isfinite(v)
         if bool(bad.any()):
             first = v[bad].flatten()[0].item()
@@ -143,7 +157,7 @@ def check_rows(name: str, t, lead_shape: torch.Size, device: torch.device) -> to
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(lead_shape)} (one value per row)")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
-    if data_checks_enabled() and t.numel() and not bool(torch.isfinite(t).all()):
+    if data_checks_enabled() and not all_finite(t):
         raise ValueError(f"{name} contains {int((~torch.isfinite(t)).sum())} non-finite values")
     return t
 
@@ -152,10 +166,7 @@ def raise_if_nonfinite(outputs: Mapping[str, torch.Tensor], inputs: Mapping[str,
     """After a forward: if a per-row reduction is non-finite, name the input that caused it."""
     if not data_checks_enabled():
         return
-    for out in outputs.values():
-        if out.numel() and not bool(torch.isfinite(out).all()):
-            break
-    else:
+    if all(all_finite(out) for out in outputs.values()):
         return
     for name, t in inputs.items():
         if t is None:

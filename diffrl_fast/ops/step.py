@@ -20,8 +20,8 @@ import torch
 
 from . import backends
 from ._fused import step_sq
-from ._problem import N_COEF, acc_dtype
-from ._validate import check_latents, check_reduction, per_row, raise_if_nonfinite
+from ._problem import COEF_LIMIT, N_COEF, acc_dtype
+from ._validate import all_finite, check_latents, check_reduction, data_checks_enabled, per_row, raise_if_nonfinite
 
 Coef = Union[float, torch.Tensor]
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -47,15 +47,25 @@ class X0Clip(NamedTuple):
 
 
 def _pack(lead, device, dtype, a, b, g, clip_x0: Optional[X0Clip]) -> torch.Tensor:
-    cols = [per_row("a", a, lead, device, dtype), per_row("b", b, lead, device, dtype), per_row("g", g, lead, device, dtype)]
-    if clip_x0 is None:
-        cols += [torch.zeros_like(cols[0])] * 4
-    else:
-        if not isinstance(clip_x0, X0Clip):
-            raise ValueError(f"clip_x0 must be an X0Clip or None, got {type(clip_x0).__name__}")
-        cols += [per_row(f"clip_x0.{f}", getattr(clip_x0, f), lead, device, dtype, positive=(f == "limit")) for f in X0Clip._fields]
+    """The [N, 7] coefficient matrix (a, b, g, m0, cx, ce, limit), validated with one data check."""
+    if clip_x0 is None and all(isinstance(v, float) and not isinstance(v, bool) for v in (a, b, g)):
+        # all scalars (gaussian_logprob, gaussian_kl, unbatched steps): one small tensor, no per-column ops
+        for name, v in (("a", a), ("b", b), ("g", g)):
+            per_row(name, v, torch.Size([0]), device, dtype)  # validation only (finite)
+        return torch.tensor([a, b, g, 0.0, 0.0, 0.0, 0.0], dtype=dtype, device=device).repeat(lead.numel(), 1)
+    if clip_x0 is not None and not isinstance(clip_x0, X0Clip):
+        raise ValueError(f"clip_x0 must be an X0Clip or None, got {type(clip_x0).__name__}")
+    named = [("a", a, False), ("b", b, False), ("g", g, False)]
+    if clip_x0 is not None:
+        named += [(f"clip_x0.{f}", getattr(clip_x0, f), f == "limit") for f in X0Clip._fields]
+    cols = [per_row(n, v, lead, device, dtype, positive=pos, check_data=False) for n, v, pos in named]
+    cols += [torch.zeros_like(cols[0])] * (N_COEF - len(cols))
     coef = torch.stack(cols, dim=1)
-    assert coef.shape[1] == N_COEF
+    if data_checks_enabled() and coef.numel():
+        ok = all_finite(coef) and (clip_x0 is None or float(coef[:, COEF_LIMIT].min()) > 0)
+        if not ok:  # rare: name the culprit with the per-column checks
+            for n, v, pos in named:
+                per_row(n, v, lead, device, dtype, positive=pos)
     return coef
 
 
@@ -122,7 +132,7 @@ def std_rows(s: Coef, template: torch.Tensor, latent_dims: int) -> torch.Tensor:
     """std as a tensor of the leading shape that keeps autograd to a tensor std."""
     lead = template.shape[: template.dim() - latent_dims]
     dtype = acc_dtype(template.dtype)
-    per_row("s", s, lead, template.device, dtype, positive=True)  # validation only
+    per_row("s", s, lead, template.device, dtype, positive=True)  # validation (one fused check for a tensor)
     if isinstance(s, torch.Tensor):
         return torch.broadcast_to(s.to(device=template.device, dtype=dtype), lead)
     return torch.full(lead, float(s), dtype=dtype, device=template.device)
