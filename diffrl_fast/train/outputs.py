@@ -136,7 +136,8 @@ class RunLogger:
         plt.close(fig)
 
     def save_eval(self, tag: str, rewards: torch.Tensor, images: torch.Tensor) -> dict:
-        stats = {"n": int(rewards.numel()), "mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False))}
+        stats = {"n": int(rewards.numel()), "mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),
+                 "rewards": [round(float(r), 6) for r in rewards]}
         (self.run_dir / f"eval_{tag}.json").write_text(json.dumps(stats))
         if images.numel():
             image_grid(images, self.run_dir / f"grid_{tag}.png", scale=4 if images.shape[-1] <= 32 else 1)
@@ -176,13 +177,21 @@ def save_final_weights(model, run_dir: Path) -> Path:
     return out
 
 
+def _paired_change(before: dict, after: dict) -> str:
+    """The mean change over the same seeds with its standard error (paired samples)."""
+    d = torch.tensor(after["rewards"]) - torch.tensor(before["rewards"])
+    se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
+    return f"Change: {float(d.mean()):+.4f} ± {se:.4f} (mean of the per-seed differences ± its standard error)."
+
+
 def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict], after: Optional[dict],
                   weights: Path, wall_s: float) -> dict:
     run_dir = Path(run_dir)
     train_time = sum(r["sample_time_s"] + r["train_time_s"] for r in records)
+    brief = lambda e: None if e is None else {k: v for k, v in e.items() if k != "rewards"}  # noqa: E731
     summary = {"name": cfg.name, "algo": cfg.algo, "model": cfg.model.path, "reward": cfg.reward.name,
                "epochs": len(records), "samples": sum(r["samples"] for r in records), "training_wall_s": round(train_time, 1),
-               "wall_s": round(wall_s, 1), "before": before, "after": after, "weights": str(weights)}
+               "wall_s": round(wall_s, 1), "before": brief(before), "after": brief(after), "weights": str(weights)}
     lines = [f"# {cfg.name}", "",
              f"- algorithm: `{cfg.algo}`, model: `{cfg.model.path}` ({'LoRA r=' + str(cfg.model.lora_rank) if cfg.model.lora else 'full fine-tuning'}), reward: `{cfg.reward.name}`",
              f"- {len(records)} epochs, {summary['samples']} trajectories of {cfg.sample.num_steps} steps, "
@@ -192,7 +201,7 @@ def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict
                   "| | mean | std |", "| --- | --- | --- |",
                   f"| before | {before['mean']:+.4f} | {before['std']:.4f} |",
                   f"| after | {after['mean']:+.4f} | {after['std']:.4f} |",
-                  "", f"Change: {after['mean'] - before['mean']:+.4f} ({(after['mean'] - before['mean']) / max(before['std'], 1e-12):+.2f} before-std).",
+                  "", _paired_change(before, after),
                   "", "![before](grid_before.png) ![after](grid_after.png)", "", "![reward curve](reward_curve.png)"]
     lines += ["", f"Weights: `{weights}`"]
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
