@@ -4,6 +4,7 @@
     diffrl-fast sample --run runs/NAME        images from a trained run (or --model for a base model)
     diffrl-fast eval --run runs/NAME --reward R   mean and std of rewards over N fixed-seed samples
     diffrl-fast pretrain digits               retrain the digits world's shipped weights
+    diffrl-fast label --prompt P --pairs N    record human preferences for D3PO
     diffrl-fast check-parity --model PATH   rollout vs training-recompute log-prob parity on your model
     diffrl-fast bench ops [--quick]         fused-op benchmark (benchmarks/bench_ops.py)
     diffrl-fast experiment algos            every algorithm on the digits world, 3 seeds (benchmarks/bench_algos.py)
@@ -38,6 +39,7 @@ COMMANDS = {
     "sample": "diffrl_fast.commands.sample",
     "eval": "diffrl_fast.commands.evaluate",
     "pretrain": "diffrl_fast.commands.pretrain",
+    "label": "diffrl_fast.commands.label",
     "check-parity": "diffrl_fast.commands.parity",
     "bench": "diffrl_fast.commands.bench",
     "experiment": "diffrl_fast.commands.experiment",

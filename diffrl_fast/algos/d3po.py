@@ -62,6 +62,12 @@ class D3PO(Algorithm):
         self.samples_per_prompt = c.samples_per_prompt
         self.labels = read_preferences(c.preferences) if c.preferences else None
         if self.labels is not None:
+            mine = {"model": cfg.model.path, "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale,
+                    "eta": cfg.sample.eta}
+            differ = {k: (self.labels.get(k), v) for k, v in mine.items() if k in self.labels and self.labels[k] != v}
+            if differ:
+                raise ValueError(f"d3po.preferences {c.preferences} was labelled with other settings than this run "
+                                 f"(file, config): {differ}; the images would not be the ones judged")
             self.samples_per_prompt = 2
             self.sample_with_reference = True  # the human saw the pretrained model's images: regenerate exactly those
 

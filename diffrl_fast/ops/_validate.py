@@ -54,7 +54,7 @@ def all_finite(t: torch.Tensor) -> bool:
     A NaN or inf anywhere makes the sum non-finite; a finite tensor whose sum overflows (entries ~1e38)
     is reported as non-finite too, which is as much a sign of trouble.
     """
-    return t.numel() == 0 or math.isfinite(float(t.sum()))
+    return t.numel() == 0 or math.isfinite(float(t.detach().sum()))
 
 
 def check_reduction(reduction: str) -> None:
