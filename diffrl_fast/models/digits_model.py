@@ -38,7 +38,7 @@ class DigitsModel(DiffusionModel):
         return [{"class_id": DigitPromptEncoder.parse_prompt(p)} for p in prompts]
 
     def predict(self, x, t, cond):
-        return self.denoiser(x, t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
+        return self.net(x, t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
 
     @torch.no_grad()
     def decode(self, latents):

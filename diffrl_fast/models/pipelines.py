@@ -40,6 +40,16 @@ class DiffusionModel:
         self.cache_size = 4096
         self.ref_denoiser: Optional[nn.Module] = None  # frozen copy for full fine-tuning
         self.lora = False
+        # what forward calls go through: the denoiser itself, or its DDP / DeepSpeed wrapper
+        self.forward_module: Optional[nn.Module] = None
+        self._in_frozen_reference = False
+
+    @property
+    def net(self) -> nn.Module:
+        """The module to call for a forward: the training wrapper, unless the frozen reference is active."""
+        if self.forward_module is not None and not self._in_frozen_reference:
+            return self.forward_module
+        return self.denoiser
 
     @property
     def device(self) -> torch.device:
@@ -151,10 +161,12 @@ class DiffusionModel:
             policy = self.denoiser
             device = self.device
             self.denoiser = self.ref_denoiser.to(device)
+            self._in_frozen_reference = True
             try:
                 yield
             finally:
                 self.denoiser = policy
+                self._in_frozen_reference = False
         else:
             raise ValueError("no reference policy: call add_lora() (reference = adapter off) or keep_reference_copy() first")
 
@@ -201,7 +213,7 @@ class StableDiffusionModel(DiffusionModel):
         return Conditioning(embeds)
 
     def predict(self, x, t, cond):
-        return self.denoiser(x, t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
+        return self.net(x, t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
 
     @torch.no_grad()
     def decode(self, latents):
@@ -242,7 +254,7 @@ class StableDiffusionXLModel(DiffusionModel):
 
     def predict(self, x, t, cond):
         added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-        return self.denoiser(x, t, encoder_hidden_states=cond.hidden, added_cond_kwargs=added, return_dict=False)[0]
+        return self.net(x, t, encoder_hidden_states=cond.hidden, added_cond_kwargs=added, return_dict=False)[0]
 
     @torch.no_grad()
     def decode(self, latents):
@@ -275,8 +287,8 @@ class StableDiffusion3Model(DiffusionModel):
         return Conditioning(embeds, pooled)
 
     def predict(self, x, t, cond):
-        return self.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden,
-                             pooled_projections=cond.pooled, return_dict=False)[0]
+        return self.net(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden,
+                        pooled_projections=cond.pooled, return_dict=False)[0]
 
     def sampling_kwargs(self) -> dict:
         cfg = self.scheduler.config

@@ -47,8 +47,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, weights: dict[str, torch.Tensor], optimizer_state: dict,
-                    state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``epoch`` atomically and point ``latest`` at it; keep the newest ``keep``."""
+                    state: dict[str, Any], keep: int = 2, extra_dirs: Optional[dict[str, Path]] = None) -> Path:
+    """Write checkpoint ``epoch`` atomically and point ``latest`` at it; keep the newest ``keep``.
+
+    ``extra_dirs`` maps names to folders already written elsewhere (DeepSpeed's sharded state) that move
+    into the checkpoint before it is published.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"epoch_{epoch:04d}"
@@ -64,6 +68,12 @@ def save_checkpoint(run_dir: Path, epoch: int, weights: dict[str, torch.Tensor],
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    for name, folder in (extra_dirs or {}).items():
+        for f in Path(folder).rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.replace(folder, tmp / name)
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)

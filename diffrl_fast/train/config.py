@@ -114,6 +114,13 @@ class GRPOConfig:
 
 
 @dataclass
+class DistConfig:
+    engine: str = option("auto", "'auto' (DDP when launched with several processes), 'none', 'ddp' or 'deepspeed' (ZeRO-2/3).")
+    deepspeed_config: str = option("", "DeepSpeed JSON for ZeRO stage and offload (configs/deepspeed_zero2.json, deepspeed_zero3.json); optimiser, learning rate, clipping and batch sizes come from this config.")
+    timeout_s: float = option(600.0, "Seconds a collective waits for a missing process before the run fails instead of hanging.")
+
+
+@dataclass
 class LogConfig:
     eval_samples: int = option(256, "Fixed-seed samples scored before and after training for summary.md (0 disables).")
     grid_samples: int = option(32, "Images in the before/after grids (same seeds).")
@@ -140,6 +147,7 @@ class Config:
     dense: DenseConfig = field(default_factory=DenseConfig, metadata={"help": "The dense-reward view (algo=dense)."})
     tdpo: TDPOConfig = field(default_factory=TDPOConfig, metadata={"help": "TDPO / TDPO-R critic (algo=tdpo, tdpo_r; also dpok.value_baseline)."})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Group-relative advantages (algo=grpo)."})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "Distributed training (torchrun / deepspeed launchers)."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging, evaluation and outputs."})
 
 
@@ -182,6 +190,8 @@ def validate(cfg: Config) -> Config:
     need(a.buffer_size >= 1 and 1 <= a.min_count <= a.buffer_size, "advantage.min_count must be in [1, advantage.buffer_size]")
     need(bool(cfg.prompts) or bool(cfg.prompt_file), "no prompts: set `prompts` or `prompt_file`")
     need(cfg.log.eval_samples >= 0 and cfg.log.grid_samples >= 0, "log.eval_samples and log.grid_samples must be >= 0")
+    need(cfg.dist.engine in ("auto", "none", "ddp", "deepspeed"), f"dist.engine must be auto, none, ddp or deepspeed, got {cfg.dist.engine!r}")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
     G = samples_per_prompt(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
     need(s.batch_size % G == 0 and t.batch_size % G == 0,

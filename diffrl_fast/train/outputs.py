@@ -85,8 +85,8 @@ class RunLogger:
             except ImportError:
                 self.tb = None
 
-    def bars(self) -> _Bars:
-        return _Bars(self.cfg.log.progress, self.cfg)
+    def bars(self, enabled: bool = True) -> _Bars:
+        return _Bars(enabled and self.cfg.log.progress, self.cfg)
 
     def records(self) -> list[dict]:
         if not self.metrics_path.exists():

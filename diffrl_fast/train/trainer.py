@@ -1,22 +1,24 @@
 """The one trainer loop: sample -> reward -> advantages -> inner epochs over packed timestep chunks -> step -> log.
 
 Per epoch:
- 1. Rollout: ``sample.num_batches_per_epoch`` batches of trajectories (prompts drawn uniformly, seeds
-    derived from (seed, epoch)); each batch's rewards are computed in a background thread while the
-    next batch samples (``reward.overlap``).
+ 1. Rollout: ``sample.num_batches_per_epoch`` batches of trajectories per process (prompts drawn
+    uniformly, ``samples_per_prompt`` adjacent samples each, seeds derived from (seed, epoch, rank));
+    each batch's rewards are computed in a background thread while the next batch samples
+    (``reward.overlap``). Rewards and per-prompt statistics are global across processes.
  2. The algorithm turns trajectories and rewards into what its loss needs (advantages, pairs, ...).
- 3. For each inner epoch: shuffle the samples, draw each sample's trained timesteps (a random subset of
-    its stochastic steps), cut minibatches of ``train.batch_size`` samples, and walk each minibatch in
-    chunks of K timesteps: one packed denoiser forward, the fused loss, backward scaled by the chunk's
-    share of the rows of the optimiser step. Step after ``gradient_accumulation_steps`` minibatches;
-    a step with non-finite gradients is skipped and counted.
- 4. Log one line and a metrics.jsonl record; checkpoint atomically.
+ 3. For each inner epoch: order the samples, pick each sample's trained timesteps, cut minibatches of
+    ``train.batch_size`` samples, and walk each minibatch in chunks of K timesteps: one packed denoiser
+    forward, the fused loss, backward scaled by the chunk's share of the rows of the optimiser step.
+    Step after ``gradient_accumulation_steps`` minibatches; a step with non-finite gradients is skipped
+    and counted, and too many in a row stop the run with a checkpoint.
+ 4. Log one line and a metrics.jsonl record (main process); checkpoint atomically.
 
-Every random choice comes from a generator seeded by (seed, epoch, purpose), so a resumed run repeats
-exactly what the uninterrupted run would have done.
+Every random choice comes from a generator seeded by (seed, epoch, purpose[, rank]), so a resumed run
+repeats exactly what the uninterrupted run would have done.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +36,7 @@ from ..utils.memory import PeakMemory
 from .advantages import PerPromptStatTracker, normalize
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
+from .distributed import DistContext, init_distributed, make_engine
 from .outputs import RunLogger, save_final_weights, write_summary
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,6 +45,10 @@ EVAL_SEED_BASE = 1_000_000_007
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. too many non-finite steps in a row); a checkpoint was written."""
+
+
+class Interrupted(Exception):
+    """Raised inside an epoch when a stop was requested: the epoch is abandoned, the last checkpoint stands."""
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -66,16 +73,24 @@ def read_prompts(cfg: Config) -> list[str]:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, model=None, reward_fn: Optional[Callable] = None,
-                 device: Optional[str] = None, log_fn: Callable[[str], None] = print) -> None:
+                 device: Optional[str] = None, log_fn: Callable[[str], None] = print,
+                 ctx: Optional[DistContext] = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.log_fn = log_fn
+        self.ctx = ctx if ctx is not None else init_distributed(cfg.dist.engine, cfg.dist.timeout_s)
+        if device is None:
+            device = f"cuda:{self.ctx.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.log_fn = log_fn if self.ctx.is_main else (lambda s: None)
         self.prompts = read_prompts(cfg)
+        if self.ctx.active and cfg.reward.drop_nonfinite:
+            raise ValueError("reward.drop_nonfinite changes the samples per process, which several processes cannot do "
+                             "in lockstep; fix the reward or run with one process")
         torch.manual_seed(cfg.seed)
         self.algo = make_algorithm(cfg)
         self.reward_fn = reward_fn if reward_fn is not None else get_reward(cfg.reward.name, **cfg.reward.kwargs)
         self.tracked = {name: get_reward(name) for name in cfg.reward.track}
+        self.tracked_means: dict[str, float] = {}
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
         m = cfg.model
         if m.lora:
@@ -89,20 +104,22 @@ class Trainer:
         self.params = self.model.trainable_parameters()
         if not self.params:
             raise ValueError("the model has no trainable parameters (check model.lora_targets)")
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                           weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        self.engine = make_engine(self.model, self.params, cfg, self.ctx)
         self.autocast_dtype = AUTOCAST[m.mixed_precision]
         a = cfg.advantage
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.per_prompt_stat_tracking else None
         self.epoch = 0  # epochs completed
-        self.skipped_steps = 0
         self.nonfinite_in_row = 0
         self.max_nonfinite_in_row = 5
         self.dropped_samples = 0
+        self.skipped_before = 0  # skipped steps of earlier sessions (resumed)
         self.memory = PeakMemory(self.device)
-        self.logger = RunLogger(self.run_dir, cfg)
+        self.logger = RunLogger(self.run_dir, cfg, print_fn=self.log_fn)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if cfg.reward.overlap else None
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.skipped_before + self.engine.skipped
 
     def generator(self, *key: int) -> torch.Generator:
         """An independent generator for (epoch, purpose, ...) of this run's seed: same draws on resume."""
@@ -112,16 +129,30 @@ class Trainer:
     def identity(self) -> dict:
         m = self.cfg.model
         return {"model": m.path, "algo": self.cfg.algo, "lora": m.lora, "lora_rank": m.lora_rank if m.lora else None,
-                "lora_targets": list(m.lora_targets) if m.lora else None}
+                "lora_targets": list(m.lora_targets) if m.lora else None, "engine": self.engine.kind,
+                "world_size": self.ctx.world_size}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.model.denoiser.named_parameters() if p.requires_grad}
+        return {n: p.detach().clone() for n, p in self.model.denoiser.named_parameters() if p.requires_grad}
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        """Checkpoint the end of epoch ``self.epoch``; collective when there are several processes."""
         state = {"identity": self.identity(), "tracker": self.tracker.state_dict() if self.tracker else None,
                  "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples}
-        return save_checkpoint(self.run_dir, self.epoch, self.trainable_state(),
-                               {"policy": self.optimizer.state_dict(), "algo": self.algo.state_dict()}, state)
+        deepspeed = self.engine.kind == "deepspeed"
+        with (self.engine.gathered() if deepspeed else contextlib.nullcontext()):
+            weights = self.trainable_state() if self.ctx.is_main else {}
+        optimizer = None if deepspeed else self.engine.optimizer_state()
+        path = None
+        if deepspeed:  # every process writes its optimiser/parameter shards; the main process finalises
+            staged = self.run_dir / "checkpoints" / f".ds_epoch_{self.epoch:04d}"
+            self.engine.engine.save_checkpoint(str(staged), tag="state")
+            self.ctx.barrier()
+        if self.ctx.is_main:
+            path = save_checkpoint(self.run_dir, self.epoch, weights, {"policy": optimizer, "algo": self.algo.state_dict()},
+                                   state, extra_dirs={"deepspeed": staged} if deepspeed else None)
+        self.ctx.barrier()
+        return path
 
     def resume(self) -> bool:
         """Load the run's latest checkpoint; False when there is none yet."""
@@ -134,15 +165,18 @@ class Trainer:
         if set(weights) != names:
             raise ValueError(f"checkpoint {path} holds other weights than this model trains "
                              f"({len(set(weights) ^ names)} names differ, e.g. {sorted(set(weights) ^ names)[:3]})")
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w)
-        self.optimizer.load_state_dict(opt_state["policy"])
+        if self.engine.kind == "deepspeed":
+            self.engine.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        else:
+            with torch.no_grad():
+                for n, w in weights.items():
+                    params[n].copy_(w)
+            self.engine.load_optimizer_state(opt_state["policy"])
         self.algo.load_state_dict(opt_state["algo"])
         if self.tracker is not None and state.get("tracker"):
             self.tracker.load_state_dict(state["tracker"])
         self.epoch = int(state["epoch"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_before = int(state.get("skipped_steps", 0))
         self.dropped_samples = int(state.get("dropped_samples", 0))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -173,7 +207,7 @@ class Trainer:
 
     def sample_epoch(self, epoch: int, bar=None) -> tuple[Trajectory, torch.Tensor]:
         s = self.cfg.sample
-        g = _generator(self.cfg.seed, epoch, 1)
+        g = _generator(self.cfg.seed, epoch, 1, self.ctx.rank)
         trajs: list[Trajectory] = []
         pending: list[Future | torch.Tensor] = []
         G = self.algo.samples_per_prompt
@@ -192,8 +226,10 @@ class Trainer:
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
         rewards = torch.cat([p.result() if isinstance(p, Future) else p for p in pending])
         traj = Trajectory.cat(trajs)
-        self.tracked_means = {f"track_{name}": float(check_rewards(name, fn(traj.images, traj.prompts, traj.metadata)[0], len(traj)).mean())
-                              for name, fn in self.tracked.items()}
+        self.tracked_means = {}
+        for name, fn in self.tracked.items():
+            local = check_rewards(name, fn(traj.images, traj.prompts, traj.metadata)[0], len(traj))
+            self.tracked_means[f"track_{name}"] = float(self._gather_rewards(local).mean())
         if self.cfg.reward.drop_nonfinite:
             keep = torch.isfinite(rewards)
             if not bool(keep.all()):
@@ -203,28 +239,33 @@ class Trainer:
                 traj, rewards = traj.index(torch.nonzero(keep).flatten()), rewards[keep]
         return traj, rewards
 
+    def _gather_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(r) for r in self.ctx.all_gather_object(rewards.tolist())]) if self.ctx.active else rewards
+
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
-        return self.tracker.update(prompts, rewards) if self.tracker is not None else normalize(rewards)
+        """Advantages of this process's samples from statistics over all processes' samples."""
+        if not self.ctx.active:
+            return self.tracker.update(prompts, rewards) if self.tracker is not None else normalize(rewards)
+        parts = self.ctx.all_gather_object((list(prompts), rewards.tolist()))
+        all_prompts = [p for ps, _ in parts for p in ps]
+        all_rewards = torch.tensor([r for _, rs in parts for r in rs])
+        adv = self.tracker.update(all_prompts, all_rewards) if self.tracker is not None else normalize(all_rewards)
+        start = sum(len(ps) for ps, _ in parts[: self.ctx.rank])
+        return adv[start:start + len(prompts)]
 
     # ---- optimisation --------------------------------------------------------------------------
     def _optimizer_step(self) -> float:
-        max_norm = self.cfg.train.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        norm = float(grad_norm)
+        norm = self.engine.step()
         if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
             self.nonfinite_in_row += 1
             if self.nonfinite_in_row >= self.max_nonfinite_in_row:
                 raise TrainingError(f"{self.nonfinite_in_row} optimiser steps in a row had non-finite gradients; "
                                     f"stopping (the last good checkpoint is in {self.run_dir / 'checkpoints'})")
-            return float("nan")
-        self.nonfinite_in_row = 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.nonfinite_in_row = 0
         return norm
 
-    def train_epoch(self, epoch: int, traj: Trajectory, data, bar=None) -> dict[str, float]:
+    def train_epoch(self, epoch: int, traj: Trajectory, data, bar=None, stop_flag: Callable[[], bool] = lambda: False) -> dict[str, float]:
         t = self.cfg.train
         self.model.denoiser.train()
         steps = trainable_steps(traj)
@@ -234,27 +275,31 @@ class Trainer:
         rows_seen = 0
         grad_norms = []
         for inner in range(t.num_inner_epochs):
-            g = _generator(self.cfg.seed, epoch, 2, inner)
+            g = _generator(self.cfg.seed, epoch, 2, inner, self.ctx.rank)
             perm = self.algo.sample_order(B, data, g)
             order = self.algo.step_order(B, steps, n_train, g)
             minibatches = list(perm.split(t.batch_size))
             for first in range(0, len(minibatches), t.gradient_accumulation_steps):
+                if stop_flag():
+                    raise Interrupted()
                 group = minibatches[first:first + t.gradient_accumulation_steps]
                 group_rows = sum(len(mb) for mb in group) * n_train
-                for mb in group:
+                for gi, mb in enumerate(group):
                     ctx = self.algo.begin_minibatch(self, traj, mb, order[mb], data)
                     for k0 in range(0, n_train, K):
-                        chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device)
-                        loss, stats = self.algo.chunk_loss(self, chunk, data, ctx)
-                        rows = chunk.step_idx.numel()
-                        (loss * (rows / group_rows)).backward()
+                        boundary = gi == len(group) - 1 and k0 + K >= n_train
+                        with self.engine.micro_step(boundary):
+                            chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device)
+                            loss, stats = self.algo.chunk_loss(self, chunk, data, ctx)
+                            rows = chunk.step_idx.numel()
+                            self.engine.backward(loss * (rows / group_rows))
                         rows_seen += rows
                         for k, v in {"loss": loss, **stats}.items():
                             totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * rows
                         if bar is not None:
                             bar.update(rows)
                 grad_norms.append(self._optimizer_step())
-        out = {k: v / max(rows_seen, 1) for k, v in totals.items()}
+        out = {k: self.ctx.mean(v / max(rows_seen, 1)) for k, v in totals.items()}
         finite = [n for n in grad_norms if math.isfinite(n)]
         out["grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
         out["optimizer_steps"] = len(grad_norms)
@@ -263,29 +308,43 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards and images of n fixed-seed samples (prompts round-robin), the same before and after training."""
+        """Rewards and images of n fixed-seed samples (prompts round-robin), the same before and after training.
+
+        With several processes each takes every world_size-th sample (all run the same number of
+        forwards, as ZeRO-3 requires); the images returned are the main process's.
+        """
         self.model.denoiser.eval()
+        W, r = self.ctx.world_size, self.ctx.rank
+        per_rank = math.ceil(n / W)
+        ids = [r + W * i for i in range(per_rank)]  # ids >= n are padding, dropped below
         rewards, images = [], []
         bs = self.cfg.sample.batch_size
-        for start in range(0, n, bs):
-            ids = list(range(start, min(start + bs, n)))
-            traj = self._sample([self.prompts[i % len(self.prompts)] for i in ids], [EVAL_SEED_BASE + i for i in ids])
+        for start in range(0, per_rank, bs):
+            chunk = ids[start:start + bs]
+            traj = self._sample([self.prompts[i % len(self.prompts)] for i in chunk], [EVAL_SEED_BASE + i for i in chunk])
             rewards.append(self._score(traj))
             images.append(traj.images[: max(0, self.cfg.log.grid_samples - start)].cpu())
-        return torch.cat(rewards), torch.cat(images)
+        local = torch.cat(rewards)
+        if W > 1:
+            gathered = self.ctx.all_gather_object(local.tolist())
+            by_id = {rank + W * i: v for rank, vals in enumerate(gathered) for i, v in enumerate(vals)}
+            local = torch.tensor([by_id[i] for i in range(n)])
+        return local, torch.cat(images)
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self, *, stop_flag: Callable[[], bool] = lambda: False) -> dict:
         cfg = self.cfg
-        self.logger.start()
+        main = self.ctx.is_main
+        if main:
+            self.logger.start()
         if self.epoch == 0:
             self.save()  # a checkpoint of the starting point: an interrupted first epoch resumes from here
         start = time.perf_counter()
         before = self.logger.load_eval("before")
         if before is None and cfg.log.eval_samples:
             rewards, images = self.evaluate(cfg.log.eval_samples)
-            before = self.logger.save_eval("before", rewards, images)
-        bars = self.logger.bars()
+            before = self.logger.save_eval("before", rewards, images) if main else None
+        bars = self.logger.bars(enabled=main)
         while self.epoch < cfg.num_epochs:
             if stop_flag():
                 return {"interrupted": True, "epoch": self.epoch}
@@ -297,33 +356,39 @@ class Trainer:
                 traj, rewards = self.sample_epoch(epoch, bar)
             t1 = time.perf_counter()
             data = self.algo.prepare(self, traj, rewards)
-            with bars.training(epoch, len(traj) * max(1, round(cfg.train.timestep_fraction * trainable_steps(traj).numel()))
-                               * cfg.train.num_inner_epochs) as bar:
-                stats = self.train_epoch(epoch, traj, data, bar)
-            t2 = time.perf_counter()
-            if stop_flag():
+            try:
+                with bars.training(epoch, len(traj) * max(1, round(cfg.train.timestep_fraction * trainable_steps(traj).numel()))
+                                   * cfg.train.num_inner_epochs) as bar:
+                    stats = self.train_epoch(epoch, traj, data, bar, stop_flag)
+            except Interrupted:
                 return {"interrupted": True, "epoch": self.epoch}
+            t2 = time.perf_counter()
             stats.update(data.extra.get("log", {}) if data is not None else {})
             stats.update(self.tracked_means)
             stats.update(self.algo.after_epoch(self, epoch))
             self.epoch += 1
+            all_rewards = self._gather_rewards(rewards)
+            n_global = len(traj) * self.ctx.world_size
             record = {
-                "epoch": self.epoch, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-                **stats, "samples": len(traj), "sample_time_s": t1 - t0, "train_time_s": t2 - t1,
-                "samples_per_s": len(traj) / (t2 - t0), "rollout_samples_per_s": len(traj) / (t1 - t0),
-                "train_samples_per_s": len(traj) * cfg.train.num_inner_epochs / max(t2 - t1, 1e-9),
+                "epoch": self.epoch, "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
+                **stats, "samples": n_global, "sample_time_s": t1 - t0, "train_time_s": t2 - t1,
+                "samples_per_s": n_global / (t2 - t0), "rollout_samples_per_s": n_global / (t1 - t0),
+                "train_samples_per_s": n_global * cfg.train.num_inner_epochs / max(t2 - t1, 1e-9),
                 "peak_mem_mb": self.memory.peak_mb(), "skipped_steps": self.skipped_steps,
                 "dropped_samples": self.dropped_samples,
             }
-            self.logger.log_epoch(record)
+            if main:
+                self.logger.log_epoch(record)
             self.save()
         wall = time.perf_counter() - start
         after = None
         if cfg.log.eval_samples:
             rewards, images = self.evaluate(cfg.log.eval_samples)
-            after = self.logger.save_eval("after", rewards, images)
-        weights_path = save_final_weights(self.model, self.run_dir)
-        summary = write_summary(self.run_dir, cfg, self.logger.records(), before, after, weights_path, wall)
+            after = self.logger.save_eval("after", rewards, images) if main else None
+        with (self.engine.gathered() if self.engine.kind == "deepspeed" else contextlib.nullcontext()):
+            weights_path = save_final_weights(self.model, self.run_dir) if main else None
+        summary = write_summary(self.run_dir, cfg, self.logger.records(), before, after, weights_path, wall) if main else {}
+        self.ctx.barrier()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         return summary

@@ -1,0 +1,238 @@
+"""Processes and optimisation engines: one process, DDP, or DeepSpeed ZeRO-2/3.
+
+Launch with ``torchrun --nproc_per_node N -m diffrl_fast train ...`` or ``deepspeed --num_gpus N -m
+diffrl_fast train ...``; the environment (RANK, WORLD_SIZE, LOCAL_RANK) says how many processes there are.
+
+``Engine`` is what the trainer calls, whatever runs underneath:
+
+    with engine.micro_step(boundary):      # boundary: the last backward before an optimiser step
+        loss = ...                          # forward through model.forward_module
+        engine.backward(loss)
+    grad_norm = engine.step()               # clip, step (or skip a non-finite step), zero grads
+
+- "none": torch AdamW, gradient clipping, non-finite steps skipped and counted.
+- "ddp": the denoiser wrapped in DistributedDataParallel; gradients are averaged across processes only at
+  the boundary (``no_sync`` for the other micro-steps).
+- "deepspeed": a DeepSpeed engine built from ``dist.deepspeed_config`` (ZeRO stage, offload, ...) with the
+  optimiser, learning rate and clipping of our config; DeepSpeed shards optimiser state (ZeRO-2) and
+  parameters (ZeRO-3) and gathers sharded parameters for every forward, sampling included.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors of all processes along dim 0 (rank order)."""
+        if not self.active:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def all_gather_object(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def broadcast_object(self, obj):
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_distributed(engine: str, timeout_s: float = 600.0) -> DistContext:
+    """Join the process group described by the environment (no-op for a single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        from datetime import timedelta
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        if engine == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return DistContext(rank, world, local)
+
+
+class Engine:
+    """Plain single-process optimisation (see module docstring for the interface)."""
+
+    kind = "none"
+
+    def __init__(self, model, params, cfg, ctx: DistContext) -> None:
+        t = cfg.train
+        self.model, self.params, self.cfg, self.ctx = model, params, cfg, ctx
+        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                           weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        self.skipped = 0
+
+    @contextlib.contextmanager
+    def micro_step(self, boundary: bool) -> Iterator[None]:
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _grad_norm(self) -> float:
+        max_norm = self.cfg.train.max_grad_norm
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
+
+    def step(self) -> float:
+        """One optimiser step; returns the gradient norm before clipping, NaN for a skipped non-finite step."""
+        norm = self._grad_norm()
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return float("nan")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # checkpointing: the trainer writes weights and optimiser state itself for these engines
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class DDPEngine(Engine):
+    kind = "ddp"
+
+    def __init__(self, model, params, cfg, ctx) -> None:
+        super().__init__(model, params, cfg, ctx)
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [ctx.local_rank] if torch.cuda.is_available() else None
+        self.ddp = DistributedDataParallel(model.denoiser, device_ids=device_ids, broadcast_buffers=False)
+        model.forward_module = self.ddp
+
+    @contextlib.contextmanager
+    def micro_step(self, boundary: bool) -> Iterator[None]:
+        with contextlib.nullcontext() if boundary else self.ddp.no_sync():
+            yield
+
+
+def deepspeed_config(cfg, path: Optional[str]) -> dict:
+    """The user's DeepSpeed JSON (ZeRO stage, offload, ...) with optimiser, learning rate, clipping and batch
+    sizes taken from our config, so the two cannot disagree."""
+    user: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"dist.deepspeed_config {p} does not exist (see configs/deepspeed_zero2.json)")
+        user = json.loads(p.read_text())
+    t = cfg.train
+    ds = dict(user)
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size
+    ds["gradient_accumulation_steps"] = 1  # the trainer marks accumulation boundaries itself
+    ds["gradient_clipping"] = t.max_grad_norm if t.max_grad_norm > 0 else 0.0
+    opt = ds.setdefault("optimizer", {"type": "Adam"})
+    opt.setdefault("params", {}).update(lr=t.learning_rate, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_epsilon,
+                                        weight_decay=t.adam_weight_decay)
+    if opt.get("type", "").lower() in ("adam", "adamw"):
+        opt["params"]["adam_w_mode"] = True
+    ds.setdefault("zero_optimization", {"stage": 2})
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    if cfg.model.mixed_precision == "bf16":
+        ds.setdefault("bf16", {"enabled": True})
+    elif cfg.model.mixed_precision == "fp16":
+        ds.setdefault("fp16", {"enabled": True})
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    kind = "deepspeed"
+
+    def __init__(self, model, params, cfg, ctx) -> None:
+        import deepspeed
+
+        self.model, self.params, self.cfg, self.ctx = model, params, cfg, ctx
+        self.skipped = 0
+        self.ds_config = deepspeed_config(cfg, cfg.dist.deepspeed_config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model.denoiser, model_parameters=params, config=self.ds_config)
+        model.forward_module = self.engine
+        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    @contextlib.contextmanager
+    def micro_step(self, boundary: bool) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if not math.isfinite(norm):
+            self.skipped += 1  # DeepSpeed clips and steps; a non-finite norm is counted and logged
+        return norm
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Full (unsharded) trainable parameters inside the block, under ZeRO-3."""
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(self.params, modifier_rank=0):
+                yield
+        else:
+            yield
+
+
+def make_engine(model, params, cfg, ctx: DistContext) -> Engine:
+    kind = cfg.dist.engine
+    if kind == "deepspeed":
+        return DeepSpeedEngine(model, params, cfg, ctx)
+    if kind == "ddp" or (kind == "auto" and ctx.active):
+        return DDPEngine(model, params, cfg, ctx) if ctx.active else Engine(model, params, cfg, ctx)
+    return Engine(model, params, cfg, ctx)
