@@ -1,0 +1,64 @@
+"""Run under torchrun (or as one process) by tests/dist/test_distributed.py.
+
+    python -m tests.dist.driver train  OUT key=value ...   # Trainer.run(), then a fingerprint of the weights per rank
+    python -m tests.dist.driver step   OUT key=value ...   # one optimiser step on a fixed global batch (DDP vs 1 process)
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from diffrl_fast.config_utils import load_config
+from diffrl_fast.diffusion.rollout import sample_trajectories
+from diffrl_fast.train.config import Config, validate
+from diffrl_fast.train.trainer import Trainer
+
+
+def weights(trainer) -> dict:
+    gathered = trainer.engine.gathered() if trainer.engine.kind == "deepspeed" else torch.no_grad()
+    with gathered:
+        return {n: p.detach().double().clone() for n, p in trainer.model.denoiser.named_parameters() if p.requires_grad}
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    cfg = validate(load_config(Config, None, sys.argv[3:]))
+    trainer = Trainer(cfg, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
+    rank = trainer.ctx.rank
+    if mode == "train":
+        if "--resume" in sys.argv or (Path(cfg.output_dir) / cfg.name / "checkpoints").exists():
+            trainer.resume()
+        trainer.run()
+        w = weights(trainer)
+        info = {"rank": rank, "world": trainer.ctx.world_size, "engine": trainer.engine.kind, "epoch": trainer.epoch,
+                "fingerprint": [float(v.sum()) for v in w.values()], "norm": float(sum(v.norm() ** 2 for v in w.values()) ** 0.5)}
+    else:  # one step on the same global batch of 4 trajectories, whatever the number of processes
+        prompts, seeds = ["a cat", "a dog", "a cat", "a dog"], [11, 12, 13, 14]
+        full = sample_trajectories(trainer.model, prompts, num_steps=cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
+                                   seeds=seeds)
+        rewards = torch.tensor([0.5, -1.0, 2.0, 0.1])
+        W = trainer.ctx.world_size
+        n = len(prompts) // W
+        mine = torch.arange(rank * n, (rank + 1) * n)
+        traj = full.index(mine)
+        data = trainer.algo.prepare(trainer, traj, rewards[mine])
+        grads = {}
+        step = trainer.engine.step
+
+        def capture():  # the gradient the optimiser sees (after DDP's averaging), then the real step
+            grads.update({n: p.grad.detach().double().clone() for n, p in trainer.model.denoiser.named_parameters()
+                          if p.requires_grad})
+            return step()
+
+        trainer.engine.step = capture
+        trainer.train_epoch(0, traj, data)
+        w = weights(trainer)
+        info = {"rank": rank, "world": W, "weights": {k: v.flatten()[:64].tolist() for k, v in w.items()},
+                "grads": {k: v.flatten().tolist() for k, v in grads.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
