@@ -29,8 +29,7 @@ class DDPO(Algorithm):
                              adv_clip=self.cfg.train.adv_clip_max)
 
     def chunk_loss(self, trainer, chunk, data, ctx=None):
-        logp = chunk_log_probs(trainer.model, chunk, autocast_dtype=trainer.autocast_dtype,
-                               checkpoint=self.cfg.train.checkpoint_chunks)
+        logp = chunk_log_probs(trainer.model, chunk, autocast_dtype=trainer.autocast_dtype)
         out = self.pg_loss(logp, chunk, data.advantages)
         return out.loss, {"clipfrac": out.clipfrac, "approx_kl": out.approx_kl, "ratio": out.ratio_mean}
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..models.conditioning import Conditioning
 from ..ops import step_logprob
@@ -81,21 +80,15 @@ def step_logprob_of(chunk: Chunk, eps_u: torch.Tensor, eps_c: Optional[torch.Ten
     return logp.reshape(chunk.shape)
 
 
-def chunk_log_probs(model, chunk: Chunk, *, autocast_dtype: Optional[torch.dtype] = None, checkpoint: bool = False,
-                    reduction: str = "mean") -> torch.Tensor:
+def chunk_log_probs(model, chunk: Chunk, *, autocast_dtype: Optional[torch.dtype] = None, reduction: str = "mean") -> torch.Tensor:
     """The policy's log-probs of the chunk's actions, [n, K], differentiable w.r.t. the denoiser.
 
-    ``checkpoint=True`` keeps no activations of the chunk for backward (they are recomputed then), so the
-    memory of a training step does not grow with the number of chunks held before backward.
+    Memory: the trainer backpropagates each chunk right after its forward, so a training step holds the
+    activations of one chunk (n*K rows) at a time, whatever the number of trained timesteps; the
+    denoiser's own gradient checkpointing (``model.gradient_checkpointing``) shrinks that further.
     """
-
-    def run(x):
-        eps_u, eps_c = guided_outputs(model, x, chunk.t, chunk.cond, chunk.uncond, autocast_dtype)
-        return step_logprob_of(chunk, eps_u, eps_c, reduction)
-
-    if checkpoint and torch.is_grad_enabled():
-        return _checkpoint(run, chunk.x, use_reentrant=False)
-    return run(chunk.x)
+    eps_u, eps_c = guided_outputs(model, chunk.x, chunk.t, chunk.cond, chunk.uncond, autocast_dtype)
+    return step_logprob_of(chunk, eps_u, eps_c, reduction)
 
 
 def trainable_steps(traj: Trajectory) -> torch.Tensor:

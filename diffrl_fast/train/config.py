@@ -21,6 +21,7 @@ class ModelConfig:
     lora_alpha: Optional[float] = option(None, "LoRA alpha (scale alpha/r); null means alpha = rank.")
     lora_targets: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "Denoiser modules that get LoRA adapters (attention projections by default).")
     mixed_precision: str = option("no", "Denoiser autocast: 'no' (fp32), 'bf16' or 'fp16'; weights stay fp32 and the log-prob math fp32.")
+    attention: str = option("auto", "Attention kernels: 'auto' (xformers when installed on CUDA, else PyTorch SDPA), 'sdpa' or 'xformers'.")
     gradient_checkpointing: bool = option(False, "The denoiser's own activation checkpointing (diffusers' enable_gradient_checkpointing).")
     reference_device: str = option("", "Full fine-tuning only: device of the frozen reference copy ('' = same as the policy; 'cpu' spares GPU memory).")
 
@@ -53,7 +54,6 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables.")
     clip_range: float = option(1e-3, "PPO ratio clip epsilon of DDPO-IS (DDPO uses 1e-4 for SD's 16384-dim latents; the digits world's 256-dim steps move ratios more).")
     adv_clip_max: float = option(5.0, "Advantages are clipped to [-adv_clip_max, adv_clip_max].")
-    checkpoint_chunks: bool = option(False, "Activation checkpointing per packed timestep chunk (recompute the chunk's forward in backward).")
 
 
 @dataclass
@@ -184,6 +184,7 @@ def validate(cfg: Config) -> Config:
     need(t.learning_rate > 0, "train.learning_rate must be > 0")
     need(t.clip_range > 0 and t.adv_clip_max > 0, "train.clip_range and train.adv_clip_max must be > 0")
     need(cfg.model.mixed_precision in ("no", "bf16", "fp16"), f"model.mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.model.mixed_precision!r}")
+    need(cfg.model.attention in ("auto", "sdpa", "xformers"), f"model.attention must be auto, sdpa or xformers, got {cfg.model.attention!r}")
     need(cfg.model.sampler in ("auto", "ddim", "ddpm"), f"model.sampler must be 'auto', 'ddim' or 'ddpm', got {cfg.model.sampler!r}")
     need(cfg.model.lora_rank >= 1, "model.lora_rank must be >= 1")
     a = cfg.advantage

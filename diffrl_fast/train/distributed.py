@@ -111,15 +111,19 @@ class Engine:
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
         self.skipped = 0
+        # fp16 autocast needs loss scaling against gradient underflow (bf16 does not); weights stay fp32
+        self.scaler = (torch.amp.GradScaler("cuda") if cfg.model.mixed_precision == "fp16" and torch.cuda.is_available() else None)
 
     @contextlib.contextmanager
     def micro_step(self, boundary: bool) -> Iterator[None]:
         yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _grad_norm(self) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm
         return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
 
@@ -128,9 +132,15 @@ class Engine:
         norm = self._grad_norm()
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()  # lowers the loss scale
             self.skipped += 1
             return float("nan")
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

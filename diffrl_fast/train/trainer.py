@@ -71,6 +71,23 @@ def read_prompts(cfg: Config) -> list[str]:
     return list(cfg.prompts)
 
 
+def configure_attention(model, choice: str, device: torch.device) -> str:
+    """Use xformers' memory-efficient attention where asked for (or, with "auto", where it runs: CUDA with
+    xformers installed); PyTorch's scaled_dot_product_attention otherwise (diffusers' default)."""
+    available = device.type == "cuda"
+    if available:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            available = False
+    if choice == "xformers" and not available:
+        raise ValueError("model.attention=xformers needs a CUDA device and `pip install -e '.[gpu]'` (xformers); use sdpa")
+    if choice == "xformers" or (choice == "auto" and available):
+        model.denoiser.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    return "sdpa"
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, model=None, reward_fn: Optional[Callable] = None,
                  device: Optional[str] = None, log_fn: Callable[[str], None] = print,
@@ -101,6 +118,7 @@ class Trainer:
                 self.model.keep_reference_copy(m.reference_device or None)
         if m.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
+        self.attention = configure_attention(self.model, m.attention, self.device)
         self.params = self.model.trainable_parameters()
         if not self.params:
             raise ValueError("the model has no trainable parameters (check model.lora_targets)")
