@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
         print(_usage())
         return 0
     cfg, run_dir, resume = prepare_run(argv)
-    from ..train.trainer import Trainer
+    from ..train.trainer import Trainer, TrainingError
 
     trainer = Trainer(cfg, run_dir)
     if resume and not trainer.resume():
@@ -80,6 +80,11 @@ def main(argv: list[str]) -> int:
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         summary = trainer.run(stop_flag=lambda: stop["signal"] is not None)
+    except TrainingError as exc:
+        print(f"diffrl-fast train: stopped: {exc}\nResume after fixing the cause with: diffrl-fast train "
+              + " ".join(shlex.quote(a) for a in [*[a for a in argv if a not in ('--overwrite', '--resume')], '--resume']),
+              file=sys.stderr)
+        return 1
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -95,9 +96,14 @@ class RunLogger:
 
     def log_epoch(self, record: dict) -> None:
         kept = [r for r in self.records() if r["epoch"] < record["epoch"]]  # a resumed run rewrites later epochs
-        with open(self.metrics_path, "w") as f:
+        # written to a temporary file and renamed: a kill at any moment leaves a complete metrics.jsonl
+        tmp = self.metrics_path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
             for r in kept + [record]:
                 f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metrics_path)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -105,19 +111,20 @@ class RunLogger:
             self.tb.flush()
         r = record
         extra = f"clipfrac {r['clipfrac']:.3f}  approx_kl {r['approx_kl']:.2e}  " if "clipfrac" in r else ""
+        e = record["epoch"]
+        if e <= 20 or e % 10 == 0 or e >= self.cfg.num_epochs:  # matplotlib grows slowly with every figure drawn
+            self.plot_rewards()
         self.print(
             f"epoch {r['epoch']:>3}/{self.cfg.num_epochs}  reward {r['reward_mean']:+.4f} ± {r['reward_std']:.4f}  "
             f"loss {r.get('loss', float('nan')):+.4f}  {extra}grad {r['grad_norm']:.3f}  "
             f"{r['samples_per_s']:.1f} samples/s  peak {r['peak_mem_mb']:.0f} MB"
             + (f"  skipped {r['skipped_steps']}" if r["skipped_steps"] else "")
         )
-        self.plot_rewards()
 
     def plot_rewards(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # matplotlib's object API, not pyplot: pyplot keeps global state that grows a little with every
+        # figure, which a run that redraws its curve every epoch for hours would notice
+        from matplotlib.figure import Figure
 
         recs = self.records()
         if not recs:
@@ -125,7 +132,8 @@ class RunLogger:
         x = [r["epoch"] for r in recs]
         m = [r["reward_mean"] for r in recs]
         s = [r["reward_std"] for r in recs]
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.subplots()
         ax.plot(x, m, marker="o", ms=3)
         ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
         ax.set_xlabel("epoch")
@@ -133,7 +141,6 @@ class RunLogger:
         ax.set_title(f"{self.cfg.name}: {self.cfg.algo}", fontsize=9)
         fig.tight_layout()
         fig.savefig(self.run_dir / "reward_curve.png", dpi=110)
-        plt.close(fig)
 
     def save_eval(self, tag: str, rewards: torch.Tensor, images: torch.Tensor) -> dict:
         stats = {"n": int(rewards.numel()), "mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),

@@ -26,6 +26,19 @@ def main() -> None:
     cfg = validate(load_config(Config, None, sys.argv[3:]))
     trainer = Trainer(cfg, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
     rank = trainer.ctx.rank
+    if mode == "die":  # the second process dies at the start of epoch 2; the launcher must stop the first
+        sample = trainer.sample_epoch
+
+        def sample_or_die(epoch, bar=None):
+            if epoch == 1 and rank == 1:
+                import os
+
+                os._exit(3)
+            return sample(epoch, bar)
+
+        trainer.sample_epoch = sample_or_die
+        trainer.run()
+        return
     if mode == "train":
         if "--resume" in sys.argv or (Path(cfg.output_dir) / cfg.name / "checkpoints").exists():
             trainer.resume()

@@ -67,3 +67,17 @@ def test_ddp_update_equals_single_process_update(sdxl, tmp_path):
     g2 = torch.cat([torch.tensor(pair[0]["grads"][k]) for k in single["grads"]])
     assert g1.abs().max() > 0
     assert (g1 - g2).abs().max() / g1.abs().max() < 1e-4, (g1 - g2).abs().max() / g1.abs().max()
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_others_within_a_bounded_time(sdxl, tmp_path):
+    import time
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 200),
+           "-m", "tests.dist.driver", "die", str(tmp_path / "out"), f"model.path={sdxl}", *TINY, "dist.engine=ddp",
+           "dist.timeout_s=60", "num_epochs=3", f"output_dir={tmp_path}", "name=die"]
+    t0 = time.time()
+    res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - t0
+    assert res.returncode != 0 and elapsed < 200, (res.returncode, elapsed)
+    assert "exitcode  : 3" in res.stderr or "exit code 3" in res.stderr.lower() or "exitcode" in res.stderr
