@@ -93,7 +93,9 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans; our string options say "no"
+            return "yes" if value else "no"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported field type {tp}")
@@ -130,7 +132,12 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _set_dotted(data: dict, key: str, value, cls) -> None:
+def _is_str_field(tp) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
+def _set_dotted(data: dict, key: str, value, cls, raw: Optional[str] = None) -> None:
+    """Set ``key`` (dotted) in ``data``; string fields get the ``raw`` text, not its YAML reading."""
     parts = key.split(".")
     node, node_cls = data, cls
     for i, part in enumerate(parts):
@@ -141,7 +148,7 @@ def _set_dotted(data: dict, key: str, value, cls) -> None:
         if i == len(parts) - 1:
             if _is_config(tp):
                 raise ConfigError(f"{key} is a section, not a value: set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
-            node[part] = value
+            node[part] = raw if raw is not None and _is_str_field(tp) and raw.strip().lower() not in ("null", "~") else value
         else:
             if not _is_config(tp):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key}")
@@ -173,7 +180,7 @@ def load_config(cls, path: Optional[str | Path] = None, overrides: tuple[str, ..
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(data, key.strip(), value, cls)
+        _set_dotted(data, key.strip(), value, cls, raw=raw)
     return from_dict(cls, data)
 
 

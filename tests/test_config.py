@@ -50,6 +50,14 @@ def test_impossible_combinations(override, match):
         validate(load_config(Config, None, override))
 
 
+def test_yaml_booleans_do_not_break_string_options(tmp_path):
+    cfg = load_config(Config, None, ["model.mixed_precision=no", "name=on", "sample.negative_prompt=yes please"])
+    assert cfg.model.mixed_precision == "no" and cfg.name == "on" and cfg.sample.negative_prompt == "yes please"
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  mixed_precision: no\n")
+    assert load_config(Config, f).model.mixed_precision == "no"
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Config, tmp_path / "nope.yaml")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..cli import EXIT_USAGE, UsageError
 
-BENCHES = {"ops": "benchmarks.bench_ops", "memory": "benchmarks.bench_memory"}
+BENCHES = {"ops": "benchmarks.bench_ops", "memory": "benchmarks.bench_memory", "e2e": "benchmarks.bench_e2e"}
 
 
 def _repo_root() -> Path:

@@ -103,15 +103,17 @@ def guided_outputs(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, 
                    autocast_dtype: Optional[torch.dtype] = None):
     """(eps_u, eps_c) of the denoiser on x at per-row timesteps t; one forward of the [uncond; cond] batch.
 
-    Without guidance (uncond None) returns (out, None). Outputs are float32 whatever the denoiser runs in.
+    Without guidance (uncond None) returns (out, None). Outputs are float32 and contiguous whatever the
+    denoiser runs in (a channels_last denoiser returns NHWC-strided outputs; the fused step reads rows in
+    place and needs NCHW).
     """
     dtype = model.dtype
     ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with ctx:
         if uncond is None:
-            return model.predict(x.to(dtype), t, cond).float(), None
+            return model.predict(x.to(dtype), t, cond).float().contiguous(), None
         out = model.predict(torch.cat([x, x]).to(dtype), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
-    eps_u, eps_c = out.float().chunk(2)
+    eps_u, eps_c = out.float().contiguous().chunk(2)
     return eps_u, eps_c
 
 

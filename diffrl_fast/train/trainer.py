@@ -118,6 +118,8 @@ class Trainer:
                 self.model.keep_reference_copy(m.reference_device or None)
         if m.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
+        if m.channels_last:
+            self.model.denoiser.to(memory_format=torch.channels_last)
         self.attention = configure_attention(self.model, m.attention, self.device)
         self.params = self.model.trainable_parameters()
         if not self.params:
