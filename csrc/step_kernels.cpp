@@ -62,6 +62,14 @@ constexpr int kMasks = 64;
 // Without eps there is nothing to guide, clip or compare: masks that set those bits are not instantiated.
 constexpr bool valid_mask(int m) { return (m & kEU) || !(m & (kEC | kREF | kCLIP)); }
 
+// One row's coefficients (a, b, g, m0, cx, ce, limit) and the clipped-branch slopes am = a - m0 cx, bm = b - m0 ce.
+template <typename A>
+struct RowCoefs {
+  A a, b, g, m0, cx, ce, lim, am, bm;
+  explicit RowCoefs(const A* c)
+      : a(c[0]), b(c[1]), g(c[2]), m0(c[3]), cx(c[4]), ce(c[5]), lim(c[6]), am(c[0] - c[3] * c[4]), bm(c[1] - c[3] * c[5]) {}
+};
+
 template <typename T>
 static inline const T* row_ptr(const Rows& t, int64_t r, int64_t n_inner, int64_t start) {
   return static_cast<const T*>(t.ptr) + (r / n_inner) * t.so + (r % n_inner) * t.si + start;
@@ -107,9 +115,8 @@ void fwd_impl(const StepArgs& args, const FwdOut& out) {
     for (int64_t task = 0; task < n_task; ++task) {
       const int64_t r = task / n_chunk, start = (task % n_chunk) * kChunk;
       const int64_t len = std::min(kChunk, D - start);
-      const A* c = coef + r * kCoef;
-      const A a = c[0], b = c[1], g = c[2], m0 = c[3], cx = c[4], ce = c[5], lim = c[6];
-      const A am = a - m0 * cx, bm = b - m0 * ce;
+      const RowCoefs<A> rc(coef + r * kCoef);
+      const A a = rc.a, b = rc.b, g = rc.g, m0 = rc.m0, cx = rc.cx, ce = rc.ce, lim = rc.lim, am = rc.am, bm = rc.bm;
       const T* px = row_ptr<T>(args.x, r, n_inner, start);
       const T* py = Y ? row_ptr<T>(args.y, r, n_inner, start) : nullptr;
       const T* peu = EU ? row_ptr<T>(args.eu, r, n_inner, start) : nullptr;
@@ -176,9 +183,8 @@ void bwd_impl(const StepArgs& args, const BwdIn& in, const BwdOut& out) {
     for (int64_t task = 0; task < n_task; ++task) {
       const int64_t r = task / n_chunk, start = (task % n_chunk) * kChunk;
       const int64_t len = std::min(kChunk, D - start);
-      const A* c = coef + r * kCoef;
-      const A a = c[0], b = c[1], g = c[2], m0 = c[3], cx = c[4], ce = c[5], lim = c[6];
-      const A am = a - m0 * cx, bm = b - m0 * ce;
+      const RowCoefs<A> rc(coef + r * kCoef);
+      const A a = rc.a, b = rc.b, g = rc.g, m0 = rc.m0, cx = rc.cx, ce = rc.ce, lim = rc.lim, am = rc.am, bm = rc.bm;
       const A two_ws = Y ? A(2) * w_ss[r] : A(0), two_wk = REF ? A(2) * w_kk[r] : A(0);
       const A one_minus_g = A(1) - g;
       const T* px = row_ptr<T>(args.x, r, n_inner, start);

@@ -220,21 +220,14 @@ class StableDiffusionModel(DiffusionModel):
         return _vae_decode(self.pipe.vae, latents)
 
 
-class StableDiffusionXLModel(DiffusionModel):
+class StableDiffusionXLModel(StableDiffusionModel):
     """SDXL: two CLIP text encoders, pooled embeddings and micro-conditioning time ids."""
 
     kind = "sdxl"
 
     def __init__(self, pipe) -> None:
-        super().__init__()
-        self.pipe = pipe
-        self.denoiser = pipe.unet
-        self.scheduler = pipe.scheduler
-        c = pipe.unet.config
-        self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
-        self.pixels_per_latent = pipe.vae_scale_factor
-        self.latent_multiple = 2 ** (len(c.block_out_channels) - 1)
-        size = c.sample_size * pipe.vae_scale_factor
+        super().__init__(pipe)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         enc2 = pipe.text_encoder_2
         proj = enc2.config.projection_dim if enc2 is not None else None
         self._time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), torch.float32, text_encoder_projection_dim=proj)

@@ -57,6 +57,14 @@ def _mean(x, eu, ec, a, b, g, m0, cx, ce, lim, HAS_EU: tl.constexpr, HAS_EC: tl.
 
 
 @triton.jit
+def _load_coefs(coef_ptr, row, ACC: tl.constexpr):
+    # the row's (a, b, g, m0, cx, ce, limit), see _problem.py
+    cp = coef_ptr + row * 7
+    return (tl.load(cp + 0).to(ACC), tl.load(cp + 1).to(ACC), tl.load(cp + 2).to(ACC), tl.load(cp + 3).to(ACC),
+            tl.load(cp + 4).to(ACC), tl.load(cp + 5).to(ACC), tl.load(cp + 6).to(ACC))
+
+
+@triton.jit
 def _load(ptr, offs, mask, ACC: tl.constexpr):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
 
@@ -72,14 +80,7 @@ def _step_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
-    cp = coef_ptr + row * 7
-    a = tl.load(cp + 0).to(ACC)
-    b = tl.load(cp + 1).to(ACC)
-    g = tl.load(cp + 2).to(ACC)
-    m0 = tl.load(cp + 3).to(ACC)
-    cx = tl.load(cp + 4).to(ACC)
-    ce = tl.load(cp + 5).to(ACC)
-    lim = tl.load(cp + 6).to(ACC)
+    a, b, g, m0, cx, ce, lim = _load_coefs(coef_ptr, row, ACC)
     xo = _row_start(row, n_inner, sxo, sxi)
     yo = _row_start(row, n_inner, syo, syi)
     uo = _row_start(row, n_inner, suo, sui)
@@ -127,14 +128,7 @@ def _step_bwd_kernel(
     # dL/dx = dL/dmean dmean/dx - 2 w_kk (mean - ref_mean) dref_mean/dx;  dL/de = dL/dmean dmean/de;  dL/dec = g dL/de;  dL/deu = (1 - g) dL/de
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
-    cp = coef_ptr + row * 7
-    a = tl.load(cp + 0).to(ACC)
-    b = tl.load(cp + 1).to(ACC)
-    g = tl.load(cp + 2).to(ACC)
-    m0 = tl.load(cp + 3).to(ACC)
-    cx = tl.load(cp + 4).to(ACC)
-    ce = tl.load(cp + 5).to(ACC)
-    lim = tl.load(cp + 6).to(ACC)
+    a, b, g, m0, cx, ce, lim = _load_coefs(coef_ptr, row, ACC)
     two_ws = 2.0 * tl.load(wss_ptr + row).to(ACC) if HAS_Y else 0.0
     two_wk = 2.0 * tl.load(wkk_ptr + row).to(ACC) if HAS_REF else 0.0
     xo = _row_start(row, n_inner, sxo, sxi)
