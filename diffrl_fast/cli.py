@@ -6,11 +6,15 @@
     diffrl-fast pretrain digits               retrain the digits world's shipped weights
     diffrl-fast label --prompt P --pairs N    record human preferences for D3PO
     diffrl-fast check-parity --model PATH   rollout vs training-recompute log-prob parity on your model
-    diffrl-fast bench ops [--quick]         fused-op benchmark (benchmarks/bench_ops.py)
+    diffrl-fast bench ops|memory|e2e        benchmarks (benchmarks/bench_*.py), results in benchmarks/results/
     diffrl-fast experiment algos            every algorithm on the digits world, 3 seeds (benchmarks/bench_algos.py)
 
 Errors a user can cause (bad arguments, bad config, missing files) print one clear message and exit
 with code 2, without a traceback.
+
+Distributed: ``torchrun --nproc_per_node N -m diffrl_fast train ...`` or
+``deepspeed --num_gpus N --module diffrl_fast train ... dist.engine=deepspeed dist.deepspeed_config=...``;
+the ``--local_rank=R`` argument the deepspeed launcher adds is accepted anywhere on the line.
 """
 from __future__ import annotations
 
@@ -46,8 +50,24 @@ COMMANDS = {
 }
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Remove ``--local_rank=R`` / ``--local_rank R`` (added by the deepspeed launcher) and export it as LOCAL_RANK."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else EXIT_USAGE

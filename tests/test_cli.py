@@ -1,5 +1,6 @@
 """The command line: exit codes and the benchmark entry point (a smoke run, not a measurement)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -91,3 +92,14 @@ def test_pretrain_quick(tmp_path):
     out = _run("pretrain", "digits", "--quick", "--out", str(tmp_path / "assets"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "assets" / "digits_unet.safetensors").exists() and (tmp_path / "assets" / "digit_classifier.json").exists()
+
+
+def test_deepspeed_launcher_local_rank_argument_is_accepted(monkeypatch):
+    from diffrl_fast.cli import strip_launcher_args
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_launcher_args(["--local_rank=1", "train", "num_epochs=1"]) == ["train", "num_epochs=1"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert strip_launcher_args(["train", "--local_rank", "3", "x=1"]) == ["train", "x=1"]
+    assert os.environ["LOCAL_RANK"] == "3"

@@ -44,6 +44,7 @@ def test_bad_overrides(override, match):
     (["algo=ppo"], "algo"),
     (["model.mixed_precision=fp8"], "mixed_precision"),
     (["prompts=[]"], "no prompts"),
+    (["sample.trajectory_device=gpu0"], "trajectory_device"),
 ])
 def test_impossible_combinations(override, match):
     with pytest.raises(ConfigError, match=match):

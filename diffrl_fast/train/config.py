@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from ..config_utils import ConfigError, option
 
 
@@ -38,6 +40,7 @@ class SampleConfig:
     negative_prompt: str = option("", "Negative prompt for the unconditional branch of guidance.")
     height: Optional[int] = option(None, "Image height in pixels (null: the model's native size).")
     width: Optional[int] = option(None, "Image width in pixels (null: the model's native size).")
+    trajectory_device: str = option("", "Where rollout trajectories (latents at every step, log-probs, images) are kept: '' = the model's device; 'cpu' spares GPU memory for long chains (SDXL at 50 steps), each training chunk is copied over when used.")
 
 
 @dataclass
@@ -188,6 +191,12 @@ def validate(cfg: Config) -> Config:
     need(cfg.model.attention in ("auto", "sdpa", "xformers"), f"model.attention must be auto, sdpa or xformers, got {cfg.model.attention!r}")
     need(cfg.model.sampler in ("auto", "ddim", "ddpm"), f"model.sampler must be 'auto', 'ddim' or 'ddpm', got {cfg.model.sampler!r}")
     need(cfg.model.lora_rank >= 1, "model.lora_rank must be >= 1")
+    for key, dev in (("sample.trajectory_device", s.trajectory_device), ("model.reference_device", cfg.model.reference_device)):
+        if dev:
+            try:
+                torch.device(dev)
+            except RuntimeError:
+                raise ConfigError(f"{key}: {dev!r} is not a device name (use '', 'cpu' or 'cuda')") from None
     a = cfg.advantage
     need(a.buffer_size >= 1 and 1 <= a.min_count <= a.buffer_size, "advantage.min_count must be in [1, advantage.buffer_size]")
     need(bool(cfg.prompts) or bool(cfg.prompt_file), "no prompts: set `prompts` or `prompt_file`")

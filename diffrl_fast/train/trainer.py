@@ -211,6 +211,7 @@ class Trainer:
             self.model, prompts, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
             noise_level=s.noise_level, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
+            storage_device=s.trajectory_device or None,
         )
 
     def _score(self, traj: Trajectory) -> torch.Tensor:
