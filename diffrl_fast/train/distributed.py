@@ -100,10 +100,36 @@ def init_distributed(engine: str, timeout_s: float = 600.0) -> DistContext:
     return DistContext(rank, world, local)
 
 
+def learning_rate_at(step: int, lr: float, schedule: str, warmup: int, total: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) out of ``total``.
+
+    Warmup: lr * (step + 1) / warmup for step < warmup; then with u = (step - warmup) / max(1, total - warmup):
+    constant lr, linear lr * (1 - u), cosine lr * (1 + cos(pi u)) / 2.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    u = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return lr * (1.0 - u)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * u))
+    return lr
+
+
 class Engine:
     """Plain single-process optimisation (see module docstring for the interface)."""
 
     kind = "none"
+    steps = 0  # optimiser steps taken (the learning-rate schedule's position; checkpointed by the trainer)
+    total_steps = 1  # set by the trainer: optimiser steps of the whole run
+
+    def _apply_schedule(self, optimizer) -> float:
+        t = self.cfg.train
+        lr = learning_rate_at(self.steps, t.learning_rate, t.lr_schedule, t.lr_warmup_steps, self.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.steps += 1
+        return lr
 
     def __init__(self, model, params, cfg, ctx: DistContext) -> None:
         t = cfg.train
@@ -129,6 +155,7 @@ class Engine:
 
     def step(self) -> float:
         """One optimiser step; returns the gradient norm before clipping, NaN for a skipped non-finite step."""
+        self._apply_schedule(self.optimizer)
         norm = self._grad_norm()
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -220,6 +247,7 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> float:
+        self._apply_schedule(self.optimizer)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")

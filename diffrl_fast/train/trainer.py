@@ -125,6 +125,9 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters (check model.lora_targets)")
         self.engine = make_engine(self.model, self.params, cfg, self.ctx)
+        t = cfg.train
+        local_samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+        self.engine.total_steps = cfg.num_epochs * t.num_inner_epochs * math.ceil(math.ceil(local_samples / t.batch_size) / t.gradient_accumulation_steps)
         self.autocast_dtype = AUTOCAST[m.mixed_precision]
         a = cfg.advantage
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.per_prompt_stat_tracking else None
@@ -158,7 +161,7 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Checkpoint the end of epoch ``self.epoch``; collective when there are several processes."""
         state = {"identity": self.identity(), "tracker": self.tracker.state_dict() if self.tracker else None,
-                 "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples}
+                 "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples, "optimizer_steps": self.engine.steps}
         deepspeed = self.engine.kind == "deepspeed"
         with (self.engine.gathered() if deepspeed else contextlib.nullcontext()):
             weights = self.trainable_state() if self.ctx.is_main else {}
@@ -198,6 +201,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.skipped_before = int(state.get("skipped_steps", 0))
         self.dropped_samples = int(state.get("dropped_samples", 0))
+        self.engine.steps = int(state.get("optimizer_steps", 0))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -324,6 +328,7 @@ class Trainer:
         finite = [n for n in grad_norms if math.isfinite(n)]
         out["grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
         out["optimizer_steps"] = len(grad_norms)
+        out["learning_rate"] = float(self.engine.optimizer.param_groups[0]["lr"])
         return out
 
     # ---- evaluation ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The trainer on a tiny SD pipeline: K-invariant gradients, end-to-end outputs, exact resume."""
 import json
+import math
 
 import pytest
 import torch
@@ -75,16 +76,29 @@ def test_end_to_end_outputs(tiny_sd_path, tmp_path):
 
 
 def test_resume_continues_exactly(tiny_sd_path, tmp_path):
-    full = Trainer(_cfg(tiny_sd_path, tmp_path, "num_epochs=3", "name=full", "log.eval_samples=0"), tmp_path / "full")
+    """Interrupted after epoch 1 of 3 and resumed: the same metrics, learning rates and weights as one run."""
+    sched = ["num_epochs=3", "log.eval_samples=0", "train.lr_schedule=cosine", "train.lr_warmup_steps=2"]
+    full = Trainer(_cfg(tiny_sd_path, tmp_path, *sched, "name=full"), tmp_path / "full")
     full.run()
-    first = Trainer(_cfg(tiny_sd_path, tmp_path, "num_epochs=1", "name=part", "log.eval_samples=0"), tmp_path / "part")
-    first.run()
-    resumed = Trainer(_cfg(tiny_sd_path, tmp_path, "num_epochs=3", "name=part", "log.eval_samples=0"), tmp_path / "part")
+    first = Trainer(_cfg(tiny_sd_path, tmp_path, *sched, "name=part"), tmp_path / "part")
+    assert first.run(stop_flag=lambda: first.epoch >= 1)["interrupted"]
+    resumed = Trainer(_cfg(tiny_sd_path, tmp_path, *sched, "name=part"), tmp_path / "part")
     assert resumed.resume() and resumed.epoch == 1
     resumed.run()
     a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    keys = ("reward_mean", "reward_std", "loss", "clipfrac", "approx_kl", "grad_norm")
+    # 2 optimiser steps per epoch: warmup 0.5, 1.0 x lr, then cosine over the remaining 4 steps
+    assert [r["learning_rate"] for r in a] == pytest.approx([1e-3, 0.5e-3 * (1 + math.cos(math.pi / 4)), 0.5e-3 * (1 + math.cos(3 * math.pi / 4))])
+    keys = ("reward_mean", "reward_std", "loss", "clipfrac", "approx_kl", "grad_norm", "learning_rate")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     for (n, p), q in zip(full.model.denoiser.named_parameters(), resumed.model.denoiser.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_learning_rate_schedules():
+    from diffrl_fast.train.distributed import learning_rate_at
+
+    assert [learning_rate_at(i, 1.0, "constant", 2, 6) for i in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert [learning_rate_at(i, 1.0, "linear", 0, 4) for i in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert learning_rate_at(2, 2.0, "cosine", 0, 4) == pytest.approx(1.0)
+    assert learning_rate_at(9, 2.0, "cosine", 0, 4) == pytest.approx(0.0)
