@@ -39,12 +39,15 @@ from benchmarks.common import RESULTS, machine_info  # noqa: E402
 from benchmarks.e2e_trl import DEFAULT_SETTINGS  # noqa: E402
 
 SIZES = {"tiny": {}, "small": {"block_out_channels": (64, 128), "layers_per_block": 2, "latent_size": 32}}
-# "Everything on": K = all the timesteps in one packed forward ("all" -> num_steps), fused C++ step loss, rewards overlapped
-# with the next rollout batch, the denoiser in channels_last. Chosen by measurement (benchmarks/results/e2e.md).
+# "Everything on": the fused C++ step loss, rewards overlapped with the next rollout batch, the denoiser in
+# channels_last, and timestep packing K chosen per pipeline by measurement (benchmarks/results/e2e.md): on the
+# overhead-bound tiny pipeline all 10 timesteps in one forward; on the compute-bound small one K = 1, because
+# a 160-row packed forward held 11.6 GB and ran at half the speed of K = 1 (page faults on huge buffers).
+PACK = {"tiny": "all", "small": "1"}
 OURS = {
-    "diffrl_fast": {"overrides": ["train.chunk_size=all", "reward.overlap=true", "model.channels_last=true"], "env": {}},
+    "diffrl_fast": {"overrides": ["train.chunk_size={pack}", "reward.overlap=true", "model.channels_last=true"], "env": {}},
     "diffrl_fast_unfused": {"overrides": ["train.chunk_size=1", "reward.overlap=false"], "env": {"DIFFRL_FAST_BACKEND": "torch"}},
-    "diffrl_fast_bf16": {"overrides": ["train.chunk_size=all", "reward.overlap=true", "model.channels_last=true",
+    "diffrl_fast_bf16": {"overrides": ["train.chunk_size={pack}", "reward.overlap=true", "model.channels_last=true",
                                        "model.mixed_precision=bf16"], "env": {}},
 }
 
@@ -66,14 +69,15 @@ def our_overrides(s: dict, pipeline: str, seed: int, out: Path) -> list[str]:
     ]
 
 
-def run_ours(pipeline: str, variant: str, seed: int, out: Path, settings: dict) -> dict:
+def run_ours(pipeline: str, variant: str, seed: int, out: Path, settings: dict, size: str = "small") -> dict:
     from diffrl_fast.config_utils import load_config
     from diffrl_fast.train.config import Config, validate
     from diffrl_fast.train.trainer import Trainer
     from diffrl_fast.utils.memory import PeakMemory
 
     s = {**DEFAULT_SETTINGS, **settings}
-    overrides = [o.replace("=all", f"={s['num_steps']}") for o in OURS[variant]["overrides"]]
+    pack = str(s["num_steps"]) if PACK.get(size, "1") == "all" else PACK.get(size, "1")
+    overrides = [o.replace("{pack}", pack) for o in OURS[variant]["overrides"]]
     cfg = validate(load_config(Config, None, [*our_overrides(s, pipeline, seed, out), *overrides]))
     trainer = Trainer(cfg, out / "e2e", log_fn=lambda m: None)
     trainer.logger.print = lambda m: None
@@ -94,14 +98,14 @@ def run_ours(pipeline: str, variant: str, seed: int, out: Path, settings: dict) 
             "wall_s_with_checkpoints": wall, "samples_per_epoch": n, "threads": torch.get_num_threads(), "seed": seed}
 
 
-def launch(contender: str, pipeline: str, seed: int, settings: dict, tmp: Path) -> dict:
-    out = tmp / f"{contender}_{seed}"
+def launch(contender: str, pipeline: str, seed: int, settings: dict, tmp: Path, size: str = "small") -> dict:
+    out = tmp / f"{contender}_{size}_{seed}"
     if contender == "trl":
         cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e_trl.py"), "--pipeline", pipeline, "--seed", str(seed),
                "--out", str(out), "--settings-json", json.dumps(settings)]
         env = dict(os.environ)
     else:
-        cmd = [sys.executable, __file__, "--worker", json.dumps({"variant": contender, "pipeline": pipeline, "seed": seed,
+        cmd = [sys.executable, __file__, "--worker", json.dumps({"variant": contender, "pipeline": pipeline, "seed": seed, "size": size,
                                                                  "out": str(out), "settings": settings})]
         env = {**os.environ, **OURS[contender]["env"]}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -137,7 +141,7 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="diffrl-fast bench e2e", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="tiny,small")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0")
     ap.add_argument("--contenders", default="trl,diffrl_fast,diffrl_fast_unfused,diffrl_fast_bf16")
     ap.add_argument("--settings-json", default="{}", help="overrides of the shared settings (e.g. fewer epochs for a smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         job = json.loads(args.worker)
-        result = run_ours(job["pipeline"], job["variant"], job["seed"], Path(job["out"]), job["settings"])
+        result = run_ours(job["pipeline"], job["variant"], job["seed"], Path(job["out"]), job["settings"], job.get("size", "small"))
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     from diffrl_fast.models.tiny import cached_tiny_pipeline
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
             pipeline = cached_tiny_pipeline("sd", **SIZES[size])
             for seed in seeds:  # interleave contenders per seed so drifts in machine load hit all alike
                 for c in contenders:
-                    r = launch(c, pipeline, seed, settings, Path(tmp))
+                    r = launch(c, pipeline, seed, settings, Path(tmp), size)
                     runs.setdefault(size, {}).setdefault(c, []).append(r)
                     print(f"{size:>5} {c:>20} seed {seed}: overall {r['overall_samples_per_s']:6.2f} samples/s, rollout "
                           f"{r['rollout_samples_per_s']:6.2f}, train {r['train_samples_per_s']:6.2f}, peak {r['peak_mem_mb']:7.0f} MB, "
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
     stem = f"e2e_{meta['device']}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "settings": {**DEFAULT_SETTINGS, **settings},
-                                                       "ours": OURS, "summary": summary, "ratios": ratios, "runs": runs}, indent=1) + "\n")
+                                                       "ours": OURS, "pack": PACK, "summary": summary, "ratios": ratios, "runs": runs}, indent=1) + "\n")
     plot(summary, args.out / f"{stem}.png")
     print(f"wrote {args.out / (stem + '.json')} and .png")
     return 0
