@@ -138,7 +138,11 @@ class Trainer:
         self.skipped_before = 0  # skipped steps of earlier sessions (resumed)
         self.memory = PeakMemory(self.device)
         self.logger = RunLogger(self.run_dir, cfg, print_fn=self.log_fn)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if cfg.reward.overlap else None
+        # The reward thread's torch ops run single-threaded (torch.set_num_threads is per OS thread): a second
+        # OpenMP team competing with the sampler's for the same cores halved throughput on a 2-core CPU
+        # (benchmarks/results/e2e.md).
+        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward", initializer=torch.set_num_threads, initargs=(1,))
+                      if cfg.reward.overlap else None)
 
     @property
     def skipped_steps(self) -> int:
