@@ -86,8 +86,12 @@ def run(overrides: list[str], workdir: Path, name: str) -> dict:
         trainer = Trainer(cfg, run_dir, log_fn=lambda s: None)
         trainer.logger.print = lambda s: None
         summary = trainer.run()
+    from diffrl_fast.train.outputs import paired_change
+
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"before": summary["before"], "after": summary["after"], "wall_s": summary["wall_s"],
+    evals = [run_dir / "eval_before.json", run_dir / "eval_after.json"]
+    change_se = paired_change(*(json.loads(e.read_text()) for e in evals))[1] if all(e.exists() for e in evals) else None
+    return {"before": summary["before"], "after": summary["after"], "change_se": change_se, "wall_s": summary["wall_s"],
             "train_wall_s": summary["training_wall_s"], "samples": summary["samples"], "records": records}
 
 
@@ -173,14 +177,17 @@ def write_markdown(results: dict, overopt: dict | None, meta: dict, out: Path, b
              "the same fixed-seed samples (log.eval_samples) scored before and after. Per-algorithm settings: "
              + "; ".join(f"{a}: {' '.join(s) or 'defaults'}" for a, s in ALGO_SETTINGS.items()) + ".", ""]
     if results:
-        lines += ["| algorithm | reward before | reward after | change | wall time per run (s) | samples per run |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| algorithm | reward before | reward after | change | paired SE of one run's change | wall time per run (s) | samples per run |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for algo, runs in results.items():
             b = [r["before"]["mean"] for r in runs]
             a = [r["after"]["mean"] for r in runs]
             d = [y - x for x, y in zip(b, a)]
-            lines.append(f"| {algo} | {_ms(b)} | {_ms(a)} | {_ms(d)} | {statistics.mean(r['wall_s'] for r in runs):.0f} | {runs[0]['samples']} |")
-        lines += ["", "(mean ± standard deviation over seeds; wall time includes the before/after evaluations)",
+            se = [r["change_se"] for r in runs if r.get("change_se") is not None]
+            se_text = f"{min(se):.2f}-{max(se):.2f}" if se else "n/a"
+            lines.append(f"| {algo} | {_ms(b)} | {_ms(a)} | {_ms(d)} | {se_text} | {statistics.mean(r['wall_s'] for r in runs):.0f} | {runs[0]['samples']} |")
+        lines += ["", "(mean ± standard deviation over seeds; the paired SE is std(after_i - before_i) / sqrt(n) over the "
+                  "n eval samples of one run, its range over the seeds; wall time includes the before/after evaluations)",
                   "", "![training reward curves](algos_curves.png)", ""]
     if overopt:
         lines += ["## Over-optimisation (TDPO-R paper, in miniature)", "",

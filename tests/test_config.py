@@ -45,6 +45,7 @@ def test_bad_overrides(override, match):
     (["model.mixed_precision=fp8"], "mixed_precision"),
     (["prompts=[]"], "no prompts"),
     (["sample.trajectory_device=gpu0"], "trajectory_device"),
+    (["algo=grpo", "reward.drop_nonfinite=true"], "drop_nonfinite"),
 ])
 def test_impossible_combinations(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -95,3 +96,16 @@ def test_shipped_configs_are_valid():
     for f in files:
         validate(load_config(Config, f))
     assert load_config(Config, root / "digits.yaml") == load_config(Config)  # digits.yaml writes out the defaults
+
+
+def test_deepspeed_scheduler_section_is_rejected(tmp_path):
+    from diffrl_fast.train.distributed import deepspeed_config
+
+    cfg = validate(load_config(Config, None, []))
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}')
+    with pytest.raises(ValueError, match="train.lr_schedule"):
+        deepspeed_config(cfg, str(path))
+    path.write_text('{"zero_optimization": {"stage": 3}}')
+    ds = deepspeed_config(cfg, str(path))
+    assert ds["zero_optimization"]["stage"] == 3 and ds["optimizer"]["params"]["lr"] == cfg.train.learning_rate

@@ -124,8 +124,9 @@ class CriticTrainer:
         bound = 1 / math.sqrt(fc1.in_features)  # nn.Linear's default initialisation
         fresh_w = (torch.rand(fc1.weight.shape, generator=generator) * 2 - 1) * bound
         fresh_b = (torch.rand(fc1.bias.shape, generator=generator) * 2 - 1) * bound
-        fc1.weight[mask] = fresh_w[mask].to(fc1.weight)
-        fc1.bias[mask] = fresh_b[mask].to(fc1.bias)
+        on_cpu = mask.cpu()  # the fresh weights are drawn on the CPU (a CPU generator), the mask lives with the critic
+        fc1.weight[mask] = fresh_w[on_cpu].to(fc1.weight)
+        fc1.bias[mask] = fresh_b[on_cpu].to(fc1.bias)
         fc2.weight[:, mask] = 0.0
         for p, rows in ((fc1.weight, mask), (fc1.bias, mask)):
             st = self.optimizer.state.get(p, {})

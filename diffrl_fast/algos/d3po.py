@@ -76,8 +76,9 @@ class D3PO(Algorithm):
             return None
         items = self.labels["items"]
         per_batch = self.cfg.sample.batch_size // 2
+        # one permutation per epoch, the same on every process; each process takes its own slice of it
         order = torch.randperm(len(items), generator=trainer.generator(epoch, 12)).tolist()
-        start = batch * per_batch
+        start = (batch * trainer.ctx.world_size + trainer.ctx.rank) * per_batch
         chosen = [items[order[(start + i) % len(items)]] for i in range(per_batch)]
         prompts = [it["prompt"] for it in chosen for _ in range(2)]
         seeds = [int(s) for it in chosen for s in it["seeds"]]

@@ -13,10 +13,10 @@ Per-step advantages ([B, T], e.g. TDPO's temporal rewards) are used as given.
 """
 from __future__ import annotations
 
-from ..diffusion.recompute import chunk_log_probs
+from ..diffusion.recompute import chunk_log_probs, step_logprob_of
 from ..ops import ppo_clip_loss
 from .base import Algorithm
-from .common import rows_of
+from .common import chunk_kl, policy_outputs, rows_of
 
 
 class DDPO(Algorithm):
@@ -51,16 +51,13 @@ class PolicyGradientWithKL(DDPO):
     beta = 0.0
 
     def chunk_loss(self, trainer, chunk, data, ctx=None):
-        from .common import chunk_kl, policy_outputs
-        from ..diffusion.recompute import step_logprob_of
-
         eps_u, eps_c = policy_outputs(trainer, chunk)
         logp = step_logprob_of(chunk, eps_u, eps_c)
         out = self.pg_loss(logp, chunk, data.advantages)
         stats = {"clipfrac": out.clipfrac, "approx_kl": out.approx_kl, "ratio": out.ratio_mean}
         loss = self.alpha * out.loss
         if self.beta > 0:
-            kl = chunk_kl(trainer, chunk, eps_u, eps_c)
-            loss = loss + self.beta * kl.mean()
-            stats["kl"] = kl.mean().detach()
+            kl = chunk_kl(trainer, chunk, eps_u, eps_c).mean()
+            loss = loss + self.beta * kl
+            stats["kl"] = kl.detach()
         return loss, stats

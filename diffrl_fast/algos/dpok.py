@@ -1,7 +1,10 @@
 """DPOK: policy optimisation with KL regularisation (Fan et al. 2023, "DPOK: Reinforcement Learning for
 Fine-tuning Text-to-Image Diffusion Models").
 
-    L = alpha * E[ -A_t rho_t ]  +  beta * sum_t KL( p_theta(x_{t-1} | x_t, c) || p_pre(x_{t-1} | x_t, c) )
+    L = alpha * E[ -A_t rho_t ]  +  beta * E_t[ KL( p_theta(x_{t-1} | x_t, c) || p_pre(x_{t-1} | x_t, c) ) / D ]
+
+(E_t: the mean over the trained steps; the KL is divided by the latent size D, as the log-probs are
+averaged over latent elements, so beta is comparable across image sizes.)
 
 The KL between the two step Gaussians (same s, same x_t) is closed-form, |mean_theta - mean_pre|^2 / (2 s^2),
 computed by the fused ``step_kl`` without materialising either mean. p_pre is the pretrained model: the

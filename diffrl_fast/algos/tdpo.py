@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.recompute import trainable_steps
+from ..train.advantages import normalize
 from .base import EpochData
 from .critic import CriticTrainer
 from .ddpo import DDPO
@@ -39,7 +40,7 @@ class CriticMixin:
         g = trainer.generator(trainer.epoch, 10)
         mse = self.critic.fit(x, t, cond, target, g)
         temporal = target - self.critic.predict(x, t, cond)
-        temporal = (temporal - temporal.mean()) / (temporal.std(unbiased=False) + 1e-6)
+        temporal = normalize(temporal)
         adv = torch.zeros(len(traj), traj.num_steps)
         adv[b, steps.repeat(len(traj))] = temporal
         keep = torch.randperm(x.shape[0], generator=g)[: self.max_recent_rows]

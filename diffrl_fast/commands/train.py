@@ -56,7 +56,7 @@ def prepare_run(argv: list[str]) -> tuple[Config, Path, bool]:
     if exists and not (resume or overwrite):
         raise UsageError(f"run folder {run_dir} already exists: pass --resume to continue it, --overwrite to replace it, "
                          f"or choose another name=...")
-    if overwrite and run_dir.exists():
+    if overwrite and run_dir.exists() and int(os.environ.get("RANK", "0")) == 0:  # one process deletes, not all at once
         shutil.rmtree(run_dir)
     return cfg, run_dir, resume and exists
 

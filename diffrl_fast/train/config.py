@@ -209,6 +209,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
     G = samples_per_prompt(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
+    need(not (cfg.reward.drop_nonfinite and G > 1),
+         f"reward.drop_nonfinite cannot be used with {cfg.algo} ({G} samples per prompt): dropping a sample would break its "
+         "prompt group; fix the reward or let the run stop on non-finite rewards")
     need(s.batch_size % G == 0 and t.batch_size % G == 0,
          f"{cfg.algo} trains on groups of {G} samples per prompt: sample.batch_size ({s.batch_size}) and train.batch_size ({t.batch_size}) must be multiples of {G}")
     need(0 < cfg.dense.gamma <= 1, f"dense.gamma must be in (0, 1], got {cfg.dense.gamma}")

@@ -49,14 +49,6 @@ class DistContext:
         if self.active:
             dist.barrier()
 
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate equal-shaped tensors of all processes along dim 0 (rank order)."""
-        if not self.active:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
-
     def all_gather_object(self, obj) -> list:
         if not self.active:
             return [obj]
@@ -64,19 +56,20 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
-    def mean(self, value: float) -> float:
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t) / self.world_size
+    def means(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each value (a scalar tensor) averaged over the processes: one all-reduce and one host sync for all.
 
-    def broadcast_object(self, obj):
-        if not self.active:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        The reduction runs on the current CUDA device under NCCL (which cannot reduce CPU tensors), else on CPU.
+        """
+        if not values:
+            return {}
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if self.active and dist.get_backend() == "nccl" else torch.device("cpu"))
+        t = torch.stack([v.detach().to(device, torch.float64).reshape(()) for v in values.values()])
+        if self.active:
+            dist.all_reduce(t)
+            t /= self.world_size
+        return dict(zip(values, t.tolist()))
 
 
 def init_distributed(engine: str, timeout_s: float = 600.0) -> DistContext:
@@ -121,15 +114,20 @@ class Engine:
 
     kind = "none"
     steps = 0  # optimiser steps taken (the learning-rate schedule's position; checkpointed by the trainer)
-    total_steps = 1  # set by the trainer: optimiser steps of the whole run
 
-    def _apply_schedule(self, optimizer) -> float:
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run: per epoch and inner epoch, ceil(minibatches / accumulation)."""
+        c, t = self.cfg, self.cfg.train
+        minibatches = math.ceil(c.sample.batch_size * c.sample.num_batches_per_epoch / t.batch_size)
+        return c.num_epochs * t.num_inner_epochs * math.ceil(minibatches / t.gradient_accumulation_steps)
+
+    def _apply_schedule(self, optimizer) -> None:
         t = self.cfg.train
         lr = learning_rate_at(self.steps, t.learning_rate, t.lr_schedule, t.lr_warmup_steps, self.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         self.steps += 1
-        return lr
 
     def __init__(self, model, params, cfg, ctx: DistContext) -> None:
         t = cfg.train
@@ -206,6 +204,9 @@ def deepspeed_config(cfg, path: Optional[str]) -> dict:
             raise FileNotFoundError(f"dist.deepspeed_config {p} does not exist (see configs/deepspeed_zero2.json)")
         user = json.loads(p.read_text())
     t = cfg.train
+    if "scheduler" in user:
+        raise ValueError(f"dist.deepspeed_config {path} has a 'scheduler' section: remove it and set train.lr_schedule / "
+                         "train.lr_warmup_steps instead (the trainer sets the learning rate of every step)")
     ds = dict(user)
     ds["train_micro_batch_size_per_gpu"] = t.batch_size
     ds["gradient_accumulation_steps"] = 1  # the trainer marks accumulation boundaries itself

@@ -184,11 +184,17 @@ def save_final_weights(model, run_dir: Path) -> Path:
     return out
 
 
-def _paired_change(before: dict, after: dict) -> str:
-    """The mean change over the same seeds with its standard error (paired samples)."""
+def paired_change(before: dict, after: dict) -> tuple[float, float]:
+    """Mean change of the reward over the same seeds and its standard error (paired samples):
+    d_i = after_i - before_i, mean(d) and std(d) / sqrt(n)."""
     d = torch.tensor(after["rewards"]) - torch.tensor(before["rewards"])
     se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
-    return f"Change: {float(d.mean()):+.4f} ± {se:.4f} (mean of the per-seed differences ± its standard error)."
+    return float(d.mean()), se
+
+
+def _paired_change(before: dict, after: dict) -> str:
+    mean, se = paired_change(before, after)
+    return f"Change: {mean:+.4f} ± {se:.4f} (mean of the per-seed differences ± its standard error)."
 
 
 def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict], after: Optional[dict],

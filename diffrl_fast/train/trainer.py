@@ -125,9 +125,6 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters (check model.lora_targets)")
         self.engine = make_engine(self.model, self.params, cfg, self.ctx)
-        t = cfg.train
-        local_samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
-        self.engine.total_steps = cfg.num_epochs * t.num_inner_epochs * math.ceil(math.ceil(local_samples / t.batch_size) / t.gradient_accumulation_steps)
         self.autocast_dtype = AUTOCAST[m.mixed_precision]
         a = cfg.advantage
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.per_prompt_stat_tracking else None
@@ -300,7 +297,7 @@ class Trainer:
         steps = trainable_steps(traj)
         n_train = max(1, round(t.timestep_fraction * steps.numel()))
         B, K = len(traj), t.chunk_size
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         rows_seen = 0
         grad_norms = []
         for inner in range(t.num_inner_epochs):
@@ -323,12 +320,13 @@ class Trainer:
                             rows = chunk.step_idx.numel()
                             self.engine.backward(loss * (rows / group_rows))
                         rows_seen += rows
-                        for k, v in {"loss": loss, **stats}.items():
-                            totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * rows
+                        for k, v in {"loss": loss, **stats}.items():  # summed on the device: no host sync per chunk
+                            v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+                            totals[k] = totals[k] + v * rows if k in totals else v * rows
                         if bar is not None:
                             bar.update(rows)
                 grad_norms.append(self._optimizer_step())
-        out = {k: self.ctx.mean(v / max(rows_seen, 1)) for k, v in totals.items()}
+        out = self.ctx.means({k: v / max(rows_seen, 1) for k, v in totals.items()})
         finite = [n for n in grad_norms if math.isfinite(n)]
         out["grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
         out["optimizer_steps"] = len(grad_norms)
