@@ -138,6 +138,7 @@ def test_sigkill_at_a_random_moment_loses_nothing(tmp_path):
     time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))  # anywhere in epochs 2-3, maybe mid-checkpoint
     proc.kill()
     proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.returncode  # killed mid-run, not already finished
     out = _cli("train", *FAST, "num_epochs=4", f"output_dir={tmp_path}", "name=int", "--resume")
     assert out.returncode == 0, out.stderr[-1500:]
     assert _metrics(tmp_path / "int") == want

@@ -7,9 +7,9 @@ fixed-seed samples scored before and after; benchmarks/results/algos.md). The ob
 learns the preferences raises it. Changes measured there for seeds 0, 1, 2 are in MEASURED.
 
 Noise: an untrained policy scores exactly the "before" value on the same seeds (a change of 0); the paired
-standard error of one run's change over 128 samples is 0.45-0.67 (heavy-tailed log-probabilities; see each
-run's summary.md). Each test runs seed 0 (deterministic on a given machine) and requires a change above
-0.75 (1.1-1.7 standard errors) and a higher training reward in the last epoch than in the first. Seed 0
+standard error of one run's change over 128 samples is 0.35-0.71 (heavy-tailed log-probabilities; the table's "paired SE" column).
+Each test runs seed 0 (deterministic on a given machine) and requires a change above
+0.75 (1.1-2.1 standard errors) and a higher training reward in the last epoch than in the first. Seed 0
 measured 0.98 to 3.23 for every algorithm; over the three seeds the weakest are ddpo_sf (mean +0.63) and
 grpo (+0.97), which had one seed each below 0.75.
 """

@@ -5,6 +5,7 @@ Adam op once (cached in .cache/torch_extensions, about half a minute).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,4 +81,6 @@ def test_a_dead_process_stops_the_others_within_a_bounded_time(sdxl, tmp_path):
     res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     elapsed = time.time() - t0
     assert res.returncode != 0 and elapsed < 200, (res.returncode, elapsed)
-    assert "exitcode  : 3" in res.stderr or "exit code 3" in res.stderr.lower() or "exitcode" in res.stderr
+    assert re.search(r"exitcode\s*:\s*3", res.stderr), res.stderr[-3000:]  # the launcher reports the rank that died
+    records = (tmp_path / "die" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 1, records  # epoch 1 trained on both processes; nothing after the death in epoch 2
