@@ -75,7 +75,9 @@ def test_peak_model_and_live_bytes():
     assert p4["backward_peak"] > p2["backward_peak"] > 0
     assert p2["after_forward"] <= p2["forward_peak"]
     fits = {k: (2 * p2[k] - p4[k], (p4[k] - p2[k]) / 2) for k in ("forward_peak", "backward_peak", "after_forward")}
-    assert working_memory(fits, 4) == pytest.approx(p4["peak"])
+    # the model is fitted through 2 and 4 rows; it must predict a direct count at 8 rows
+    p8 = m.peak_bytes(8, LATENT)
+    assert working_memory(fits, 8) == pytest.approx(p8["peak"], rel=0.02), (working_memory(fits, 8), p8["peak"])
     live = LiveBytes()
     with live:
         a = torch.empty(1000, device="meta")

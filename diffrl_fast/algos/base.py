@@ -35,7 +35,10 @@ class Algorithm:
     samples_per_prompt = 1
 
     def __init__(self, cfg) -> None:
+        from ..train.config import samples_per_prompt
+
         self.cfg = cfg
+        self.samples_per_prompt = samples_per_prompt(cfg)  # the one definition of G, shared with config validation
 
     # ---- shapes of the data --------------------------------------------------------------------
     def sample_order(self, n: int, data: EpochData, generator: torch.Generator) -> torch.Tensor:

@@ -59,7 +59,6 @@ class D3PO(Algorithm):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         c = cfg.d3po
-        self.samples_per_prompt = c.samples_per_prompt
         self.labels = read_preferences(c.preferences) if c.preferences else None
         if self.labels is not None:
             mine = {"model": cfg.model.path, "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale,
@@ -68,7 +67,6 @@ class D3PO(Algorithm):
             if differ:
                 raise ValueError(f"d3po.preferences {c.preferences} was labelled with other settings than this run "
                                  f"(file, config): {differ}; the images would not be the ones judged")
-            self.samples_per_prompt = 2
             self.sample_with_reference = True  # the human saw the pretrained model's images: regenerate exactly those
 
     def rollout_plan(self, trainer, epoch, batch, generator):

@@ -34,10 +34,6 @@ class Dense(Algorithm):
     name = "dense"
     needs_reference = True
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.samples_per_prompt = cfg.dense.samples_per_prompt
-
     def _step_weights(self, steps: torch.Tensor) -> torch.Tensor:
         return self.cfg.dense.gamma ** steps.double()
 

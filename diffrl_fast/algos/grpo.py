@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from ..train.advantages import normalize
 from .base import EpochData
 from .ddpo import PolicyGradientWithKL
 
 
 def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
     """(r - group mean) / (group std + eps) for adjacent groups of ``group`` samples."""
-    r = rewards.reshape(-1, group)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)).reshape(-1)
+    return normalize(rewards.reshape(-1, group), eps, dim=1).reshape(-1)
 
 
 class GRPO(PolicyGradientWithKL):
@@ -28,7 +28,6 @@ class GRPO(PolicyGradientWithKL):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.samples_per_prompt = cfg.grpo.group_size
         self.beta = cfg.grpo.beta
         self.needs_reference = self.beta > 0
 

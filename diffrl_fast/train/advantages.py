@@ -7,9 +7,11 @@ from typing import Sequence
 import torch
 
 
-def normalize(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """A = (r - mean(r)) / (std(r) + eps) over the whole batch."""
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+def normalize(rewards: torch.Tensor, eps: float = 1e-6, dim: int | None = None) -> torch.Tensor:
+    """A = (r - mean(r)) / (std(r) + eps) over the whole batch, or along ``dim`` (population std)."""
+    if dim is None:
+        return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+    return (rewards - rewards.mean(dim, keepdim=True)) / (rewards.std(dim, unbiased=False, keepdim=True) + eps)
 
 
 class PerPromptStatTracker:
