@@ -41,9 +41,10 @@ from benchmarks.e2e_trl import DEFAULT_SETTINGS  # noqa: E402
 SIZES = {"tiny": {}, "small": {"block_out_channels": (64, 128), "layers_per_block": 2, "latent_size": 32}}
 # "Everything on": the fused C++ step loss, rewards overlapped with the next rollout batch, the denoiser in
 # channels_last, and timestep packing K chosen per pipeline by measurement (benchmarks/results/e2e.md): on the
-# overhead-bound tiny pipeline all 10 timesteps in one forward; on the compute-bound small one K = 1, because
-# a 160-row packed forward held 11.6 GB and ran at half the speed of K = 1 (page faults on huge buffers).
-PACK = {"tiny": "all", "small": "1"}
+# overhead-bound tiny pipeline K = 2 (as fast as K = 5 or 10 within noise, at 0.9 GB instead of 2 GB, and
+# without the 10-row packs' occasional 20% slowdowns); on the compute-bound small one K = 1, because a 160-row
+# packed forward held 11.6 GB and ran at half the speed of K = 1 (page faults on huge buffers).
+PACK = {"tiny": "2", "small": "1"}
 OURS = {
     "diffrl_fast": {"overrides": ["train.chunk_size={pack}", "reward.overlap=true", "model.channels_last=true"], "env": {}},
     "diffrl_fast_unfused": {"overrides": ["train.chunk_size=1", "reward.overlap=false"], "env": {"DIFFRL_FAST_BACKEND": "torch"}},
