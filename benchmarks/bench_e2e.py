@@ -15,7 +15,9 @@ Contenders, each in a fresh process (clean peak-memory figures):
 Per contender: rollout, training and overall samples/s, peak memory (peak resident set after the model is
 loaded), reward per epoch. Writes benchmarks/results/e2e_<device>.{json,png}.
 
-Run: ``diffrl-fast bench e2e [--sizes tiny,small] [--seeds 0,1]``.
+Run: ``diffrl-fast bench e2e [--sizes tiny,small] [--seeds 0,1,2] [--pack tiny=2,small=1]``; ``--pack`` overrides
+the packing K of the "everything on" contenders (a sweep: one run per K, ``--contenders diffrl_fast``).
+``--resummarize FILE`` recomputes a results file's summary, ratios and chart from its raw runs.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ from benchmarks.e2e_trl import DEFAULT_SETTINGS  # noqa: E402
 SIZES = {"tiny": {}, "small": {"block_out_channels": (64, 128), "layers_per_block": 2, "latent_size": 32}}
 # "Everything on": the fused C++ step loss, rewards overlapped with the next rollout batch, the denoiser in
 # channels_last, and timestep packing K chosen per pipeline by measurement (benchmarks/results/e2e.md): on the
-# overhead-bound tiny pipeline K = 2 (as fast as K = 5 or 10 within noise, at 0.9 GB instead of 2 GB, and
-# without the 10-row packs' occasional 20% slowdowns); on the compute-bound small one K = 1, because a 160-row
+# overhead-bound tiny pipeline K = 2 (in a 3-seed --pack sweep, 9.8-10.0 training samples/s against 9.1 for
+# K = 1 and 6.5-9.7, erratic, for K = 5 and 10 at 1.4-2 GB); on the compute-bound small one K = 1, because a 160-row
 # packed forward held 11.6 GB and ran at half the speed of K = 1 (page faults on huge buffers).
 PACK = {"tiny": "2", "small": "1"}
 OURS = {
@@ -70,14 +72,15 @@ def our_overrides(s: dict, pipeline: str, seed: int, out: Path) -> list[str]:
     ]
 
 
-def run_ours(pipeline: str, variant: str, seed: int, out: Path, settings: dict, size: str = "small") -> dict:
+def run_ours(pipeline: str, variant: str, seed: int, out: Path, settings: dict, size: str = "small", pack: str = "") -> dict:
     from diffrl_fast.config_utils import load_config
     from diffrl_fast.train.config import Config, validate
     from diffrl_fast.train.trainer import Trainer
     from diffrl_fast.utils.memory import PeakMemory
 
     s = {**DEFAULT_SETTINGS, **settings}
-    pack = str(s["num_steps"]) if PACK.get(size, "1") == "all" else PACK.get(size, "1")
+    pack = pack or PACK.get(size, "1")
+    pack = str(s["num_steps"]) if pack == "all" else pack
     overrides = [o.replace("{pack}", pack) for o in OURS[variant]["overrides"]]
     cfg = validate(load_config(Config, None, [*our_overrides(s, pipeline, seed, out), *overrides]))
     trainer = Trainer(cfg, out / "e2e", log_fn=lambda m: None)
@@ -99,7 +102,7 @@ def run_ours(pipeline: str, variant: str, seed: int, out: Path, settings: dict, 
             "wall_s_with_checkpoints": wall, "samples_per_epoch": n, "threads": torch.get_num_threads(), "seed": seed}
 
 
-def launch(contender: str, pipeline: str, seed: int, settings: dict, tmp: Path, size: str = "small") -> dict:
+def launch(contender: str, pipeline: str, seed: int, settings: dict, tmp: Path, size: str = "small", pack: str = "") -> dict:
     out = tmp / f"{contender}_{size}_{seed}"
     if contender == "trl":
         cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e_trl.py"), "--pipeline", pipeline, "--seed", str(seed),
@@ -107,13 +110,58 @@ def launch(contender: str, pipeline: str, seed: int, settings: dict, tmp: Path, 
         env = dict(os.environ)
     else:
         cmd = [sys.executable, __file__, "--worker", json.dumps({"variant": contender, "pipeline": pipeline, "seed": seed, "size": size,
-                                                                 "out": str(out), "settings": settings})]
+                                                                 "out": str(out), "settings": settings, "pack": pack})]
         env = {**os.environ, **OURS[contender]["env"]}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in res.stdout.splitlines() if line.startswith("RESULT ")]
     if res.returncode != 0 or not lines:
         raise RuntimeError(f"{contender} failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def summarize(runs: dict) -> tuple[dict, dict]:
+    """Medians over seeds per contender, and diffrl_fast against trl per pipeline.
+
+    ``runs[size][contender]`` lists one result per seed, in the same seed order for every contender. Ratios:
+    speed = median overall samples/s of ours / trl's (and per seed), memory = median peak / trl's. Reward
+    agreement: each run's mean reward over its epochs; the difference of the two contenders' means over seeds
+    in units of its standard error sqrt(s_a^2/n_a + s_b^2/n_b) (seeds are not paired: the trainers draw
+    different random streams); null with fewer than 2 seeds.
+    """
+    keys = ("overall_samples_per_s", "rollout_samples_per_s", "train_samples_per_s", "peak_mem_mb")
+    summary = {size: {c: {k: {"median": statistics.median(r[k] for r in rs), "all": [r[k] for r in rs]} for k in keys}
+                      for c, rs in by.items()} for size, by in runs.items()}
+    ratios = {}
+    for size, by in runs.items():
+        if "trl" not in by or "diffrl_fast" not in by:
+            continue
+        ours, trl = by["diffrl_fast"], by["trl"]
+        med = summary[size]
+        ratios[size] = {"overall_speedup": med["diffrl_fast"]["overall_samples_per_s"]["median"] / med["trl"]["overall_samples_per_s"]["median"],
+                        "peak_mem_ratio": med["diffrl_fast"]["peak_mem_mb"]["median"] / med["trl"]["peak_mem_mb"]["median"],
+                        "overall_speedup_per_seed": [a["overall_samples_per_s"] / b["overall_samples_per_s"] for a, b in zip(ours, trl)],
+                        "peak_mem_ratio_per_seed": [a["peak_mem_mb"] / b["peak_mem_mb"] for a, b in zip(ours, trl)]}
+        a = [statistics.mean(r["reward_per_epoch"]) for r in ours]
+        b = [statistics.mean(r["reward_per_epoch"]) for r in trl]
+        if len(a) > 1 and len(b) > 1:
+            diff = statistics.mean(a) - statistics.mean(b)
+            se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+            ratios[size]["reward"] = {"ours_mean": statistics.mean(a), "trl_mean": statistics.mean(b), "difference": diff,
+                                      "se_of_difference": se, "difference_in_se": diff / se if se > 0 else float("inf")}
+        else:
+            ratios[size]["reward"] = None
+    return summary, ratios
+
+
+def report(ratios: dict) -> None:
+    for size, r in ratios.items():
+        line = (f"{size}: diffrl_fast / trl overall {r['overall_speedup']:.2f}x (per seed "
+                f"{', '.join(f'{x:.2f}' for x in r['overall_speedup_per_seed'])}), peak memory {r['peak_mem_ratio']:.2f}x")
+        if r["reward"]:
+            w = r["reward"]
+            line += (f"; mean reward {w['ours_mean']:.3f} vs {w['trl_mean']:.3f}: difference {w['difference']:+.3f} = "
+                     f"{w['difference_in_se']:+.2f} SE")
+        print(line)
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -145,14 +193,32 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--contenders", default="trl,diffrl_fast,diffrl_fast_unfused,diffrl_fast_bf16")
     ap.add_argument("--settings-json", default="{}", help="overrides of the shared settings (e.g. fewer epochs for a smoke run)")
+    ap.add_argument("--pack", default="", help="packing K per pipeline for the everything-on contenders, e.g. tiny=5,small=1 ('all' = every step)")
+    ap.add_argument("--resummarize", type=Path, help="recompute summary, ratios and chart of an existing results JSON from its runs")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         job = json.loads(args.worker)
-        result = run_ours(job["pipeline"], job["variant"], job["seed"], Path(job["out"]), job["settings"], job.get("size", "small"))
+        result = run_ours(job["pipeline"], job["variant"], job["seed"], Path(job["out"]), job["settings"], job["size"], job["pack"])
         print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if args.resummarize:
+        data = json.loads(args.resummarize.read_text())
+        data["summary"], data["ratios"] = summarize(data["runs"])
+        report(data["ratios"])
+        args.resummarize.write_text(json.dumps(data, indent=1) + "\n")
+        plot(data["summary"], args.resummarize.with_suffix(".png"))
+        return 0
+    try:
+        pack = dict(item.split("=") for item in args.pack.split(",")) if args.pack else {}
+    except ValueError:
+        print(f"--pack {args.pack!r}: expected size=K pairs, e.g. tiny=2,small=1", file=sys.stderr)
+        return 2
+    unknown = set(pack) - set(SIZES)
+    if unknown or not all(k == "all" or k.isdigit() and int(k) > 0 for k in pack.values()):
+        print(f"--pack {args.pack!r}: sizes are {sorted(SIZES)} and K a positive integer or 'all'", file=sys.stderr)
+        return 2
     from diffrl_fast.models.tiny import cached_tiny_pipeline
 
     contenders = args.contenders.split(",")
@@ -164,31 +230,24 @@ def main(argv=None) -> int:
             contenders.remove("trl")
     settings = json.loads(args.settings_json)
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs, summary = {}, {}
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             pipeline = cached_tiny_pipeline("sd", **SIZES[size])
             for seed in seeds:  # interleave contenders per seed so drifts in machine load hit all alike
                 for c in contenders:
-                    r = launch(c, pipeline, seed, settings, Path(tmp), size)
+                    r = launch(c, pipeline, seed, settings, Path(tmp), size, pack.get(size, ""))
                     runs.setdefault(size, {}).setdefault(c, []).append(r)
                     print(f"{size:>5} {c:>20} seed {seed}: overall {r['overall_samples_per_s']:6.2f} samples/s, rollout "
                           f"{r['rollout_samples_per_s']:6.2f}, train {r['train_samples_per_s']:6.2f}, peak {r['peak_mem_mb']:7.0f} MB, "
                           f"reward {[round(x, 3) for x in r['reward_per_epoch']]}", flush=True)
-            summary[size] = {c: {k: {"median": statistics.median(r[k] for r in rs), "all": [r[k] for r in rs]}
-                                 for k in ("overall_samples_per_s", "rollout_samples_per_s", "train_samples_per_s", "peak_mem_mb")}
-                             for c, rs in runs[size].items()}
+    summary, ratios = summarize(runs)
     meta = machine_info("cuda" if torch.cuda.is_available() else "cpu")
-    ratios = {}
-    for size, by in summary.items():
-        if "trl" in by and "diffrl_fast" in by:
-            ratios[size] = {"overall_speedup": by["diffrl_fast"]["overall_samples_per_s"]["median"] / by["trl"]["overall_samples_per_s"]["median"],
-                            "peak_mem_ratio": by["diffrl_fast"]["peak_mem_mb"]["median"] / by["trl"]["peak_mem_mb"]["median"]}
-            print(f"{size}: diffrl_fast / trl overall {ratios[size]['overall_speedup']:.2f}x, peak memory {ratios[size]['peak_mem_ratio']:.2f}x")
+    report(ratios)
     stem = f"e2e_{meta['device']}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "settings": {**DEFAULT_SETTINGS, **settings},
-                                                       "ours": OURS, "pack": PACK, "summary": summary, "ratios": ratios, "runs": runs}, indent=1) + "\n")
+                                                       "ours": OURS, "pack": {**PACK, **pack}, "summary": summary, "ratios": ratios, "runs": runs}, indent=1) + "\n")
     plot(summary, args.out / f"{stem}.png")
     print(f"wrote {args.out / (stem + '.json')} and .png")
     return 0
