@@ -3,6 +3,7 @@
 Pipelines, built offline from configs with random weights (``diffrl_fast.models.tiny``):
     tiny   UNet block_out_channels (32, 64), latents 4x16x16 (overhead-bound)
     small  UNet block_out_channels (64, 128), 2 layers per block, latents 4x32x32 (compute-bound)
+    sd15   SD 1.5's UNet (860M parameters), latents 4x64x64, tiny text encoder and VAE (for GPUs)
 Settings (``e2e_trl.DEFAULT_SETTINGS``, shared by every contender): 10 sampling steps, classifier-free
 guidance 5, sample batch 8 x 2 batches per epoch, train batch 8, 1 inner epoch, timestep fraction 1.0,
 LoRA rank 4 on the attention projections, JPEG compressibility reward, 3 epochs, fp32, fixed seeds.
@@ -40,13 +41,17 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import RESULTS, machine_info  # noqa: E402
 from benchmarks.e2e_trl import DEFAULT_SETTINGS  # noqa: E402
 
-SIZES = {"tiny": {}, "small": {"block_out_channels": (64, 128), "layers_per_block": 2, "latent_size": 32}}
+SIZES = {"tiny": {}, "small": {"block_out_channels": (64, 128), "layers_per_block": 2, "latent_size": 32},
+         # SD 1.5's UNet (860M parameters, 8 heads, 768-d cross-attention) at 64x64 latents, tiny text encoder and VAE:
+         # the GPU suite's size (benchmarks/gpu/suite.py)
+         "sd15": {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "latent_size": 64,
+                  "cross_attention_dim": 768, "num_heads": 8}}
 # "Everything on": the fused C++ step loss, rewards overlapped with the next rollout batch, the denoiser in
 # channels_last, and timestep packing K chosen per pipeline by measurement (benchmarks/results/e2e.md): on the
 # overhead-bound tiny pipeline K = 2 (in a 3-seed --pack sweep, 9.8-10.0 training samples/s against 9.1 for
 # K = 1 and 6.5-9.7, erratic, for K = 5 and 10 at 1.4-2 GB); on the compute-bound small one K = 1, because a 160-row
 # packed forward held 11.6 GB and ran at half the speed of K = 1 (page faults on huge buffers).
-PACK = {"tiny": "2", "small": "1"}
+PACK = {"tiny": "2", "small": "1", "sd15": "2"}
 OURS = {
     "diffrl_fast": {"overrides": ["train.chunk_size={pack}", "reward.overlap=true", "model.channels_last=true"], "env": {}},
     "diffrl_fast_unfused": {"overrides": ["train.chunk_size=1", "reward.overlap=false"], "env": {"DIFFRL_FAST_BACKEND": "torch"}},

@@ -158,9 +158,32 @@ def _set_dotted(data: dict, key: str, value, cls, raw: Optional[str] = None) -> 
             node_cls = tp
 
 
+def _has_dotted(data: dict, key: str) -> bool:
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(cls, path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()):
-    """Defaults of ``cls``, updated by the YAML file at ``path`` (safe_load) and then ``key=value`` overrides."""
+    """Defaults of ``cls``, updated by the YAML file at ``path`` (safe_load) and then ``key=value`` overrides.
+
+    A YAML file may hold ``by_algo: {NAME: {...}}`` (for configs with an ``algo`` field): the partial config
+    of the chosen algorithm is applied over the file's other keys and under the overrides.
+    If ``cls`` has a static ``layered_defaults(data) -> {dotted key: value}``, those values sit between the
+    dataclass defaults and the file: they fill every key the file and the overrides leave unset.
+    """
     data: dict = {}
+    by_algo: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -172,6 +195,11 @@ def load_config(cls, path: Optional[str | Path] = None, overrides: tuple[str, ..
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         data = loaded or {}
+        if "by_algo" in data and "algo" in {f.name for f in dataclasses.fields(cls)}:
+            by_algo = data.pop("by_algo") or {}
+            if not isinstance(by_algo, dict) or not all(isinstance(v, dict) for v in by_algo.values()):
+                raise ConfigError(f"config file {path}: by_algo must map algorithm names to partial configs")
+    cli: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.learning_rate=1e-4)")
@@ -180,7 +208,21 @@ def load_config(cls, path: Optional[str | Path] = None, overrides: tuple[str, ..
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(data, key.strip(), value, cls, raw=raw)
+        _set_dotted(cli, key.strip(), value, cls, raw=raw)
+    if by_algo:
+        algo = cli.get("algo", data.get("algo", getattr(cls, "algo", None)))
+        known = getattr(cls, "algorithm_names", None)
+        if known is not None:
+            unknown = sorted(set(by_algo) - set(known()))
+            if unknown:
+                raise ConfigError(f"config file {path}: by_algo names unknown algorithms {unknown}; known: {sorted(known())}")
+        data = _deep_merge(data, by_algo.get(algo, {}))
+    data = _deep_merge(data, cli)
+    layered = getattr(cls, "layered_defaults", None)
+    if layered is not None:
+        for key, value in layered(data).items():
+            if not _has_dotted(data, key):
+                _set_dotted(data, key, value, cls)
     return from_dict(cls, data)
 
 
@@ -195,6 +237,9 @@ def describe(cls, prefix: str = "", instance=None) -> list[str]:
             lines.append(f"{prefix}{f.name}:  {f.metadata.get('help', '')}")
             lines += describe(tp, prefix + f.name + ".", value)
         else:
-            shown = value if instance is not None else f.default
+            if instance is not None:
+                shown = value
+            else:  # list and dict fields have a default_factory, not a default
+                shown = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {shown!r}): {f.metadata.get('help', '')}")
     return lines

@@ -76,7 +76,7 @@ def test_train_usage_errors_exit_2(tmp_path):
         (["train.chunk_size=x"], "expected an integer"),
         (["--frobnicate"], "unknown option"),
         ([str(tmp_path / "missing.yaml")], "does not exist"),
-        (["train.chunk_size=50"], "chunk_size"),
+        (["train.chunk_size=0"], "chunk_size"),
     ]
     for args, msg in cases:
         out = _run("train", *args, f"output_dir={tmp_path}")

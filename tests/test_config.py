@@ -38,7 +38,10 @@ def test_bad_overrides(override, match):
 
 
 @pytest.mark.parametrize("override,match", [
-    (["train.chunk_size=30", "sample.num_steps=20"], "chunk_size"),
+    (["train.chunk_size=0"], "chunk_size"),
+    (["algo=dense", "train.optimizer_step_every=chunks"], "couples all trained steps"),
+    (["algo=ddpo_sf", "train.num_inner_epochs=2"], "score-function estimator is biased"),
+    (["algo=dpok", "dpok.kl_form=l2"], "dpok.kl_form"),
     (["sample.batch_size=10", "train.batch_size=3"], "multiple of train.batch_size"),
     (["sample.eta=0"], "eta"),
     (["algo=ppo"], "algo"),
@@ -95,7 +98,36 @@ def test_shipped_configs_are_valid():
     assert {f.name for f in files} >= {"digits.yaml", "sd15.yaml", "sdxl.yaml"}
     for f in files:
         validate(load_config(Config, f))
-    assert load_config(Config, root / "digits.yaml") == load_config(Config)  # digits.yaml writes out the defaults
+
+
+def test_layers_defaults_algorithm_reference_file_overrides(tmp_path):
+    """Dataclass defaults (DDPO's) < the algorithm's reference values < the YAML file < key=value overrides."""
+    from diffrl_fast.train.config import DEFAULT_PRESET
+
+    assert load_config(Config).train.learning_rate == 3e-4  # ddpo-pytorch
+    dpok = load_config(Config, None, ["algo=dpok"])
+    assert (dpok.train.learning_rate, dpok.train.max_grad_norm, dpok.dpok.kl_form, dpok.train.optimizer_step_every) == (1e-5, 0.1, "eps_mse", "chunks")
+    assert load_config(Config, None, ["algo=dpok", "train.learning_rate=1e-3"]).train.learning_rate == 1e-3
+    f = tmp_path / "c.yaml"
+    f.write_text("algo: dpok\ntrain:\n  max_grad_norm: 2.0\n")
+    from_file = load_config(Config, f, [])
+    assert from_file.train.max_grad_norm == 2.0 and from_file.train.learning_rate == 1e-5
+    # the dense-reward reference switches its settings on the number of prompts, as its parse_args.py does
+    one = load_config(Config, None, ["algo=dense", "prompts=[a cat]"])
+    many = load_config(Config, None, ["algo=dense", "prompts=[a cat, a dog]"])
+    assert (one.dense.temperature, one.dense.log_ratio_clip, one.dense.num_timesteps) == (10.0, 1e-4, 3)
+    assert (many.dense.temperature, many.dense.log_ratio_clip, many.dense.num_timesteps) == (12.5, 5e-4, 1)
+    # the digits preset sets the digits world's scale (and its by_algo entries), not the algorithms' conventions
+    digits = load_config(Config, DEFAULT_PRESET, ["algo=dpok"])
+    assert digits.train.learning_rate == 1e-4 and digits.dpok.advantage == "normalized"  # by_algo.dpok
+    assert digits.train.max_grad_norm == 0.1 and digits.dpok.ratio_clip == "clamp"  # DPOK's own
+    assert load_config(Config, DEFAULT_PRESET, ["algo=dpok", "train.learning_rate=2e-5"]).train.learning_rate == 2e-5
+    assert load_config(Config, DEFAULT_PRESET, ["algo=ddpo_is"]).train.learning_rate == 3e-4
+
+
+def test_help_shows_list_defaults():
+    text = "\n".join(describe(Config))
+    assert "MISSING" not in text and "default ['0', '1'" in text and "reward.kwargs (dict, default {})" in text
 
 
 def test_deepspeed_scheduler_section_is_rejected(tmp_path):

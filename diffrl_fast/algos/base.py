@@ -3,15 +3,19 @@
 The trainer owns everything algorithms share: rollouts, rewards, the recompute of log-probs over packed
 timestep chunks, optimisation, logging and checkpointing. An algorithm decides
 
-- ``samples_per_prompt``: G > 1 makes every rollout batch G samples of each prompt, adjacent (groups);
-- ``prepare``: what it needs from an epoch's trajectories and rewards (advantages, pairs, a critic fit);
+- ``reference_defaults``: the config values its authors' code and published runs use where they differ
+  from DDPO's (the config's own defaults); they apply to every key the user leaves unset;
+- ``samples_per_prompt``: G > 1 makes every rollout batch G samples of each prompt, adjacent (groups),
+  sharing their initial noise when ``shares_initial_noise``;
+- ``prepare``: what it needs from an epoch's trajectories and rewards (advantages, pairs, critic values);
 - ``sample_order`` / ``step_order``: how samples are cut into minibatches and which timesteps each trains
   on (group algorithms keep a group in one minibatch, on shared timesteps);
 - ``begin_minibatch``: an optional first pass over a minibatch (losses that couple timesteps);
-- ``chunk_loss``: the loss of one chunk of n samples x K timesteps.
+- ``chunk_loss``: the loss of one chunk of n samples x K timesteps;
+- ``after_optimizer_step`` / ``after_epoch``: updates of its own state (critics).
 
-The trainer scales each chunk's loss by its share of the rows in the optimiser step, so gradients are
-the mean over all trained (sample, timestep) rows whatever K is.
+The trainer scales each chunk's loss by its share of the rows in the optimiser step (``chunk.weight``),
+so gradients are the mean over all trained (sample, timestep) rows whatever K is.
 """
 from __future__ import annotations
 
@@ -31,8 +35,10 @@ class EpochData:
 
 class Algorithm:
     name = "base"
+    reference = ""  # the authors' repository and files the defaults come from (docs/algorithms.md)
     needs_reference = False  # the trainer keeps a reference policy (LoRA off / frozen copy) when True
     samples_per_prompt = 1
+    shares_initial_noise = False  # a prompt group's samples start from the same x_T
 
     def __init__(self, cfg) -> None:
         from ..train.config import samples_per_prompt
@@ -40,7 +46,24 @@ class Algorithm:
         self.cfg = cfg
         self.samples_per_prompt = samples_per_prompt(cfg)  # the one definition of G, shared with config validation
 
+    @classmethod
+    def reference_defaults(cls, n_prompts: int) -> dict[str, Any]:
+        """{dotted config key: value} of the reference where it differs from the config's (DDPO's) defaults;
+        ``n_prompts`` is how many prompts the run has (some references switch settings on it)."""
+        return {}
+
+    def setup(self, trainer) -> None:
+        """Build state that needs the loaded model and reward (critics); called once, before any resume."""
+
+    def check_model(self, model) -> None:
+        """Raise ValueError when the algorithm's settings cannot run on ``model`` (called once it is loaded)."""
+
     # ---- shapes of the data --------------------------------------------------------------------
+    def num_train_steps(self, stochastic_steps: int) -> int:
+        from ..train.config import num_train_steps
+
+        return num_train_steps(self.cfg, stochastic_steps)
+
     def sample_order(self, n: int, data: EpochData, generator: torch.Generator) -> torch.Tensor:
         """The order in which samples are cut into minibatches; groups of ``samples_per_prompt`` adjacent
         samples stay together (and in their order)."""
@@ -73,6 +96,9 @@ class Algorithm:
 
     def chunk_loss(self, trainer, chunk, data: EpochData, ctx: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def after_optimizer_step(self, trainer, finite: bool) -> None:
+        """Called after every optimiser step of the policy (``finite``: the step was taken, not skipped)."""
 
     def after_epoch(self, trainer, epoch: int) -> dict[str, float]:
         """Called once an epoch's updates are done; returns extra metrics to log."""

@@ -1,148 +1,190 @@
-"""A temporal critic R_phi(x_t, c): the final reward predicted from an intermediate denoising state.
+"""Critics of the denoising MDP: TDPO's temporal critic and DPOK's value function, their optimiser, and
+TDPO-R's reset of active neurons.
 
-TDPO (Zhang et al. 2024, "Confronting Reward Overoptimization for Diffusion Models: A Perspective of
-Inductive and Primacy Biases") trains it by regression,
+Two architectures, each as its authors build it:
 
-    min_phi  E[ (R_phi(x_t, c) - r(x_0, c))^2 ],
+- ``EmbeddingCritic`` (TDPO, Zhang et al. 2024; ZiyiZhang27/tdpo, critic_model.py): R_phi(x_t) = MLP(e(x_t)),
+  e = an image encoder's L2-normalised embedding of the decoded state x_t (CLIP in the paper), the MLP the
+  LAION aesthetic head's layers: Linear(d, 1024)-Dropout(0.2)-Linear(1024, 128)-Dropout(0.2)-Linear(128, 64)
+  -Dropout(0.1)-Linear(64, 16)-Linear(16, 1), without activations, weights ~ N(0, (1/(d+1))^2), biases 0.
+  It sees neither t nor the prompt.
+- ``StepValueNet`` (DPOK, Fan et al. 2023; google-research dpok/reward_model.py ValueMulti):
+  V(x_t, c, j) = Linear(256, 1)(relu(CL3(relu(CL2(relu(CL1([flatten(x_t), c], j)), j)), j))),
+  CL(x, j) = gamma_j * (W x + b) a linear layer gated per step j (gamma ~ U(0, 1), W Xavier-normal).
 
-and weights each step's importance ratio by the temporal reward T_phi(x_t, c) = r(x_0, c) - R_phi(x_t, c).
-DPOK's optional value baseline (Fan et al. 2023) is the same regression. TDPO-R fights the critic's
-primacy bias by periodically re-initialising its *active* neurons (see ``reset_active_neurons``).
-
-Architecture: two convolutions and an average pool to 4x4 over x_t, a sinusoidal embedding of t, a linear
-projection of the token-averaged conditioning; concatenated into one ReLU hidden layer (the neurons
-TDPO-R resets) and a scalar output.
+``CriticOptimizer`` holds a critic's AdamW, its gradient all-reduce across processes (the critic is
+data-parallel, as accelerate makes it in the reference) and its own gradient clipping.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-
-def timestep_embedding(t: torch.Tensor, dim: int = 16) -> torch.Tensor:
-    """Sinusoidal features sin/cos(t w_k), w_k = 1000^(-k/half): DDPM-style integer and flow-matching float t alike."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angle = t.float()[:, None] * freqs[None]
-    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+from ..rewards.clip import AestheticMLP
 
 
-class TemporalCritic(nn.Module):
-    def __init__(self, in_channels: int, cond_dim: int, width: int = 32, hidden: int = 128) -> None:
+class EmbeddingCritic(AestheticMLP):
+    """TDPO's critic: the aesthetic head's linear layers on an image embedding (see module docstring)."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__(in_dim)
+        self.in_dim = in_dim
+        for m in self.layers:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 1.0 / (in_dim + 1))
+                nn.init.zeros_(m.bias)
+
+    def hidden_layers(self) -> list[tuple[nn.Module, nn.Linear, nn.Linear]]:
+        """(module whose output is a hidden layer, its Linear, the next Linear) for every hidden layer."""
+        lin = [m for m in self.layers if isinstance(m, nn.Linear)]
+        return [(lin[i], lin[i], lin[i + 1]) for i in range(len(lin) - 1)]
+
+
+class ConditionalLinear(nn.Module):
+    """gamma_j * (W x + b): a linear layer gated elementwise by a learned per-step vector (DPOK)."""
+
+    def __init__(self, num_in: int, num_out: int, num_steps: int) -> None:
         super().__init__()
-        # spatial layout matters (which digit, where): pool to 4x4, not to 1x1
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-        )
-        self.t_proj = nn.Linear(16, width)
-        self.c_proj = nn.Linear(cond_dim, width)
-        self.fc1 = nn.Linear(18 * width, hidden)  # TDPO-R's neurons: the ReLU units of this layer
-        self.fc2 = nn.Linear(hidden, 1)
+        self.lin = nn.Linear(num_in, num_out)
+        self.embed = nn.Embedding(num_steps, num_out)
+        nn.init.uniform_(self.embed.weight)
+        nn.init.xavier_normal_(self.lin.weight)
 
-    def hidden(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """ReLU activations of the hidden layer, [N, hidden]; cond is [N, L, D] (averaged over tokens)."""
-        feats = torch.cat([self.conv(x.float()), self.t_proj(timestep_embedding(t)), self.c_proj(cond.float().mean(1))], dim=-1)
-        return torch.relu(self.fc1(feats))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.hidden(x, t, cond)).squeeze(-1)
+    def forward(self, x: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return self.embed(j) * self.lin(x)
 
 
-class CriticTrainer:
-    """The critic, its optimiser, and the per-epoch regression on (x_t, t, c) -> r(x_0, c)."""
+class StepValueNet(nn.Module):
+    """DPOK's value network V(x_t, c, j) on the flattened latent, a prompt embedding and the step index."""
 
-    def __init__(self, in_channels: int, cond_dim: int, *, lr: float, epochs: int, batch_size: int, device,
-                 generator_seed: int) -> None:
-        g = torch.random.fork_rng(devices=[])
-        with g:
-            torch.manual_seed(generator_seed)
-            self.critic = TemporalCritic(in_channels, cond_dim).to(device)
-        self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=lr)
-        self.epochs, self.batch_size, self.device = epochs, batch_size, device
-        self.initialised = False
+    def __init__(self, latent_dim: int, cond_dim: int, num_steps: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.in_dim = latent_dim + cond_dim
+        self.lin1 = ConditionalLinear(self.in_dim, hidden, num_steps)
+        self.lin2 = ConditionalLinear(hidden, hidden, num_steps)
+        self.lin3 = ConditionalLinear(hidden, hidden, num_steps)
+        self.lin4 = nn.Linear(hidden, 1)
+        nn.init.xavier_normal_(self.lin4.weight)
 
-    @staticmethod
-    def rows(traj, steps: torch.Tensor):
-        """All (sample, step) rows of a trajectory batch: x_t [N, C, H, W], t [N], cond [N, L, D], sample index [N]."""
-        B = len(traj)
-        b = torch.arange(B).repeat_interleave(steps.numel())
-        j = steps.repeat(B)
-        return traj.latents[b, j], traj.schedule.timesteps[j], traj.cond.hidden[b.to(traj.cond.hidden.device)], b
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x.flatten(1).float(), cond.float()], dim=1)
+        h = F.relu(self.lin1(h, j))
+        h = F.relu(self.lin2(h, j))
+        h = F.relu(self.lin3(h, j))
+        return self.lin4(h).squeeze(-1)
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-        self.critic.eval()
-        out = [self.critic(x[i:i + batch].to(self.device), t[i:i + batch].to(self.device), cond[i:i + batch].to(self.device)).cpu()
-               for i in range(0, x.shape[0], batch)]
-        return torch.cat(out)
+    def hidden_layers(self) -> list[tuple[nn.Module, nn.Linear, nn.Linear]]:
+        return [(self.lin1, self.lin1.lin, self.lin2.lin), (self.lin2, self.lin2.lin, self.lin3.lin), (self.lin3, self.lin3.lin, self.lin4)]
 
-    def fit(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> float:
-        """Regress the critic onto ``target`` for ``epochs`` passes; returns the last pass's mean squared error."""
-        if not self.initialised:  # start the output at the first batch's mean reward: no wasted steps on the offset
-            with torch.no_grad():
-                self.critic.fc2.bias.fill_(float(target.mean()))
-            self.initialised = True
-        self.critic.train()
-        n = x.shape[0]
-        last = float("nan")
-        for _ in range(self.epochs):
-            perm = torch.randperm(n, generator=generator)
-            total = 0.0
-            for i in range(0, n, self.batch_size):
-                idx = perm[i:i + self.batch_size]
-                pred = self.critic(x[idx].to(self.device), t[idx].to(self.device), cond[idx].to(self.device))
-                loss = torch.nn.functional.mse_loss(pred, target[idx].to(self.device).float())
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                total += float(loss.detach()) * idx.numel()
-            last = total / n
-        return last
 
-    @torch.no_grad()
-    def reset_active_neurons(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, threshold: float,
-                             generator: torch.Generator) -> torch.Tensor:
-        """TDPO-R's reset: re-initialise the hidden neurons that are active on recent data.
+def prompt_embedding(cond) -> torch.Tensor:
+    """One vector per sample from its conditioning: the pooled text embedding where the model has one
+    (SDXL, SD3), else the token-mean of the hidden states (SD 1.x, the digits world's class embedding)."""
+    return (cond.pooled if cond.pooled is not None else cond.hidden.float().mean(1)).float()
 
-        A neuron's score is its mean activation over (x, t, cond) divided by the layer's mean score;
-        neurons with score > ``threshold`` (0: activation > 0 anywhere in the data) are reset the way ReDo
-        resets neurons (Sokar et al. 2023): fresh incoming weights and bias from the layer's initial
-        distribution, zero outgoing weights, and their optimiser moments cleared. Every other weight is
-        left untouched. Returns the boolean mask of reset neurons.
-        """
-        self.critic.eval()
-        acts = torch.cat([self.critic.hidden(x[i:i + 1024].to(self.device), t[i:i + 1024].to(self.device),
-                                             cond[i:i + 1024].to(self.device)) for i in range(0, x.shape[0], 1024)])
-        score = acts.mean(0)
-        score = score / score.mean().clamp(min=1e-12)
-        mask = score > threshold
-        fc1, fc2 = self.critic.fc1, self.critic.fc2
-        bound = 1 / math.sqrt(fc1.in_features)  # nn.Linear's default initialisation
-        fresh_w = (torch.rand(fc1.weight.shape, generator=generator) * 2 - 1) * bound
-        fresh_b = (torch.rand(fc1.bias.shape, generator=generator) * 2 - 1) * bound
-        on_cpu = mask.cpu()  # the fresh weights are drawn on the CPU (a CPU generator), the mask lives with the critic
-        fc1.weight[mask] = fresh_w[on_cpu].to(fc1.weight)
-        fc1.bias[mask] = fresh_b[on_cpu].to(fc1.bias)
-        fc2.weight[:, mask] = 0.0
-        for p, rows in ((fc1.weight, mask), (fc1.bias, mask)):
-            st = self.optimizer.state.get(p, {})
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in st:
-                    st[k][rows] = 0.0
-        st = self.optimizer.state.get(fc2.weight, {})
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                st[k][:, mask] = 0.0
-        return mask
+
+class CriticOptimizer:
+    """AdamW for a critic, with its gradients averaged over processes before each step and clipped alone."""
+
+    def __init__(self, critic: nn.Module, *, lr: float, weight_decay: float = 0.0, max_grad_norm: float = 0.0) -> None:
+        self.critic = critic
+        self.params = [p for p in critic.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, ctx) -> float:
+        """All-reduce (mean) the gradients over processes, clip, step and zero them; returns the grad norm
+        (NaN, and no step, when it is not finite)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if ctx is not None and ctx.active:
+            import torch.distributed as dist
+
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= ctx.world_size
+            offset = 0
+            for p, g in zip(self.params, grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+                offset += g.numel()
+        else:
+            for p, g in zip(self.params, grads):
+                p.grad = g
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf")))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm if math.isfinite(norm) else float("nan")
 
     def state_dict(self) -> dict:
-        return {"critic": self.critic.state_dict(), "optimizer": self.optimizer.state_dict(), "initialised": self.initialised}
+        return {"critic": self.critic.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.initialised = bool(state["initialised"])
+
+
+def clipped_value_loss(v: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO-style clipped value loss, mean over rows (TDPO's critic update):
+
+        mean( max( (v - R)^2, (v_old + clamp(v - v_old, -clip, clip) - R)^2 ) )
+    """
+    v_clipped = v_old + (v - v_old).clamp(-clip, clip)
+    return torch.maximum((v - target) ** 2, (v_clipped - target) ** 2).mean()
+
+
+@torch.no_grad()
+def reset_active_neurons(critic: nn.Module, opt: Optional[torch.optim.Optimizer], activations: list[torch.Tensor],
+                         threshold: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """TDPO-R's reset of the critic's *active* neurons against primacy bias (Zhang et al. 2024;
+    ZiyiZhang27/tdpo, neuron_recycler.py).
+
+    For every hidden layer (``critic.hidden_layers()``), with a_k the layer's output of unit k on recent
+    data (``activations``, one [N, units] tensor per hidden layer):
+
+        score_k = mean_N relu(a_k) / (mean_k mean_N relu(a_k) + 1e-9),   reset unit k where score_k > threshold
+
+    and for each reset unit: incoming weights ~ N(0, (1/(d+1))^2) with d the critic's input size, incoming
+    bias 0, outgoing weights ~ N(0, (1/(d+1))^2), and the AdamW moments of those entries set to 0. Every
+    other weight is untouched. Draws come from ``generator`` (on the CPU), the same on every process.
+    Returns the boolean masks of reset units, one per hidden layer.
+    """
+    std = 1.0 / (critic.in_dim + 1)
+    masks = []
+    for (_, lin_in, lin_out), act in zip(critic.hidden_layers(), activations):
+        score = act.float().clamp(min=0).mean(0)
+        score = score / (score.mean() + 1e-9)
+        mask = (score > threshold).to(lin_in.weight.device)
+        masks.append(mask)
+        fresh_in = torch.randn(lin_in.weight.shape, generator=generator) * std
+        fresh_out = torch.randn(lin_out.weight.shape, generator=generator) * std
+        m_cpu = mask.cpu()
+        lin_in.weight[mask] = fresh_in[m_cpu].to(lin_in.weight)
+        lin_in.bias[mask] = 0.0
+        lin_out.weight[:, mask] = fresh_out[:, m_cpu].to(lin_out.weight)
+        if opt is not None:
+            for p, sel in ((lin_in.weight, (mask,)), (lin_in.bias, (mask,)), (lin_out.weight, (slice(None), mask))):
+                st = opt.state.get(p, {})
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in st:
+                        st[k][sel] = 0.0
+    return masks
+
+
+@torch.no_grad()
+def hidden_activations(critic: nn.Module, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of every hidden layer of ``critic`` on ``inputs`` (eval mode), captured by forward hooks."""
+    acts: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: acts.append(out.detach())) for m, _, _ in critic.hidden_layers()]
+    was_training = critic.training
+    critic.eval()
+    try:
+        critic(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        critic.train(was_training)
+    return acts

@@ -1,16 +1,18 @@
 """D3PO: direct preference optimisation on every denoising step (Yang et al. 2024, "Using Human Feedback
-to Fine-tune Diffusion Models without Any Reward Model").
+to Fine-tune Diffusion Models without Any Reward Model"; reference: yk7333/d3po, scripts/rm/train_d3po.py
+(reward feedback), scripts/train.py (human feedback), scripts/sample.py, config/base.py).
 
-For two trajectories of the same prompt with the first preferred (w) over the second (l), each step t
-is treated as a one-step DPO problem against the reference (pretrained) policy:
+For two trajectories of the same prompt, sampled from the same initial noise x_T, with the first preferred
+(w) over the second (l), each step t is a one-step DPO problem against the reference (pretrained) policy:
 
-    h = log pi_theta(a_t | s_t) - log pi_ref(a_t | s_t)          (clamped to [log(1-c), log(1+c)])
-    L = E_t[ -log sigmoid( beta (h_w - h_l) ) ]
+    h = log clamp(pi_theta(a_t | s_t) / pi_ref(a_t | s_t), 1 - c, 1 + c)       (c = 0.1)
+    L = E_{pairs, t}[ -log sigmoid( beta (h_w - h_l) ) ]                     (beta = 0.1)
 
-K >= 2 samples per prompt are ranked and split into disjoint (winner, loser) pairs: best with worst,
-second with second-worst, ... Ties are skipped. Preferences come from the reward ("AI feedback"), or
-from a JSON file of human choices written by ``diffrl-fast label``: then the labelled images are
-regenerated from their seeds with the reference policy each epoch, and the choices decide the pairs.
+with log-probs averaged over latent elements. K >= 2 samples of a prompt share x_T; every non-tied pair
+is used (the reference's human-feedback script; ``d3po.pairs=disjoint`` pairs best with worst, second with
+second-worst, ...). Tied pairs carry no gradient and are skipped. Preferences come from the reward
+("AI feedback"), or from a JSON file of human choices written by ``diffrl-fast label``: then the labelled
+images are regenerated from their seeds with the reference policy each epoch, and the choices decide.
 """
 from __future__ import annotations
 
@@ -25,10 +27,16 @@ from .base import Algorithm, EpochData
 from .common import group_ranking, policy_outputs, reference_logp
 
 
-def pairs_from_ranking(ranking: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """[P, 2] (winner, loser) sample indices: best-with-worst pairs of each ranked group, ties dropped."""
+def pairs_from_ranking(ranking: torch.Tensor, rewards: torch.Tensor, mode: str = "disjoint") -> torch.Tensor:
+    """[P, 2] (winner, loser) sample indices of each ranked group (best first), ties dropped: every pair
+    (i, j), i ranked above j, with ``mode="all"``; best with worst, second with second-worst, ... with
+    ``"disjoint"``."""
     G = ranking.shape[1]
-    pairs = torch.stack([torch.stack([ranking[:, i], ranking[:, G - 1 - i]], 1) for i in range(G // 2)], 1).reshape(-1, 2)
+    if mode == "all":
+        idx = [(i, k) for i in range(G) for k in range(i + 1, G)]
+    else:
+        idx = [(i, G - 1 - i) for i in range(G // 2)]
+    pairs = torch.stack([torch.stack([ranking[:, i], ranking[:, k]], 1) for i, k in idx], 1).reshape(-1, 2)
     keep = rewards[pairs[:, 0]] > rewards[pairs[:, 1]]
     return pairs[keep]
 
@@ -54,16 +62,27 @@ def read_preferences(path: str) -> dict:
 
 class D3PO(Algorithm):
     name = "d3po"
+    reference = "yk7333/d3po: scripts/rm/train_d3po.py, scripts/train.py, scripts/sample.py, config/base.py"
     needs_reference = True
+
+    @classmethod
+    def reference_defaults(cls, n_prompts):
+        # 10 pairs per rollout batch, 2 batches per epoch, one optimiser step per pair over all 20 steps
+        return {"train.learning_rate": 3e-5, "sample.num_steps": 20, "sample.batch_size": 20, "sample.num_batches_per_epoch": 2,
+                "train.batch_size": 2, "train.gradient_accumulation_steps": 1, "num_epochs": 400}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         c = cfg.d3po
+        self.shares_initial_noise = c.shared_initial_noise
         self.labels = read_preferences(c.preferences) if c.preferences else None
         if self.labels is not None:
             mine = {"model": cfg.model.path, "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale,
                     "eta": cfg.sample.eta}
             differ = {k: (self.labels.get(k), v) for k, v in mine.items() if k in self.labels and self.labels[k] != v}
+            shared = bool(self.labels.get("shared_initial_noise", False))  # files of older versions: one x_T per image
+            if shared != c.shared_initial_noise:
+                differ["shared_initial_noise"] = (shared, c.shared_initial_noise)
             if differ:
                 raise ValueError(f"d3po.preferences {c.preferences} was labelled with other settings than this run "
                                  f"(file, config): {differ}; the images would not be the ones judged")
@@ -89,12 +108,12 @@ class D3PO(Algorithm):
             first = torch.arange(0, B, 2)
             pairs = torch.stack([first + choice, first + 1 - choice], 1)
         else:
-            pairs = pairs_from_ranking(group_ranking(rewards, self.samples_per_prompt), rewards)
-        partner = torch.full((B,), -1, dtype=torch.long)
-        role = torch.zeros(B)
-        partner[pairs[:, 0]], partner[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
-        role[pairs[:, 0]], role[pairs[:, 1]] = 1.0, -1.0
-        return EpochData(None, {"partner": partner, "role": role, "log": {"pairs": int(pairs.shape[0])}})
+            pairs = pairs_from_ranking(group_ranking(rewards, self.samples_per_prompt), rewards, self.cfg.d3po.pairs)
+        # pairs per sample over all processes: each chunk's loss is scaled by its own pair density over this,
+        # so the optimiser step's gradient is the mean over its (pair, step) terms
+        counts = trainer.ctx.all_gather_object((int(pairs.shape[0]), B)) if trainer.ctx.active else [(int(pairs.shape[0]), B)]
+        density = sum(p for p, _ in counts) / max(1, sum(n for _, n in counts))
+        return EpochData(None, {"pairs": pairs, "density": density, "log": {"pairs": int(pairs.shape[0])}})
 
     def _batch_items(self, traj):
         lookup = {(it["prompt"], int(it["seeds"][0]), int(it["seeds"][1])): it for it in self.labels["items"]}
@@ -105,17 +124,13 @@ class D3PO(Algorithm):
         eps_u, eps_c = policy_outputs(trainer, chunk)
         logp = step_logprob_of(chunk, eps_u, eps_c)
         ref = reference_logp(trainer, chunk)
-        idx = chunk.sample_idx.tolist()
-        pos = {s: i for i, s in enumerate(idx)}
-        role, partner = data.extra["role"], data.extra["partner"]
-        win = [i for i, s in enumerate(idx) if role[s] > 0 and int(partner[s]) in pos]
-        lose = [pos[int(partner[idx[i]])] for i in win]
-        if not win:  # no pair in this chunk (ties): contributes nothing
-            zero = 0.0 * logp.sum()
-            return zero, {}
-        w, l = torch.tensor(win), torch.tensor(lose)
+        pos = {s: i for i, s in enumerate(chunk.sample_idx.tolist())}
+        inside = [(pos[int(w)], pos[int(l)]) for w, l in data.extra["pairs"].tolist() if int(w) in pos and int(l) in pos]
+        if not inside or data.extra["density"] == 0:  # no pair in this chunk (ties): contributes nothing
+            return 0.0 * logp.sum(), {}
+        w, l = torch.tensor(inside).unbind(1)
         c = self.cfg.d3po
         out = dpo_step_loss(logp[w], ref[w], logp[l], ref[l], beta=c.beta, ratio_clip=c.ratio_clip)
-        # rows outside pairs carry no loss: scale so the trainer's row weighting counts the paired rows only
-        frac = 2 * w.numel() / len(idx)
-        return out.loss * frac, {"accuracy": out.accuracy, "margin": out.margin}
+        # the trainer weights a chunk by its rows; its loss is a mean over pair-steps: rescale by pairs per row
+        scale = len(inside) / len(pos) / data.extra["density"]
+        return out.loss * scale, {"accuracy": out.accuracy, "margin": out.margin}

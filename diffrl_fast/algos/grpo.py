@@ -1,35 +1,77 @@
-"""Group-relative advantages (GRPO as Flow-GRPO, Liu et al. 2025, and DanceGRPO, Xue et al. 2025, apply it
-to diffusion and flow models).
+"""Group-relative policy optimisation on the denoising MDP, as Flow-GRPO runs it (Liu et al. 2025,
+"Flow-GRPO: Training Flow Matching Models via Online RL"; reference: yifan123/flow_grpo, scripts/train_sd3.py,
+config/grpo.py, flow_grpo/stat_tracking.py; DanceGRPO, Xue et al. 2025, is the same objective).
 
-G samples per prompt form a group; each sample's advantage is its reward normalised within its group,
+G samples per prompt form a group. With all the epoch's rewards of every process:
 
-    A_i = (r_i - mean_group(r)) / (std_group(r) + eps),
+    A_i = (r_i - mean_{prompt(i)}(r)) / (std(r) + 1e-4)          std over the whole epoch (``grpo.std=global``,
+                                                                 Flow-GRPO's global_std) or the prompt's group
+    L   = E[ max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) ] + beta E_t[ KL_t ]       (A clipped to +-5)
 
-so no value function or cross-prompt statistics are needed. The loss is DDPO-IS's clipped surrogate
-plus, with ``grpo.beta`` > 0, beta times the per-step KL to the reference policy (fused ``step_kl``).
-Works with any sampler the rollout supports (DDIM, DDPM, the flow-matching SDE).
+The per-prompt mean pools every sample of a prompt in the epoch, as Flow-GRPO's stat tracker does. The
+KL is Flow-GRPO's mean over latent elements of |mean_theta - mean_ref|^2 / (2 std_t^2), std_t the SDE's
+noise scale without sqrt(|dt|) (``grpo.kl_form=flow_grpo``, flow models only), or the exact Gaussian KL
+(``exact``, any sampler). The first int(0.99 T) steps of every trajectory are trained (``grpo.train_steps``).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from ..train.advantages import normalize
 from .base import EpochData
 from .ddpo import PolicyGradientWithKL
 
 
-def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
-    """(r - group mean) / (group std + eps) for adjacent groups of ``group`` samples."""
-    return normalize(rewards.reshape(-1, group), eps, dim=1).reshape(-1)
+def grpo_advantages(prompts: Sequence[str], rewards: torch.Tensor, std: str = "global", eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean of r over the samples of the same prompt) / (std + eps), std over all ``rewards``
+    ("global") or over the prompt's samples ("group"); population std, as numpy's."""
+    if len(prompts) != rewards.numel():
+        raise ValueError(f"{len(prompts)} prompts for {rewards.numel()} rewards")
+    r = rewards.double().reshape(-1)
+    adv = torch.empty_like(r)
+    global_std = r.std(unbiased=False)
+    for p in dict.fromkeys(prompts):
+        idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
+        group = r[idx]
+        adv[idx] = (group - group.mean()) / ((global_std if std == "global" else group.std(unbiased=False)) + eps)
+    return adv.to(rewards.dtype)
 
 
 class GRPO(PolicyGradientWithKL):
     name = "grpo"
+    reference = "yifan123/flow_grpo: scripts/train_sd3.py, config/grpo.py (general_ocr_sd3, geneval_sd3), flow_grpo/stat_tracking.py"
+
+    @classmethod
+    def reference_defaults(cls, n_prompts):
+        # SD3.5 configs: 10 SDE steps (noise level 0.7), g = 4.5, 24 images per prompt, 2 optimiser steps per epoch
+        return {"sample.num_steps": 10, "sample.guidance_scale": 4.5, "sample.batch_size": 24, "sample.num_batches_per_epoch": 2,
+                "train.batch_size": 24, "train.gradient_accumulation_steps": 1, "train.timestep_fraction": 0.99}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.beta = cfg.grpo.beta
+        c = cfg.grpo
+        self.beta, self.kl_form, self.detach_uncond = c.beta, c.kl_form, c.detach_uncond
         self.needs_reference = self.beta > 0
+        self.shares_initial_noise = c.same_initial_noise
+
+    def check_model(self, model) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if self.beta > 0 and self.kl_form == "flow_grpo" and not isinstance(model.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(f"grpo.kl_form=flow_grpo is Flow-GRPO's KL of flow-matching SDE steps, but {model.kind} samples "
+                             f"with {type(model.scheduler).__name__}: set grpo.kl_form=exact (or grpo.beta=0)")
+
+    def step_order(self, n, steps, n_train, generator):
+        if self.cfg.grpo.train_steps == "first":  # Flow-GRPO trains steps 0 .. int(0.99 T) - 1 of every trajectory
+            return steps[:n_train].repeat(n, 1)
+        return super().step_order(n, steps, n_train, generator)
 
     def prepare(self, trainer, traj, rewards):
-        return EpochData(group_advantages(rewards, self.samples_per_prompt))
+        c = self.cfg.grpo
+        if not trainer.ctx.active:
+            return EpochData(grpo_advantages(traj.prompts, rewards, c.std, c.eps))
+        parts = trainer.ctx.all_gather_object((list(traj.prompts), rewards.tolist()))
+        adv = grpo_advantages([p for ps, _ in parts for p in ps], torch.tensor([r for _, rs in parts for r in rs]), c.std, c.eps)
+        start = sum(len(ps) for ps, _ in parts[: trainer.ctx.rank])
+        return EpochData(adv[start:start + len(traj)])

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..cli import EXIT_USAGE, UsageError
 
-BENCHES = {"ops": "benchmarks.bench_ops", "memory": "benchmarks.bench_memory", "e2e": "benchmarks.bench_e2e"}
+BENCHES = {"ops": "benchmarks.bench_ops", "memory": "benchmarks.bench_memory", "e2e": "benchmarks.bench_e2e",
+           "gpu": "benchmarks.gpu.suite"}
 
 
 def _repo_root() -> Path:

@@ -1,6 +1,7 @@
 """``diffrl-fast label``: collect human preferences for D3PO.
 
-Samples pairs of images of the same prompt from a model (the policy D3PO will start from), shows each
+Samples pairs of images of the same prompt from a model (the policy D3PO will start from), both from the
+same initial noise as D3PO's reference samples them (``--independent-noise`` draws one each), shows each
 pair as a PNG with numbered cells (and prints its path), and records which one you prefer. Choices are
 saved after every answer, so quitting keeps what was labelled. Train on them with
 
@@ -50,18 +51,22 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--eta", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0, help="pair i uses seeds seed + 2i and seed + 2i + 1")
+    ap.add_argument("--seed", type=int, default=0, help="pair i uses seeds seed + 2i and seed + 2i + 1 (x_T from the first)")
+    ap.add_argument("--independent-noise", action="store_true", help="each image of a pair gets its own x_T (train with "
+                    "d3po.shared_initial_noise=false)")
     ap.add_argument("--choices", help="answers without prompting, e.g. '1,2,s' (1 or 2 = preferred, s = skip)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.pairs < 1:
         raise UsageError("--pairs must be >= 1")
     out = Path(args.out)
-    settings = {"model": args.model, "num_steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta}
+    settings = {"model": args.model, "num_steps": args.steps, "guidance_scale": args.guidance, "eta": args.eta,
+                "shared_initial_noise": not args.independent_noise}
     data = {**settings, "items": []}
     if out.exists():
         data = json.loads(out.read_text())
-        differ = {k: (data.get(k), v) for k, v in settings.items() if data.get(k) != v}
+        differ = {k: (data.get(k, False if k == "shared_initial_noise" else None), v) for k, v in settings.items()
+                  if data.get(k, False if k == "shared_initial_noise" else None) != v}
         if differ:
             raise UsageError(f"{out} was labelled with other settings {differ}: use another --out file")
     answers = [a.strip() for a in args.choices.split(",")] if args.choices else None
@@ -72,7 +77,7 @@ def main(argv: list[str]) -> int:
         prompt = args.prompt[i % len(args.prompt)]
         seeds = [args.seed + 2 * i, args.seed + 2 * i + 1]
         traj = sample_trajectories(model, [prompt, prompt], num_steps=args.steps, guidance_scale=args.guidance,
-                                   eta=args.eta, seeds=seeds)
+                                   eta=args.eta, seeds=seeds, init_seeds=None if args.independent_noise else [seeds[0]] * 2)
         png = pair_image(traj.images, folder / f"pair_{i:04d}.png", scale=8 if traj.images.shape[-1] <= 32 else 1)
         if answers is not None:
             if i >= len(answers):

@@ -1,6 +1,7 @@
 """``diffrl-fast train [CONFIG.yaml] [key=value ...] [--resume | --overwrite]``: run RL fine-tuning.
 
-With no arguments it fine-tunes the built-in digits world with DDPO for the digit_confidence reward.
+With no config file it runs the digits preset (configs/digits.yaml): the built-in digits world fine-tuned
+with DDPO for the digit_confidence reward; ``key=value`` overrides apply on top (e.g. algo=dpok).
 Outputs go to runs/<name>/ (config.yaml, metrics.jsonl, reward_curve.png, grid_before/after.png,
 weights, summary.md, checkpoints/). An existing run folder is never overwritten: pass --resume to
 continue it from its last checkpoint or --overwrite to start over.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..cli import UsageError
 from ..config_utils import ConfigError, describe, load_config
-from ..train.config import Config, validate
+from ..train.config import DEFAULT_PRESET, Config, validate
 
 
 def _usage() -> str:
@@ -46,6 +47,8 @@ def prepare_run(argv: list[str]) -> tuple[Config, Path, bool]:
     rest = [a for a in argv if not a.startswith("--")]
     path = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if path is not None else rest
+    if path is None:
+        path = str(DEFAULT_PRESET)
     try:
         cfg = validate(load_config(Config, path, overrides))
     except ConfigError as exc:

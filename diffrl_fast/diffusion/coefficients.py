@@ -8,7 +8,8 @@ tables, so they cannot drift apart.
 
 Supported: DDIMScheduler (epsilon, v_prediction, sample; eta > 0), DDPMScheduler (fixed_small /
 fixed_small_log / fixed_large variances) and FlowMatchEulerDiscreteScheduler run as the SDE of
-Flow-GRPO (Liu et al. 2025). Tables are computed in float64 and stored as float32.
+Flow-GRPO (Liu et al. 2025). Tables are computed and stored in float64; the fused ops read them in their
+accumulation dtype (float32, or float64 for float64 latents).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ Timestep = Union[int, float, torch.Tensor]
 
 
 class StepCoefficients(NamedTuple):
-    """x_{t-1} = a x_t + b eps_hat + s z, with optional x0 clipping; each field a float32 tensor."""
+    """x_{t-1} = a x_t + b eps_hat + s z, with optional x0 clipping; each field a float tensor."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -35,7 +36,7 @@ class StepCoefficients(NamedTuple):
 class StepSchedule:
     """Coefficient tables of one sampling run of ``num_steps`` steps (index j = 0 is the noisiest step).
 
-    timesteps: [T] what the denoiser is fed at step j; a, b, s: [T] float32; clip: [T, 3] float32 columns
+    timesteps: [T] what the denoiser is fed at step j; a, b, s: [T] float64; clip: [T, 3] float64 columns
     (m0, cx, ce) of X0Clip with limit ``clip_limit``, or None. Steps with s == 0 are deterministic (DDPM's
     last step): they have no log-prob and are never trained on.
     """
@@ -47,6 +48,7 @@ class StepSchedule:
     s: torch.Tensor
     clip: Optional[torch.Tensor] = None
     clip_limit: float = 1.0
+    sde_std: Optional[torch.Tensor] = None  # [T] flow SDE only: Flow-GRPO's std_dev_t, i.e. s / sqrt(|dt|)
 
     @property
     def num_steps(self) -> int:
@@ -230,17 +232,17 @@ def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu
     a = 1 + std * std * dt / (2 * sigma)
     b = (1 + std * std * (1 - sigma) / (2 * sigma)) * dt
     s = std * (-dt).sqrt()
-    return _schedule("flow_sde", scheduler.timesteps, a, b, s, None, 1.0)
+    return _schedule("flow_sde", scheduler.timesteps, a, b, s, None, 1.0, sde_std=std)
 
 
-def _schedule(kind, timesteps, a, b, s, clip, limit) -> StepSchedule:
-    f32 = dict(dtype=torch.float32, device="cpu")
+def _schedule(kind, timesteps, a, b, s, clip, limit, sde_std=None) -> StepSchedule:
+    f64 = dict(dtype=torch.float64, device="cpu")
     for name, v in (("a", a), ("b", b), ("s", s)):
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"the {kind} schedule has non-finite {name} coefficients: {v.tolist()}")
     return StepSchedule(
-        kind, timesteps.detach().cpu(), a.to(**f32), b.to(**f32), s.to(**f32),
-        None if clip is None else clip.to(**f32), limit,
+        kind, timesteps.detach().cpu(), a.to(**f64), b.to(**f64), s.to(**f64),
+        None if clip is None else clip.to(**f64), limit, None if sde_std is None else sde_std.to(**f64),
     )
 
 

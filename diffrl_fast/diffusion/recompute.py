@@ -36,6 +36,9 @@ class Chunk:
     coef: StepCoefficients  # each [n*K]
     old_log_probs: torch.Tensor  # [n, K] from the rollout
     guidance_scale: float
+    sde_std: Optional[torch.Tensor] = None  # [n*K] Flow-GRPO's std_dev_t of each row (flow SDE schedules only)
+    col0: int = 0  # position of the chunk's first step in its minibatch's step order (set by the trainer)
+    weight: float = 1.0  # the chunk's share of the rows of its optimiser step (set by the trainer)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,7 +67,9 @@ def pack_chunk(traj: Trajectory, sample_idx: torch.Tensor, step_idx: torch.Tenso
     if traj.uncond is not None:
         uncond = traj.uncond.index(sample_idx.to(traj.uncond.hidden.device)).repeat_interleave(K).to(device)
     old = traj.log_probs[sample_idx.to(traj.log_probs.device)[:, None], step_idx.to(traj.log_probs.device)].to(device)
-    return Chunk(sample_idx, step_idx, x, y, t, cond, uncond, traj.schedule.at(flat_j, device=device), old, traj.guidance_scale)
+    sde_std = None if traj.schedule.sde_std is None else traj.schedule.sde_std[flat_j].to(device)
+    return Chunk(sample_idx, step_idx, x, y, t, cond, uncond, traj.schedule.at(flat_j, device=device), old, traj.guidance_scale,
+                 sde_std)
 
 
 def chunk_outputs(model, chunk: Chunk, autocast_dtype: Optional[torch.dtype] = None):

@@ -24,7 +24,7 @@ from .coefficients import StepSchedule, make_schedule
 class Trajectory:
     """A batch of B sampled trajectories of T steps (j = 0 is the noisiest step).
 
-    latents:   [B, T+1, C, H, W] x_0 (noise) ... x_T (the final latent), float32
+    latents:   [B, T+1, C, H, W] x_0 (noise) ... x_T (the final latent), float32 (float64 for a float64 model)
     log_probs: [B, T] log-prob of each step's action under the sampling policy ("mean" reduction), 0 at
                deterministic steps
     schedule:  the StepSchedule (timesteps and per-step coefficients) the steps used
@@ -42,6 +42,7 @@ class Trajectory:
     negative_prompts: list[str]
     seeds: torch.Tensor
     metadata: list[dict] = field(default_factory=list)
+    init_seeds: Optional[torch.Tensor] = None  # seeds of x_0 (the initial noise) where they differ from ``seeds``
     eta: float = 1.0
     reduction: str = "mean"
 
@@ -67,6 +68,7 @@ class Trajectory:
             negative_prompts=[self.negative_prompts[i] for i in pick],
             seeds=self.seeds[idx.to(self.seeds.device)],
             metadata=[self.metadata[i] for i in pick] if self.metadata else [],
+            init_seeds=None if self.init_seeds is None else self.init_seeds[idx],
         )
 
     @staticmethod
@@ -83,6 +85,8 @@ class Trajectory:
             negative_prompts=[x for p in parts for x in p.negative_prompts],
             seeds=torch.cat([p.seeds for p in parts]),
             metadata=[x for p in parts for x in p.metadata],
+            init_seeds=(None if all(p.init_seeds is None for p in parts)
+                        else torch.cat([p.seeds if p.init_seeds is None else p.init_seeds for p in parts])),
         )
 
 
@@ -95,25 +99,26 @@ def _generators(seeds: torch.Tensor, device: torch.device) -> list[torch.Generat
     return gens
 
 
-def _randn(gens: list[torch.Generator], shape, device) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g, device=device, dtype=torch.float32) for g in gens])
+def _randn(gens: list[torch.Generator], shape, device, dtype=torch.float32) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in gens])
 
 
 def guided_outputs(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Optional[Conditioning],
                    autocast_dtype: Optional[torch.dtype] = None):
     """(eps_u, eps_c) of the denoiser on x at per-row timesteps t; one forward of the [uncond; cond] batch.
 
-    Without guidance (uncond None) returns (out, None). Outputs are float32 and contiguous whatever the
+    Without guidance (uncond None) returns (out, None). Outputs are float32 (float64 for a float64 model) and contiguous whatever the
     denoiser runs in (a channels_last denoiser returns NHWC-strided outputs; the fused step reads rows in
     place and needs NCHW).
     """
     dtype = model.dtype
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with ctx:
         if uncond is None:
-            return model.predict(x.to(dtype), t, cond).float().contiguous(), None
+            return model.predict(x.to(dtype), t, cond).to(out_dtype).contiguous(), None
         out = model.predict(torch.cat([x, x]).to(dtype), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
-    eps_u, eps_c = out.float().contiguous().chunk(2)
+    eps_u, eps_c = out.to(out_dtype).contiguous().chunk(2)
     return eps_u, eps_c
 
 
@@ -128,6 +133,7 @@ def sample_trajectories(
     noise_level: float = 0.7,
     negative_prompts: Optional[Sequence[str]] = None,
     seeds: Optional[Sequence[int]] = None,
+    init_seeds: Optional[Sequence[int]] = None,
     height: Optional[int] = None,
     width: Optional[int] = None,
     schedule: Optional[StepSchedule] = None,
@@ -145,6 +151,9 @@ def sample_trajectories(
         eta: DDIM's noise scale (> 0); noise_level: the flow-matching SDE's (Flow-GRPO).
         seeds: one int per prompt; sample i's initial noise and every step noise come from a generator
             seeded with seeds[i], so any single trajectory can be regenerated from its seed.
+        init_seeds: one int per prompt, optional: sample i's initial noise x_0 is then drawn from a generator
+            seeded with init_seeds[i] (and only its step noise from seeds[i]), so samples with equal
+            init_seeds start from the same x_0 (D3PO's pairs).
         autocast_dtype: run the denoiser under autocast (torch.bfloat16 / torch.float16); the step math,
             log-probs and stored latents stay float32.
         height, width: image size in pixels (the model's native size by default); must fit the VAE and
@@ -172,9 +181,18 @@ def sample_trajectories(
     neg = list(negative_prompts) if negative_prompts is not None else [""] * B
 
     gens = _generators(seeds_t, device)
-    x = _randn(gens, shape, device) * float(getattr(model.scheduler, "init_noise_sigma", 1.0))
-    latents = torch.empty((B, T + 1, *shape), dtype=torch.float32, device=storage)
-    log_probs = torch.zeros((B, T), dtype=torch.float32, device=storage)
+    init_t = None
+    if init_seeds is not None:
+        init_t = torch.as_tensor(list(init_seeds), dtype=torch.int64)
+        if init_t.shape != (B,):
+            raise ValueError(f"got {init_t.numel()} init_seeds for {B} prompts")
+    fdt = torch.float64 if model.dtype == torch.float64 else torch.float32  # the step math's dtype
+    x = _randn(gens, shape, device, fdt)  # drawn (and advancing each sample's generator) even when replaced below,
+    if init_t is not None:                # so a sample's step noise does not depend on whether its x_0 is shared
+        x = _randn(_generators(init_t, device), shape, device, fdt)
+    x = x * float(getattr(model.scheduler, "init_noise_sigma", 1.0))
+    latents = torch.empty((B, T + 1, *shape), dtype=fdt, device=storage)
+    log_probs = torch.zeros((B, T), dtype=fdt, device=storage)
     latents[:, 0] = x.to(storage)
     timesteps = schedule.timesteps.to(device)
     for j in range(T):
@@ -184,8 +202,8 @@ def sample_trajectories(
         g = guidance_scale if use_cfg else 1.0
         mean = step_mean(x, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
         if bool(schedule.stochastic[j]):
-            noise = _randn(gens, shape, device)
-            x_next = mean + c.s.reshape(B, 1, 1, 1) * noise
+            noise = _randn(gens, shape, device, fdt)
+            x_next = mean + c.s.to(fdt).reshape(B, 1, 1, 1) * noise
             log_probs[:, j] = step_logprob(x, x_next, eps_u, eps_c, c.a, c.b, g, c.s, clip_x0=c.clip_x0).to(storage)
         else:
             x_next = mean
@@ -199,5 +217,5 @@ def sample_trajectories(
         latents=latents, log_probs=log_probs, schedule=schedule, guidance_scale=float(guidance_scale),
         cond=cond.to(storage), uncond=None if uncond is None else uncond.to(storage), images=images,
         prompts=prompts, negative_prompts=neg, seeds=seeds_t,
-        metadata=metadata if metadata is not None else model.prompt_metadata(prompts), eta=eta,
+        metadata=metadata if metadata is not None else model.prompt_metadata(prompts), eta=eta, init_seeds=init_t,
     )

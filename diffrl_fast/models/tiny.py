@@ -310,12 +310,16 @@ def build_tiny_sd(
     head_dim: int = 16,
     vae_scale_factor: int = 8,
     max_length: int = 77,
+    num_heads: int | None = None,
 ) -> str:
     """Build a random tiny ``StableDiffusionPipeline`` (SD 1.x layout) into ``path``; returns the path.
 
     Text encoder: CLIPTextModel, hidden ``cross_attention_dim``, 2 layers, 2 heads, context ``max_length``.
     UNet: ``block_out_channels`` wide, 4 latent channels, cross-attention in all but the last block,
-    ``head_dim`` channels per head. VAE: 4 latent channels, ``latent_size * vae_scale_factor`` pixels.
+    ``head_dim`` channels per head (or ``num_heads`` heads in every block, as SD 1.5's config has 8).
+    VAE: 4 latent channels, ``latent_size * vae_scale_factor`` pixels.
+    ``block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, num_heads=8,
+    latent_size=64`` is SD 1.5's UNet (860M parameters) with a tiny text encoder and VAE.
     Scheduler: DDIM with SD's config (clip_sample=False, set_alpha_to_one=False, steps_offset=1).
     """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -335,7 +339,7 @@ def build_tiny_sd(
             block_out_channels=block_out_channels,
             layers_per_block=layers_per_block,
             cross_attention_dim=cross_attention_dim,
-            attention_head_dim=_heads(block_out_channels, head_dim),
+            attention_head_dim=num_heads if num_heads is not None else _heads(block_out_channels, head_dim),
             norm_num_groups=math.gcd(32, *block_out_channels),
         )
     with _seeded(seed):

@@ -31,6 +31,7 @@ def ppo_clip_loss(
     *,
     clip_range: Optional[float] = 1e-4,
     adv_clip: Optional[float] = 5.0,
+    clip_mode: str = "ppo",
 ) -> PPOLoss:
     """DDPO's policy-gradient loss over rows (samples x timesteps), Black et al. 2023.
 
@@ -38,6 +39,8 @@ def ppo_clip_loss(
 
         DDPO-IS (clip_range=eps):  L = mean( max(-A rho, -A clamp(rho, 1 - eps, 1 + eps)) )
         DDPO-SF (clip_range=None): L = mean( -A logp )                    (REINFORCE)
+        clip_mode="clamp":         L = mean( -A clamp(rho, 1 - eps, 1 + eps) )
+                                   (DPOK, Fan et al. 2023: no gradient outside the band on either side)
 
     Also returns clipfrac = mean(|rho - 1| > eps), approx_kl = 0.5 mean((logp - old_logp)^2) and
     mean(rho), as ddpo-pytorch and trl log them. ``advantages`` and ``old_logp`` are constants.
@@ -50,6 +53,8 @@ def ppo_clip_loss(
         raise ValueError(f"clip_range must be > 0 or None (REINFORCE), got {clip_range}")
     if adv_clip is not None and not adv_clip > 0:
         raise ValueError(f"adv_clip must be > 0 or None, got {adv_clip}")
+    if clip_mode not in ("ppo", "clamp"):
+        raise ValueError(f"clip_mode must be 'ppo' or 'clamp', got {clip_mode!r}")
     adv = advantages.detach().to(logp.dtype)
     if adv_clip is not None:
         adv = adv.clamp(-adv_clip, adv_clip)
@@ -59,9 +64,8 @@ def ppo_clip_loss(
     if clip_range is None:
         loss = (-adv * logp).mean()
     else:
-        unclipped = -adv * ratio
         clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-        loss = torch.maximum(unclipped, clipped).mean()
+        loss = (clipped if clip_mode == "clamp" else torch.maximum(-adv * ratio, clipped)).mean()
     with torch.no_grad():
         eps = clip_range if clip_range is not None else 0.0
         clipfrac = ((ratio - 1.0).abs() > eps).float().mean() if clip_range is not None else torch.zeros((), device=logp.device)
@@ -84,6 +88,7 @@ def ppo_clip_step_loss(
     *,
     clip_range: Optional[float] = 1e-4,
     adv_clip: Optional[float] = 5.0,
+    clip_mode: str = "ppo",
     reduction: str = "mean",
     clip_x0: Optional[X0Clip] = None,
     latent_dims: int = 3,
@@ -93,4 +98,4 @@ def ppo_clip_step_loss(
     log p is ``step_logprob(x_t, x_prev, eps_u, eps_c, a, b, g, s)``; everything after it is per-row.
     """
     logp = step_logprob(x_t, x_prev, eps_u, eps_c, a, b, g, s, reduction=reduction, clip_x0=clip_x0, latent_dims=latent_dims)
-    return ppo_clip_loss(logp, old_logp, advantages, clip_range=clip_range, adv_clip=adv_clip)
+    return ppo_clip_loss(logp, old_logp, advantages, clip_range=clip_range, adv_clip=adv_clip, clip_mode=clip_mode)

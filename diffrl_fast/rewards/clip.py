@@ -168,13 +168,19 @@ def aesthetic(clip_path, mlp_path, device=None, dtype="float32"):
     mlp = load_aesthetic_mlp(mlp_path, model.config.projection_dim)
 
     @torch.no_grad()
-    def fn(images, prompts, metadata):
+    def embed(images):
+        """L2-normalised CLIP image embeddings [B, projection_dim] (also TDPO's critic input)."""
         target = _follow_device(model, device, images)
-        mlp.to(target)
         embeds = image_embeds(model, transform(images.to(target), model.dtype)).float()
-        embeds = embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
+        return embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def fn(images, prompts, metadata):
+        embeds = embed(images)
+        mlp.to(embeds.device)
         return mlp(embeds), {}
 
+    fn.embed = embed
     return fn
 
 
@@ -208,4 +214,12 @@ def clip_score(model_path, device=None, dtype="float32"):
         cosine = F.cosine_similarity(img, txt, dim=-1)
         return model.logit_scale.float().exp() * cosine, {"clip_cosine_mean": cosine.mean().item()}
 
+    @torch.no_grad()
+    def embed(images):
+        """L2-normalised CLIP image embeddings [B, projection_dim] (also TDPO's critic input)."""
+        target = _follow_device(model, device, images)
+        e = image_embeds(model, transform(images.to(target), model.dtype)).float()
+        return e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+
+    fn.embed = embed
     return fn

@@ -64,4 +64,13 @@ def digit_confidence(device="cpu", classifier=None):
         )
         return rewards, info
 
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        """The classifier's penultimate features (after the hidden ReLU), L2-normalised: [B, hidden] (the
+        image encoder TDPO's critic uses, as CLIP's embedding in the paper)."""
+        x = _to_classifier_input(images.to(param.device), IMAGE_SIZE).to(param.dtype)
+        h = classifier.head[:3](classifier.features(x * 2 - 1)).float()
+        return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp(min=1e-12)
+
+    fn.embed = embed
     return fn

@@ -1,17 +1,28 @@
 """The training config. Every field is documented here; ``diffrl-fast train --help`` prints them all.
 
-Experiments are small YAML files in configs/ plus ``key=value`` overrides on the command line, e.g.
+A config is built in layers, each overriding the one before:
+
+1. the defaults below, which are DDPO's as ddpo-pytorch runs it (the default algorithm);
+2. the chosen algorithm's reference values (``Algorithm.reference_defaults``: what its authors' code and
+   published settings use where they differ from DDPO's, e.g. DPOK's learning rate and KL form);
+3. a YAML file (``configs/*.yaml``; ``diffrl-fast train`` with none uses the digits preset,
+   configs/digits.yaml, whose settings suit the 16x16 digits world);
+4. ``key=value`` overrides on the command line, e.g.
 
     diffrl-fast train configs/digits.yaml train.learning_rate=1e-4 sample.num_steps=10
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..config_utils import ConfigError, option
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs"  # the YAML presets, shipped with the package (configs/)
+DEFAULT_PRESET = PRESETS / "digits.yaml"  # what `diffrl-fast train` runs without a config file
 
 
 @dataclass
@@ -31,12 +42,12 @@ class ModelConfig:
 
 @dataclass
 class SampleConfig:
-    num_steps: int = option(20, "Denoising steps per trajectory (T).")
-    guidance_scale: float = option(2.0, "Classifier-free guidance g; 1 disables guidance (one denoiser pass per step).")
-    eta: float = option(1.0, "DDIM eta in (0, 1]: the policy's noise level (DDPO uses 1).")
+    num_steps: int = option(50, "Denoising steps per trajectory (T). Default: DDPO's 50; each algorithm's reference sets its own (docs/algorithms.md).")
+    guidance_scale: float = option(5.0, "Classifier-free guidance g; 1 disables guidance (one denoiser pass per step). Default: DDPO's 5.0.")
+    eta: float = option(1.0, "DDIM eta in (0, 1]: the policy's noise level (every reference uses 1).")
     noise_level: float = option(0.7, "Flow-matching SDE noise level (Flow-GRPO's a), used for SD3-style models.")
-    batch_size: int = option(64, "Trajectories per rollout batch (per process).")
-    num_batches_per_epoch: int = option(2, "Rollout batches per epoch; samples per epoch = batch_size x this x processes.")
+    batch_size: int = option(8, "Trajectories per rollout batch (per process). Default: ddpo-pytorch's 8 per GPU.")
+    num_batches_per_epoch: int = option(4, "Rollout batches per epoch; samples per epoch = batch_size x this x processes.")
     negative_prompt: str = option("", "Negative prompt for the unconditional branch of guidance.")
     height: Optional[int] = option(None, "Image height in pixels (null: the model's native size).")
     width: Optional[int] = option(None, "Image width in pixels (null: the model's native size).")
@@ -45,12 +56,13 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = option(16, "Trajectories per training minibatch (per process).")
-    timestep_fraction: float = option(1.0, "Fraction of each trajectory's stochastic steps trained on per inner epoch (random per sample).")
-    chunk_size: int = option(4, "Timesteps packed into one denoiser forward (K): the forward batch is batch_size x K (x2 with guidance).")
+    batch_size: int = option(4, "Trajectories per training minibatch (per process). Default: ddpo-pytorch's 4.")
+    timestep_fraction: float = option(1.0, "Fraction of each trajectory's stochastic steps trained on per inner epoch: int(fraction x T) steps (floored, at least 1), random per sample.")
+    chunk_size: int = option(4, "Timesteps packed into one denoiser forward (K; capped at the trained steps): the forward batch is batch_size x K (x2 with guidance). With optimizer_step_every=chunks it also sets the rows per optimiser step.")
     num_inner_epochs: int = option(1, "Passes over each epoch's samples.")
-    gradient_accumulation_steps: int = option(1, "Minibatches per optimiser step.")
-    learning_rate: float = option(3e-4, "AdamW learning rate (digits world fully fine-tuned: 3e-4; SD LoRA: 1e-4..1e-3; SD full fine-tuning: 1e-6..1e-5).")
+    gradient_accumulation_steps: int = option(2, "Units (see optimizer_step_every) per optimiser step. Default: ddpo-pytorch's 2 minibatches.")
+    optimizer_step_every: str = option("minibatches", "What an optimiser step accumulates: 'minibatches' (gradient_accumulation_steps minibatches, every trained step of each: DDPO, D3PO, Flow-GRPO), 'chunks' (gradient_accumulation_steps chunks of batch_size samples x chunk_size steps: TDPO's and DPOK's many small steps) or 'round' (one step per inner epoch: the unbiased score-function estimator of DDPO-SF).")
+    learning_rate: float = option(3e-4, "AdamW learning rate. Default: ddpo-pytorch's 3e-4 (SD LoRA); each algorithm's reference sets its own.")
     lr_schedule: str = option("constant", "Learning-rate schedule after warmup: 'constant', 'linear' (to 0 at the last optimiser step) or 'cosine' (to 0).")
     lr_warmup_steps: int = option(0, "Optimiser steps of linear warmup from 0 to train.learning_rate.")
     adam_beta1: float = option(0.9, "AdamW beta1.")
@@ -58,8 +70,8 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-4, "AdamW weight decay.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables.")
-    clip_range: float = option(1e-3, "PPO ratio clip epsilon of DDPO-IS (DDPO uses 1e-4 for SD's 16384-dim latents; the digits world's 256-dim steps move ratios more).")
-    adv_clip_max: float = option(5.0, "Advantages are clipped to [-adv_clip_max, adv_clip_max].")
+    clip_range: float = option(1e-4, "PPO ratio clip epsilon (DDPO-IS, TDPO, GRPO, DPOK): ddpo-pytorch's 1e-4 for SD's 16384-dim latents (log-probs are averaged over latent elements).")
+    adv_clip_max: float = option(5.0, "Advantages are clipped to [-adv_clip_max, adv_clip_max] (DDPO, Flow-GRPO).")
 
 
 @dataclass
@@ -74,23 +86,30 @@ class RewardConfig:
 @dataclass
 class AdvantageConfig:
     per_prompt_stat_tracking: bool = option(True, "Normalise rewards per prompt with running statistics (DDPO); false: whole-batch normalisation.")
-    buffer_size: int = option(32, "Per-prompt tracking: rewards kept per prompt.")
-    min_count: int = option(16, "Per-prompt tracking: below this many rewards a prompt uses the whole batch's statistics.")
+    buffer_size: int = option(16, "Per-prompt tracking: rewards kept per prompt (ddpo-pytorch: 16).")
+    min_count: int = option(16, "Per-prompt tracking: below this many rewards a prompt uses the whole batch's statistics (ddpo-pytorch: 16).")
 
 
 @dataclass
 class DPOKConfig:
-    alpha: float = option(1.0, "Weight of the policy-gradient term.")
-    beta: float = option(0.1, "Weight of the per-step KL to the pretrained policy (log-probs and KL averaged over latent elements).")
-    clip: bool = option(True, "Clip the importance ratio as DDPO-IS does (train.clip_range); false gives the plain reward-weighted policy gradient.")
-    value_baseline: bool = option(False, "Use r - V(x_t, c) with a learned value function V (the temporal critic, tdpo.critic_*) as per-step advantage.")
+    alpha: float = option(100.0, "Weight of the policy-gradient term (the reference's --reward_weight: 100 by default; its README uses 10 for one prompt and 1000 for several).")
+    beta: float = option(0.01, "Weight of the KL term (the reference's --kl_weight; README: 0.01 for one prompt, 0.1 for several). Only meaningful together with dpok.kl_form.")
+    kl_form: str = option("eps_mse", "'eps_mse': the reference's mean over latent elements of (eps_hat_theta - eps_hat_pre)^2, unweighted per step; 'exact': the Gaussian KL |mean_theta - mean_pre|^2 / (2 s^2) (per element), which weights step t by b_t^2 / (2 s_t^2).")
+    ratio_clip: str = option("clamp", "'clamp': the reference's -alpha A clamp(rho, 1-eps, 1+eps), zero gradient outside the band on both sides; 'ppo': DDPO's max(-A rho, -A clip(rho)). eps = train.clip_range.")
+    advantage: str = option("raw", "'raw': A = r - V(x_t, c, t) (or r without the value function), as the reference; 'normalized': the trainer's per-prompt (or batch) normalised reward minus V, clipped to train.adv_clip_max.")
+    value_baseline: bool = option(True, "Learn the reference's value function V(x_t, c, t) (an MLP on the flattened latent and the prompt embedding, gated per step) and use r - V as the advantage.")
+    value_lr: float = option(1e-4, "AdamW learning rate of the value function.")
+    value_batch_size: int = option(256, "Transitions per value micro-batch, drawn uniformly from the epoch's transitions.")
+    value_steps: int = option(5, "Value micro-batches accumulated into the value function's one optimiser step per epoch.")
 
 
 @dataclass
 class D3POConfig:
-    beta: float = option(10.0, "DPO inverse temperature beta on per-step log-ratios (averaged over latent elements, so they are small).")
-    samples_per_prompt: int = option(2, "K >= 2 samples per prompt; ranked, they form disjoint (winner, loser) pairs: best with worst, ...")
-    ratio_clip: Optional[float] = option(0.1, "Clamp each step's ratio pi_theta/pi_ref to [1 - c, 1 + c] as D3PO does; null disables.")
+    beta: float = option(0.1, "DPO inverse temperature beta on per-step log-ratios (the reference's 0.1; log-probs are averaged over latent elements).")
+    samples_per_prompt: int = option(2, "K >= 2 samples per prompt, sharing their initial noise x_T (d3po.shared_initial_noise).")
+    pairs: str = option("all", "'all': every non-tied pair of a prompt's K samples (the reference's human-feedback script); 'disjoint': best with worst, second with second-worst, ...")
+    ratio_clip: Optional[float] = option(0.1, "Clamp each step's ratio pi_theta/pi_ref to [1 - c, 1 + c] (the reference's eps = 0.1); null disables.")
+    shared_initial_noise: bool = option(True, "Sample a prompt's K images from the same x_T (they differ only by the per-step noise), as the reference does.")
     preferences: str = option("", "JSON file of human choices written by `diffrl-fast label`; empty: preferences from the reward (AI feedback).")
 
 
@@ -98,25 +117,37 @@ class D3POConfig:
 class DenseConfig:
     samples_per_prompt: int = option(2, "K >= 2 samples per prompt, ranked by reward; K > 2 uses the Plackett-Luce loss.")
     gamma: float = option(0.9, "Temporal discount gamma in (0, 1]: step t (0 = noisiest) counts gamma^t.")
-    temperature: float = option(10.0, "Temperature C multiplying the discounted log-ratios inside the sigmoid.")
-    ratio_clip: Optional[float] = option(0.1, "Clamp each step's ratio pi_theta/pi_I to [1 - c, 1 + c] before averaging (D3PO's trust region); null disables.")
-    kl_coef: float = option(0.0, "Weight of an explicit per-step KL to the initial policy on the trained steps (0 disables).")
-    timestep_sampling: str = option("discounted", "'discounted': train on steps drawn with probability gamma^t; 'weighted': uniform steps weighted by gamma^t.")
+    temperature: float = option(10.0, "Temperature C multiplying the discounted log-ratios inside the sigmoid (reference: 10 for one prompt, 12.5 for several, set from the prompts).")
+    log_ratio_clip: Optional[float] = option(1e-4, "Clamp each step's log-ratio log pi_theta - log pi_I to [-c, c] before averaging (reference: 1e-4 for one prompt, 5e-4 for several, set from the prompts); null disables.")
+    num_timesteps: Optional[int] = option(3, "Steps drawn per trajectory pair (reference: 3 for one prompt, 1 for several, set from the prompts); null: int(train.timestep_fraction x T).")
+    timestep_sampling: str = option("discounted", "'discounted': steps drawn with replacement with probability gamma^t / sum gamma^t and averaged (the reference); 'weighted': distinct steps drawn uniformly, weighted by gamma^t.")
+    kl_coef: float = option(0.0, "Weight of an explicit per-step KL to the initial policy on the trained steps (not in the reference; 0 disables).")
 
 
 @dataclass
 class TDPOConfig:
-    critic_lr: float = option(1e-3, "Adam learning rate of the temporal critic R_phi(x_t, c).")
-    critic_epochs: int = option(2, "Passes of critic regression over each epoch's (x_t, c, reward) rows.")
-    critic_batch_size: int = option(256, "Rows per critic update.")
-    reset_every: int = option(3, "TDPO-R: reset the critic's active neurons every this many epochs.")
-    reset_threshold: float = option(0.0, "TDPO-R: a neuron is active (and reset) when its mean activation / the layer's mean exceeds this.")
+    critic: str = option("embedding", "'embedding': the reference's critic, an MLP (the LAION aesthetic head's layers, no activations) on the image encoder's embedding of the decoded x_t; 'latent': DPOK's value network on the flattened latent, the prompt embedding and the step, for rewards without an image encoder.")
+    critic_encoder: str = option("", "Reward whose image encoder embeds x_t for the embedding critic ('' = reward.name); digit_confidence, aesthetic and clip_score have one.")
+    critic_lr: float = option(1e-4, "AdamW learning rate of the critic (reference 1e-4).")
+    critic_weight_decay: float = option(1e-4, "AdamW weight decay of the critic.")
+    critic_max_grad_norm: float = option(1.0, "The critic's own gradient clipping (reference 1.0).")
+    value_clip: float = option(0.2, "PPO-style value clipping: the critic's prediction moves at most this far from its sampling-time value per update.")
+    value_coef: float = option(0.5, "Weight of the critic's squared error, trained jointly with the policy (one critic step per policy step).")
+    adv_clip_max: Optional[float] = option(None, "Clip the temporal rewards to [-c, c]; null (the reference) does not clip.")
+    reset_every: int = option(10, "TDPO-R: reset the critic's active neurons every this many epochs (reference 10).")
+    reset_threshold: float = option(0.0, "TDPO-R: a neuron is active (and reset) when its mean ReLU activation / its layer's mean exceeds this.")
 
 
 @dataclass
 class GRPOConfig:
-    group_size: int = option(4, "G samples per prompt; advantages are rewards normalised within each group.")
-    beta: float = option(0.0, "Weight of the per-step KL to the reference policy (0: no KL, no reference model).")
+    group_size: int = option(24, "G samples per prompt (Flow-GRPO's num_image_per_prompt: 24).")
+    beta: float = option(0.04, "Weight of the per-step KL to the reference policy (Flow-GRPO OCR/GenEval: 0.04, PickScore 0.01; 0: no KL, no reference model).")
+    kl_form: str = option("flow_grpo", "'flow_grpo': mean over elements of |mean_theta - mean_ref|^2 / (2 std_t^2) with std_t the SDE's noise scale without sqrt(|dt|) (= the exact KL x |dt|; flow models only); 'exact': |mean_theta - mean_ref|^2 / (2 s^2) per element.")
+    std: str = option("global", "Advantage denominator: 'global' (the std of all the epoch's rewards, Flow-GRPO's global_std=True) or 'group' (the prompt group's std).")
+    eps: float = option(1e-4, "Added to the std of the advantage denominator (Flow-GRPO: 1e-4).")
+    train_steps: str = option("first", "'first': train the first int(train.timestep_fraction x T) steps of every trajectory (Flow-GRPO, timestep_fraction 0.99); 'random': a random subset per group.")
+    detach_uncond: bool = option(False, "Detach the unconditional branch of guidance in training (Flow-GRPO before July 2025); current Flow-GRPO lets gradients flow through both.")
+    same_initial_noise: bool = option(False, "A group's samples share their initial noise x_T (Flow-GRPO's sample.same_latent).")
 
 
 @dataclass
@@ -139,8 +170,8 @@ class Config:
     name: str = option("digits_ddpo", "Run name; outputs go to output_dir/name.")
     output_dir: str = option("runs", "Folder holding the run folders.")
     seed: int = option(0, "Seed of everything: prompts, rollouts, shuffles, initialisation.")
-    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r or grpo (see diffrl_fast/algos/).")
-    num_epochs: int = option(12, "Epochs (rollout + training rounds).")
+    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r or grpo (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
+    num_epochs: int = option(100, "Epochs (rollout + training rounds). Default: ddpo-pytorch's 100.")
     prompts: list[str] = option([str(d) for d in range(10)], "Prompts, drawn uniformly per sample (for the digits world: '7', 'a handwritten 7', ...).")
     prompt_file: str = option("", "A text file with one prompt per line; replaces `prompts` when set.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The policy model."})
@@ -151,10 +182,37 @@ class Config:
     dpok: DPOKConfig = field(default_factory=DPOKConfig, metadata={"help": "DPOK (algo=dpok)."})
     d3po: D3POConfig = field(default_factory=D3POConfig, metadata={"help": "D3PO (algo=d3po)."})
     dense: DenseConfig = field(default_factory=DenseConfig, metadata={"help": "The dense-reward view (algo=dense)."})
-    tdpo: TDPOConfig = field(default_factory=TDPOConfig, metadata={"help": "TDPO / TDPO-R critic (algo=tdpo, tdpo_r; also dpok.value_baseline)."})
+    tdpo: TDPOConfig = field(default_factory=TDPOConfig, metadata={"help": "TDPO / TDPO-R critic (algo=tdpo, tdpo_r)."})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Group-relative advantages (algo=grpo)."})
     dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "Distributed training (torchrun / deepspeed launchers)."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging, evaluation and outputs."})
+
+    @staticmethod
+    def algorithm_names() -> list[str]:
+        from ..algos import ALGORITHMS
+
+        return list(ALGORITHMS)
+
+    @staticmethod
+    def layered_defaults(data: dict) -> dict:
+        """Dotted keys the chosen algorithm's reference sets differently from the defaults above (applied
+        under the user's YAML and overrides; see ``Algorithm.reference_defaults``)."""
+        from ..algos import ALGORITHMS
+
+        algo = ALGORITHMS.get(data.get("algo", "ddpo_is"))
+        return algo.reference_defaults(count_prompts(data)) if algo is not None else {}
+
+
+def count_prompts(data: dict) -> int:
+    """How many prompts a (partial) config dict names: its prompt_file's lines, or its prompts list."""
+    path = data.get("prompt_file")
+    if path:
+        p = Path(str(path))
+        return sum(1 for line in p.read_text().splitlines() if line.strip()) if p.is_file() else 2
+    prompts = data.get("prompts", Config.__dataclass_fields__["prompts"].default_factory())
+    if isinstance(prompts, str):
+        prompts = [x for x in prompts.split(",") if x.strip()]
+    return len(set(prompts)) if isinstance(prompts, (list, tuple)) else 2
 
 
 def samples_per_prompt(cfg: Config) -> int:
@@ -164,11 +222,22 @@ def samples_per_prompt(cfg: Config) -> int:
     return {"dense": cfg.dense.samples_per_prompt, "grpo": cfg.grpo.group_size}.get(cfg.algo, 1)
 
 
+def num_train_steps(cfg: Config, stochastic_steps: int) -> int:
+    """Steps trained per trajectory and inner epoch: int(timestep_fraction x T) as the references floor it
+    (at least 1), or the dense-reward view's own draw count."""
+    if cfg.algo == "dense" and cfg.dense.num_timesteps is not None:
+        return cfg.dense.num_timesteps
+    return max(1, int(cfg.train.timestep_fraction * stochastic_steps))
+
+
 def validate(cfg: Config) -> Config:
     """Reject impossible combinations before any model is loaded (ConfigError names the keys)."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
+
+    def choice(key: str, value, options) -> None:
+        need(value in options, f"{key} must be one of {list(options)}, got {value!r}")
 
     from ..algos import ALGORITHMS
 
@@ -184,16 +253,16 @@ def validate(cfg: Config) -> Config:
     samples = s.batch_size * s.num_batches_per_epoch
     need(samples % t.batch_size == 0, f"the samples per epoch (sample.batch_size x sample.num_batches_per_epoch = {samples}) must be a multiple of train.batch_size ({t.batch_size})")
     need(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
-    trained = max(1, round(t.timestep_fraction * s.num_steps))
-    need(1 <= t.chunk_size <= trained, f"train.chunk_size (K = {t.chunk_size}) must be between 1 and the trained timesteps per sample ({trained} = timestep_fraction x sample.num_steps)")
+    need(t.chunk_size >= 1, f"train.chunk_size must be >= 1, got {t.chunk_size}")
     need(t.num_inner_epochs >= 1 and t.gradient_accumulation_steps >= 1, "train.num_inner_epochs and train.gradient_accumulation_steps must be >= 1")
+    choice("train.optimizer_step_every", t.optimizer_step_every, ("minibatches", "chunks", "round"))
     need(t.learning_rate > 0, "train.learning_rate must be > 0")
-    need(t.lr_schedule in ("constant", "linear", "cosine"), f"train.lr_schedule must be 'constant', 'linear' or 'cosine', got {t.lr_schedule!r}")
+    choice("train.lr_schedule", t.lr_schedule, ("constant", "linear", "cosine"))
     need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps must be >= 0")
     need(t.clip_range > 0 and t.adv_clip_max > 0, "train.clip_range and train.adv_clip_max must be > 0")
-    need(cfg.model.mixed_precision in ("no", "bf16", "fp16"), f"model.mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.model.mixed_precision!r}")
-    need(cfg.model.attention in ("auto", "sdpa", "xformers"), f"model.attention must be auto, sdpa or xformers, got {cfg.model.attention!r}")
-    need(cfg.model.sampler in ("auto", "ddim", "ddpm"), f"model.sampler must be 'auto', 'ddim' or 'ddpm', got {cfg.model.sampler!r}")
+    choice("model.mixed_precision", cfg.model.mixed_precision, ("no", "bf16", "fp16"))
+    choice("model.attention", cfg.model.attention, ("auto", "sdpa", "xformers"))
+    choice("model.sampler", cfg.model.sampler, ("auto", "ddim", "ddpm"))
     need(cfg.model.lora_rank >= 1, "model.lora_rank must be >= 1")
     for key, dev in (("sample.trajectory_device", s.trajectory_device), ("model.reference_device", cfg.model.reference_device)):
         if dev:
@@ -205,7 +274,7 @@ def validate(cfg: Config) -> Config:
     need(a.buffer_size >= 1 and 1 <= a.min_count <= a.buffer_size, "advantage.min_count must be in [1, advantage.buffer_size]")
     need(bool(cfg.prompts) or bool(cfg.prompt_file), "no prompts: set `prompts` or `prompt_file`")
     need(cfg.log.eval_samples >= 0 and cfg.log.grid_samples >= 0, "log.eval_samples and log.grid_samples must be >= 0")
-    need(cfg.dist.engine in ("auto", "none", "ddp", "deepspeed"), f"dist.engine must be auto, none, ddp or deepspeed, got {cfg.dist.engine!r}")
+    choice("dist.engine", cfg.dist.engine, ("auto", "none", "ddp", "deepspeed"))
     need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
     G = samples_per_prompt(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
@@ -214,12 +283,40 @@ def validate(cfg: Config) -> Config:
          "prompt group; fix the reward or let the run stop on non-finite rewards")
     need(s.batch_size % G == 0 and t.batch_size % G == 0,
          f"{cfg.algo} trains on groups of {G} samples per prompt: sample.batch_size ({s.batch_size}) and train.batch_size ({t.batch_size}) must be multiples of {G}")
-    need(0 < cfg.dense.gamma <= 1, f"dense.gamma must be in (0, 1], got {cfg.dense.gamma}")
-    need(cfg.dense.timestep_sampling in ("discounted", "weighted"), f"dense.timestep_sampling must be 'discounted' or 'weighted', got {cfg.dense.timestep_sampling!r}")
-    need(cfg.d3po.beta > 0 and cfg.dense.temperature > 0, "d3po.beta and dense.temperature must be > 0")
-    for key, c in (("d3po.ratio_clip", cfg.d3po.ratio_clip), ("dense.ratio_clip", cfg.dense.ratio_clip)):
-        need(c is None or 0 < c < 1, f"{key} must be in (0, 1) or null")
-    need(cfg.dense.kl_coef >= 0, "dense.kl_coef must be >= 0")
-    need(cfg.dpok.beta >= 0 and cfg.grpo.beta >= 0 and cfg.dpok.alpha >= 0, "dpok.alpha, dpok.beta and grpo.beta must be >= 0")
-    need(cfg.tdpo.reset_every >= 1 and cfg.tdpo.critic_epochs >= 1 and cfg.tdpo.critic_batch_size >= 1, "tdpo.reset_every, tdpo.critic_epochs and tdpo.critic_batch_size must be >= 1")
+    if cfg.algo == "ddpo_sf":
+        need(t.optimizer_step_every != "round" or t.num_inner_epochs == 1,
+             "ddpo_sf with train.optimizer_step_every=round takes its one step per round at theta = theta_old; a second inner "
+             "epoch would reuse the data off-policy, where the score-function estimator is biased: set train.num_inner_epochs=1")
+    # the dense-reward loss couples a trajectory's steps: its two-pass gradient needs the policy fixed over a minibatch
+    need(cfg.algo != "dense" or t.optimizer_step_every != "chunks",
+         "algo=dense needs train.optimizer_step_every=minibatches or round: its loss couples all trained steps of a trajectory")
+    d = cfg.dense
+    need(0 < d.gamma <= 1, f"dense.gamma must be in (0, 1], got {d.gamma}")
+    choice("dense.timestep_sampling", d.timestep_sampling, ("discounted", "weighted"))
+    need(d.num_timesteps is None or d.num_timesteps >= 1, f"dense.num_timesteps must be >= 1 or null, got {d.num_timesteps}")
+    need(d.log_ratio_clip is None or d.log_ratio_clip > 0, "dense.log_ratio_clip must be > 0 or null")
+    if cfg.algo == "dense" and d.timestep_sampling == "weighted" and d.num_timesteps is not None:
+        need(d.num_timesteps <= s.num_steps, f"dense.num_timesteps ({d.num_timesteps}) distinct steps cannot exceed sample.num_steps ({s.num_steps}) with timestep_sampling=weighted")
+    need(cfg.d3po.beta > 0 and d.temperature > 0, "d3po.beta and dense.temperature must be > 0")
+    need(cfg.d3po.ratio_clip is None or 0 < cfg.d3po.ratio_clip < 1, "d3po.ratio_clip must be in (0, 1) or null")
+    choice("d3po.pairs", cfg.d3po.pairs, ("all", "disjoint"))
+    need(d.kl_coef >= 0, "dense.kl_coef must be >= 0")
+    p = cfg.dpok
+    need(p.beta >= 0 and p.alpha >= 0, "dpok.alpha and dpok.beta must be >= 0")
+    choice("dpok.kl_form", p.kl_form, ("eps_mse", "exact"))
+    choice("dpok.ratio_clip", p.ratio_clip, ("clamp", "ppo"))
+    choice("dpok.advantage", p.advantage, ("raw", "normalized"))
+    need(p.value_lr > 0 and p.value_batch_size >= 1 and p.value_steps >= 1, "dpok.value_lr must be > 0, dpok.value_batch_size and dpok.value_steps >= 1")
+    c = cfg.tdpo
+    choice("tdpo.critic", c.critic, ("embedding", "latent"))
+    need(c.critic_lr > 0 and c.critic_weight_decay >= 0 and c.critic_max_grad_norm >= 0,
+         "tdpo.critic_lr must be > 0, tdpo.critic_weight_decay and tdpo.critic_max_grad_norm >= 0")
+    need(c.value_clip > 0 and c.value_coef >= 0, "tdpo.value_clip must be > 0 and tdpo.value_coef >= 0")
+    need(c.adv_clip_max is None or c.adv_clip_max > 0, "tdpo.adv_clip_max must be > 0 or null")
+    need(c.reset_every >= 1, "tdpo.reset_every must be >= 1")
+    g = cfg.grpo
+    need(g.beta >= 0 and g.eps > 0, "grpo.beta must be >= 0 and grpo.eps > 0")
+    choice("grpo.kl_form", g.kl_form, ("flow_grpo", "exact"))
+    choice("grpo.std", g.std, ("global", "group"))
+    choice("grpo.train_steps", g.train_steps, ("first", "random"))
     return cfg

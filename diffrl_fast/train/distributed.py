@@ -114,13 +114,14 @@ class Engine:
 
     kind = "none"
     steps = 0  # optimiser steps taken (the learning-rate schedule's position; checkpointed by the trainer)
+    steps_per_epoch: Optional[int] = None  # set by the trainer (``Trainer.step_groups``) before the first step
 
     @property
     def total_steps(self) -> int:
-        """Optimiser steps of the whole run: per epoch and inner epoch, ceil(minibatches / accumulation)."""
-        c, t = self.cfg, self.cfg.train
-        minibatches = math.ceil(c.sample.batch_size * c.sample.num_batches_per_epoch / t.batch_size)
-        return c.num_epochs * t.num_inner_epochs * math.ceil(minibatches / t.gradient_accumulation_steps)
+        """Optimiser steps of the whole run (the length of the learning-rate schedule)."""
+        if self.steps_per_epoch is None:
+            raise RuntimeError("the trainer sets Engine.steps_per_epoch before the first optimiser step")
+        return self.cfg.num_epochs * self.steps_per_epoch
 
     def _apply_schedule(self, optimizer) -> None:
         t = self.cfg.train

@@ -109,6 +109,7 @@ class Trainer:
         self.tracked = {name: get_reward(name) for name in cfg.reward.track}
         self.tracked_means: dict[str, float] = {}
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
+        self.algo.check_model(self.model)
         m = cfg.model
         if m.lora:
             self.model.add_lora(m.lora_rank, m.lora_alpha, m.lora_targets)
@@ -140,6 +141,7 @@ class Trainer:
         # (benchmarks/results/e2e.md).
         self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward", initializer=torch.set_num_threads, initargs=(1,))
                       if cfg.reward.overlap else None)
+        self.algo.setup(self)
 
     @property
     def skipped_steps(self) -> int:
@@ -210,12 +212,12 @@ class Trainer:
         return True
 
     # ---- rollout and rewards -------------------------------------------------------------------
-    def _sample(self, prompts: list[str], seeds: list[int], progress=None) -> Trajectory:
+    def _sample(self, prompts: list[str], seeds: list[int], init_seeds: Optional[list[int]] = None, progress=None) -> Trajectory:
         s = self.cfg.sample
         return sample_trajectories(
             self.model, prompts, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
             noise_level=s.noise_level, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
-            seeds=seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
+            seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
             storage_device=s.trajectory_device or None,
         )
 
@@ -243,11 +245,11 @@ class Trainer:
                 idx = torch.randint(len(self.prompts), (s.batch_size // G,), generator=g).repeat_interleave(G)
                 seeds = torch.randint(0, 2**31 - 1, (s.batch_size,), generator=g).tolist()
                 plan = ([self.prompts[i] for i in idx], seeds)
-            if self.algo.sample_with_reference:
-                with self.model.reference():
-                    traj = self._sample(*plan, progress=bar)
-            else:
-                traj = self._sample(*plan, progress=bar)
+            prompts, seeds = plan
+            # a group sharing x_0 starts from its first member's initial noise
+            init = [seeds[i - i % G] for i in range(len(seeds))] if self.algo.shares_initial_noise else None
+            with self.model.reference() if self.algo.sample_with_reference else contextlib.nullcontext():
+                traj = self._sample(prompts, seeds, init_seeds=init, progress=bar)
             trajs.append(traj)
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
         rewards = torch.cat([p.result() if isinstance(p, Future) else p for p in pending])
@@ -282,6 +284,7 @@ class Trainer:
     # ---- optimisation --------------------------------------------------------------------------
     def _optimizer_step(self) -> float:
         norm = self.engine.step()
+        self.algo.after_optimizer_step(self, math.isfinite(norm))
         if not math.isfinite(norm):
             self.nonfinite_in_row += 1
             if self.nonfinite_in_row >= self.max_nonfinite_in_row:
@@ -291,12 +294,26 @@ class Trainer:
             self.nonfinite_in_row = 0
         return norm
 
+    def step_groups(self, n_minibatches: int, n_chunks: int) -> list[list[tuple[int, int]]]:
+        """The optimiser steps of one inner epoch: each a list of (minibatch, chunk) units, in training order
+        (``train.optimizer_step_every`` and ``train.gradient_accumulation_steps``)."""
+        t = self.cfg.train
+        units = [(m, c) for m in range(n_minibatches) for c in range(n_chunks)]
+        if t.optimizer_step_every == "round":
+            return [units]
+        size = t.gradient_accumulation_steps * (n_chunks if t.optimizer_step_every == "minibatches" else 1)
+        return [units[i:i + size] for i in range(0, len(units), size)]
+
     def train_epoch(self, epoch: int, traj: Trajectory, data, bar=None, stop_flag: Callable[[], bool] = lambda: False) -> dict[str, float]:
         t = self.cfg.train
         self.model.denoiser.train()
         steps = trainable_steps(traj)
-        n_train = max(1, round(t.timestep_fraction * steps.numel()))
-        B, K = len(traj), t.chunk_size
+        n_train = self.algo.num_train_steps(steps.numel())
+        B, K = len(traj), min(t.chunk_size, n_train)
+        n_chunks = math.ceil(n_train / K)
+        if self.engine.steps_per_epoch is None:  # the learning-rate schedule's length (same on resume)
+            planned = self.cfg.sample.batch_size * self.cfg.sample.num_batches_per_epoch
+            self.engine.steps_per_epoch = t.num_inner_epochs * len(self.step_groups(math.ceil(planned / t.batch_size), n_chunks))
         totals: dict[str, torch.Tensor] = {}
         rows_seen = 0
         grad_norms = []
@@ -305,26 +322,28 @@ class Trainer:
             perm = self.algo.sample_order(B, data, g)
             order = self.algo.step_order(B, steps, n_train, g)
             minibatches = list(perm.split(t.batch_size))
-            for first in range(0, len(minibatches), t.gradient_accumulation_steps):
+            ctxs: dict[int, object] = {}
+            for group in self.step_groups(len(minibatches), n_chunks):
                 if stop_flag():
                     raise Interrupted()
-                group = minibatches[first:first + t.gradient_accumulation_steps]
-                group_rows = sum(len(mb) for mb in group) * n_train
-                for gi, mb in enumerate(group):
-                    ctx = self.algo.begin_minibatch(self, traj, mb, order[mb], data)
-                    for k0 in range(0, n_train, K):
-                        boundary = gi == len(group) - 1 and k0 + K >= n_train
-                        with self.engine.micro_step(boundary):
-                            chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device)
-                            loss, stats = self.algo.chunk_loss(self, chunk, data, ctx)
-                            rows = chunk.step_idx.numel()
-                            self.engine.backward(loss * (rows / group_rows))
-                        rows_seen += rows
-                        for k, v in {"loss": loss, **stats}.items():  # summed on the device: no host sync per chunk
-                            v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
-                            totals[k] = totals[k] + v * rows if k in totals else v * rows
-                        if bar is not None:
-                            bar.update(rows)
+                group_rows = sum(len(minibatches[m]) * min(K, n_train - c * K) for m, c in group)
+                for ui, (m, c) in enumerate(group):
+                    mb = minibatches[m]
+                    if c == 0:  # the algorithm's optional first pass over a minibatch
+                        ctxs = {m: self.algo.begin_minibatch(self, traj, mb, order[mb], data)}
+                    k0 = c * K
+                    with self.engine.micro_step(ui == len(group) - 1):
+                        chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device)
+                        rows = chunk.step_idx.numel()
+                        chunk.col0, chunk.weight = k0, rows / group_rows
+                        loss, stats = self.algo.chunk_loss(self, chunk, data, ctxs[m])
+                        self.engine.backward(loss * chunk.weight)
+                    rows_seen += rows
+                    for k, v in {"loss": loss, **stats}.items():  # summed on the device: no host sync per chunk
+                        v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+                        totals[k] = totals[k] + v * rows if k in totals else v * rows
+                    if bar is not None:
+                        bar.update(rows)
                 grad_norms.append(self._optimizer_step())
         out = self.ctx.means({k: v / max(rows_seen, 1) for k, v in totals.items()})
         finite = [n for n in grad_norms if math.isfinite(n)]
@@ -385,7 +404,7 @@ class Trainer:
             t1 = time.perf_counter()
             data = self.algo.prepare(self, traj, rewards)
             try:
-                with bars.training(epoch, len(traj) * max(1, round(cfg.train.timestep_fraction * trainable_steps(traj).numel()))
+                with bars.training(epoch, len(traj) * self.algo.num_train_steps(trainable_steps(traj).numel())
                                    * cfg.train.num_inner_epochs) as bar:
                     stats = self.train_epoch(epoch, traj, data, bar, stop_flag)
             except Interrupted:

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from diffrl_fast.config_utils import load_config
-from diffrl_fast.train.config import Config, validate
+from diffrl_fast.train.config import DEFAULT_PRESET, Config, validate
 from diffrl_fast.train.trainer import Trainer
 
 
@@ -20,7 +21,7 @@ def test_label_then_train_d3po_on_the_choices(tmp_path):
     assert [it["choice"] for it in data["items"]] == [0, 1, 1] and (tmp_path / "img" / "pair_0000.png").exists()
     assert data["items"][1]["seeds"] == [2, 3]
 
-    cfg = validate(load_config(Config, None, ["algo=d3po", f"d3po.preferences={labels}", "sample.num_steps=4",
+    cfg = validate(load_config(Config, DEFAULT_PRESET, ["algo=d3po", f"d3po.preferences={labels}", "sample.num_steps=4",
                                               "sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=4",
                                               "num_epochs=1", "log.eval_samples=0", "log.progress=false",
                                               f"output_dir={tmp_path}", "name=h"]))
@@ -28,13 +29,15 @@ def test_label_then_train_d3po_on_the_choices(tmp_path):
     traj, rewards = trainer.sample_epoch(0)
     items = {(it["prompt"], tuple(it["seeds"])): it for it in data["items"]}
     assert all((traj.prompts[i], (int(traj.seeds[i]), int(traj.seeds[i + 1]))) in items for i in range(0, 4, 2))
+    assert torch.equal(traj.latents[0, 0], traj.latents[1, 0])  # the pair shares x_T, as labelled
     data_ = trainer.algo.prepare(trainer, traj, rewards)
+    winners = {int(w) for w, _ in data_.extra["pairs"].tolist()}
     for i in range(0, 4, 2):  # the human's choice wins, whatever the reward says
         it = items[(traj.prompts[i], (int(traj.seeds[i]), int(traj.seeds[i + 1])))]
-        assert float(data_.extra["role"][i + it["choice"]]) == 1.0
+        assert i + it["choice"] in winners and i + 1 - it["choice"] not in winners
     trainer.run()
     assert (tmp_path / "h" / "metrics.jsonl").exists()
 
-    bad = validate(load_config(Config, None, ["algo=d3po", f"d3po.preferences={labels}", "sample.num_steps=20"]))
+    bad = validate(load_config(Config, DEFAULT_PRESET, ["algo=d3po", f"d3po.preferences={labels}", "sample.num_steps=20"]))
     with pytest.raises(ValueError, match="other settings"):
         Trainer(bad, tmp_path / "x", log_fn=lambda s: None)

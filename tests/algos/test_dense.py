@@ -12,7 +12,7 @@ from diffrl_fast.train.config import Config, validate
 
 def test_two_pass_gradient_equals_direct_gradient():
     cfg = validate(load_config(Config, None, ["algo=dense", "dense.samples_per_prompt=3", "sample.batch_size=6",
-                                              "train.batch_size=6", "train.chunk_size=2", "dense.ratio_clip=null",
+                                              "train.batch_size=6", "train.chunk_size=2", "dense.log_ratio_clip=null",
                                               "dense.timestep_sampling=weighted"]))
     model = load_model("digits")
     model.add_lora(rank=2)
@@ -41,6 +41,7 @@ def test_two_pass_gradient_equals_direct_gradient():
     rows = order.numel()
     for k0 in range(0, 3, 2):
         chunk = pack_chunk(traj, mb, order[:, k0:k0 + 2], "cpu")
+        chunk.col0 = k0
         loss, _ = algo.chunk_loss(T, chunk, data, ctx)
         (loss * (chunk.step_idx.numel() / rows)).backward()
     chunked = torch.cat([p.grad.flatten() for p in params])

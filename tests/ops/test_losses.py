@@ -66,17 +66,18 @@ def test_gaussian_kl(backend, reduction):
         assert torch.allclose(gaussian_kl(ref_mean, ref_mean, 0.7), torch.zeros(6, device=device))
 
 
+@pytest.mark.parametrize("clip_mode", ["ppo", "clamp"])
 @pytest.mark.parametrize("clip_range", [1e-4, 0.2, None])
 @pytest.mark.parametrize("adv_clip", [5.0, None])
-def test_ppo_clip_loss_matches_oracle(clip_range, adv_clip):
+def test_ppo_clip_loss_matches_oracle(clip_range, adv_clip, clip_mode):
     g = torch.Generator().manual_seed(2)
     logp = torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.3 - 1.0
     old = logp + 0.25 * torch.randn(4, 6, generator=g, dtype=torch.float64)
     adv = 4.0 * torch.randn(4, 6, generator=g, dtype=torch.float64)
     lp1, lp2 = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    out = ppo_clip_loss(lp1, old, adv, clip_range=clip_range, adv_clip=adv_clip)
+    out = ppo_clip_loss(lp1, old, adv, clip_range=clip_range, adv_clip=adv_clip, clip_mode=clip_mode)
     out.loss.backward()
-    loss, clipfrac, approx_kl, ratio_mean = oracle.ppo_loss(lp2, old, adv, clip_range, adv_clip)
+    loss, clipfrac, approx_kl, ratio_mean = oracle.ppo_loss(lp2, old, adv, clip_range, adv_clip, clamp_only=clip_mode == "clamp")
     loss.backward()
     assert torch.allclose(out.loss, loss, rtol=1e-12)
     assert torch.allclose(lp1.grad, lp2.grad, rtol=1e-12, atol=1e-15)

@@ -64,8 +64,9 @@ def step_kl(x, eu, ec, reu, rec, a, b, g, s, reduction="mean", clip=None, latent
     return gaussian_kl(step_mean(x, eu, ec, a, b, g, clip, latent_dims), step_mean(x, reu, rec, a, b, g, clip, latent_dims), s, reduction, latent_dims)
 
 
-def ppo_loss(logp, old_logp, adv, clip_range, adv_clip):
-    """Row by row: A = clip(adv); rho = exp(logp - old); l = max(-A rho, -A clip(rho)) or -A logp; mean."""
+def ppo_loss(logp, old_logp, adv, clip_range, adv_clip, clamp_only=False):
+    """Row by row: A = clip(adv); rho = exp(logp - old); l = max(-A rho, -A clip(rho)) (or only -A clip(rho)
+    with clamp_only, DPOK's form) or -A logp; mean."""
     logp, old, adv = logp.to(F64).flatten(), old_logp.to(F64).flatten(), adv.to(F64).flatten()
     terms, clipped, kls, ratios = [], 0, [], []
     for i in range(logp.numel()):
@@ -74,7 +75,8 @@ def ppo_loss(logp, old_logp, adv, clip_range, adv_clip):
         if clip_range is None:
             terms.append(-A * logp[i])
         else:
-            terms.append(torch.maximum(-A * rho, -A * torch.clamp(rho, 1 - clip_range, 1 + clip_range)))
+            c = -A * torch.clamp(rho, 1 - clip_range, 1 + clip_range)
+            terms.append(c if clamp_only else torch.maximum(-A * rho, c))
             clipped += int(abs(rho.item() - 1) > clip_range)
         kls.append(0.5 * (logp[i] - old[i]) ** 2)
         ratios.append(rho)
@@ -157,3 +159,4 @@ def flow_sde_step(sigmas, j, x, v, noise_level, noise):
     mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
     s = std_t * math.sqrt(-dt)
     return mean + s * noise.to(F64), mean, s
+

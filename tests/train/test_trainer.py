@@ -14,7 +14,7 @@ from diffrl_fast.train.config import Config, validate
 from diffrl_fast.train.trainer import Trainer
 
 SMALL = ["reward.name=jpeg_compressibility", "prompts=[a cat, a dog, a red car]", "sample.num_steps=4", "sample.batch_size=4",
-         "sample.num_batches_per_epoch=1", "train.batch_size=2", "train.chunk_size=2", "log.eval_samples=4",
+         "sample.num_batches_per_epoch=1", "train.batch_size=2", "train.gradient_accumulation_steps=1", "train.chunk_size=2", "log.eval_samples=4",
          "log.grid_samples=4", "log.progress=false", "log.tensorboard=false", "train.learning_rate=1e-3", "reward.overlap=false",
          "model.lora=true"]
 

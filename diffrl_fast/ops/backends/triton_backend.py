@@ -1,10 +1,16 @@
 """Triton backend for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1, for tests).
 
-Grid: one program per (row, chunk of CHUNK elements). CHUNK is fixed, not derived from the batch, so a
-row's partial sums and their combination are the same whatever the batch: log-probs recomputed in
-training match the rollout's exactly. Forward writes per-(row, chunk) partial sums of squares, summed
-per row afterwards in a fixed order; backward is purely elementwise and writes each gradient once.
-All arithmetic runs in float32 (float64 for float64 inputs), upcast right after loading.
+Grid: one program per (row, chunk of CHUNK elements), flattened to one grid dimension (CUDA caps the
+second and third at 65,535; the first holds 2^31 - 1 programs, i.e. rows of up to 8.8e12 elements).
+CHUNK and BLOCK are fixed, not derived from the batch, and a row's per-chunk partial sums are added by
+``_row_sum_kernel`` in chunk order: a row's sum is the same bits whatever the other rows of the call, so
+log-probs recomputed in training match the rollout's exactly. Backward is purely elementwise and writes
+each gradient once. All arithmetic runs in float32, upcast right after loading; float64 inputs are handed to the torch backend.
+
+Floating-point contraction is pinned (``FP_FUSION``): a x + b e and the squares contract to fused
+multiply-adds, as Triton did by default before 3.10. The kernels therefore differ from the torch and C++
+backends in the last bits (within the tests' tolerances); the rollout and the training recompute run the
+same kernel on one device, so their agreement is exact.
 """
 from __future__ import annotations
 
@@ -15,14 +21,19 @@ import triton
 import triton.language as tl
 
 from .._problem import N_COEF, StepProblem, row_addressing
+from . import torch_backend
 
 NAME = "triton"
 
 CHUNK = 4096
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The interpreter pays per launch and per op, not per element: one big block per program there.
+# The interpreter pays per launch and per op, not per element: one big block per program there (tests also
+# run the GPU's 1024 under the interpreter, tests/ops/test_triton_hazards.py).
 BLOCK = CHUNK if _INTERPRET else 1024
 NUM_WARPS = 4
+FP_FUSION = True  # pinned, not left to the Triton version's default (see the module docstring)
+PART_BLOCK = 64  # partial sums added per step of _row_sum_kernel
+MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on the first grid dimension
 
 
 @triton.jit
@@ -78,8 +89,9 @@ def _step_fwd_kernel(
     CLIP: tl.constexpr, WANT_MEAN: tl.constexpr, ACC: tl.constexpr,
     CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    chunk = pid % n_chunks
     a, b, g, m0, cx, ce, lim = _load_coefs(coef_ptr, row, ACC)
     xo = _row_start(row, n_inner, sxo, sxi)
     yo = _row_start(row, n_inner, syo, syi)
@@ -113,21 +125,22 @@ def _step_fwd_kernel(
         tl.store(kk_ptr + row * n_chunks + chunk, tl.sum(acc_kk, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["need_dx", "need_dy", "need_deu", "need_dec"])
 def _step_bwd_kernel(
     x_ptr, y_ptr, eu_ptr, ec_ptr, ru_ptr, rc_ptr, coef_ptr, wss_ptr, wkk_ptr, gm_ptr,
     dx_ptr, dy_ptr, deu_ptr, dec_ptr,
-    n_inner, D,
+    n_inner, D, n_chunks,
     sxo, sxi, syo, syi, suo, sui, sco, sci, sruo, srui, srco, srci,
+    need_dx, need_dy, need_deu, need_dec,  # runtime flags: uniform branches, not one compiled variant per pattern
     HAS_Y: tl.constexpr, HAS_EU: tl.constexpr, HAS_EC: tl.constexpr, HAS_REF: tl.constexpr,
     CLIP: tl.constexpr, HAS_GMEAN: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DY: tl.constexpr, NEED_DEU: tl.constexpr, NEED_DEC: tl.constexpr,
     ACC: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
 ):
     # dL/dmean = -2 w_ss (y - mean) + 2 w_kk (mean - ref_mean) + g_mean;  dL/dy = 2 w_ss (y - mean)
     # dL/dx = dL/dmean dmean/dx - 2 w_kk (mean - ref_mean) dref_mean/dx;  dL/de = dL/dmean dmean/de;  dL/dec = g dL/de;  dL/deu = (1 - g) dL/de
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    chunk = pid % n_chunks
     a, b, g, m0, cx, ce, lim = _load_coefs(coef_ptr, row, ACC)
     two_ws = 2.0 * tl.load(wss_ptr + row).to(ACC) if HAS_Y else 0.0
     two_wk = 2.0 * tl.load(wkk_ptr + row).to(ACC) if HAS_REF else 0.0
@@ -160,18 +173,41 @@ def _step_bwd_kernel(
             dx_ref = dkk * rdmdx
         if HAS_GMEAN:
             dm += _load(gm_ptr, out, m, ACC)
-        if NEED_DX:
+        if need_dx != 0:
             tl.store(dx_ptr + out, (dm * dmdx - dx_ref).to(dx_ptr.dtype.element_ty), mask=m)
-        if NEED_DY:
+        if need_dy != 0:
             tl.store(dy_ptr + out, dyv.to(dy_ptr.dtype.element_ty), mask=m)
         de = dm * dmde
-        if NEED_DEU:
+        if need_deu != 0:
             if HAS_EC:
                 tl.store(deu_ptr + out, ((1.0 - g) * de).to(deu_ptr.dtype.element_ty), mask=m)
             else:
                 tl.store(deu_ptr + out, de.to(deu_ptr.dtype.element_ty), mask=m)
-        if NEED_DEC:
+        if need_dec != 0:
             tl.store(dec_ptr + out, (g * de).to(dec_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _row_sum_kernel(part_ptr, out_ptr, n_chunks, PBLOCK: tl.constexpr):
+    # out[row] = sum_c part[row, c], always added in the same order: PBLOCK lanes, each summing chunks
+    # lane, lane + PBLOCK, ... in turn, then the lanes by tl.sum's fixed tree; nothing depends on the rows
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([PBLOCK], dtype=part_ptr.dtype.element_ty)
+    for start in range(0, n_chunks, PBLOCK):
+        idx = start + tl.arange(0, PBLOCK)
+        acc += tl.load(part_ptr + row * n_chunks + idx, mask=idx < n_chunks, other=0.0)
+    tl.store(out_ptr + row, tl.sum(acc, axis=0))
+
+
+def _row_sums(part: torch.Tensor) -> torch.Tensor:
+    """[n_rows] sums of [n_rows, n_chunks] partials, in a fixed order per row (see _row_sum_kernel)."""
+    n_rows, n_chunks = part.shape
+    if n_chunks == 1:
+        return part[:, 0]
+    out = part.new_empty(n_rows)
+    if n_rows:
+        _row_sum_kernel[(n_rows,)](part, out, n_chunks, PBLOCK=PART_BLOCK, num_warps=1, enable_fp_fusion=FP_FUSION)
+    return out
 
 
 def _launch_args(p: StepProblem):
@@ -184,10 +220,18 @@ def _launch_args(p: StepProblem):
 
 
 def _grid(p: StepProblem) -> tuple[int, int]:
-    return p.n_rows, triton.cdiv(p.row_size, CHUNK)
+    """(rows, chunks per row); the launch grid is their product, in one dimension."""
+    n_rows, n_chunks = p.n_rows, triton.cdiv(p.row_size, CHUNK)
+    if n_rows * n_chunks > MAX_PROGRAMS:
+        raise ValueError(f"the triton backend launches one program per {CHUNK} elements of each row: {n_rows} rows of "
+                         f"{p.row_size} elements need {n_rows * n_chunks} programs, over CUDA's {MAX_PROGRAMS}; "
+                         "split the batch into several calls")
+    return n_rows, n_chunks
 
 
 def step_fwd(p: StepProblem, want_ss: bool, want_kk: bool, want_mean: bool):
+    if p.x.dtype == torch.float64:  # float64 (tests, references) runs on the torch backend: no fp64 kernels to build
+        return torch_backend.step_fwd(p, want_ss, want_kk, want_mean)
     assert p.coef.shape[1] == N_COEF
     lead = p.lead_shape
     n_rows, n_chunks = _grid(p)
@@ -196,18 +240,21 @@ def step_fwd(p: StepProblem, want_ss: bool, want_kk: bool, want_mean: bool):
     mean = torch.empty(p.x.shape if want_mean else (0,), dtype=p.x.dtype, device=p.x.device)
     if n_rows:
         n_inner, ptrs, flat, acc = _launch_args(p)
-        _step_fwd_kernel[(n_rows, n_chunks)](
+        _step_fwd_kernel[(n_rows * n_chunks,)](
             *ptrs, p.coef.contiguous(), part_ss, part_kk, mean if want_mean else p.x,
             n_inner, p.row_size, n_chunks, *flat,
             HAS_Y=want_ss, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=want_kk,
             CLIP=p.clip, WANT_MEAN=want_mean, ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK, num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION,
         )
-    ss = part_ss.sum(1).reshape(lead) if want_ss else p.coef.new_empty(0)
-    kk = part_kk.sum(1).reshape(lead) if want_kk else p.coef.new_empty(0)
+    ss = _row_sums(part_ss).reshape(lead) if want_ss else p.coef.new_empty(0)
+    kk = _row_sums(part_kk).reshape(lead) if want_kk else p.coef.new_empty(0)
     return ss, kk, mean
 
 
 def step_bwd(p: StepProblem, w_ss, w_kk, g_mean, need):
+    if p.x.dtype == torch.float64:
+        return torch_backend.step_bwd(p, w_ss, w_kk, g_mean, need)
     acc_dtype = p.coef.dtype
     present = (p.x, p.y, p.eu, p.ec)
     outs = [torch.empty(p.x.shape, dtype=p.x.dtype, device=p.x.device) if n and t is not None else None
@@ -216,17 +263,16 @@ def step_bwd(p: StepProblem, w_ss, w_kk, g_mean, need):
     if n_rows:
         n_inner, ptrs, flat, acc = _launch_args(p)
         dummy = p.coef
-        _step_bwd_kernel[(n_rows, n_chunks)](
+        _step_bwd_kernel[(n_rows * n_chunks,)](
             *ptrs, p.coef.contiguous(),
             dummy if w_ss is None else w_ss.to(acc_dtype).contiguous(),
             dummy if w_kk is None else w_kk.to(acc_dtype).contiguous(),
             p.x if g_mean is None else g_mean.to(p.x.dtype).contiguous(),
             *[p.x if o is None else o for o in outs],
-            n_inner, p.row_size, *flat,
+            n_inner, p.row_size, n_chunks, *flat,
+            *[int(o is not None) for o in outs],
             HAS_Y=w_ss is not None, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=w_kk is not None,
             CLIP=p.clip, HAS_GMEAN=g_mean is not None,
-            NEED_DX=outs[0] is not None, NEED_DY=outs[1] is not None,
-            NEED_DEU=outs[2] is not None, NEED_DEC=outs[3] is not None,
-            ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK, num_warps=NUM_WARPS,
+            ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
         )
     return tuple(outs)

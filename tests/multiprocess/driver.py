@@ -1,7 +1,9 @@
-"""Run under torchrun (or as one process) by tests/dist/test_distributed.py.
+"""Run under torchrun (or as one process) by tests/multiprocess/test_distributed.py.
 
-    python -m tests.dist.driver train  OUT key=value ...   # Trainer.run(), then a fingerprint of the weights per rank
-    python -m tests.dist.driver step   OUT key=value ...   # one optimiser step on a fixed global batch (DDP vs 1 process)
+    python -m tests.multiprocess.driver train  OUT key=value ...   # Trainer.run(), then a fingerprint of the weights per rank
+    python -m tests.multiprocess.driver train_resume OUT key=value ...  # train to num_epochs - 1, then resume to num_epochs
+    python -m tests.multiprocess.driver step   OUT key=value ...   # one optimiser step on a fixed global batch (DDP vs 1 process)
+    python -m tests.multiprocess.driver critic OUT key=value ...   # TDPO(-R) trains: its critic's parameters per rank
 """
 import json
 import sys
@@ -21,8 +23,34 @@ def weights(trainer) -> dict:
         return {n: p.detach().double().clone() for n, p in trainer.model.denoiser.named_parameters() if p.requires_grad}
 
 
+def fingerprint(trainer) -> dict:
+    w = weights(trainer)
+    return {"rank": trainer.ctx.rank, "world": trainer.ctx.world_size, "engine": trainer.engine.kind, "epoch": trainer.epoch,
+            "fingerprint": [float(v.sum()) for v in w.values()], "norm": float(sum(v.norm() ** 2 for v in w.values()) ** 0.5)}
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
+    if any(a == "dist.engine=deepspeed" for a in sys.argv):
+        # DeepSpeed JIT-builds a shared-memory allreduce for CPU processes (~40 s in CI); without it its collectives
+        # go through gloo, which is what the test runs over anyway
+        import importlib
+
+        # (the module itself: ``deepspeed.comm.torch`` as an attribute is the torch package that deepspeed.comm imports)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if mode == "train_resume":  # one launch: stop after num_epochs - 1, then a fresh Trainer resumes to num_epochs
+        cfg = validate(load_config(Config, None, sys.argv[3:]))
+        first = validate(load_config(Config, None, [*sys.argv[3:], f"num_epochs={cfg.num_epochs - 1}"]))
+        trainer = Trainer(first, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
+        trainer.run()
+        info = {"first": fingerprint(trainer)}
+        trainer = Trainer(cfg, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
+        assert trainer.resume() and trainer.epoch == cfg.num_epochs - 1
+        trainer.run()
+        info["resumed"] = fingerprint(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{trainer.ctx.rank}.json").write_text(json.dumps(info))
+        return
     cfg = validate(load_config(Config, None, sys.argv[3:]))
     trainer = Trainer(cfg, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
     rank = trainer.ctx.rank
@@ -38,6 +66,17 @@ def main() -> None:
 
         trainer.sample_epoch = sample_or_die
         trainer.run()
+        return
+    if mode == "critic":
+        before = [p.detach().double().clone() for p in trainer.algo.critic.net.parameters()]
+        trainer.run()
+        after = [p.detach().double() for p in trainer.algo.critic.net.parameters()]
+        info = {"rank": rank, "critic": [v.flatten().tolist() for v in after],
+                "moved": max(float((a - b).abs().max()) for a, b in zip(after, before)),
+                "records": [json.loads(x) for x in (Path(cfg.output_dir) / cfg.name / "metrics.jsonl").read_text().splitlines()]
+                if rank == 0 else []}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{rank}.json").write_text(json.dumps(info))
         return
     if mode == "train":
         if "--resume" in sys.argv or (Path(cfg.output_dir) / cfg.name / "checkpoints").exists():

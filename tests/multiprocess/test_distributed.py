@@ -1,6 +1,7 @@
-"""Several processes over gloo on CPU: DeepSpeed ZeRO-2 and ZeRO-3 with LoRA on a tiny SDXL, and DDP == one process.
+"""Several processes over gloo on CPU: DeepSpeed ZeRO-2 and ZeRO-3 with LoRA on a tiny SDXL, DDP == one process,
+TDPO-R's data-parallel critic, and a dead process.
 
-Each case launches ``torchrun --nproc_per_node 2`` on tests/dist/driver.py. DeepSpeed JIT-builds its CPU
+Each case launches ``torchrun --nproc_per_node 2`` on tests/multiprocess/driver.py. DeepSpeed JIT-builds its CPU
 Adam op once (cached in .cache/torch_extensions, about half a minute).
 """
 import json
@@ -25,7 +26,7 @@ TINY = ["sample.num_steps=3", "sample.batch_size=2", "sample.num_batches_per_epo
 def _launch(nproc, mode, out, *args, timeout=900):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
            if nproc > 1 else [sys.executable])
-    res = subprocess.run([*cmd, "-m", "tests.dist.driver", mode, str(out), *args], env=ENV, cwd=ROOT,
+    res = subprocess.run([*cmd, "-m", "tests.multiprocess.driver", mode, str(out), *args], env=ENV, cwd=ROOT,
                          capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -41,16 +42,21 @@ def sdxl(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_resumes_and_keeps_ranks_identical(sdxl, tmp_path, stage):
-    common = [f"model.path={sdxl}", *TINY, "dist.engine=deepspeed", f"dist.deepspeed_config={ROOT}/configs/deepspeed_zero{stage}_offload.json",
-              f"output_dir={tmp_path}", "name=run"]
-    first = _launch(2, "train", tmp_path / "a", *common, "num_epochs=2")
-    assert first[0]["engine"] == "deepspeed" and first[0]["epoch"] == 2
+    """One launch: ZeRO-`stage` trains 2 epochs (checkpoint), then a fresh trainer resumes from it to epoch 3.
+    PyTorch's AdamW (torch_adam) instead of DeepSpeed's CPU Adam keeps the JIT build of that op out of CI;
+    the sharding, checkpointing and resume under test are DeepSpeed's either way."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": stage, "contiguous_gradients": True},
+                              "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    common = [f"model.path={sdxl}", *TINY, "dist.engine=deepspeed", f"dist.deepspeed_config={ds}", f"output_dir={tmp_path}", "name=run"]
+    ranks = _launch(2, "train_resume", tmp_path / "a", *common, "num_epochs=3")
+    first, resumed = [r["first"] for r in ranks], [r["resumed"] for r in ranks]
+    assert first[0]["engine"] == "deepspeed" and first[0]["epoch"] == 2 and resumed[0]["epoch"] == 3
     assert first[0]["fingerprint"] == first[1]["fingerprint"]  # both ranks hold the same (gathered) weights
+    assert resumed[0]["fingerprint"] == resumed[1]["fingerprint"] and resumed[0]["fingerprint"] != first[0]["fingerprint"]
     ckpt = tmp_path / "run" / "checkpoints"
     latest = ckpt / (ckpt / "latest").read_text().strip()
     assert (latest / "deepspeed").is_dir() and (latest / "weights.safetensors").exists()
-    second = _launch(2, "train", tmp_path / "b", *common, "num_epochs=3")  # resumes from epoch 2
-    assert second[0]["epoch"] == 3 and second[0]["fingerprint"] == second[1]["fingerprint"]
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["reward_mean"]])).all() for r in records)
@@ -75,7 +81,7 @@ def test_a_dead_process_stops_the_others_within_a_bounded_time(sdxl, tmp_path):
     import time
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 200),
-           "-m", "tests.dist.driver", "die", str(tmp_path / "out"), f"model.path={sdxl}", *TINY, "dist.engine=ddp",
+           "-m", "tests.multiprocess.driver", "die", str(tmp_path / "out"), f"model.path={sdxl}", *TINY, "dist.engine=ddp",
            "dist.timeout_s=60", "num_epochs=3", f"output_dir={tmp_path}", "name=die"]
     t0 = time.time()
     res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -84,3 +90,15 @@ def test_a_dead_process_stops_the_others_within_a_bounded_time(sdxl, tmp_path):
     assert re.search(r"exitcode\s*:\s*3", res.stderr), res.stderr[-3000:]  # the launcher reports the rank that died
     records = (tmp_path / "die" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 1, records  # epoch 1 trained on both processes; nothing after the death in epoch 2
+
+
+@pytest.mark.slow
+def test_tdpo_critic_is_identical_on_every_rank(tmp_path):
+    """The critic is data-parallel (gradients averaged before each step, resets decided on all ranks' rows and
+    drawn from a shared stream), as accelerate makes it in the reference: both ranks end with the same critic."""
+    args = ["algo=tdpo_r", "tdpo.reset_every=1", "num_epochs=2", "sample.num_steps=4", "sample.batch_size=4",
+            "sample.num_batches_per_epoch=1", "train.batch_size=4", "log.eval_samples=0", "log.progress=false",
+            "log.tensorboard=false", "reward.overlap=false", "dist.engine=ddp", f"output_dir={tmp_path}", "name=critic"]
+    ranks = _launch(2, "critic", tmp_path / "out", *args)
+    assert ranks[0]["moved"] > 0 and ranks[0]["critic"] == ranks[1]["critic"]
+    assert [r.get("critic_reset_neurons", 0) > 0 for r in ranks[0]["records"]] == [True, True]  # reset after each epoch

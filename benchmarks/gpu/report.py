@@ -1,0 +1,44 @@
+"""The GPU targets (issue 15) against the suite's files: by how much each is met or missed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SHAPE = [32, 4, 128, 128]
+
+
+def _ratio(a, b):
+    return a / b if a and b else float("nan")
+
+
+def targets(out: Path) -> list[str]:
+    lines = ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    ops = out / "ops_gpu.json"
+    if ops.is_file():
+        data = json.loads(ops.read_text())
+        rows = {(r["provider"], r["mode"], tuple(r["shape"])): r for r in data["rows"]}
+        tri, eager, comp = (rows.get((p, "full", tuple(SHAPE))) for p in ("triton", "eager", "compile"))
+        if tri and eager and comp:
+            se, sc = _ratio(eager["median_ms"], tri["median_ms"]), _ratio(comp["median_ms"], tri["median_ms"])
+            lines += [f"| triton PPO step loss {SHAPE} fp32 full >= 5x eager | {se:.2f}x | {'yes' if se >= 5 else 'no'} |",
+                      f"| ... >= 1.0x torch.compile | {sc:.2f}x | {'yes' if sc >= 1 else 'no'} |",
+                      f"| ... >= 75% of copy bandwidth ({data['machine'].get('copy_bandwidth_gbs', 0):.0f} GB/s) | "
+                      f"{tri['copy_fraction']:.0%} | {'yes' if tri['copy_fraction'] >= 0.75 else 'no'} |"]
+    e2e = out / "e2e_gpu.json"
+    if e2e.is_file():
+        data = json.loads(e2e.read_text())
+        for precision, row in data["rows"].items():
+            r = row.get("ratios", {}).get(data["size"]) if isinstance(row, dict) else None
+            if not r:
+                lines.append(f"| e2e {precision}: >= 2x trl samples/s at <= 0.7x peak memory | {row.get('error', 'no result')} | no |")
+                continue
+            sp, mem = r["overall_speedup"], r["peak_mem_ratio"]
+            lines.append(f"| e2e {precision}: >= 2x trl samples/s, peak memory <= 0.7x | {sp:.2f}x, {mem:.2f}x | "
+                         f"{'yes' if sp >= 2 and mem <= 0.7 else 'no'} |")
+    mem = out / "memory_gpu.json"
+    if mem.is_file():
+        for r in json.loads(mem.read_text())["rows"]:
+            lines.append(f"| SDXL {r['mode']} {r['rows']} rows: measured / counted working memory | "
+                         f"{r.get('measured_over_estimated_working', float('nan')):.2f} ({r['measured_working_gib']:.1f} / "
+                         f"{r.get('estimated_peak', float('nan')):.1f} GiB) | n/a |")
+    return lines

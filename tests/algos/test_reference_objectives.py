@@ -1,0 +1,192 @@
+"""Each algorithm's loss and gradient equal an independent float64 transcription of its reference objective.
+
+One optimiser step of the real trainer (``Trainer.train_epoch``) runs on a fixed batch of a float64 toy
+model (tests/algos/toy.py); the gradient it would apply is captured before the step and compared with
+autograd through ``tests/reference/algorithms.py``, which shares no code with diffrl_fast. The policy is
+moved off the sampling policy first, so that importance ratios leave the clip bands and log-ratios to the
+reference are non-zero: every branch of each objective is exercised (checked per test).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffrl_fast.config_utils import load_config
+from diffrl_fast.train.config import Config, validate
+from diffrl_fast.train.trainer import Trainer
+from tests.algos.toy import ToyModel, toy_embed, toy_eps, toy_reward
+from tests.reference import algorithms as ref
+
+COMMON = ["prompts=[a, b, c, d]", "sample.num_steps=4", "sample.batch_size=8", "sample.num_batches_per_epoch=1",
+          "train.batch_size=8", "train.chunk_size=2", "sample.guidance_scale=3.0", "num_epochs=1", "log.eval_samples=0",
+          "log.progress=false", "log.tensorboard=false", "reward.overlap=false", "train.timestep_fraction=1.0"]
+REL = 1e-6
+
+
+class Step:
+    """One captured optimiser step of the trainer on the toy model."""
+
+    def __init__(self, tmp_path, algo, *extra, scheduler="ddim", perturb=0.02):
+        self.model = ToyModel(scheduler)
+        cfg = validate(load_config(Config, None, [f"algo={algo}", *COMMON, f"output_dir={tmp_path}", "name=r", *extra]))
+        self.cfg = cfg
+        self.trainer = t = Trainer(cfg, tmp_path / "r", model=self.model, reward_fn=toy_reward, log_fn=lambda s: None)
+        self.traj, self.rewards = t.sample_epoch(0)
+        params = dict(self.model.denoiser.named_parameters())
+        self.theta_old = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():  # off the sampling policy: ratios leave the clip band, log-ratios to the reference are non-zero
+            g = torch.Generator().manual_seed(7)
+            for p in params.values():
+                p.add_(perturb * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        self.theta = {n: p.detach().clone() for n, p in params.items()}
+        critic = getattr(t.algo, "critic", None)
+        if critic is not None:  # the transcription has no dropout: switch it off in ours (tested separately)
+            for m in critic.net.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
+            self.critic_before = {n: p.detach().clone() for n, p in critic.net.named_parameters()}
+        self.orders = []
+        step_order = t.algo.step_order
+        t.algo.step_order = lambda *a: self.orders.append(step_order(*a)) or self.orders[-1]
+        self.data = t.algo.prepare(t, self.traj, self.rewards)
+        self.losses, self.grads, self.critic_grads = [], [], []
+        backward = t.engine.backward
+        t.engine.backward = lambda loss: (self.losses.append(loss.detach()), backward(loss))
+
+        def capture_step():
+            self.grads.append({n: p.grad.detach().clone() for n, p in params.items()})
+            t.engine.optimizer.zero_grad(set_to_none=True)
+            return 1.0
+
+        t.engine.step = capture_step
+        if critic is not None:
+            def capture_critic(ctx):
+                self.critic_grads.append({n: p.grad.detach().clone() for n, p in critic.net.named_parameters()})
+                critic.opt.optimizer.zero_grad(set_to_none=True)
+                return 1.0
+
+            critic.opt.step = capture_critic
+        self.stats = t.train_epoch(0, self.traj, self.data)
+        assert len(self.grads) == 1, "these tests compare one optimiser step"
+
+    def batch(self) -> ref.Batch:
+        tr = self.traj
+        return ref.Batch(tr.latents, tr.log_probs, tr.schedule.timesteps, tr.cond.hidden[:, 0], torch.zeros(3, dtype=torch.float64),
+                         tr.guidance_scale, list(tr.prompts), self.rewards)
+
+    def sampler(self) -> ref.Sampler:
+        s = self.model.scheduler
+        if self.traj.schedule.kind == "flow_sde":
+            return ref.Sampler("flow", sigmas=s.sigmas.to(torch.float64), noise_level=self.cfg.sample.noise_level)
+        return ref.Sampler("ddim", alphas_cumprod=s.alphas_cumprod.to(torch.float64), step_ratio=1000 // self.cfg.sample.num_steps,
+                           eta=self.cfg.sample.eta)
+
+    def eps_fns(self):
+        leaves = {n: v.clone().requires_grad_() for n, v in self.theta.items()}
+        eps = lambda x, t, h: toy_eps(leaves["w"], leaves["P"], leaves["u"], x, t, h)  # noqa: E731
+        o = self.theta_old
+        ref_eps = lambda x, t, h: toy_eps(o["w"], o["P"], o["u"], x, t, h)  # noqa: E731
+        return leaves, eps, ref_eps
+
+    def loss(self) -> float:
+        return float(sum(self.losses))
+
+    def log_ratios(self, steps) -> torch.Tensor:
+        """log pi_theta - log pi_ref of every (sample, step) row: where the clamps bite."""
+        _, eps, ref_eps = self.eps_fns()
+        b, sm = self.batch(), self.sampler()
+        with torch.no_grad():
+            return torch.stack([ref.row_logp(b, sm, eps, i, j)[0] - ref.row_logp(b, sm, ref_eps, i, j)[0]
+                                for i in range(len(b.prompts)) for j in steps])
+
+
+def assert_close(ours: dict, theirs: dict, what: str, rel: float = REL) -> None:
+    scale = max(float(v.abs().max()) for v in theirs.values())
+    assert scale > 0, f"{what}: the reference gradient is zero; the test would prove nothing"
+    for n, v in theirs.items():
+        err = float((ours[n] - v).abs().max()) / scale
+        assert err < rel, f"{what} {n}: max |ours - reference| / max |reference| = {err:.2e}"
+
+
+def check(step: Step, leaves: dict, loss: torch.Tensor, ours_loss: float) -> None:
+    loss.backward()
+    loss = float(loss.detach())
+    assert abs(ours_loss - loss) <= REL * max(1.0, abs(loss)), (ours_loss, loss)
+    assert_close(step.grads[0], {n: p.grad for n, p in leaves.items()}, "policy gradient")
+
+
+def test_ddpo_is(tmp_path):
+    s = Step(tmp_path, "ddpo_is", perturb=0.003)
+    assert 0 < s.stats["clipfrac"] < 1, s.stats["clipfrac"]  # both branches of the PPO max are exercised
+    leaves, eps, _ = s.eps_fns()
+    loss = ref.ddpo_is(s.batch(), s.sampler(), eps, range(4), clip_range=1e-4, adv_clip=5.0, min_count=16)
+    check(s, leaves, loss, s.loss())
+
+
+def test_ddpo_sf_one_step_per_round(tmp_path):
+    s = Step(tmp_path, "ddpo_sf", "train.batch_size=2", perturb=0.003)
+    assert s.stats["optimizer_steps"] == 1  # four minibatches, one step: the estimator's theta = theta_old
+    leaves, eps, _ = s.eps_fns()
+    loss = ref.ddpo_sf(s.batch(), s.sampler(), eps, range(4), adv_clip=5.0, min_count=16)
+    check(s, leaves, loss, s.loss())
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_dpok(tmp_path, value):
+    s = Step(tmp_path, "dpok", f"dpok.value_baseline={str(value).lower()}", "train.optimizer_step_every=round", perturb=0.003)
+    assert 0 < s.stats["clipfrac"] < 1 and s.stats["kl"] > 0
+    leaves, eps, ref_eps = s.eps_fns()
+    vp = {n: p.detach() for n, p in s.trainer.algo.value.named_parameters()} if value else None
+    loss = ref.dpok(s.batch(), s.sampler(), eps, ref_eps, range(4), alpha=100.0, beta=0.01, clip_range=1e-4, value_params=vp)
+    check(s, leaves, loss, s.loss())
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_d3po(tmp_path, group):
+    s = Step(tmp_path, "d3po", f"d3po.samples_per_prompt={group}", "sample.batch_size=8", "train.batch_size=8",
+             "sample.num_steps=4", perturb=0.05)
+    h = s.log_ratios(range(4))
+    inside = (h > torch.log(torch.tensor(0.9, dtype=h.dtype))) & (h < torch.log(torch.tensor(1.1, dtype=h.dtype)))
+    assert 0 < int(inside.sum()) < h.numel()  # the ratio clamp bites on some rows only
+    leaves, eps, ref_eps = s.eps_fns()
+    loss = ref.d3po(s.batch(), s.sampler(), eps, ref_eps, range(4), beta=0.1, ratio_clip=0.1, group=group)
+    check(s, leaves, loss, s.loss())
+
+
+def test_dense(tmp_path):
+    s = Step(tmp_path, "dense", "dense.num_timesteps=3", "sample.batch_size=8", "train.batch_size=8", "train.learning_rate=1e-3",
+             "sample.num_steps=4", perturb=0.0005)
+    order = s.orders[0]
+    draws = [order[g].tolist() for g in range(0, 8, 2)]
+    h = s.log_ratios(range(4)).abs()
+    assert 0 < int((h < 5e-4).sum()) < h.numel()  # the log-ratio clamp bites on some rows only
+    leaves, eps, ref_eps = s.eps_fns()
+    loss = ref.dense(s.batch(), s.sampler(), eps, ref_eps, draws, temperature=12.5, log_ratio_clip=5e-4)
+    loss.backward()
+    assert abs(float(s.stats["loss"]) - float(loss.detach())) <= REL * abs(float(loss.detach()))
+    ours = s.grads[0]
+    theirs = {n: p.grad for n, p in leaves.items()}
+    assert_close(ours, theirs, "policy gradient")
+
+
+def test_tdpo(tmp_path):
+    s = Step(tmp_path, "tdpo", "train.optimizer_step_every=round", "sample.num_steps=4", perturb=0.003)
+    assert 0 < s.stats["clipfrac"] < 1
+    leaves, eps, _ = s.eps_fns()
+    feats = {(b, j): toy_embed(s.model.decode(s.traj.latents[b, j][None]))[0] for b in range(8) for j in range(4)}
+    critic = {n: v.clone().requires_grad_() for n, v in s.critic_before.items()}
+    loss = ref.tdpo(s.batch(), s.sampler(), eps, range(4), feats, s.critic_before, critic, clip_range=1e-4, value_clip=0.2,
+                    value_coef=0.5, min_count=16)
+    check(s, leaves, loss, s.loss() + float(s.stats["value_loss"]))
+    # the critic computes in float32 (its weights and the embeddings are float32): fp32 tolerance
+    assert_close(s.critic_grads[0], {n: p.grad for n, p in critic.items()}, "critic gradient", rel=1e-4)
+
+
+def test_grpo_flow(tmp_path):
+    s = Step(tmp_path, "grpo", "grpo.group_size=2", "train.timestep_fraction=0.99", scheduler="flow", perturb=0.003)
+    assert 0 < s.stats["clipfrac"] < 1 and s.stats["kl"] > 0
+    leaves, eps, ref_eps = s.eps_fns()
+    n_train = int(0.99 * 4)
+    loss = ref.grpo_flow(s.batch(), s.sampler(), eps, ref_eps, n_train, clip_range=1e-4, adv_clip=5.0, beta=0.04)
+    check(s, leaves, loss, s.loss())

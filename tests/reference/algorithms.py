@@ -1,0 +1,264 @@
+"""Float64 transcriptions of each algorithm's reference objective, written from the papers and the formulas
+of their authors' code (file names in each docstring). They share no code with diffrl_fast (nothing here
+imports it): the tests in tests/algos/test_reference_objectives.py hold our losses and gradients to these.
+
+Every function takes the same description of one batch of trajectories (``Batch``) and the denoiser as a
+callable ``eps(x, t, h)`` (the model is an input, not part of the objective), and returns the scalar loss
+of one optimiser step over all the batch's trained rows, differentiable w.r.t. whatever ``eps`` and the
+critic parameters depend on. Written for clarity: per-row Python loops where the reference loops.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+F64 = torch.float64
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, T+1, C, H, W]: x at the start of each step, then the final sample
+    old_logp: torch.Tensor  # [B, T] log-probs recorded at sampling time
+    timesteps: torch.Tensor  # [T] what the denoiser is fed at step j
+    cond: torch.Tensor  # [B, D] each sample's prompt vector
+    uncond: torch.Tensor  # [D] the empty prompt's vector
+    guidance: float
+    prompts: list
+    rewards: torch.Tensor  # [B]
+
+
+# ---------------------------------------------------------------------------------------- the step
+
+
+def guided(eps, x, t, h, h0, g):
+    """Classifier-free guidance: eps(x, t, h0) + g (eps(x, t, h) - eps(x, t, h0))."""
+    u = eps(x, t, h0.expand_as(h))
+    return u + g * (eps(x, t, h) - u)
+
+
+def ddim_mean_std(alphas_cumprod, t, step_ratio, x, e, eta):
+    """ddpo-pytorch's ddim_step_with_logprob: the previous timestep clamped at 0, epsilon prediction."""
+    prev = max(int(t) - step_ratio, 0)
+    at, ap = float(alphas_cumprod[int(t)]), float(alphas_cumprod[prev])
+    var = (1 - ap) / (1 - at) * (1 - at / ap)
+    std = eta * math.sqrt(var)
+    x0 = (x - math.sqrt(1 - at) * e) / math.sqrt(at)
+    mean = math.sqrt(ap) * x0 + math.sqrt(1 - ap - std**2) * e
+    return mean, std
+
+
+def flow_mean_std(sigmas, j, x, v, noise_level):
+    """flow_grpo's sde_step_with_logprob ("sde"): returns (mean, std of the step, std_dev_t without sqrt(-dt))."""
+    sigma, nxt = float(sigmas[j]), float(sigmas[j + 1])
+    dt = nxt - sigma
+    std_t = math.sqrt(sigma / (1 - (float(sigmas[1]) if sigma == 1 else sigma))) * noise_level
+    mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std_t * math.sqrt(-dt), std_t
+
+
+def mean_logprob(y, mean, std):
+    """log N(y; mean, std^2) averaged over a row's elements (the references' .mean over non-batch dims)."""
+    return (-((y - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).mean()
+
+
+@dataclass
+class Sampler:
+    """How a step's mean is formed: DDIM (alphas_cumprod, step ratio, eta) or the flow SDE (sigmas, noise level)."""
+
+    kind: str
+    alphas_cumprod: Optional[torch.Tensor] = None
+    step_ratio: int = 0
+    eta: float = 1.0
+    sigmas: Optional[torch.Tensor] = None
+    noise_level: float = 0.7
+
+    def step(self, j, t, x, e):
+        """(mean, std, std_dev_t) of the step j from x with guided output e."""
+        if self.kind == "ddim":
+            mean, std = ddim_mean_std(self.alphas_cumprod, t, self.step_ratio, x, e, self.eta)
+            return mean, std, None
+        return flow_mean_std(self.sigmas, j, x, e, self.noise_level)
+
+
+def row_logp(batch: Batch, sampler: Sampler, eps, b: int, j: int):
+    """(log p of sample b's action at step j, the step mean, std, std_dev_t, guided output) under ``eps``."""
+    x = batch.latents[b, j].to(F64)[None]
+    t = batch.timesteps[j].to(F64).reshape(1)
+    e = guided(eps, x, t, batch.cond[b].to(F64)[None], batch.uncond.to(F64)[None], batch.guidance)
+    mean, std, std_t = sampler.step(j, float(batch.timesteps[j]), x, e)
+    return mean_logprob(batch.latents[b, j + 1].to(F64)[None], mean, std), mean, std, std_t, e
+
+
+# ---------------------------------------------------------------------------------------- advantages
+
+
+def per_prompt_normalised(prompts, rewards, min_count, eps=1e-6):
+    """ddpo-pytorch's PerPromptStatTracker on its first call: a prompt with fewer than min_count rewards
+    uses the whole batch's mean and (population) std; otherwise its own."""
+    r = rewards.to(F64)
+    out = torch.empty_like(r)
+    for p in set(prompts):
+        idx = [i for i, q in enumerate(prompts) if q == p]
+        if len(idx) < min_count:
+            mean, std = r.mean(), r.std(unbiased=False)
+        else:
+            mean, std = r[idx].mean(), r[idx].std(unbiased=False)
+        for i in idx:
+            out[i] = (r[i] - mean) / (std + eps)
+    return out
+
+
+def ppo_term(A, rho, eps):
+    return torch.maximum(-A * rho, -A * torch.clamp(rho, 1 - eps, 1 + eps))
+
+
+# ---------------------------------------------------------------------------------------- objectives
+
+
+def ddpo_is(batch, sampler, eps, steps, *, clip_range, adv_clip, min_count):
+    """kvablack/ddpo-pytorch scripts/train.py: A = clamp(per-prompt normalised r, +-adv_clip);
+    L = mean over (sample, step) of max(-A rho, -A clamp(rho, 1 +- eps))."""
+    A = per_prompt_normalised(batch.prompts, batch.rewards, min_count).clamp(-adv_clip, adv_clip)
+    terms = []
+    for b in range(len(batch.prompts)):
+        for j in steps:
+            lp = row_logp(batch, sampler, eps, b, j)[0]
+            terms.append(ppo_term(A[b], torch.exp(lp - batch.old_logp[b, j].to(F64)), clip_range))
+    return torch.stack(terms).mean()
+
+
+def ddpo_sf(batch, sampler, eps, steps, *, adv_clip, min_count):
+    """DDPO paper eq. (4), the score-function estimator: L = mean over (sample, step) of -A log p."""
+    A = per_prompt_normalised(batch.prompts, batch.rewards, min_count).clamp(-adv_clip, adv_clip)
+    return torch.stack([-A[b] * row_logp(batch, sampler, eps, b, j)[0] for b in range(len(batch.prompts)) for j in steps]).mean()
+
+
+def dpok_value(params, x, h, j):
+    """google-research dpok/reward_model.py ValueMulti: three per-step-gated linear layers with ReLU, then linear."""
+    z = torch.cat([x.reshape(1, -1), h.reshape(1, -1)], dim=1).to(F64)
+    for k in (1, 2, 3):
+        z = torch.relu(params[f"lin{k}.embed.weight"][j].to(F64) * (z @ params[f"lin{k}.lin.weight"].to(F64).T
+                                                                   + params[f"lin{k}.lin.bias"].to(F64)))
+    return (z @ params["lin4.weight"].to(F64).T + params["lin4.bias"].to(F64)).reshape(())
+
+
+def dpok(batch, sampler, eps, ref_eps, steps, *, alpha, beta, clip_range, value_params=None):
+    """google-research dpok/train_online_pg.py: per transition, A = r - V(x_t, c, j) (raw reward; A = r without
+    the value function), L = alpha * mean(-A clamp(rho, 1 +- eps)) + beta * mean over the batch and the
+    latent elements of (eps_hat_theta - eps_hat_pre)^2."""
+    pg, kl = [], []
+    for b in range(len(batch.prompts)):
+        for j in steps:
+            lp, _, _, _, e = row_logp(batch, sampler, eps, b, j)
+            with torch.no_grad():
+                e_pre = row_logp(batch, sampler, ref_eps, b, j)[4]
+                A = batch.rewards[b].to(F64)
+                if value_params is not None:
+                    A = A - dpok_value(value_params, batch.latents[b, j], batch.cond[b], j)
+            rho = torch.exp(lp - batch.old_logp[b, j].to(F64))
+            pg.append(-alpha * A * torch.clamp(rho, 1 - clip_range, 1 + clip_range))
+            kl.append(((e - e_pre) ** 2).mean())
+    return torch.stack(pg).mean() + beta * torch.stack(kl).mean()
+
+
+def d3po(batch, sampler, eps, ref_eps, steps, *, beta, ratio_clip, group):
+    """yk7333/d3po scripts/rm/train_d3po.py (pairs from the reward; every non-tied pair of a group as the
+    human-feedback script uses them): per pair (w, l) and step t,
+        l = -log sigmoid(beta (log clamp(pi/pi_ref, 1 +- c)_w - log clamp(pi/pi_ref, 1 +- c)_l)),
+    averaged over steps and pairs."""
+    B = len(batch.prompts)
+    terms = []
+    for g0 in range(0, B, group):
+        for i, k in itertools.combinations(range(g0, g0 + group), 2):
+            if batch.rewards[i] == batch.rewards[k]:
+                continue
+            w, l = (i, k) if batch.rewards[i] > batch.rewards[k] else (k, i)
+            for j in steps:
+                h = []
+                for s in (w, l):
+                    lp = row_logp(batch, sampler, eps, s, j)[0]
+                    with torch.no_grad():
+                        lr = row_logp(batch, sampler, ref_eps, s, j)[0]
+                    h.append(torch.log(torch.clamp(torch.exp(lp - lr), 1 - ratio_clip, 1 + ratio_clip)))
+                terms.append(-torch.log(torch.sigmoid(beta * (h[0] - h[1]))))
+    return torch.stack(terms).mean()
+
+
+def dense(batch, sampler, eps, ref_eps, draws, *, temperature, log_ratio_clip, group=2):
+    """Shentao-YANG/Dense_Reward_T2I preference_based_policy_learner.py: for each pair, with the step indices
+    i_1..i_N drawn (with replacement, p ∝ gamma^i) for that pair, e = mean_n clamp(log pi - log pi_init, +-c),
+    L = mean over pairs of -log sigmoid(C (e_w - e_l)); the winner has the higher reward.
+    ``draws[g]`` are the drawn step indices of group g (adjacent samples)."""
+    terms = []
+    for gi, g0 in enumerate(range(0, len(batch.prompts), group)):
+        a, b = g0, g0 + 1
+        w, l = (a, b) if batch.rewards[a] >= batch.rewards[b] else (b, a)
+        e = []
+        for s in (w, l):
+            vals = []
+            for j in draws[gi]:
+                lp = row_logp(batch, sampler, eps, s, j)[0]
+                with torch.no_grad():
+                    lr = row_logp(batch, sampler, ref_eps, s, j)[0]
+                vals.append(torch.clamp(lp - lr, -log_ratio_clip, log_ratio_clip))
+            e.append(torch.stack(vals).mean())
+        terms.append(-torch.log(torch.sigmoid(temperature * (e[0] - e[1]))))
+    return torch.stack(terms).mean()
+
+
+def tdpo_critic(params, feature):
+    """ZiyiZhang27/tdpo critic_model.py: the LAION aesthetic head's five linear layers, no activations
+    (dropout off)."""
+    z = feature.to(F64).reshape(1, -1)
+    for k in (0, 2, 4, 6, 7):
+        z = z @ params[f"layers.{k}.weight"].to(F64).T + params[f"layers.{k}.bias"].to(F64)
+    return z.reshape(())
+
+
+def tdpo(batch, sampler, eps, steps, features, critic_old, critic, *, clip_range, value_clip, value_coef, min_count):
+    """ZiyiZhang27/tdpo scripts/train_tdpo.py: r~ = per-prompt normalised reward; V_old from the critic as it
+    was at sampling time; T = normalise(r~ - V_old) over all rows (population std, eps 1e-8);
+    L = mean(max(-T rho, -T clamp(rho, 1 +- eps))) + value_coef * mean(max((V - r~)^2, (V_old + clamp(V - V_old, +-c) - r~)^2)).
+    ``critic_old`` and ``critic`` are the critic's parameters (the same tensors; gradients flow through ``critic``)."""
+    rt = per_prompt_normalised(batch.prompts, batch.rewards, min_count)
+    rows = [(b, j) for b in range(len(batch.prompts)) for j in steps]
+    with torch.no_grad():
+        v_old = {r: tdpo_critic(critic_old, features[r]) for r in rows}
+        T = torch.stack([rt[b] - v_old[(b, j)] for b, j in rows])
+        T = (T - T.mean()) / (T.std(unbiased=False) + 1e-8)
+    pg, vl = [], []
+    for (b, j), Tbj in zip(rows, T):
+        lp = row_logp(batch, sampler, eps, b, j)[0]
+        pg.append(ppo_term(Tbj, torch.exp(lp - batch.old_logp[b, j].to(F64)), clip_range))
+        v = tdpo_critic(critic, features[(b, j)])
+        vc = v_old[(b, j)] + torch.clamp(v - v_old[(b, j)], -value_clip, value_clip)
+        vl.append(torch.maximum((v - rt[b]) ** 2, (vc - rt[b]) ** 2))
+    return torch.stack(pg).mean() + value_coef * torch.stack(vl).mean()
+
+
+def grpo_flow(batch, sampler, eps, ref_eps, n_train, *, clip_range, adv_clip, beta, std_eps=1e-4):
+    """yifan123/flow_grpo scripts/train_sd3.py: A = (r - mean of the prompt's rewards) / (std of all rewards + 1e-4),
+    clamped to +-adv_clip; steps 0 .. n_train-1; L = mean(max(-A rho, -A clamp(rho, 1 +- eps))) + beta * mean over
+    rows of mean_elements(mean_theta - mean_ref)^2 / (2 std_dev_t^2)."""
+    r = batch.rewards.to(F64)
+    A = torch.empty_like(r)
+    for p in set(batch.prompts):
+        idx = [i for i, q in enumerate(batch.prompts) if q == p]
+        A[idx] = (r[idx] - r[idx].mean()) / (r.std(unbiased=False) + std_eps)
+    A = A.clamp(-adv_clip, adv_clip)
+    pg, kl = [], []
+    for b in range(len(batch.prompts)):
+        for j in range(n_train):
+            lp, mean, _, std_t, _ = row_logp(batch, sampler, eps, b, j)
+            with torch.no_grad():
+                ref_mean = row_logp(batch, sampler, ref_eps, b, j)[1]
+            pg.append(ppo_term(A[b], torch.exp(lp - batch.old_logp[b, j].to(F64)), clip_range))
+            kl.append(((mean - ref_mean) ** 2).mean() / (2 * std_t**2))
+    return torch.stack(pg).mean() + beta * torch.stack(kl).mean()
+
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
