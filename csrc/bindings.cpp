@@ -5,6 +5,9 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
+
+#include <pybind11/stl.h>
 
 #include "step_kernels.h"
 
@@ -130,6 +133,53 @@ void py_step_bwd(int dtype, int64_t n_rows, int64_t n_inner, int64_t D, const py
   step_bwd(args, in, out);
 }
 
+// The fused PPO loss takes raw data pointers: it is called once per loss from ops/ppo.py, which has
+// already validated every dtype, shape, device and stride, and numpy views would cost more than the
+// kernel at small shapes. ints and reals are documented in ppo_step_raw's docstring below.
+void py_ppo_step_raw(const std::vector<int64_t>& v, const std::vector<double>& f) {
+  CHECK_ARG(v.size() == 42 && f.size() == 10, "ppo_step_raw: expected 42 ints and 10 reals");
+  StepArgs args;
+  args.dtype = static_cast<int>(v[0]);
+  args.n_rows = v[1];
+  args.n_inner = v[2];
+  args.D = v[3];
+  args.clip = v[4] != 0;
+  args.n_threads = v[7] < 1 ? 1 : static_cast<int>(v[7]);
+  CHECK_ARG(args.dtype >= kFloat32 && args.dtype <= kBFloat16 && args.n_rows >= 0 && args.n_inner >= 1 && args.D >= 1,
+            "ppo_step_raw: bad sizes or dtype");
+  Rows* slots[4] = {&args.x, &args.y, &args.eu, &args.ec};
+  for (int i = 0; i < 4; ++i) {
+    slots[i]->ptr = reinterpret_cast<const void*>(static_cast<uintptr_t>(v[8 + 3 * i]));
+    slots[i]->so = v[9 + 3 * i];
+    slots[i]->si = v[10 + 3 * i];
+  }
+  args.coef = reinterpret_cast<const void*>(static_cast<uintptr_t>(v[20]));
+  CHECK_ARG(args.x.ptr && args.y.ptr, "ppo_step_raw: x and y are required");
+  CHECK_ARG(!args.ec.ptr || args.eu.ptr, "ppo_step_raw: ec needs eu");
+  CHECK_ARG(!args.clip || (args.coef && args.eu.ptr), "ppo_step_raw: clip needs the coefficient matrix and eu");
+  PPOArgs pa;
+  RowVal* rv[7] = {&pa.a, &pa.b, &pa.g, &pa.s, &pa.log_s, &pa.old_logp, &pa.adv};
+  for (int i = 0; i < 7; ++i) {
+    rv[i]->ptr = reinterpret_cast<const void*>(static_cast<uintptr_t>(v[21 + 2 * i]));
+    rv[i]->stride = v[22 + 2 * i];
+    rv[i]->value = f[3 + i];
+  }
+  pa.clip_mode = static_cast<int>(v[5]);
+  pa.reduction = static_cast<int>(v[6]);
+  pa.clip_range = f[0];
+  pa.adv_clip = f[1];
+  pa.scale = f[2];
+  CHECK_ARG(pa.clip_mode == 0 || pa.clip_mode == 1, "ppo_step_raw: clip_mode must be 0 or 1");
+  CHECK_ARG(pa.reduction == 0 || pa.reduction == 1, "ppo_step_raw: reduction must be 0 or 1");
+  PPOOut out;
+  void** outs[7] = {&out.logp, &out.dlogp, &out.stats, &out.dx, &out.dy, &out.deu, &out.dec};
+  for (int i = 0; i < 7; ++i) *outs[i] = reinterpret_cast<void*>(static_cast<uintptr_t>(v[35 + i]));
+  CHECK_ARG(out.logp && out.dlogp && out.stats, "ppo_step_raw: logp, dlogp and stats are required");
+  CHECK_ARG((!out.deu || args.eu.ptr) && (!out.dec || args.ec.ptr), "ppo_step_raw: a gradient without its input");
+  py::gil_scoped_release release;
+  ppo_step(args, pa, out);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -141,4 +191,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("step_bwd", &py_step_bwd, py::arg("dtype"), py::arg("n_rows"), py::arg("n_inner"), py::arg("D"),
         py::arg("tensors"), py::arg("strides"), py::arg("coef"), py::arg("clip"), py::arg("w_ss"), py::arg("w_kk"),
         py::arg("g_mean"), py::arg("dx"), py::arg("dy"), py::arg("deu"), py::arg("dec"), py::arg("n_threads"));
+  m.def("ppo_step_raw", &py_ppo_step_raw, py::arg("ints"), py::arg("reals"),
+        "Fused PPO step loss on raw pointers (internal; see diffrl_fast/ops/backends/cpp_backend.py).\n"
+        "ints: dtype, n_rows, n_inner, D, clip, clip_mode, reduction, n_threads, then (ptr, so, si) of x, y, eu, ec,\n"
+        "coef ptr (0: none), (ptr, stride) of a, b, g, s, log_s, old_logp, adv, then the ptrs of logp, dlogp,\n"
+        "stats, dx, dy, deu, dec (0: not needed). reals: clip_range (<0: none), adv_clip (<0: none), scale,\n"
+        "then the values of a, b, g, s, log_s, old_logp, adv used where their ptr is 0.");
 }

@@ -3,6 +3,7 @@
 #include "step_kernels.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -68,7 +69,14 @@ struct RowCoefs {
   A a, b, g, m0, cx, ce, lim, am, bm;
   explicit RowCoefs(const A* c)
       : a(c[0]), b(c[1]), g(c[2]), m0(c[3]), cx(c[4]), ce(c[5]), lim(c[6]), am(c[0] - c[3] * c[4]), bm(c[1] - c[3] * c[5]) {}
+  // no x0 clipping: m0 = cx = ce = lim = 0, so am = a and bm = b exactly as in the matrix form
+  RowCoefs(A a_, A b_, A g_) : a(a_), b(b_), g(g_), m0(0), cx(0), ce(0), lim(0), am(a_ - A(0) * A(0)), bm(b_ - A(0) * A(0)) {}
 };
+
+template <typename A>
+static inline A row_val(const RowVal& v, int64_t r) {
+  return v.ptr ? static_cast<const A*>(v.ptr)[r * v.stride] : static_cast<A>(v.value);
+}
 
 template <typename T>
 static inline const T* row_ptr(const Rows& t, int64_t r, int64_t n_inner, int64_t start) {
@@ -259,6 +267,183 @@ void bwd_impl(const StepArgs& args, const BwdIn& in, const BwdOut& out) {
   }
 }
 
+// ---- the fused PPO step loss ----------------------------------------------------------------------
+constexpr int pEU = 1, pEC = 2, pCLIP = 4, kPPOMasks = 8;
+constexpr double kHalfLog2Pi = 0.91893853320467274178;  // log(2 pi) / 2, as HALF_LOG_2PI in ops/step.py
+
+// Sum of squares of one chunk of one row, written exactly as fwd_impl's loop (same arithmetic, same
+// reduction), optionally keeping the residual y - mean in `res` for the gradient pass.
+template <bool EC, bool CLIP, bool EU, bool STORE, typename T, typename A>
+static inline A chunk_ss(const T* px, const T* py, const T* peu, const T* pec, int64_t len, const RowCoefs<A>& rc, A* res) {
+  const A a = rc.a, b = rc.b, g = rc.g, m0 = rc.m0, cx = rc.cx, ce = rc.ce, lim = rc.lim, am = rc.am, bm = rc.bm;
+  A s1 = 0;
+#pragma omp simd reduction(+ : s1)
+  for (int64_t i = 0; i < len; ++i) {
+    const A x = ld(px[i]);
+    A mean, dmdx, dmde;
+    if constexpr (EU) {
+      mean = step_mean<EC, CLIP, A>(x, ld(peu[i]), EC ? ld(pec[i]) : A(0), a, b, g, m0, cx, ce, lim, am, bm, dmdx, dmde);
+    } else {
+      mean = a * x;
+    }
+    const A d = ld(py[i]) - mean;
+    if constexpr (STORE) res[i] = d;
+    s1 += d * d;
+  }
+  return s1;
+}
+
+template <typename T, int M>
+void ppo_impl(const StepArgs& args, const PPOArgs& pa, const PPOOut& out) {
+  constexpr bool EU = M & pEU, EC = M & pEC, CLIP = M & pCLIP;
+  if constexpr (!EU && (EC || CLIP)) {
+    return;
+  } else {
+    using A = typename Acc<T>::type;
+    const int64_t D = args.D, n_inner = args.n_inner, N = args.n_rows;
+    const int64_t n_chunk = std::max<int64_t>(1, (D + kChunk - 1) / kChunk);
+    const A* coef = static_cast<const A*>(args.coef);
+    A* logp_out = static_cast<A*>(out.logp);
+    A* dlogp_out = static_cast<A*>(out.dlogp);
+    const bool grads = out.dx || out.dy || out.deu || out.dec;
+    const bool hot = EU && !out.dx && !out.dy && out.deu && (out.dec || !EC);
+    const bool ratio = pa.clip_range >= 0;
+    const A lo = A(1.0 - pa.clip_range), hi = A(1.0 + pa.clip_range), cr = A(pa.clip_range);
+    const A ac = A(pa.adv_clip);
+    const A dred = pa.reduction == 0 ? A(D) : A(1);
+    // per-row statistics, reduced in row order afterwards (deterministic whatever the thread count)
+    std::vector<double> loss_r(N), clip_r(N), kl_r(N), ratio_r(N);
+    std::vector<char> bad_r(N);
+
+#pragma omp parallel num_threads(args.n_threads) if (N > 1 && N * D >= kParallelMin)
+    {
+    FlushDenormals ftz;
+    static thread_local std::vector<A> scratch;
+    if (grads && static_cast<int64_t>(scratch.size()) < D) scratch.resize(D);
+    A* res = grads ? scratch.data() : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < N; ++r) {
+      const RowCoefs<A> rc = coef ? RowCoefs<A>(coef + r * kCoef)
+                                  : RowCoefs<A>(row_val<A>(pa.a, r), row_val<A>(pa.b, r), row_val<A>(pa.g, r));
+      // pass 1: ss in step_fwd's chunks and order, residuals kept for pass 2
+      double tot = 0;
+      for (int64_t k = 0; k < n_chunk; ++k) {
+        const int64_t start = k * kChunk, len = std::min(kChunk, D - start);
+        const T* px = row_ptr<T>(args.x, r, n_inner, start);
+        const T* py = row_ptr<T>(args.y, r, n_inner, start);
+        const T* peu = EU ? row_ptr<T>(args.eu, r, n_inner, start) : nullptr;
+        const T* pec = EC ? row_ptr<T>(args.ec, r, n_inner, start) : nullptr;
+        tot += grads ? chunk_ss<EC, CLIP, EU, true>(px, py, peu, pec, len, rc, res + start)
+                     : chunk_ss<EC, CLIP, EU, false>(px, py, peu, pec, len, rc, static_cast<A*>(nullptr));
+      }
+      const A ss = static_cast<A>(tot);
+      // log p, evaluated in torch's order (logprob_from_sq) so that it equals step_logprob bit for bit
+      const A s = row_val<A>(pa.s, r), ls = row_val<A>(pa.log_s, r);
+      A lp;
+      if (pa.reduction == 0) {
+        const A den = (A(2.0 * static_cast<double>(D)) * s) * s;
+        lp = ((-ss) / den - ls) - A(kHalfLog2Pi);
+      } else {
+        const A den = (A(2) * s) * s;
+        lp = (-ss) / den - A(D) * (ls + A(kHalfLog2Pi));
+      }
+      A adv = row_val<A>(pa.adv, r);
+      if (pa.adv_clip >= 0) adv = std::min(std::max(adv, -ac), ac);
+      const A lr = lp - row_val<A>(pa.old_logp, r);
+      A dl;  // dL_row / dlogp
+      double lrow, rho_d = 0, cf = 0;
+      if (!ratio) {
+        lrow = -adv * lp;
+        dl = -adv;
+      } else {
+        const A rho = std::exp(lr);
+        const A rcl = std::min(std::max(rho, lo), hi);
+        const A unc = -adv * rho, clp = -adv * rcl;
+        const bool inside = rho >= lo && rho <= hi;
+        if (pa.clip_mode == 1) {
+          lrow = clp;
+          dl = inside ? -adv * rho : A(0);
+        } else {
+          lrow = std::max(unc, clp);
+          dl = (unc > clp || inside) ? -adv * rho : A(0);
+        }
+        rho_d = rho;
+        cf = std::abs(rho - A(1)) > cr ? 1.0 : 0.0;
+      }
+      dl = dl * A(pa.scale);
+      logp_out[r] = lp;
+      dlogp_out[r] = dl;
+      loss_r[r] = lrow;
+      clip_r[r] = cf;
+      kl_r[r] = 0.5 * static_cast<double>(lr) * static_cast<double>(lr);
+      ratio_r[r] = rho_d;
+      bad_r[r] = !(s > A(0)) || !std::isfinite(static_cast<double>(lp)) || !std::isfinite(static_cast<double>(adv)) ||
+                 !std::isfinite(static_cast<double>(lr)) || !std::isfinite(static_cast<double>(rc.a)) ||
+                 !std::isfinite(static_cast<double>(rc.b)) || !std::isfinite(static_cast<double>(rc.g));
+      if (!grads) continue;
+      // pass 2: the gradients from the residuals still in cache. dL/dmean = c (y - mean).
+      const A c = dl / ((dred * s) * s);
+      const int64_t o = r * D;
+      T* dx = out.dx ? static_cast<T*>(out.dx) + o : nullptr;
+      T* dy = out.dy ? static_cast<T*>(out.dy) + o : nullptr;
+      T* deu = out.deu ? static_cast<T*>(out.deu) + o : nullptr;
+      T* dec = out.dec ? static_cast<T*>(out.dec) + o : nullptr;
+      const A a = rc.a, b = rc.b, g = rc.g, m0 = rc.m0, cx = rc.cx, ce = rc.ce, lim = rc.lim, am = rc.am, bm = rc.bm;
+      const A cu = EC ? (A(1) - g) * b * c : b * c, cc = g * b * c;
+      if (!CLIP && hot) {
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) {
+          deu[i] = st<T>(cu * res[i]);
+          if constexpr (EC) dec[i] = st<T>(cc * res[i]);
+        }
+        continue;
+      }
+      for (int64_t k = 0; k < n_chunk; ++k) {
+        const int64_t start = k * kChunk, len = std::min(kChunk, D - start);
+        const T* px = row_ptr<T>(args.x, r, n_inner, start);
+        const T* peu = EU ? row_ptr<T>(args.eu, r, n_inner, start) : nullptr;
+        const T* pec = EC ? row_ptr<T>(args.ec, r, n_inner, start) : nullptr;
+        const A* pr = res + start;
+        for (int64_t i = 0; i < len; ++i) {
+          const A dm = c * pr[i];
+          A dmdx = a, dmde = b;
+          if constexpr (CLIP) {
+            step_mean<EC, CLIP, A>(ld(px[i]), ld(peu[i]), EC ? ld(pec[i]) : A(0), a, b, g, m0, cx, ce, lim, am, bm, dmdx, dmde);
+          }
+          const A de = dm * dmde;
+          if (dx) dx[start + i] = st<T>(dm * dmdx);
+          if (dy) dy[start + i] = st<T>(-dm);
+          if (deu) deu[start + i] = st<T>(EC ? (A(1) - g) * de : de);
+          if (dec) dec[start + i] = st<T>(g * de);
+        }
+      }
+    }
+    }
+    double sl = 0, sc = 0, sk = 0, sr = 0, nb = 0;
+    for (int64_t r = 0; r < N; ++r) {
+      sl += loss_r[r];
+      sc += clip_r[r];
+      sk += kl_r[r];
+      sr += ratio_r[r];
+      nb += bad_r[r];
+    }
+    const double inv = N ? 1.0 / static_cast<double>(N) : 0.0;
+    A* stats = static_cast<A*>(out.stats);
+    stats[0] = static_cast<A>(sl * pa.scale);
+    stats[1] = static_cast<A>(sc * inv);
+    stats[2] = static_cast<A>(sk * inv);
+    stats[3] = static_cast<A>(ratio ? sr * inv : 0.0);
+    stats[4] = static_cast<A>(nb);
+  }
+}
+
+template <typename T, int... Ms>
+void ppo_dispatch(int mask, std::integer_sequence<int, Ms...>, const StepArgs& args, const PPOArgs& pa, const PPOOut& out) {
+  using Fn = void (*)(const StepArgs&, const PPOArgs&, const PPOOut&);
+  static constexpr Fn table[] = {&ppo_impl<T, Ms>...};
+  table[mask](args, pa, out);
+}
+
 template <typename T, int... Ms>
 void fwd_dispatch(int mask, std::integer_sequence<int, Ms...>, const StepArgs& args, const FwdOut& out) {
   using Fn = void (*)(const StepArgs&, const FwdOut&);
@@ -301,6 +486,16 @@ void step_fwd(const StepArgs& args, const FwdOut& out) {
   if (out.mean) mask |= kMEAN;
   by_dtype(args.dtype, [&](auto tag) {
     fwd_dispatch<decltype(tag)>(mask, std::make_integer_sequence<int, kMasks>{}, args, out);
+  });
+}
+
+void ppo_step(const StepArgs& args, const PPOArgs& pa, const PPOOut& out) {
+  int mask = 0;
+  if (args.eu.ptr) mask |= pEU;
+  if (args.ec.ptr) mask |= pEC;
+  if (args.clip) mask |= pCLIP;
+  by_dtype(args.dtype, [&](auto tag) {
+    ppo_dispatch<decltype(tag)>(mask, std::make_integer_sequence<int, kPPOMasks>{}, args, pa, out);
   });
 }
 

@@ -58,6 +58,41 @@ constexpr int64_t kChunk = 4096;
 // cores are oversubscribed): run on the calling thread.
 constexpr int64_t kParallelMin = 1 << 16;
 
+// The clipped PPO step loss of DDPO-IS/DPOK with its gradients, in one call (diffrl_fast/ops/ppo.py has the
+// formulas). Per row: ss as step_fwd computes it (same chunks, same order: bit-identical), then
+//     logp = -ss / (2 D s s) - log_s - log(2 pi)/2      ("mean"; "sum": -ss / (2 s s) - D (log_s + log(2 pi)/2))
+// exactly as torch evaluates logprob_from_sq, the per-row surrogate and w = dL/dlogp, and at once the
+// gradients of L = scale * sum_rows(loss_row) to the latents while the row is still in cache.
+// A per-row value: ptr[r * stride] (stride 0: one value for all rows), or `value` when ptr is nullptr.
+struct RowVal {
+  const void* ptr = nullptr;
+  int64_t stride = 0;
+  double value = 0;
+};
+
+struct PPOArgs {
+  // a, b, g per row when StepArgs.coef is nullptr (no x0 clipping); otherwise the coefficient matrix is used
+  RowVal a, b, g;
+  RowVal s, log_s;              // s > 0 and log(s) as torch computed it (bit parity with step_logprob)
+  RowVal old_logp, adv;
+  double clip_range = -1;        // < 0: REINFORCE (no ratio)
+  double adv_clip = -1;          // < 0: no advantage clipping
+  int clip_mode = 0;             // 0: max(-A rho, -A clamp(rho)) (PPO); 1: -A clamp(rho) (DPOK)
+  int reduction = 0;             // 0: mean over the row's elements, 1: sum
+  double scale = 1;              // loss = scale * sum of the per-row losses (1/n_rows: the mean)
+};
+
+struct PPOOut {
+  void* logp = nullptr;   // [n_rows] accumulation dtype
+  void* dlogp = nullptr;  // [n_rows] dL/dlogp (scale included)
+  void* stats = nullptr;  // [5] accumulation dtype: loss, clipfrac, approx_kl, ratio_mean, rows with s <= 0 or a non-finite value
+  void* dx = nullptr;     // gradients, [n_rows, D] input dtype, or nullptr
+  void* dy = nullptr;
+  void* deu = nullptr;
+  void* dec = nullptr;
+};
+
+void ppo_step(const StepArgs& args, const PPOArgs& pa, const PPOOut& out);
 void step_fwd(const StepArgs& args, const FwdOut& out);
 void step_bwd(const StepArgs& args, const BwdIn& in, const BwdOut& out);
 

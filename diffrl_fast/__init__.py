@@ -2,5 +2,6 @@
 __version__ = "0.1.0"
 
 from .diffusion.ddim import ddim_step_with_logprob  # noqa: E402
+from .diffusion.sde import sde_step_with_logprob  # noqa: E402
 
-__all__ = ["ddim_step_with_logprob", "__version__"]
+__all__ = ["ddim_step_with_logprob", "sde_step_with_logprob", "__version__"]

@@ -81,8 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffrl-fast: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return EXIT_USAGE
+    from ._extras import MissingExtra, as_missing_extra
+
     try:
         return importlib.import_module(COMMANDS[command]).main(rest)
+    except MissingExtra as exc:
+        print(f"diffrl-fast {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        extra = as_missing_extra(exc, f"diffrl-fast {command}")
+        if extra is None:
+            raise
+        print(f"diffrl-fast {command}: error: {extra}", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as exc:
         print(f"diffrl-fast {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

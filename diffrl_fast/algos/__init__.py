@@ -1,6 +1,10 @@
 """Algorithms, one file each, selected by ``algo=NAME``."""
 from __future__ import annotations
 
+from .._extras import require_train
+
+require_train("diffrl_fast.algos")
+
 from .base import Algorithm, EpochData
 from .d3po import D3PO
 from .ddpo import DDPO, DDPO_SF

@@ -7,6 +7,7 @@ import torch
 
 from ..ops import step_logprob, step_mean
 from .coefficients import ddim_coefficients
+from .noise import draw_noise
 
 
 class DDIMStepOutput(NamedTuple):
@@ -33,7 +34,7 @@ def ddim_step_with_logprob(
     """One DDIM step of ``scheduler`` with the log-prob of its result (DDPO, Black et al. 2023).
 
     Same arguments (in the same order), sampling and result as the function of this name in
-    ddpo-pytorch and trl: draws prev_sample = mean + s z with z from ``randn_tensor(generator=...)``
+    ddpo-pytorch and trl: draws prev_sample = mean + s z with z from diffusers' ``randn_tensor(generator=...)`` rules (``noise.draw_noise``)
     unless ``prev_sample`` is given, and returns (prev_sample, log_prob) with
 
         log_prob = mean over all but the batch dim of  log N(prev_sample; mean, s^2)
@@ -58,10 +59,8 @@ def ddim_step_with_logprob(
         use_clipped_model_output=use_clipped_model_output, clamp_prev_timestep=clamp_prev_timestep,
     )
     if prev_sample is None:
-        from diffusers.utils.torch_utils import randn_tensor
-
         mean = step_mean(sample, model_output, None, coefs.a, coefs.b, 1.0, clip_x0=coefs.clip_x0, latent_dims=latent_dims)
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        noise = draw_noise(model_output.shape, generator, model_output.device, model_output.dtype)
         s = coefs.s.reshape(-1, *([1] * latent_dims))
         prev_sample = (mean.float() + s * noise.float()).to(sample.dtype)
     log_prob = step_logprob(

@@ -1,6 +1,10 @@
 """Models: diffusers pipelines (SD 1.x/2.x, SDXL, SD3) and the digits world behind one interface."""
 from __future__ import annotations
 
+from .._extras import require_train
+
+require_train("diffrl_fast.models")
+
 import torch
 
 from .conditioning import Conditioning

@@ -147,8 +147,11 @@ def per_row(
     return v.reshape(-1)
 
 
-def check_rows(name: str, t, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """A per-row input such as old log-probs or advantages: a floating tensor of exactly the leading shape."""
+def check_rows(name: str, t, lead_shape: torch.Size, device: torch.device, check_data: bool = True) -> torch.Tensor:
+    """A per-row input such as old log-probs or advantages: a floating tensor of exactly the leading shape.
+
+    ``check_data=False`` leaves the finiteness check to the caller (a kernel that checks every row anyway).
+    """
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {tuple(lead_shape)}, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -157,7 +160,7 @@ def check_rows(name: str, t, lead_shape: torch.Size, device: torch.device) -> to
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(lead_shape)} (one value per row)")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
-    if data_checks_enabled() and not all_finite(t):
+    if check_data and data_checks_enabled() and not all_finite(t):
         raise ValueError(f"{name} contains {int((~torch.isfinite(t)).sum())} non-finite values")
     return t
 

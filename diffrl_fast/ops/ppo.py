@@ -1,12 +1,15 @@
 """Policy-gradient losses of DDPO: importance ratio, the clipped surrogate (DDPO-IS) and REINFORCE (DDPO-SF)."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 
-from ._validate import check_rows
-from .step import Coef, X0Clip, step_logprob
+from . import backends
+from ._problem import StepProblem, acc_dtype
+from ._validate import all_finite, check_latents, check_reduction, check_rows, checks, data_checks_enabled, per_row
+from .step import HALF_LOG_2PI, Coef, X0Clip, _resolve_backend, logprob_from_sq, pack_coef, step_logprob
 
 
 class PPOLoss(NamedTuple):
@@ -74,6 +77,9 @@ def ppo_clip_loss(
     return PPOLoss(loss, clipfrac, approx_kl, ratio_mean, logp)
 
 
+MODES = ("auto", "fused", "recompute")
+
+
 def ppo_clip_step_loss(
     x_t: torch.Tensor,
     x_prev: torch.Tensor,
@@ -92,10 +98,186 @@ def ppo_clip_step_loss(
     reduction: str = "mean",
     clip_x0: Optional[X0Clip] = None,
     latent_dims: int = 3,
+    mode: str = "auto",
 ) -> PPOLoss:
-    """``ppo_clip_loss`` straight from the step's inputs: one fused read of the latents forward, one backward.
+    """``ppo_clip_loss`` of ``step_logprob(x_t, x_prev, eps_u, eps_c, a, b, g, s)``, straight from the step's inputs.
 
-    log p is ``step_logprob(x_t, x_prev, eps_u, eps_c, a, b, g, s)``; everything after it is per-row.
+    The loss is exactly ``ppo_clip_loss``'s (DDPO-IS, Black et al. 2023; clip_mode="clamp" for DPOK), with
+    log p the fused step log-prob (``step_logprob``, bit-identical to it).
+
+    ``mode`` chooses how the gradients are computed:
+
+    * ``"fused"``: in the forward pass, row by row while the row is in cache (the loss ends the graph, as in
+      Liger-Kernel's fused losses). Forward + backward moves one read of each latent input plus one write
+      of each needed gradient; the gradients are held from forward to backward (one latent-sized tensor per
+      input that requires grad). ``loss.backward()`` with a unit upstream gradient then does no latent work;
+      any other scale costs one extra pass over the gradients, and using ``logp`` in a further
+      differentiable term costs one recompute pass.
+    * ``"recompute"``: nothing latent-sized is kept; backward re-reads the four inputs (the op graph of
+      ``step_logprob`` + ``ppo_clip_loss``). For memory-bound callers.
+    * ``"auto"`` (default): ``"fused"`` where it moves less data, i.e. on the C++ backend (CPU tensors,
+      eager mode); ``"recompute"`` elsewhere, and always inside torch.compile (where the per-row arithmetic
+      is compiled into the graph).
+
+    Gradients flow to x_t, x_prev, eps_u, eps_c and a tensor ``s``; not to a, b, g, old_logp, advantages.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0 or None (REINFORCE), got {clip_range}")
+    if adv_clip is not None and not adv_clip > 0:
+        raise ValueError(f"adv_clip must be > 0 or None, got {adv_clip}")
+    if clip_mode not in ("ppo", "clamp"):
+        raise ValueError(f"clip_mode must be 'ppo' or 'clamp', got {clip_mode!r}")
+    check_reduction(reduction)
+    if mode != "recompute" and not torch.compiler.is_compiling():
+        template = check_latents(latent_dims, {"x_t": x_t, "x_prev": x_prev, "eps_u": eps_u, "eps_c": eps_c})
+        backend = _resolve_backend(template.device.type)
+        if mode == "fused" or backend == "cpp":
+            return _fused_ppo(x_t, x_prev, eps_u, eps_c, a, b, g, s, old_logp, advantages, clip_range, adv_clip,
+                              clip_mode, reduction, clip_x0, latent_dims, backend)
     logp = step_logprob(x_t, x_prev, eps_u, eps_c, a, b, g, s, reduction=reduction, clip_x0=clip_x0, latent_dims=latent_dims)
     return ppo_clip_loss(logp, old_logp, advantages, clip_range=clip_range, adv_clip=adv_clip, clip_mode=clip_mode)
+
+
+def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_clip, clip_mode, reduction, clip_x0,
+               latent_dims, backend) -> PPOLoss:
+    """Metadata checks only (the kernel checks every row's values and reports bad rows), then ``_FusedPPO``."""
+    if eu is None:
+        raise ValueError("eps_u is required")
+    if clip_x0 is not None and not isinstance(clip_x0, X0Clip):
+        raise ValueError(f"clip_x0 must be an X0Clip or None, got {type(clip_x0).__name__}")
+    lead = x.shape[: x.dim() - latent_dims]
+    dtype = acc_dtype(x.dtype)
+    rows = {
+        "old_logp": check_rows("old_logp", old_logp, lead, x.device, check_data=False).detach().to(dtype).reshape(-1),
+        "advantages": check_rows("advantages", advantages, lead, x.device, check_data=False).detach().to(dtype).reshape(-1),
+    }
+    # s and log s exactly as step_logprob forms them, so that log p is bit-identical to it
+    if isinstance(s, torch.Tensor):
+        per_row("s", s, lead, x.device, dtype, positive=True, check_data=False)  # metadata checks
+        s_view = torch.broadcast_to(s.detach().to(device=x.device, dtype=dtype), lead)
+    else:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
+            raise ValueError(f"s must be a float > 0 or a tensor broadcastable to {tuple(lead)}, got {s!r}")
+        s_view = torch.full(lead, float(s), dtype=dtype, device=x.device)
+    rows["log_s"] = torch.log(s_view).reshape(-1)
+    rows["s"] = s_view.reshape(-1)
+    coef = None
+    if clip_x0 is not None or backend != "cpp":
+        coef = pack_coef(lead, x.device, dtype, a, b, g, clip_x0, check_data=clip_x0 is not None)
+    else:
+        for name, v in (("a", a), ("b", b), ("g", g)):
+            rows[name] = float(v) if isinstance(v, float) else per_row(name, v, lead, x.device, dtype, check_data=False)
+            if isinstance(rows[name], float) and not math.isfinite(rows[name]):
+                raise ValueError(f"{name} must be finite, got {rows[name]}")
+    s_tensor = s if isinstance(s, torch.Tensor) else None
+    params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g))
+    loss, logp, clipfrac, approx_kl, ratio_mean, bad = _FusedPPO.apply(x, y, eu, ec, s_tensor, params)
+    if data_checks_enabled() and float(bad) > 0:
+        # a row had s <= 0 or a non-finite value: let the per-argument checks name it
+        _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, latent_dims)
+    return PPOLoss(loss, clipfrac, approx_kl, ratio_mean, logp)
+
+
+def _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, latent_dims) -> None:
+    """Re-run the op with every data check on, which raises naming the bad argument."""
+    with checks(True):
+        logp = step_logprob(x.detach(), y.detach(), eu.detach(), None if ec is None else ec.detach(), a, b, g,
+                            s.detach() if isinstance(s, torch.Tensor) else s, clip_x0=clip_x0, latent_dims=latent_dims)
+        check_rows("old_logp", old_logp, logp.shape, logp.device)
+        check_rows("advantages", advantages, logp.shape, logp.device)
+        if not all_finite(logp - old_logp.to(logp.dtype)):
+            raise ValueError("log p - old_logp is not finite: the new and old log-probs are too far apart")
+    raise ValueError("the fused PPO loss saw a non-finite value or a non-positive std in some row")
+
+
+def _rows_torch(backend, p: StepProblem, s_rows, old, adv, clip_range, adv_clip, clip_mode, reduction, need):
+    """The fused forward on a backend without a PPO kernel: step_fwd, the per-row loss through autograd of
+    ``ppo_clip_loss`` (the one definition of the loss), then step_bwd with w_ss = dL/dss."""
+    ss, _, _ = backends.get(backend).step_fwd(p, True, False, False)
+    ss = ss.reshape(-1)
+    d = float(p.row_size)
+    with torch.enable_grad():
+        lp = logprob_from_sq(ss, s_rows, p.row_size, reduction).detach().requires_grad_()
+        out = ppo_clip_loss(lp, old, adv, clip_range=clip_range, adv_clip=adv_clip, clip_mode=clip_mode)
+        (dlogp,) = torch.autograd.grad(out.loss, lp)
+    logp = lp.detach()
+    grads = (None,) * 4
+    if any(need):
+        dlogp_dss = -1.0 / (2.0 * (d if reduction == "mean" else 1.0) * s_rows * s_rows)
+        grads = backends.get(backend).step_bwd(p, dlogp * dlogp_dss, None, None, need)
+    bad = (~torch.isfinite(logp)).sum() + (s_rows <= 0).sum() + (~torch.isfinite(logp - old)).sum()
+    stats = torch.stack([out.loss.detach(), out.clipfrac, out.approx_kl, out.ratio_mean, bad.to(out.loss.dtype)])
+    return logp, dlogp, stats, grads
+
+
+class _FusedPPO(torch.autograd.Function):
+    """Loss and gradients in one forward call; backward hands the held gradients out (scaled when needed)."""
+
+    @staticmethod
+    def forward(ctx, x, y, eu, ec, s_tensor, params):
+        (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, abg) = params
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
+        x, y, eu = x.detach(), y.detach(), eu.detach()
+        ec = None if ec is None else ec.detach()
+        lead = x.shape[: x.dim() - latent_dims]
+        if backend == "cpp":
+            from .backends import cpp_backend
+
+            logp, dlogp, stats, grads = cpp_backend.ppo_step(
+                x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_mode, reduction, need)
+        else:
+            p = StepProblem(x, y, eu, ec, None, None, coef, clip_x0 is not None, latent_dims)
+            logp, dlogp, stats, grads = _rows_torch(backend, p, rows["s"], rows["old_logp"], rows["advantages"],
+                                                    clip_range, adv_clip, clip_mode, reduction, need)
+        loss, clipfrac, approx_kl, ratio_mean, bad = stats.unbind()
+        # The gradients are handed out by the first backward and not referenced after it, so autograd can
+        # adopt them as .grad without a copy; a second backward (retain_graph) recomputes them.
+        ctx.held = list(grads) if any(need) else None
+        ctx.need = need
+        ctx.save_for_backward(rows["s"], dlogp, logp, x, y, eu, ec)
+        ctx.meta = (coef, abg, clip_x0, backend, reduction, latent_dims, s_tensor is not None and ctx.needs_input_grad[4],
+                    None if s_tensor is None else s_tensor.shape, lead)
+        ctx.mark_non_differentiable(clipfrac, approx_kl, ratio_mean, bad)
+        ctx.set_materialize_grads(False)
+        return loss, logp.reshape(lead), clipfrac, approx_kl, ratio_mean, bad
+
+    @staticmethod
+    def backward(ctx, g_loss, g_logp, *_):
+        s_rows, dlogp, logp, x, y, eu, ec = ctx.saved_tensors
+        coef, (a, b, g), clip_x0, backend, reduction, latent_dims, want_ds, s_shape, lead = ctx.meta
+        held, ctx.held = ctx.held, None
+        grads = [None] * 4
+        w_rows = None  # dL/dlogp per row still to be turned into gradients by a recompute pass
+        if g_loss is not None:
+            if held is not None:
+                grads = held if _is_one(g_loss) else [None if t is None else t * g_loss.to(t.dtype) for t in held]
+            else:
+                w_rows = g_loss.to(dlogp.dtype) * dlogp
+        if g_logp is not None:  # log p used in a further differentiable term
+            w_rows = g_logp.reshape(-1).to(dlogp.dtype) + (0.0 if w_rows is None else w_rows)
+        row_size = x.shape[x.dim() - latent_dims :].numel()
+        d = float(row_size) if reduction == "mean" else 1.0
+        if w_rows is not None and any(ctx.need):
+            if coef is None:
+                coef = pack_coef(lead, x.device, s_rows.dtype, a, b, g, clip_x0, check_data=False)
+            p = StepProblem(x, y, eu, ec, None, None, coef, clip_x0 is not None, latent_dims)
+            extra = backends.get(backend).step_bwd(p, w_rows * (-1.0 / (2.0 * d * s_rows * s_rows)), None, None, ctx.need)
+            grads = [e if h is None else (h if e is None else h + e) for h, e in zip(grads, extra)]
+        held = None
+        ds = None
+        if want_ds:
+            # dlogp/ds = ss / (d s^3) - D'/s with ss recovered from logp:  ss = -2 d s^2 (logp + D' (log s + c))
+            w = torch.zeros_like(dlogp) if g_loss is None else g_loss.to(dlogp.dtype) * dlogp
+            if g_logp is not None:
+                w = w + g_logp.reshape(-1).to(dlogp.dtype)
+            dd = float(row_size) if reduction == "sum" else 1.0
+            ss = -2.0 * d * s_rows * s_rows * (logp + dd * (torch.log(s_rows) + HALF_LOG_2PI))
+            ds = (w * (ss / (d * s_rows ** 3) - dd / s_rows)).reshape(lead).sum_to_size(s_shape)
+        return (*grads, ds, None)
+
+
+def _is_one(t: torch.Tensor) -> bool:
+    """True when a scalar upstream gradient is exactly 1 (free on CPU; one sync on a GPU)."""
+    return t.numel() == 1 and float(t) == 1.0

@@ -46,8 +46,11 @@ class X0Clip(NamedTuple):
     limit: Coef = 1.0
 
 
-def _pack(lead, device, dtype, a, b, g, clip_x0: Optional[X0Clip]) -> torch.Tensor:
-    """The [N, 7] coefficient matrix (a, b, g, m0, cx, ce, limit), validated with one data check."""
+def pack_coef(lead, device, dtype, a, b, g, clip_x0: Optional[X0Clip], check_data: bool = True) -> torch.Tensor:
+    """The [N, 7] coefficient matrix (a, b, g, m0, cx, ce, limit), validated with one data check.
+
+    ``check_data=False`` leaves the value checks to a kernel that checks each row's coefficients itself.
+    """
     if clip_x0 is None and all(isinstance(v, float) and not isinstance(v, bool) for v in (a, b, g)):
         # all scalars (gaussian_logprob, gaussian_kl, unbatched steps): one small tensor, no per-column ops
         for name, v in (("a", a), ("b", b), ("g", g)):
@@ -61,7 +64,7 @@ def _pack(lead, device, dtype, a, b, g, clip_x0: Optional[X0Clip]) -> torch.Tens
     cols = [per_row(n, v, lead, device, dtype, positive=pos, check_data=False) for n, v, pos in named]
     cols += [torch.zeros_like(cols[0])] * (N_COEF - len(cols))
     coef = torch.stack(cols, dim=1)
-    if data_checks_enabled() and coef.numel():
+    if check_data and data_checks_enabled() and coef.numel():
         ok = all_finite(coef) and (clip_x0 is None or float(coef[:, COEF_LIMIT].min()) > 0)
         if not ok:  # rare: name the culprit with the per-column checks
             for n, v, pos in named:
@@ -109,7 +112,7 @@ def fused_sq(
         raise ValueError("clip_x0 needs a model output (eps_u) to clip against")
     lead = template.shape[: template.dim() - latent_dims]
     dtype = acc_dtype(template.dtype)
-    coef = _pack(lead, template.device, dtype, a, b, g, clip_x0)
+    coef = pack_coef(lead, template.device, dtype, a, b, g, clip_x0)
     backend = _resolve_backend(template.device.type)
     ref_eu = ref_eu.detach() if ref_eu is not None else None
     ref_ec = ref_ec.detach() if ref_ec is not None else None

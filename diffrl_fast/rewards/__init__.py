@@ -12,6 +12,10 @@ are given and it takes three arguments, the reward function itself.
 """
 from __future__ import annotations
 
+from .._extras import require_train
+
+require_train("diffrl_fast.rewards")
+
 import importlib
 import inspect
 from typing import Callable

@@ -160,3 +160,31 @@ def flow_sde_step(sigmas, j, x, v, noise_level, noise):
     s = std_t * math.sqrt(-dt)
     return mean + s * noise.to(F64), mean, s
 
+
+def flow_grpo_step(sigmas, idx, x, v, noise_level, prev, sde_type):
+    """Flow-GRPO's ``sde_step_with_logprob`` in float64 (Liu et al. 2025), per-sample step indices ``idx``.
+
+    Returns (log_prob [B] = mean over the non-batch dims, mean, std_dev_t [B]). "sde": std_t =
+    noise_level sqrt(sigma / (1 - sigma)) with sigma = 1 replaced by sigmas[1] in the denominator, log N of
+    prev under (mean, (std_t sqrt(-dt))^2); "cps": std_t = sigma_next sin(noise_level pi / 2),
+    log_prob = -(prev - mean)^2.
+    """
+    sig = [float(s) for s in sigmas]
+    x, v, prev = x.to(F64), v.to(F64), prev.to(F64)
+    logps, means, stds = [], [], []
+    for i, j in enumerate(idx):
+        sigma, nxt = sig[j], sig[j + 1]
+        dt = nxt - sigma
+        if sde_type == "sde":
+            std_t = math.sqrt(sigma / (1 - (sig[1] if sigma == 1 else sigma))) * noise_level
+            mean = x[i] * (1 + std_t**2 / (2 * sigma) * dt) + v[i] * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+            s = std_t * math.sqrt(-dt)
+            elem = -((prev[i] - mean) ** 2) / (2 * s**2) - math.log(s) - 0.5 * math.log(2 * math.pi)
+        else:
+            std_t = nxt * math.sin(noise_level * math.pi / 2)
+            mean = (x[i] - sigma * v[i]) * (1 - nxt) + (x[i] + (1 - sigma) * v[i]) * math.sqrt(nxt**2 - std_t**2)
+            elem = -((prev[i] - mean) ** 2)
+        logps.append(elem.mean())
+        means.append(mean)
+        stds.append(std_t)
+    return torch.stack(logps), torch.stack(means), torch.tensor(stds, dtype=F64)

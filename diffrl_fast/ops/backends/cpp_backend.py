@@ -60,3 +60,42 @@ def step_bwd(p: StepProblem, w_ss, w_kk, g_mean, need):
             torch.get_num_threads(),
         )
     return tuple(outs)
+
+
+
+def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_mode, reduction, need):
+    """The fused PPO step loss (csrc ppo_step): log p, dL/dlogp, the statistics and the gradients in one call.
+
+    The caller (ops/ppo.py) has validated everything; tensors cross as raw pointers. ``rows`` holds the
+    per-row inputs as 1-D tensors of any stride (or floats for a, b, g); ``coef`` is the [N, 7] matrix when
+    x0 is clipped, else None. Returns (logp [N], dlogp [N], stats [5] = loss, clipfrac, approx_kl,
+    ratio_mean, bad rows, (dx, dy, deu, dec) with None where not needed).
+    """
+    lead = x.shape[: x.dim() - latent_dims]
+    n = lead.numel()
+    acc = rows["s"].dtype
+    logp = torch.empty(n, dtype=acc)
+    dlogp = torch.empty(n, dtype=acc)
+    stats = torch.zeros(5, dtype=acc)
+    outs = [torch.empty(x.shape, dtype=x.dtype) if nd and t is not None else None for nd, t in zip(need, (x, y, eu, ec))]
+    if n:
+        p = StepProblem(x, y, eu, ec, None, None, rows["s"], coef is not None, latent_dims)
+        n_inner, strides = row_addressing(p)
+        ints = [_DTYPE[x.dtype], n, n_inner, p.row_size, int(coef is not None), int(clip_mode == "clamp"),
+                int(reduction == "sum"), torch.get_num_threads()]
+        for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
+            so, si = strides.get(name, (0, 0))
+            ints += (0, 0, 0) if t is None else (t.data_ptr(), so, si)
+        ints.append(0 if coef is None else coef.data_ptr())
+        reals = [-1.0 if clip_range is None else float(clip_range), -1.0 if adv_clip is None else float(adv_clip), 1.0 / n]
+        for name in ("a", "b", "g", "s", "log_s", "old_logp", "advantages"):
+            v = rows.get(name, 0.0)
+            if isinstance(v, torch.Tensor):
+                ints += (v.data_ptr(), v.stride(0) if v.numel() > 1 else 0)
+                reals.append(0.0)
+            else:
+                ints += (0, 0)
+                reals.append(float(v))
+        ints += [logp.data_ptr(), dlogp.data_ptr(), stats.data_ptr()] + [0 if o is None else o.data_ptr() for o in outs]
+        _C.ppo_step_raw(ints, reals)
+    return logp, dlogp, stats, tuple(outs)

@@ -1,0 +1,117 @@
+"""The fused PPO step loss (gradients computed in the forward pass) against the float64 oracle and the
+recompute path: values, gradients to every input, scaled and extra upstream gradients, bit parity of log p
+with step_logprob, and bad inputs named."""
+import pytest
+import torch
+
+from diffrl_fast.ops import X0Clip, checks, ppo_clip_step_loss, step_logprob, use_backend
+from tests.baselines import ddim_affine, random_ddim_rows
+from tests.conftest import device_for
+from tests.reference import oracle
+
+
+def _inputs(device, B=6, T=2, hw=(9, 13), seed=0, cfg=True):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, T, 4, *hw)
+    x, prev, eu, ec = (torch.randn(shape, generator=g).to(device) for _ in range(4))
+    abar_t, abar_p, std = random_ddim_rows(B * T, g)
+    a, b = (v.reshape(B, T).to(device) for v in ddim_affine(abar_t, abar_p, std))
+    std = std.reshape(B, T).to(device)
+    with torch.no_grad():
+        lp = oracle.step_logprob(x, prev, eu, ec if cfg else None, a, b, 3.0, std).float()
+    old = lp + 0.15 * torch.randn(B, T, generator=g).to(device)  # ratios on both sides of the band
+    adv = 3.0 * torch.randn(B, T, generator=g).to(device)
+    return dict(x=x, prev=prev, eu=eu, ec=ec if cfg else None, a=a, b=b, std=std, old=old, adv=adv)
+
+
+CASES = [  # (clip_range, clip_mode, reduction, clip_x0, cfg, adv_clip)
+    (0.1, "ppo", "mean", False, True, 5.0),
+    (0.1, "clamp", "sum", False, True, 1.0),
+    (None, "ppo", "mean", True, True, None),
+    (0.1, "ppo", "sum", True, False, 5.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("mode", ["fused", "recompute"])
+def test_fused_ppo_matches_oracle(backend, mode, case):
+    clip_range, clip_mode, reduction, clip, cfg, adv_clip = case
+    device = device_for(backend)
+    inp = _inputs(device, cfg=cfg)
+    clip_x0 = X0Clip(0.9, 1.3, -0.6, 1.5) if clip else None
+    leaves = {k: inp[k].clone().requires_grad_() for k in ("x", "prev", "eu", "std") + (("ec",) if cfg else ())}
+    ref = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    lp64 = oracle.step_logprob(ref["x"], ref["prev"], ref["eu"], ref.get("ec"), inp["a"], inp["b"], 3.0, ref["std"],
+                               reduction, None if clip_x0 is None else tuple(clip_x0))
+    loss64, clipfrac, approx_kl, ratio_mean = oracle.ppo_loss(lp64, inp["old"], inp["adv"], clip_range, adv_clip,
+                                                             clamp_only=clip_mode == "clamp")
+    loss64.backward()
+    with use_backend(backend):
+        out = ppo_clip_step_loss(leaves["x"], leaves["prev"], leaves["eu"], leaves.get("ec"), inp["a"], inp["b"], 3.0,
+                                 leaves["std"], inp["old"], inp["adv"], clip_range=clip_range, adv_clip=adv_clip,
+                                 clip_mode=clip_mode, reduction=reduction, clip_x0=clip_x0, mode=mode)
+        out.loss.backward()
+    assert torch.allclose(out.logp.double(), lp64, rtol=2e-5, atol=1e-4)
+    assert out.loss.item() == pytest.approx(loss64.item(), rel=1e-4, abs=1e-6)
+    if clip_range is not None:
+        assert out.clipfrac.item() == pytest.approx(clipfrac)
+        assert out.ratio_mean.item() == pytest.approx(ratio_mean.item(), rel=1e-5)
+    assert out.approx_kl.item() == pytest.approx(approx_kl.item(), rel=1e-3, abs=1e-7)
+    for k, leaf in leaves.items():
+        want = ref[k].grad
+        err = (leaf.grad.double() - want).abs().max() / want.abs().max().clamp(min=1e-12)
+        assert err < 1e-4, (k, float(err))
+
+
+def test_fused_logp_is_bit_identical_to_step_logprob(backend):
+    """The rollout records log p with step_logprob; the fused loss must reproduce it exactly (ratio 1)."""
+    device = device_for(backend)
+    inp = _inputs(device, B=5, T=3, hw=(64, 64))  # several chunks per row
+    with use_backend(backend):
+        lp = step_logprob(inp["x"], inp["prev"], inp["eu"], inp["ec"], inp["a"], inp["b"], 7.5, inp["std"])
+        eu = inp["eu"].clone().requires_grad_()
+        out = ppo_clip_step_loss(inp["x"], inp["prev"], eu, inp["ec"], inp["a"], inp["b"], 7.5, inp["std"], lp,
+                                 inp["adv"], mode="fused")
+    assert torch.equal(out.logp, lp)
+    assert out.ratio_mean.item() == 1.0 and out.clipfrac.item() == 0.0
+
+
+def test_fused_ppo_upstream_scale_and_extra_logp_term():
+    """(2 L + sum(log p)).backward(): the held gradients are scaled and log p's share is recomputed."""
+    inp = _inputs("cpu")
+    grads = []
+    for mode in ("fused", "recompute"):
+        eu, ec = inp["eu"].clone().requires_grad_(), inp["ec"].clone().requires_grad_()
+        out = ppo_clip_step_loss(inp["x"], inp["prev"], eu, ec, inp["a"], inp["b"], 3.0, inp["std"], inp["old"],
+                                 inp["adv"], clip_range=0.1, mode=mode)
+        (2.0 * out.loss + 0.01 * out.logp.sum()).backward()
+        grads.append((eu.grad, ec.grad))
+    for got, want in zip(*grads):
+        assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+def test_fused_ppo_no_grad_and_frozen_inputs():
+    inp = _inputs("cpu")
+    with torch.no_grad():
+        out = ppo_clip_step_loss(inp["x"], inp["prev"], inp["eu"], inp["ec"], inp["a"], inp["b"], 3.0, inp["std"],
+                                 inp["old"], inp["adv"], mode="fused")
+    ref = ppo_clip_step_loss(inp["x"], inp["prev"], inp["eu"], inp["ec"], inp["a"], inp["b"], 3.0, inp["std"],
+                             inp["old"], inp["adv"], mode="recompute")
+    assert not out.loss.requires_grad and torch.allclose(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("what", ["std", "eps_u", "old_logp"])
+def test_fused_ppo_names_bad_input(what):
+    inp = _inputs("cpu")
+    if what == "std":
+        inp["std"][1, 0] = 0.0
+    elif what == "eps_u":
+        inp["eu"][2, 1, 0, 3, 3] = float("nan")
+    else:
+        inp["old"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match={"std": "s must be > 0", "eps_u": "eps_u contains", "old_logp": "old_logp"}[what]):
+        ppo_clip_step_loss(inp["x"], inp["prev"], inp["eu"], inp["ec"], inp["a"], inp["b"], 3.0, inp["std"], inp["old"],
+                           inp["adv"], mode="fused")
+    with checks(False):  # data checks off: no error, no scan (the caller asked for speed)
+        ppo_clip_step_loss(inp["x"], inp["prev"], inp["eu"], inp["ec"], inp["a"], inp["b"], 3.0, inp["std"], inp["old"],
+                           inp["adv"], mode="fused")
