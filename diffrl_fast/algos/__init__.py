@@ -11,9 +11,10 @@ from .ddpo import DDPO, DDPO_SF
 from .dense import Dense
 from .dpok import DPOK
 from .grpo import GRPO
+from .nft import NFT
 from .tdpo import TDPO, TDPO_R
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, DDPO_SF, DPOK, D3PO, Dense, TDPO, TDPO_R, GRPO)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, DDPO_SF, DPOK, D3PO, Dense, TDPO, TDPO_R, GRPO, NFT)}
 
 
 def make_algorithm(cfg) -> Algorithm:

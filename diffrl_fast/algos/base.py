@@ -59,6 +59,12 @@ class Algorithm:
         """Raise ValueError when the algorithm's settings cannot run on ``model`` (called once it is loaded)."""
 
     # ---- shapes of the data --------------------------------------------------------------------
+    def train_steps(self, traj) -> torch.Tensor:
+        """Indices of the rollout steps the algorithm trains on: the stochastic ones (those with a log-prob)."""
+        from ..diffusion.recompute import trainable_steps
+
+        return trainable_steps(traj)
+
     def num_train_steps(self, stochastic_steps: int) -> int:
         from ..train.config import num_train_steps
 
@@ -80,6 +86,7 @@ class Algorithm:
 
     # ---- rollouts -------------------------------------------------------------------------------
     sample_with_reference = False  # roll out the reference policy (offline preference data), not the current one
+    deterministic_rollout = False  # roll out with the sampler's deterministic step (forward-process algorithms)
 
     def rollout_plan(self, trainer, epoch: int, batch: int, generator: torch.Generator) -> Optional[tuple[list[str], list[int]]]:
         """(prompts, seeds) of rollout batch ``batch``, or None for the trainer's default (prompts drawn

@@ -13,7 +13,7 @@ accumulation dtype (float32, or float64 for float64 latents).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -246,20 +246,75 @@ def _schedule(kind, timesteps, a, b, s, clip, limit, sde_std=None) -> StepSchedu
     )
 
 
-def make_schedule(scheduler, num_steps: int, *, eta: float = 1.0, noise_level: float = 0.7, mu: Optional[float] = None) -> StepSchedule:
-    """The ``StepSchedule`` of ``scheduler`` for ``num_steps`` steps, chosen by the scheduler's class."""
+def make_schedule(scheduler, num_steps: int, *, eta: float = 1.0, noise_level: float = 0.7, mu: Optional[float] = None,
+                  window: Optional[torch.Tensor] = None) -> StepSchedule:
+    """The ``StepSchedule`` of ``scheduler`` for ``num_steps`` steps, chosen by the scheduler's class.
+
+    ``window`` ([num_steps] bool, optional) keeps only those steps stochastic: the others become the
+    sampler's deterministic step (``deterministic_steps``), with no noise and no log-prob, so they are
+    never trained on (timestep windows: Flow-GRPO-Fast, MixGRPO).
+    """
     from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     if isinstance(scheduler, DDIMScheduler):
-        return ddim_schedule(scheduler, num_steps, eta)
-    if isinstance(scheduler, DDPMScheduler):
-        return ddpm_schedule(scheduler, num_steps)
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return flow_sde_schedule(scheduler, num_steps, noise_level, mu=mu)
-    raise ValueError(
-        f"unsupported scheduler type {type(scheduler).__name__}: the rollout supports DDIMScheduler, DDPMScheduler "
-        "and FlowMatchEulerDiscreteScheduler (convert with e.g. DDIMScheduler.from_config(scheduler.config))"
+        sched = ddim_schedule(scheduler, num_steps, eta)
+    elif isinstance(scheduler, DDPMScheduler):
+        sched = ddpm_schedule(scheduler, num_steps)
+    elif isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        sched = flow_sde_schedule(scheduler, num_steps, noise_level, mu=mu)
+    else:
+        raise ValueError(
+            f"unsupported scheduler type {type(scheduler).__name__}: the rollout supports DDIMScheduler, DDPMScheduler "
+            "and FlowMatchEulerDiscreteScheduler (convert with e.g. DDIMScheduler.from_config(scheduler.config))"
+        )
+    if window is None:
+        return sched
+    window = torch.as_tensor(window, dtype=torch.bool).cpu()
+    if window.shape != (num_steps,):
+        raise ValueError(f"window must be a [num_steps={num_steps}] bool mask, got shape {tuple(window.shape)}")
+    a, b, clip = deterministic_steps(scheduler, sched)
+    keep = window & sched.stochastic
+    return replace(
+        sched, a=torch.where(keep, sched.a, a), b=torch.where(keep, sched.b, b),
+        s=torch.where(keep, sched.s, torch.zeros_like(sched.s)),
+        clip=None if sched.clip is None else torch.where(keep[:, None], sched.clip, clip),
+        sde_std=None if sched.sde_std is None else torch.where(keep, sched.sde_std, torch.zeros_like(sched.sde_std)),
     )
 
+
+def forward_process(scheduler, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward process at denoiser timesteps ``t`` ([N]): x_t = alpha x_0 + sigma z, and the model output's
+    x_0 prediction x0 = cx x_t + ce out, all [N] float64.
+
+    DDIM/DDPM schedulers: alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t), (cx, ce) by prediction type;
+    flow matching: sigma = t / num_train_timesteps, alpha = 1 - sigma, x0 = x_t - sigma v (as Flow-GRPO and
+    DiffusionNFT form it).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    t = torch.as_tensor(t).detach().cpu()
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        sigma = t.to(torch.float64) / scheduler.config.num_train_timesteps
+        return 1 - sigma, sigma, torch.ones_like(sigma), -sigma
+    abar = scheduler.alphas_cumprod.to(torch.float64)[t.to(torch.int64)]
+    sa, sb = abar.sqrt(), (1 - abar).sqrt()
+    cx, ce, _, _ = _x0_eps(scheduler.config.prediction_type, sa, sb)
+    return sa, sb, cx, ce
+
+
+def deterministic_steps(scheduler, sched: StepSchedule) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(a, b, clip) of the deterministic sampler at ``sched``'s timesteps: DDIM with eta = 0 (Song et al. 2021,
+    eq. 12 with sigma = 0) for a DDIM run, the probability-flow ODE's Euler step x + v dt for a flow-matching
+    run (Flow-GRPO's SDE at noise level 0). DDPM has no deterministic form of its own: use DDIM."""
+    if sched.kind == "ddim":
+        t = sched.timesteps.to(torch.int64).cpu()
+        a, b, _, clip, _ = _ddim_tables(scheduler, t, 0.0, False, False)
+        return a, b, clip
+    if sched.kind == "flow_sde":
+        sig = scheduler.sigmas.to(torch.float64).cpu()
+        return torch.ones_like(sched.a), sig[1:] - sig[:-1], None
+    raise ValueError(f"timestep windows need a sampler with a deterministic form (DDIM or flow matching); "
+                     f"this model samples with {type(scheduler).__name__}: convert it with "
+                     "DDIMScheduler.from_config(scheduler.config)")

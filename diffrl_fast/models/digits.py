@@ -47,6 +47,11 @@ UNET_CONFIG = "digits_unet.json"
 PROMPT_ENCODER_WEIGHTS = "digits_prompt_encoder.safetensors"
 CLASSIFIER_WEIGHTS = "digit_classifier.safetensors"
 CLASSIFIER_CONFIG = "digit_classifier.json"
+CLASSIFIER_NAME = "digit_classifier"
+# A second classifier for held-out rewards (over-optimisation guards): another seed and a narrower architecture,
+# trained on the same split, never optimised against.
+HELDOUT_CLASSIFIER_NAME = "digit_classifier_heldout"
+HELDOUT_CLASSIFIER = dict(seed=1, channels=(16, 32), hidden=64)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -254,14 +259,16 @@ def _public_config(config) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def load_digit_classifier(directory: Union[str, Path, None] = None, device="cpu", dtype=torch.float32) -> DigitClassifier:
-    """The pretrained ``DigitClassifier`` from ``directory`` (default: the package assets), frozen, in eval mode."""
+def load_digit_classifier(directory: Union[str, Path, None] = None, device="cpu", dtype=torch.float32,
+                          name: str = CLASSIFIER_NAME) -> DigitClassifier:
+    """The pretrained ``DigitClassifier`` ``name`` (``digit_classifier``, or ``digit_classifier_heldout`` for the
+    held-out one) from ``directory`` (default: the package assets), frozen, in eval mode."""
     from safetensors.torch import load_file
 
     directory = Path(directory) if directory is not None else ASSETS_DIR
-    config = json.loads(_asset(directory, CLASSIFIER_CONFIG).read_text())
+    config = json.loads(_asset(directory, f"{name}.json").read_text())
     model = DigitClassifier(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()})
-    model.load_state_dict(load_file(_asset(directory, CLASSIFIER_WEIGHTS)))
+    model.load_state_dict(load_file(_asset(directory, f"{name}.safetensors")))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -522,13 +529,16 @@ def pretrain_digit_classifier(
     weight_decay: float = 1e-4,
     max_shift: int = 1,
     noise_std: float = 0.05,
+    channels: tuple[int, int] = (32, 64),
+    hidden: int = 128,
+    name: str = CLASSIFIER_NAME,
 ) -> dict:
-    """Train the ``DigitClassifier`` (cross-entropy, AdamW, cosine LR) and write it to ``out_dir``.
+    """Train the ``DigitClassifier`` (cross-entropy, AdamW, cosine LR) and write it to ``out_dir`` as ``name``.
 
     Augmentation: each image shifted by up to ``max_shift`` px and given Gaussian pixel noise of std
     ``noise_std`` (clamped to [0, 1]) so the reward model tolerates the small artefacts of generated
     samples. Trains on the ``digits_split`` train part; reports accuracy on the held-out part.
-    Deterministic given ``seed``. Writes digit_classifier.safetensors + digit_classifier.json.
+    Deterministic given ``seed``. Writes ``name``.safetensors + ``name``.json.
     """
     start = time.perf_counter()
     images, labels = load_digits_dataset()
@@ -536,7 +546,7 @@ def pretrain_digit_classifier(
     train_idx, held_idx = digits_split(len(labels))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitClassifier()
+        model = DigitClassifier(channels=channels, hidden=hidden)
     gen = torch.Generator().manual_seed(seed)
     n = len(train_idx)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -572,7 +582,7 @@ def pretrain_digit_classifier(
                       noise_std=noise_std, data="sklearn load_digits, digits_split train part"),
         metrics=metrics,
     )
-    _save(Path(out_dir), {CLASSIFIER_WEIGHTS: model.state_dict()}, CLASSIFIER_CONFIG, config)
+    _save(Path(out_dir), {f"{name}.safetensors": model.state_dict()}, f"{name}.json", config)
     return metrics
 
 
@@ -588,6 +598,8 @@ def pretrain_main(out_dir: Union[str, Path, None] = None, *, quick: bool = False
     print(f"[digits] writing to {out}", flush=True)
     classifier = pretrain_digit_classifier(out, epochs=1 if quick else 30)
     print(f"[digits classifier] held-out accuracy {classifier['held_out_accuracy']:.4f}  {classifier['wall_time_s']:.0f}s", flush=True)
+    heldout = pretrain_digit_classifier(out, epochs=1 if quick else 30, name=HELDOUT_CLASSIFIER_NAME, **HELDOUT_CLASSIFIER)
+    print(f"[digits held-out classifier] held-out accuracy {heldout['held_out_accuracy']:.4f}  {heldout['wall_time_s']:.0f}s", flush=True)
     unet = pretrain_digits_model(out, **(dict(steps=20, log_every=10) if quick else {}))
     print(f"[digits unet] loss {unet['loss_first']:.4f} -> {unet['loss_last']:.4f}  {unet['wall_time_s']:.0f}s", flush=True)
     world = load_pretrained_digits(directory=out)
@@ -595,7 +607,7 @@ def pretrain_main(out_dir: Union[str, Path, None] = None, *, quick: bool = False
     for row in generator:
         print(f"[digits generator] guidance {row['guidance_scale']:.0f}: accuracy {row['accuracy']:.3f}  "
               f"mean log p(class) {row['mean_log_prob']:.3f}  ({row['sample_time_s']:.1f}s)", flush=True)
-    report = dict(classifier=classifier, unet=unet, generator=generator)
+    report = dict(classifier=classifier, heldout_classifier=heldout, unet=unet, generator=generator)
     (out / "digits_pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

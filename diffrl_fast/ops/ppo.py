@@ -27,6 +27,15 @@ def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor
     return torch.exp(logp - old_logp)
 
 
+def _check_clip_args(clip_range, adv_clip, clip_mode) -> None:
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0 or None (REINFORCE), got {clip_range}")
+    if adv_clip is not None and not adv_clip > 0:
+        raise ValueError(f"adv_clip must be > 0 or None, got {adv_clip}")
+    if clip_mode not in ("ppo", "clamp"):
+        raise ValueError(f"clip_mode must be 'ppo' or 'clamp', got {clip_mode!r}")
+
+
 def ppo_clip_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -52,12 +61,7 @@ def ppo_clip_loss(
         raise ValueError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
     old_logp = check_rows("old_logp", old_logp, logp.shape, logp.device)
     advantages = check_rows("advantages", advantages, logp.shape, logp.device)
-    if clip_range is not None and not clip_range > 0:
-        raise ValueError(f"clip_range must be > 0 or None (REINFORCE), got {clip_range}")
-    if adv_clip is not None and not adv_clip > 0:
-        raise ValueError(f"adv_clip must be > 0 or None, got {adv_clip}")
-    if clip_mode not in ("ppo", "clamp"):
-        raise ValueError(f"clip_mode must be 'ppo' or 'clamp', got {clip_mode!r}")
+    _check_clip_args(clip_range, adv_clip, clip_mode)
     adv = advantages.detach().to(logp.dtype)
     if adv_clip is not None:
         adv = adv.clamp(-adv_clip, adv_clip)
@@ -123,12 +127,7 @@ def ppo_clip_step_loss(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if clip_range is not None and not clip_range > 0:
-        raise ValueError(f"clip_range must be > 0 or None (REINFORCE), got {clip_range}")
-    if adv_clip is not None and not adv_clip > 0:
-        raise ValueError(f"adv_clip must be > 0 or None, got {adv_clip}")
-    if clip_mode not in ("ppo", "clamp"):
-        raise ValueError(f"clip_mode must be 'ppo' or 'clamp', got {clip_mode!r}")
+    _check_clip_args(clip_range, adv_clip, clip_mode)
     check_reduction(reduction)
     if mode != "recompute" and not torch.compiler.is_compiling():
         template = check_latents(latent_dims, {"x_t": x_t, "x_prev": x_prev, "eps_u": eps_u, "eps_c": eps_c})

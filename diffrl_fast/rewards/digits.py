@@ -74,3 +74,12 @@ def digit_confidence(device="cpu", classifier=None):
 
     fn.embed = embed
     return fn
+
+
+@register("digit_confidence_heldout")
+def digit_confidence_heldout(device="cpu"):
+    """``digit_confidence`` scored by the held-out classifier (another seed and a narrower architecture,
+    ``models.digits.HELDOUT_CLASSIFIER``): a guard against fooling the training classifier only."""
+    from ..models.digits import HELDOUT_CLASSIFIER_NAME
+
+    return digit_confidence(device=device, classifier=load_digit_classifier(device=device, name=HELDOUT_CLASSIFIER_NAME))

@@ -72,6 +72,10 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables.")
     clip_range: float = option(1e-4, "PPO ratio clip epsilon (DDPO-IS, TDPO, GRPO, DPOK): ddpo-pytorch's 1e-4 for SD's 16384-dim latents (log-probs are averaged over latent elements).")
     adv_clip_max: float = option(5.0, "Advantages are clipped to [-adv_clip_max, adv_clip_max] (DDPO, Flow-GRPO).")
+    timestep_window: str = option("all", "Which rollout steps are stochastic and trained: 'all'; 'fixed': the first train.window_size (noisiest) steps (Flow-GRPO-Fast); 'sliding': a window of train.window_size steps that moves train.window_stride steps towards low noise every train.window_shift_every epochs and stops at the end (MixGRPO). Steps outside the window are the sampler's deterministic step (DDIM eta = 0, the flow ODE), with no log-prob.")
+    window_size: int = option(2, "Steps in the timestep window (train.timestep_window fixed or sliding).")
+    window_stride: int = option(1, "Steps a sliding window moves per shift.")
+    window_shift_every: int = option(1, "Epochs between shifts of a sliding window.")
 
 
 @dataclass
@@ -158,9 +162,19 @@ class DistConfig:
 
 
 @dataclass
+class NFTConfig:
+    group_size: int = option(24, "G samples per prompt (DiffusionNFT's num_image_per_prompt: 24); advantages as GRPO's (grpo.std, grpo.eps).")
+    beta: float = option(1.0, "beta of the implicit policies v+- around the old model (reference: 1.0; 0.1 for OCR).")
+    kl_beta: float = option(1e-4, "Weight of the mean squared difference of the policy's and the reference model's outputs (reference train.beta: 1e-4 for SD3.5; 0: no reference model).")
+    decay_type: int = option(1, "How fast the old model follows the policy after each epoch: 0 (at once), 1 (decay min(0.001 step, 0.5)), 2 (0 for 75 steps, then min(0.0075 (step - 75), 0.999)), as the reference's return_decay.")
+
+
+@dataclass
 class LogConfig:
     eval_samples: int = option(256, "Fixed-seed samples scored before and after training for summary.md (0 disables).")
     grid_samples: int = option(32, "Images in the before/after grids (same seeds).")
+    eval_num_steps: Optional[int] = option(None, "Sampling steps of the before/after evaluation (null: sample.num_steps). Lets rollouts use fewer steps than evaluation.")
+    eval_guidance_scale: Optional[float] = option(None, "Guidance scale of the before/after evaluation (null: sample.guidance_scale). With sample.guidance_scale=1 the policy trains without guidance (one denoiser pass per step) and can still be evaluated with it.")
     tensorboard: bool = option(True, "Also log to TensorBoard when it is installed.")
     progress: bool = option(True, "tqdm progress bars for sampling and training.")
 
@@ -170,7 +184,7 @@ class Config:
     name: str = option("digits_ddpo", "Run name; outputs go to output_dir/name.")
     output_dir: str = option("runs", "Folder holding the run folders.")
     seed: int = option(0, "Seed of everything: prompts, rollouts, shuffles, initialisation.")
-    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r or grpo (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
+    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r, grpo or nft (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
     num_epochs: int = option(100, "Epochs (rollout + training rounds). Default: ddpo-pytorch's 100.")
     prompts: list[str] = option([str(d) for d in range(10)], "Prompts, drawn uniformly per sample (for the digits world: '7', 'a handwritten 7', ...).")
     prompt_file: str = option("", "A text file with one prompt per line; replaces `prompts` when set.")
@@ -184,6 +198,7 @@ class Config:
     dense: DenseConfig = field(default_factory=DenseConfig, metadata={"help": "The dense-reward view (algo=dense)."})
     tdpo: TDPOConfig = field(default_factory=TDPOConfig, metadata={"help": "TDPO / TDPO-R critic (algo=tdpo, tdpo_r)."})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Group-relative advantages (algo=grpo)."})
+    nft: NFTConfig = field(default_factory=NFTConfig, metadata={"help": "DiffusionNFT, forward-process fine-tuning (algo=nft)."})
     dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "Distributed training (torchrun / deepspeed launchers)."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging, evaluation and outputs."})
 
@@ -219,7 +234,22 @@ def samples_per_prompt(cfg: Config) -> int:
     """Group size G of the chosen algorithm (samples of one prompt trained together)."""
     if cfg.algo == "d3po":
         return 2 if cfg.d3po.preferences else cfg.d3po.samples_per_prompt
-    return {"dense": cfg.dense.samples_per_prompt, "grpo": cfg.grpo.group_size}.get(cfg.algo, 1)
+    return {"dense": cfg.dense.samples_per_prompt, "grpo": cfg.grpo.group_size, "nft": cfg.nft.group_size}.get(cfg.algo, 1)
+
+
+def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
+    """[sample.num_steps] bool mask of the stochastic (trained) rollout steps at ``epoch``, or None for all.
+
+    fixed: steps [0, K); sliding: steps [o, o + K) with o = min(stride * (epoch // shift_every), T - K)
+    (MixGRPO's window moving from high to low noise; Li et al. 2025). K = train.window_size.
+    """
+    t, T = cfg.train, cfg.sample.num_steps
+    if t.timestep_window == "all":
+        return None
+    start = 0 if t.timestep_window == "fixed" else min(t.window_stride * (epoch // t.window_shift_every), T - t.window_size)
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[start:start + t.window_size] = True
+    return mask
 
 
 def num_train_steps(cfg: Config, stochastic_steps: int) -> int:
@@ -258,6 +288,12 @@ def validate(cfg: Config) -> Config:
     choice("train.optimizer_step_every", t.optimizer_step_every, ("minibatches", "chunks", "round"))
     need(t.learning_rate > 0, "train.learning_rate must be > 0")
     choice("train.lr_schedule", t.lr_schedule, ("constant", "linear", "cosine"))
+    choice("train.timestep_window", t.timestep_window, ("all", "fixed", "sliding"))
+    if t.timestep_window != "all":
+        need(1 <= t.window_size <= s.num_steps, f"train.window_size must be in [1, sample.num_steps={s.num_steps}], got {t.window_size}")
+        need(t.window_stride >= 1 and t.window_shift_every >= 1, "train.window_stride and train.window_shift_every must be >= 1")
+    need(cfg.log.eval_num_steps is None or cfg.log.eval_num_steps >= 1, "log.eval_num_steps must be >= 1 or null")
+    need(cfg.log.eval_guidance_scale is None or cfg.log.eval_guidance_scale >= 1, "log.eval_guidance_scale must be >= 1 or null")
     need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps must be >= 0")
     need(t.clip_range > 0 and t.adv_clip_max > 0, "train.clip_range and train.adv_clip_max must be > 0")
     choice("model.mixed_precision", cfg.model.mixed_precision, ("no", "bf16", "fp16"))
@@ -319,4 +355,7 @@ def validate(cfg: Config) -> Config:
     choice("grpo.kl_form", g.kl_form, ("flow_grpo", "exact"))
     choice("grpo.std", g.std, ("global", "group"))
     choice("grpo.train_steps", g.train_steps, ("first", "random"))
+    n = cfg.nft
+    need(n.group_size >= 1 and n.beta > 0 and n.kl_beta >= 0, "nft.group_size must be >= 1, nft.beta > 0 and nft.kl_beta >= 0")
+    choice("nft.decay_type", n.decay_type, (0, 1, 2))
     return cfg

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from ..algos import make_algorithm
+from ..diffusion.coefficients import make_schedule
 from ..diffusion.recompute import pack_chunk, trainable_steps
 from ..diffusion.rollout import Trajectory, sample_trajectories
 from ..models import load_model
@@ -35,7 +36,7 @@ from ..rewards import RewardError, check_rewards, get_reward
 from ..utils.memory import PeakMemory
 from .advantages import PerPromptStatTracker, normalize
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config
+from .config import Config, timestep_window
 from .distributed import DistContext, init_distributed, make_engine
 from .outputs import RunLogger, save_final_weights, write_summary
 
@@ -212,10 +213,24 @@ class Trainer:
         return True
 
     # ---- rollout and rewards -------------------------------------------------------------------
-    def _sample(self, prompts: list[str], seeds: list[int], init_seeds: Optional[list[int]] = None, progress=None) -> Trajectory:
-        s = self.cfg.sample
+    def _sample(self, prompts: list[str], seeds: list[int], init_seeds: Optional[list[int]] = None, progress=None,
+                *, epoch: Optional[int] = None) -> Trajectory:
+        """Rollouts of training epoch ``epoch`` (its timestep window), or with ``epoch=None`` the evaluation's
+        samples (every step stochastic, log.eval_num_steps and log.eval_guidance_scale where set)."""
+        s, log = self.cfg.sample, self.cfg.log
+        num_steps, guidance, schedule = s.num_steps, s.guidance_scale, None
+        if epoch is None:
+            num_steps = log.eval_num_steps or s.num_steps
+            guidance = s.guidance_scale if log.eval_guidance_scale is None else log.eval_guidance_scale
+        else:
+            window = timestep_window(self.cfg, epoch)
+            if self.algo.deterministic_rollout:
+                window = torch.zeros(num_steps, dtype=torch.bool)
+            if window is not None:
+                schedule = make_schedule(self.model.scheduler, num_steps, eta=s.eta, noise_level=s.noise_level,
+                                         window=window, **self.model.sampling_kwargs())
         return sample_trajectories(
-            self.model, prompts, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
+            self.model, prompts, num_steps=num_steps, guidance_scale=guidance, eta=s.eta, schedule=schedule,
             noise_level=s.noise_level, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
             storage_device=s.trajectory_device or None,
@@ -249,7 +264,7 @@ class Trainer:
             # a group sharing x_0 starts from its first member's initial noise
             init = [seeds[i - i % G] for i in range(len(seeds))] if self.algo.shares_initial_noise else None
             with self.model.reference() if self.algo.sample_with_reference else contextlib.nullcontext():
-                traj = self._sample(prompts, seeds, init_seeds=init, progress=bar)
+                traj = self._sample(prompts, seeds, init_seeds=init, progress=bar, epoch=epoch)
             trajs.append(traj)
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
         rewards = torch.cat([p.result() if isinstance(p, Future) else p for p in pending])
@@ -307,7 +322,7 @@ class Trainer:
     def train_epoch(self, epoch: int, traj: Trajectory, data, bar=None, stop_flag: Callable[[], bool] = lambda: False) -> dict[str, float]:
         t = self.cfg.train
         self.model.denoiser.train()
-        steps = trainable_steps(traj)
+        steps = self.algo.train_steps(traj)
         n_train = self.algo.num_train_steps(steps.numel())
         B, K = len(traj), min(t.chunk_size, n_train)
         n_chunks = math.ceil(n_train / K)
@@ -379,7 +394,10 @@ class Trainer:
         return local, torch.cat(images)
 
     # ---- the loop ------------------------------------------------------------------------------
-    def run(self, *, stop_flag: Callable[[], bool] = lambda: False) -> dict:
+    def run(self, *, stop_flag: Callable[[], bool] = lambda: False,
+            on_epoch: Optional[Callable[["Trainer", dict], None]] = None) -> dict:
+        """Train to ``num_epochs``; ``on_epoch(trainer, record)`` runs after each epoch's record is logged (its time is
+        not in the record's sample_time_s / train_time_s: benchmarks evaluate there off the clock)."""
         cfg = self.cfg
         main = self.ctx.is_main
         if main:
@@ -404,7 +422,7 @@ class Trainer:
             t1 = time.perf_counter()
             data = self.algo.prepare(self, traj, rewards)
             try:
-                with bars.training(epoch, len(traj) * self.algo.num_train_steps(trainable_steps(traj).numel())
+                with bars.training(epoch, len(traj) * self.algo.num_train_steps(self.algo.train_steps(traj).numel())
                                    * cfg.train.num_inner_epochs) as bar:
                     stats = self.train_epoch(epoch, traj, data, bar, stop_flag)
             except Interrupted:
@@ -426,6 +444,8 @@ class Trainer:
             }
             if main:
                 self.logger.log_epoch(record)
+            if on_epoch is not None:
+                on_epoch(self, record)
             self.save()
         wall = time.perf_counter() - start
         after = None

@@ -190,3 +190,31 @@ def test_grpo_flow(tmp_path):
     n_train = int(0.99 * 4)
     loss = ref.grpo_flow(s.batch(), s.sampler(), eps, ref_eps, n_train, clip_range=1e-4, adv_clip=5.0, beta=0.04)
     check(s, leaves, loss, s.loss())
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "flow"])
+def test_nft(tmp_path, scheduler):
+    """DiffusionNFT: deterministic rollouts, the forward process at the rollout's timesteps, the implicit
+    positive and negative policies around the old model, and the KL to the reference."""
+    rows = []
+    from diffrl_fast.algos.nft import NFT
+
+    noise = NFT.noise
+
+    def recording(self, trainer, chunk, x0):
+        z = noise(self, trainer, chunk, x0)
+        n, K = chunk.shape
+        rows.extend((int(chunk.sample_idx[i // K]), int(chunk.step_idx[i // K, i % K]), z[i]) for i in range(n * K))
+        return z
+
+    NFT.noise = recording
+    try:
+        s = Step(tmp_path, "nft", "nft.group_size=2", "sample.guidance_scale=1.0", "nft.kl_beta=0.5",
+                 "train.timestep_fraction=0.5", scheduler=scheduler, perturb=0.003)
+    finally:
+        NFT.noise = noise
+    assert bool((s.traj.log_probs == 0).all())  # every rollout step deterministic
+    assert len(rows) == 8 * 2 and s.stats["kl"] > 0
+    leaves, eps, old_eps = s.eps_fns()
+    loss = ref.nft(s.batch(), s.sampler(), eps, old_eps, old_eps, rows, beta=1.0, adv_clip=5.0, kl_beta=0.5)
+    check(s, leaves, loss, s.loss())

@@ -161,7 +161,8 @@ def test_pretraining_smoke_writes_loadable_deterministic_assets(tmp_path):
 
 def test_pretrain_main_quick(tmp_path, capsys):
     report = digits.pretrain_main(tmp_path, quick=True)
-    assert set(report) == {"classifier", "unet", "generator"}
+    assert set(report) == {"classifier", "heldout_classifier", "unet", "generator"}
+    assert (tmp_path / f"{digits.HELDOUT_CLASSIFIER_NAME}.safetensors").is_file()
     assert [row["guidance_scale"] for row in report["generator"]] == [1.0, 2.0, 3.0, 5.0]
     assert json.loads((tmp_path / "digits_pretrain_report.json").read_text())["unet"]["steps"] == 20
     assert "held-out accuracy" in capsys.readouterr().out

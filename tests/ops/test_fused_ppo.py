@@ -115,3 +115,22 @@ def test_fused_ppo_names_bad_input(what):
     with checks(False):  # data checks off: no error, no scan (the caller asked for speed)
         ppo_clip_step_loss(inp["x"], inp["prev"], inp["eu"], inp["ec"], inp["a"], inp["b"], 3.0, inp["std"], inp["old"],
                            inp["adv"], mode="fused")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_fused_ppo_low_and_double_precision(dtype):
+    """Half-precision inputs accumulate in float32 and return gradients in their dtype; float64 stays float64."""
+    inp = _inputs("cpu")
+    x, prev, eu, ec = (inp[k].to(dtype) for k in ("x", "prev", "eu", "ec"))
+    outs = {}
+    for mode in ("fused", "recompute"):
+        e = eu.clone().requires_grad_()
+        out = ppo_clip_step_loss(x, prev, e, ec, inp["a"], inp["b"], 3.0, inp["std"], inp["old"], inp["adv"],
+                                 clip_range=0.1, mode=mode)
+        out.loss.backward()
+        outs[mode] = (out, e.grad)
+    (f, gf), (r, gr) = outs["fused"], outs["recompute"]
+    assert gf.dtype == dtype and f.logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(f.logp, r.logp)
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    assert (gf.double() - gr.double()).abs().max() <= tol * gr.double().abs().max()

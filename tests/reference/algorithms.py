@@ -261,4 +261,47 @@ def grpo_flow(batch, sampler, eps, ref_eps, n_train, *, clip_range, adv_clip, be
     return torch.stack(pg).mean() + beta * torch.stack(kl).mean()
 
 
+def nft(batch, sampler, eps, old_eps, ref_eps, rows, *, beta, adv_clip, kl_beta, std_eps=1e-4):
+    """NVlabs/DiffusionNFT scripts/train_nft_sd3.py (written for any forward process): for each trained row
+    (sample b, step j, noise z), x0 = the final sample, x_t = alpha x0 + sigma z (flow: t = timestep / 1000,
+    x_t = (1 - t) x0 + t z, x0(v) = x_t - t v; DDIM epsilon: alpha = sqrt(abar), sigma = sqrt(1 - abar),
+    x0(e) = (x_t - sigma e) / alpha); A as Flow-GRPO's group advantage, r = clamp((clamp(A)/c)/2 + 0.5, 0, 1);
+    v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v; each term |x0(v+-) - x0|^2 / mean|x0(v+-) - x0|
+    (element means, weights without gradient, clipped at 1e-5);
+    L = mean over rows of c (r pos / beta + (1 - r) neg / beta) + kl_beta mean over rows of mean (v - v_ref)^2."""
+    r_all = batch.rewards.to(F64)
+    A = torch.empty_like(r_all)
+    for p in set(batch.prompts):
+        idx = [i for i, q in enumerate(batch.prompts) if q == p]
+        A[idx] = (r_all[idx] - r_all[idx].mean()) / (r_all.std(unbiased=False) + std_eps)
+    terms, kls = [], []
+    for b, j, z in rows:
+        x0 = batch.latents[b, -1].to(F64)[None]
+        tt = float(batch.timesteps[j])
+        if sampler.kind == "flow":
+            s = tt / 1000.0
+            xt = (1 - s) * x0 + s * z.to(F64)[None]
+            to_x0 = lambda v, xt=xt, s=s: xt - s * v  # noqa: E731
+        else:
+            abar = float(sampler.alphas_cumprod[int(tt)])
+            xt = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * z.to(F64)[None]
+            to_x0 = lambda e, xt=xt, abar=abar: (xt - math.sqrt(1 - abar) * e) / math.sqrt(abar)  # noqa: E731
+        h = batch.cond[b].to(F64)[None]
+        t1 = torch.tensor([tt], dtype=F64)
+        v = eps(xt, t1, h)
+        with torch.no_grad():
+            v_old = old_eps(xt, t1, h)
+            v_ref = ref_eps(xt, t1, h)
+        a = float(A[b].clamp(-adv_clip, adv_clip))
+        r = min(max((a / adv_clip) / 2 + 0.5, 0.0), 1.0)
+        out = 0.0
+        for weight, pred in ((r, beta * v + (1 - beta) * v_old), (1 - r, (1 + beta) * v_old - beta * v)):
+            d = to_x0(pred) - x0
+            w = max(float(d.detach().abs().mean()), 1e-5)
+            out = out + weight * (d**2).mean() / w / beta
+        terms.append(adv_clip * out)
+        kls.append(((v - v_ref) ** 2).mean())
+    return torch.stack(terms).mean() + kl_beta * torch.stack(kls).mean()
+
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -102,3 +102,19 @@ def test_learning_rate_schedules():
     assert [learning_rate_at(i, 1.0, "linear", 0, 4) for i in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert learning_rate_at(2, 2.0, "cosine", 0, 4) == pytest.approx(1.0)
     assert learning_rate_at(9, 2.0, "cosine", 0, 4) == pytest.approx(0.0)
+
+
+def test_timestep_window_and_eval_overrides(tiny_sd_path, tmp_path):
+    """A sliding window: rollouts have log-probs only inside it, it moves with the epoch, training runs on it;
+    evaluation samples with its own steps and guidance (CFG-free training evaluated with guidance)."""
+    cfg = _cfg(tiny_sd_path, tmp_path, "train.timestep_window=sliding", "train.window_size=2", "train.window_shift_every=1",
+               "sample.guidance_scale=1.0", "log.eval_num_steps=3", "log.eval_guidance_scale=4.0", "name=win")
+    trainer = Trainer(cfg, tmp_path / "win")
+    for epoch, window in ((0, [0, 1]), (1, [1, 2]), (5, [2, 3])):
+        traj, rewards = trainer.sample_epoch(epoch)
+        trained = (traj.log_probs != 0).any(0).nonzero().flatten().tolist()
+        assert trained == window and traj.uncond is None  # one denoiser pass per step without guidance
+    stats = trainer.train_epoch(5, traj, trainer.algo.prepare(trainer, traj, rewards))
+    assert math.isfinite(stats["loss"])
+    ev = trainer._sample(["a cat"], [0])
+    assert ev.num_steps == 3 and ev.guidance_scale == 4.0 and bool(ev.schedule.stochastic.all())

@@ -1,0 +1,174 @@
+"""DiffusionNFT: negative-aware fine-tuning on the forward process (Zheng et al. 2025, "DiffusionNFT: Online
+Diffusion Reinforcement with Forward Process"; reference: NVlabs/DiffusionNFT, scripts/train_nft_sd3.py,
+config/nft.py, config/base.py).
+
+No log-probs: rollouts may use any deterministic solver and only their clean results x_0 are trained on.
+For a trained (sample, timestep t) row the clean latent is re-noised by the forward process,
+x_t = alpha_t x_0 + sigma_t z with fresh z, and the model's output there defines two implicit policies
+around the "old" model (a slowly moving copy of the policy):
+
+    v+ = beta v_theta + (1 - beta) v_old           (implicit positive policy)
+    v- = (1 + beta) v_old - beta v_theta           (implicit negative policy)
+
+Each is turned into an x_0 prediction, x0(v) = cx x_t + ce v (flow matching: x_t - t v; epsilon
+prediction: (x_t - sigma_t eps) / alpha_t), and with r = clip((clip(A, +-c) / c) / 2 + 1/2, 0, 1) in [0, 1]
+(A the group-normalised advantage, c = train.adv_clip_max):
+
+    L = c * mean_rows[ r |x0(v+) - x_0|^2 / (w+ beta) + (1 - r) |x0(v-) - x_0|^2 / (w- beta) ]
+        + nft.kl_beta * mean_rows[ |v_theta - v_ref|^2 ]
+
+|.|^2 is the mean over latent elements and w+- = max(mean |x0(v+-) - x_0|, 1e-5) (no gradient) is the
+reference's adaptive weighting. After every epoch the old model moves towards the policy:
+old <- d old + (1 - d) theta, d = min(max(0, step - flat) * rate, hold) at the optimiser step count
+(``nft.decay_type`` 0, 1, 2 = the reference's (0, 0, 0), (0, 0.001, 0.5), (75, 0.0075, 0.999)).
+
+Named differences from the reference: the deterministic rollout is DDIM (eta = 0) or the flow ODE's Euler
+step, not DPM-Solver-2; the reference's EMA of the weights for evaluation is not kept.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..diffusion.coefficients import forward_process
+from ..diffusion.rollout import guided_outputs
+from .base import EpochData
+from .common import rows_of
+from .grpo import GRPO
+
+DECAY_TYPES = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
+
+
+def old_decay(step: int, decay_type: int) -> float:
+    """The reference's decay of the old model at optimiser step ``step``: min(max(0, step - flat) rate, hold)."""
+    flat, rate, hold = DECAY_TYPES[decay_type]
+    return 0.0 if step < flat else min((step - flat) * rate, hold)
+
+
+def nft_loss(x0: torch.Tensor, xt: torch.Tensor, v: torch.Tensor, v_old: torch.Tensor, cx: torch.Tensor, ce: torch.Tensor,
+             advantages: torch.Tensor, beta: float, adv_clip: float) -> torch.Tensor:
+    """DiffusionNFT's policy loss per row ([N]; see the module docstring), x0(v) = cx x_t + ce v per row.
+
+    x0, xt, v, v_old: [N, ...]; cx, ce, advantages: [N]. Only ``v`` carries a gradient.
+    """
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    cx, ce = cx.reshape(shape).to(v.dtype), ce.reshape(shape).to(v.dtype)
+    v_old = v_old.detach()
+    dims = tuple(range(1, x0.dim()))
+    a = advantages.clamp(-adv_clip, adv_clip)
+    r = ((a / adv_clip) / 2.0 + 0.5).clamp(0.0, 1.0).to(v.dtype)
+
+    def term(pred):
+        x0_pred = cx * xt + ce * pred
+        with torch.no_grad():
+            w = (x0_pred.double() - x0.double()).abs().mean(dim=dims).clamp(min=1e-5).to(v.dtype)
+        return ((x0_pred - x0) ** 2).mean(dim=dims) / w
+
+    positive = term(beta * v + (1.0 - beta) * v_old)
+    negative = term((1.0 + beta) * v_old - beta * v)
+    return adv_clip * (r * positive / beta + (1.0 - r) * negative / beta)
+
+
+class NFT(GRPO):
+    name = "nft"
+    reference = "NVlabs/DiffusionNFT: scripts/train_nft_sd3.py, config/nft.py (_get_config, sd3_*), config/base.py"
+    deterministic_rollout = True
+
+    @classmethod
+    def reference_defaults(cls, n_prompts):
+        # SD3.5 configs: 10 deterministic steps without guidance, 24 images per prompt, one optimiser step per
+        # epoch (gradient_step_per_epoch=1), timestep_fraction 0.99, lr 3e-4
+        return {"sample.num_steps": 10, "sample.guidance_scale": 1.0, "sample.batch_size": 24,
+                "sample.num_batches_per_epoch": 2, "train.batch_size": 24, "train.optimizer_step_every": "round",
+                "train.timestep_fraction": 0.99}
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        c = cfg.nft
+        self.beta_nft, self.kl_beta, self.decay_type = c.beta, c.kl_beta, c.decay_type
+        self.beta = 0.0  # no policy-gradient KL (GRPO's); NFT's own KL is kl_beta
+        self.needs_reference = self.kl_beta > 0
+        self.shares_initial_noise = False
+        self.old: list[torch.Tensor] | None = None
+
+    def check_model(self, model) -> None:
+        pass
+
+    def setup(self, trainer) -> None:
+        if trainer.engine.kind == "deepspeed":
+            raise ValueError("algo=nft keeps an old copy of the trainable weights, which DeepSpeed ZeRO partitions: "
+                             "use dist.engine=ddp (or none)")
+        self.params = [p for p in trainer.model.denoiser.parameters() if p.requires_grad]
+        self.old = [p.detach().clone() for p in self.params]
+
+    # every rollout step is deterministic: NFT trains on the rollout's timesteps, not on its log-probs
+    def train_steps(self, traj) -> torch.Tensor:
+        return torch.arange(traj.num_steps)
+
+    def step_order(self, n, steps, n_train, generator):
+        # a random subset of the timesteps per sample (the reference permutes them per sample)
+        return torch.stack([steps[torch.randperm(steps.numel(), generator=generator)[:n_train]] for _ in range(n)])
+
+    @contextlib.contextmanager
+    def _old_weights(self):
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, o in zip(self.params, self.old):
+                    p.copy_(o)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+    def noise(self, trainer, chunk, x0: torch.Tensor) -> torch.Tensor:
+        """Fresh forward-process noise for the chunk's rows, reproducible from (seed, epoch, chunk)."""
+        key = (trainer.epoch, 30, chunk.col0, int(chunk.sample_idx[0]), int(chunk.step_idx[0, 0]))
+        return torch.randn(x0.shape, generator=trainer.generator(*key), dtype=x0.dtype).to(x0.device)
+
+    def chunk_loss(self, trainer, chunk, data, ctx=None):
+        traj = data.extra["traj"]
+        n, K = chunk.shape
+        model = trainer.model
+        src = traj.latents.device
+        x0 = traj.latents[chunk.sample_idx.to(src), -1].to(chunk.x.device).repeat_interleave(K, dim=0)
+        z = self.noise(trainer, chunk, x0)
+        alpha, sigma, cx, ce = forward_process(model.scheduler, chunk.t.cpu())
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        xt = alpha.reshape(shape).to(x0.dtype) * x0 + sigma.reshape(shape).to(x0.dtype) * z
+        with torch.no_grad(), self._old_weights():
+            v_old, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)
+        v, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)
+        adv = rows_of(data.advantages.to(v.device), chunk).reshape(-1)
+        per_row = nft_loss(x0, xt, v, v_old, cx.to(v.device), ce.to(v.device), adv, self.beta_nft, self.cfg.train.adv_clip_max)
+        loss = per_row.mean()
+        stats = {"policy_loss": loss.detach(), "old_deviate": (v.detach() - v_old).square().mean()}
+        if self.kl_beta > 0:
+            with torch.no_grad(), model.reference():
+                v_ref, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)
+            kl = (v - v_ref).square().mean()
+            loss = loss + self.kl_beta * kl
+            stats["kl"] = kl.detach()
+        return loss, stats
+
+    def after_epoch(self, trainer, epoch):
+        d = old_decay(trainer.engine.steps, self.decay_type)
+        with torch.no_grad():
+            for o, p in zip(self.old, self.params):
+                o.mul_(d).add_(p.detach(), alpha=1.0 - d)
+        return {"old_decay": d}
+
+    def prepare(self, trainer, traj, rewards):
+        data = super().prepare(trainer, traj, rewards)
+        return EpochData(data.advantages, {"traj": traj})
+
+    def state_dict(self):
+        return {f"old.{i}": o for i, o in enumerate(self.old or [])}
+
+    def load_state_dict(self, state):
+        if self.old is not None and state:
+            with torch.no_grad():
+                for i, o in enumerate(self.old):
+                    o.copy_(state[f"old.{i}"])
