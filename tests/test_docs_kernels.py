@@ -11,5 +11,5 @@ def test_kernels_page_snippets_run():
     namespace: dict = {}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/kernels.md block {i}", "exec"), namespace)  # noqa: S102 - our own docs
-    assert namespace["loss"].requires_grad is False or namespace["v_pred"].grad is not None
+    assert namespace["v_pred"].grad is not None and bool(namespace["v_pred"].grad.abs().sum() > 0)
     assert namespace["eps_u"].grad is not None and namespace["eps_c"].grad is not None

@@ -264,7 +264,6 @@ class _FusedPPO(torch.autograd.Function):
             p = StepProblem(x, y, eu, ec, None, None, coef, clip_x0 is not None, latent_dims)
             extra = backends.get(backend).step_bwd(p, w_rows * (-1.0 / (2.0 * d * s_rows * s_rows)), None, None, ctx.need)
             grads = [e if h is None else (h if e is None else h + e) for h, e in zip(grads, extra)]
-        held = None
         ds = None
         if want_ds:
             # dlogp/ds = ss / (d s^3) - D'/s with ss recovered from logp:  ss = -2 d s^2 (logp + D' (log s + c))

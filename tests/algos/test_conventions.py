@@ -167,12 +167,7 @@ def test_grpo_global_std_first_steps_and_flow_kl(tmp_path):
     t = trainer(tmp_path, "grpo", "grpo.group_size=2", "sample.num_steps=10", scheduler="flow")
     assert t.algo.num_train_steps(10) == 9 and t.algo.step_order(4, torch.arange(10), 9, None)[0].tolist() == list(range(9))
     # Flow-GRPO's KL is the exact KL x |dt|, through the same fused op
-    traj, _ = t.sample_epoch(0)
-    with torch.no_grad():
-        for q in t.model.denoiser.parameters():
-            q.add_(0.01)
-    chunk = pack_chunk(traj, torch.arange(4), torch.tensor([[0, 3, 6]] * 4), "cpu")
-    eu, ec = policy_outputs(t, chunk)
+    chunk, eu, ec = _moved_policy_chunk(t, [0, 3, 6])
     dt = (t.model.scheduler.sigmas[1:] - t.model.scheduler.sigmas[:-1]).double()[chunk.step_idx]
     exact, flow = chunk_kl(t, chunk, eu, ec, "exact"), chunk_kl(t, chunk, eu, ec, "flow_grpo")
     assert torch.allclose(flow, exact * dt.abs(), rtol=1e-6)
@@ -180,16 +175,21 @@ def test_grpo_global_std_first_steps_and_flow_kl(tmp_path):
         trainer(tmp_path, "grpo", "grpo.group_size=2", name="ddim")  # DDIM model with Flow-GRPO's KL
 
 
-def test_kl_forms_and_ratio_clip_options_reuse_the_same_losses(tmp_path):
-    """DPOK's eps-MSE is the exact KL x 2 s^2 / b^2 (same fused op); DPOK with ratio_clip=ppo, alpha 1, beta 0,
-    normalised advantages and no value function is DDPO-IS (same loss function)."""
-    t = trainer(tmp_path, "dpok", "dpok.beta=0.0")
+def _moved_policy_chunk(t, steps):
+    """A chunk of 4 fresh samples at ``steps`` and the policy's outputs on it after moving the policy off the sampler."""
     traj, _ = t.sample_epoch(0)
     with torch.no_grad():
         for q in t.model.denoiser.parameters():
             q.add_(0.01)
-    chunk = pack_chunk(traj, torch.arange(4), torch.tensor([[0, 1, 3]] * 4), "cpu")
-    eu, ec = policy_outputs(t, chunk)
+    chunk = pack_chunk(traj, torch.arange(4), torch.tensor([steps] * 4), "cpu")
+    return (chunk, *policy_outputs(t, chunk))
+
+
+def test_kl_forms_and_ratio_clip_options_reuse_the_same_losses(tmp_path):
+    """DPOK's eps-MSE is the exact KL x 2 s^2 / b^2 (same fused op); DPOK with ratio_clip=ppo, alpha 1, beta 0,
+    normalised advantages and no value function is DDPO-IS (same loss function)."""
+    t = trainer(tmp_path, "dpok", "dpok.beta=0.0")
+    chunk, eu, ec = _moved_policy_chunk(t, [0, 1, 3])
     exact, mse = chunk_kl(t, chunk, eu, ec, "exact"), chunk_kl(t, chunk, eu, ec, "eps_mse")
     c = chunk.coef
     assert torch.allclose(mse, exact * (2 * c.s**2 / c.b**2).reshape(chunk.shape), rtol=1e-6)
