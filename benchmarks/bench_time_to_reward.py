@@ -2,7 +2,8 @@
 
 Every contender fine-tunes the pretrained digits world for digit_confidence from the digits preset
 (configs/digits.yaml with its by_algo entries, each algorithm's reference conventions otherwise) plus its own
-overrides, for the same number of epochs, with seeds 0, 1, 2. After every epoch, off the clock:
+overrides, for the same wall-clock budget of training (``--budget-s``: epochs continue until the clock passes
+it, so a contender with cheap epochs gets more of them), with seeds 0, 1, 2. After every epoch, off the clock:
 
 - eval reward: digit_confidence of ``--eval-samples`` fixed-seed samples (the same seeds for everyone,
   sampled as the contender evaluates: its log.eval_num_steps / log.eval_guidance_scale);
@@ -16,8 +17,10 @@ training to the best level its seed-mean curve reaches; time and samples to the 
 first evaluation at or above it, per seed. The guards are read at that evaluation and compared with the
 baseline's at its own.
 
-Run: ``diffrl-fast bench time-to-reward [--contenders a,b] [--seeds 0,1,2] [--epochs N]``; writes
-benchmarks/results/time_to_reward.{json,md,png}. ``--smoke`` runs a tiny configuration (CI).
+Run: ``diffrl-fast bench time-to-reward [--contenders a,b] [--seeds 0,1,2] [--budget-s S] [--reuse FILE]``;
+writes benchmarks/results/time_to_reward.{json,md,png} (``--stem`` renames them: the sweep writes
+time_to_reward_sweep.*). ``--reuse`` takes runs of the same contender, settings and seed from an earlier
+JSON when they cover the budget (each keeps the commit it ran at). ``--smoke`` runs a tiny configuration (CI).
 """
 from __future__ import annotations
 
@@ -55,6 +58,17 @@ CONTENDERS = {
     "ddpo_is+window2": ["algo=ddpo_is", "train.timestep_window=fixed", "train.window_size=2"],
     "ddpo_is+sliding4": ["algo=ddpo_is", "train.timestep_window=sliding", "train.window_size=4", "train.window_stride=2"],
     "ddpo_is+10steps": ["algo=ddpo_is", "sample.num_steps=10", "log.eval_num_steps=20"],
+    # the forward-process methods train CFG-free (their references' g = 1); evaluated with the preset's g = 2 as
+    # the baseline is, the comparison is on the same images' footing
+    "nft+eval_g2": ["algo=nft", "log.eval_guidance_scale=2.0"],
+    "awm": ["algo=awm"],
+    "awm+eval_g2": ["algo=awm", "log.eval_guidance_scale=2.0"],
+    # sweep points (one seed, screened before the 3-seed runs; benchmarks/results/time_to_reward_sweep.md)
+    "awm+eval_g2+8steps": ["algo=awm", "log.eval_guidance_scale=2.0", "train.optimizer_step_every=minibatches"],
+    "awm+eval_g2+2t": ["algo=awm", "log.eval_guidance_scale=2.0", "awm.train_timesteps=2"],
+    "awm+eval_g2+lr1e-3": ["algo=awm", "log.eval_guidance_scale=2.0", "train.learning_rate=1e-3"],
+    "nft+eval_g2+8steps": ["algo=nft", "log.eval_guidance_scale=2.0", "train.optimizer_step_every=minibatches"],
+    "ddpo_is+window4": ["algo=ddpo_is", "train.timestep_window=fixed", "train.window_size=4"],
 }
 THRESHOLD_FRACTION = 0.75
 
@@ -106,12 +120,13 @@ class Evaluator:
         return {"reward": float(r.mean()), "heldout": float(h.mean()), "diversity": diversity(images, classes)}
 
 
-def run_one(name: str, overrides: list[str], seed: int, epochs: int, evaluator: Evaluator, workdir: Path, extra=()) -> dict:
+def run_one(name: str, overrides: list[str], seed: int, budget_s: float, evaluator: Evaluator, workdir: Path, extra=(),
+            max_epochs: int = 10_000) -> dict:
     from diffrl_fast.config_utils import load_config
     from diffrl_fast.train.config import DEFAULT_PRESET, Config, validate
     from diffrl_fast.train.trainer import Trainer
 
-    cfg = validate(load_config(Config, DEFAULT_PRESET, [*overrides, f"seed={seed}", f"num_epochs={epochs}", *extra,
+    cfg = validate(load_config(Config, DEFAULT_PRESET, [*overrides, f"seed={seed}", f"num_epochs={max_epochs}", *extra,
                                                         f"output_dir={workdir}", f"name={name}_s{seed}", "log.eval_samples=0",
                                                         "log.progress=false", "log.tensorboard=false", "log.grid_samples=0"]))
     trainer = Trainer(cfg, workdir / f"{name}_s{seed}", log_fn=lambda s: None)
@@ -125,8 +140,38 @@ def run_one(name: str, overrides: list[str], seed: int, epochs: int, evaluator: 
         points.append({"epoch": record["epoch"], "clock_s": round(clock["s"], 3), "samples": clock["samples"], **evaluator(tr)})
 
     wall = time.perf_counter()
-    trainer.run(on_epoch=on_epoch)
-    return {"points": points, "wall_s": round(time.perf_counter() - wall, 1), "overrides": overrides, "seed": seed}
+    trainer.run(on_epoch=on_epoch, stop_flag=lambda: clock["s"] >= budget_s)  # checked between epochs
+    return {"points": points, "wall_s": round(time.perf_counter() - wall, 1), "overrides": overrides, "seed": seed,
+            "commit": _commit()}
+
+
+def _commit() -> str:
+    from benchmarks.common import machine_info
+
+    return machine_info("cpu")["commit"]
+
+
+def within_budget(run: dict, budget_s: float):
+    """The run's points up to the first at or past the budget, or None when the run stops short of it."""
+    for i, p in enumerate(run["points"]):
+        if p["clock_s"] >= budget_s:
+            return {**run, "points": run["points"][:i + 1]}
+    return None
+
+
+def reusable(path: Path, budget_s: float) -> dict:
+    """{(name, overrides, seed): run} of an earlier JSON's runs that cover the budget, cut to it."""
+    if path is None or not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    commit = data.get("machine", {}).get("commit", "?")
+    out = {}
+    for name, rs in data.get("runs", {}).items():
+        for r in rs:
+            cut = within_budget({"commit": commit, **r}, budget_s)
+            if cut is not None:
+                out[(name, tuple(r["overrides"]), r["seed"])] = cut
+    return out
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
@@ -170,8 +215,8 @@ def _fmt(values, spec="{:.1f}"):
 def write_md(summary: dict, meta: dict, path: Path) -> None:
     lines = ["# Time to reward on the digits world", "",
              f"Machine: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}.",
-             f"Budget: {meta['epochs']} epochs per run, seeds {meta['seeds']}, {meta['eval_samples']} fixed-seed eval samples per "
-             "epoch (off the clock). Threshold: 75% of the way from the baseline's reward before training "
+             f"Budget: {meta['budget_s']:.0f} s of training (sampling + updates) per run, seeds {meta['seeds']}, {meta['eval_samples']} "
+             "fixed-seed eval samples per epoch (off the clock). Threshold: 75% of the way from the baseline's reward before training "
              f"({summary['baseline_start']:.3f}) to the best level of its seed-mean curve ({summary['baseline_best']:.3f}): "
              f"**{summary['threshold']:.3f}**.", "",
              "| contender | seeds reaching | time to threshold (s) | samples to threshold | speed-up vs ddpo_is | "
@@ -216,7 +261,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="diffrl-fast bench time-to-reward", description=__doc__.split("\n\n")[0])
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated names (the baseline is always run)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--budget-s", type=float, default=120.0, help="seconds of training (sampling + updates) per run")
+    ap.add_argument("--reuse", type=Path, default=None, help="an earlier time_to_reward JSON whose covering runs are reused")
+    ap.add_argument("--stem", default="time_to_reward", help="name of the output files")
     ap.add_argument("--eval-samples", type=int, default=128)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
@@ -231,17 +278,22 @@ def main(argv=None) -> int:
     extra = []
     if args.smoke:
         extra = ["sample.num_steps=4", "sample.batch_size=8", "sample.num_batches_per_epoch=1", "train.batch_size=8",
-                 "grpo.group_size=4", "nft.group_size=4"]
+                 "grpo.group_size=4", "nft.group_size=4", "awm.group_size=4", "awm.train_timesteps=2"]
     evaluator = Evaluator(args.eval_samples)
     runs = {}
-    stem = "time_to_reward" + ("_smoke" if args.smoke else "")
+    stem = args.stem + ("_smoke" if args.smoke else "")
+    reuse = reusable(args.reuse, args.budget_s) if not args.smoke else {}
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / f"{stem}.partial.json"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         for name in names:
             for seed in seeds:
-                r = run_one(name, CONTENDERS[name], seed, args.epochs, evaluator, workdir, extra)
+                r = reuse.get((name, tuple(CONTENDERS[name]), seed))
+                if r is None:
+                    r = run_one(name, CONTENDERS[name], seed, args.budget_s, evaluator, workdir, extra)
+                else:
+                    print(f"{name:>18} seed {seed}: reused from commit {r['commit']}", flush=True)
                 runs.setdefault(name, []).append(r)
                 partial.write_text(json.dumps(runs) + "\n")  # what a cut-short run leaves behind
                 last = r["points"][-1]
@@ -249,7 +301,7 @@ def main(argv=None) -> int:
                       f"in {last['clock_s']:.0f} s of training ({r['wall_s']:.0f} s wall)", flush=True)
     summary = summarize(runs)
     meta = machine_info("cpu")
-    meta.update(epochs=args.epochs, seeds=seeds, eval_samples=args.eval_samples, smoke=args.smoke)
+    meta.update(budget_s=args.budget_s, seeds=seeds, eval_samples=args.eval_samples, smoke=args.smoke)
     partial.unlink(missing_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "summary": summary, "runs": runs}, indent=1) + "\n")
     write_md(summary, meta, args.out / f"{stem}.md")

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+from tests.cli_inprocess import run_cli
+
 
 def test_e2e_benchmark_runs_our_contenders(tmp_path):
     settings = {"num_epochs": 1, "num_steps": 2, "sample_batch_size": 2, "sample_num_batches_per_epoch": 1, "train_batch_size": 2}
@@ -44,6 +46,5 @@ def test_summary_ratios_and_reward_agreement():
 
 def test_bad_pack_is_a_usage_error(tmp_path):
     for pack in ("tiny", "huge=2", "tiny=0", "small=x"):
-        out = subprocess.run([sys.executable, "-m", "diffrl_fast", "bench", "e2e", "--pack", pack, "--out", str(tmp_path)],
-                             capture_output=True, text=True, timeout=300)
+        out = run_cli("bench", "e2e", "--pack", pack, "--out", str(tmp_path))
         assert out.returncode == 2 and "--pack" in out.stderr, (pack, out.returncode, out.stderr[-500:])

@@ -18,6 +18,7 @@ from diffrl_fast.config_utils import load_config
 from diffrl_fast.rewards import RewardError
 from diffrl_fast.train.config import Config, validate
 from diffrl_fast.train.trainer import Trainer, TrainingError
+from tests.cli_inprocess import run_cli
 
 FAST = ["sample.num_steps=6", "sample.batch_size=16", "sample.num_batches_per_epoch=1", "train.batch_size=8",
         "train.chunk_size=3", "log.eval_samples=0", "log.progress=false", "log.tensorboard=false", "reward.overlap=false"]
@@ -67,14 +68,14 @@ def test_user_errors_exit_2_before_loading_anything(tmp_path):
         (["reward.name=os:nonexistent_fn"], "has no callable"),
     ]
     for args, msg in cases:
-        out = _cli("train", *FAST, f"output_dir={tmp_path / 'r'}", *args)
+        out = run_cli("train", *FAST, f"output_dir={tmp_path / 'r'}", *args)
         assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-600:])
 
 
 def test_checkpoint_from_another_algorithm_is_refused(tmp_path):
     run = ["num_epochs=1", f"output_dir={tmp_path}", "name=r"]
-    assert _cli("train", *FAST, *run).returncode == 0
-    out = _cli("train", *FAST, *run, "algo=dpok", "--resume")
+    assert run_cli("train", *FAST, *run).returncode == 0
+    out = run_cli("train", *FAST, *run, "algo=dpok", "--resume")
     assert out.returncode == 2 and "written for algo='ddpo_is'" in out.stderr, out.stderr[-800:]
 
 
@@ -97,10 +98,13 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path):
     assert (tmp_path / "s2" / "checkpoints" / "latest").exists()
 
 
-def _reference(tmp_path, epochs):
-    run = [f"num_epochs={epochs}", f"output_dir={tmp_path}", "name=ref"]
-    assert _cli("train", *FAST, *run).returncode == 0
-    return _metrics(tmp_path / "ref")
+@pytest.fixture(scope="module")
+def reference4(tmp_path_factory):
+    """Metrics of an uninterrupted 4-epoch run (in-process: the same numbers as a fresh process's), shared by
+    the interruption tests."""
+    out = tmp_path_factory.mktemp("ref")
+    assert run_cli("train", *FAST, "num_epochs=4", f"output_dir={out}", "name=ref").returncode == 0
+    return _metrics(out / "ref")
 
 
 def _start(tmp_path, epochs):
@@ -119,26 +123,26 @@ def _wait_for_epoch(tmp_path, proc, epoch, timeout=300):
     raise TimeoutError
 
 
-def test_sigterm_checkpoints_and_resume_is_identical(tmp_path):
-    want = _reference(tmp_path, 4)
+def test_sigterm_checkpoints_and_resume_is_identical(tmp_path, reference4):
+    want = reference4
     proc = _start(tmp_path, 4)
     _wait_for_epoch(tmp_path, proc, 1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143 and "Resume with: diffrl-fast train" in err and "--resume" in err, err[-1500:]
-    out = _cli("train", *FAST, "num_epochs=4", f"output_dir={tmp_path}", "name=int", "--resume")
+    out = run_cli("train", *FAST, "num_epochs=4", f"output_dir={tmp_path}", "name=int", "--resume")
     assert out.returncode == 0, out.stderr[-1500:]
     assert _metrics(tmp_path / "int") == want
 
 
-def test_sigkill_at_a_random_moment_loses_nothing(tmp_path):
-    want = _reference(tmp_path, 4)
+def test_sigkill_at_a_random_moment_loses_nothing(tmp_path, reference4):
+    want = reference4
     proc = _start(tmp_path, 4)
     _wait_for_epoch(tmp_path, proc, 1)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))  # anywhere in epochs 2-3, maybe mid-checkpoint
     proc.kill()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.returncode  # killed mid-run, not already finished
-    out = _cli("train", *FAST, "num_epochs=4", f"output_dir={tmp_path}", "name=int", "--resume")
+    out = run_cli("train", *FAST, "num_epochs=4", f"output_dir={tmp_path}", "name=int", "--resume")
     assert out.returncode == 0, out.stderr[-1500:]
     assert _metrics(tmp_path / "int") == want

@@ -14,14 +14,14 @@ SOAK = ["sample.num_steps=4", "sample.batch_size=8", "sample.num_batches_per_epo
 
 @pytest.mark.slow
 def test_500_training_steps_without_memory_growth(tmp_path):
-    """The full loop (sample, reward, train, log, checkpoint) with 10 optimiser steps per epoch."""
-    cfg = validate(load_config(Config, None, [*SOAK, "train.num_inner_epochs=10", "num_epochs=5", f"output_dir={tmp_path}", "name=soak"]))
+    """The full loop (sample, reward, train, log, checkpoint) with 25 optimiser steps per epoch."""
+    cfg = validate(load_config(Config, None, [*SOAK, "train.num_inner_epochs=25", "num_epochs=2", f"output_dir={tmp_path}", "name=soak"]))
     trainer = Trainer(cfg, tmp_path / "soak", log_fn=lambda s: None)
     trainer.logger.print = lambda s: None
     trainer.run()  # warm-up: 50 steps
     rss_warm = _status_kb("VmRSS:")
-    cfg.num_epochs = 55
-    trainer.run()  # 500 more
+    cfg.num_epochs = 22
+    trainer.run()  # 500 more, over 20 epochs (rollouts, rewards, checkpoints)
     rss_end = _status_kb("VmRSS:")
     steps = [json.loads(x)["optimizer_steps"] for x in (tmp_path / "soak" / "metrics.jsonl").read_text().splitlines()]
     assert sum(steps) == 550

@@ -5,6 +5,7 @@ from .._extras import require_train
 
 require_train("diffrl_fast.algos")
 
+from .awm import AWM
 from .base import Algorithm, EpochData
 from .d3po import D3PO
 from .ddpo import DDPO, DDPO_SF
@@ -14,7 +15,7 @@ from .grpo import GRPO
 from .nft import NFT
 from .tdpo import TDPO, TDPO_R
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, DDPO_SF, DPOK, D3PO, Dense, TDPO, TDPO_R, GRPO, NFT)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, DDPO_SF, DPOK, D3PO, Dense, TDPO, TDPO_R, GRPO, NFT, AWM)}
 
 
 def make_algorithm(cfg) -> Algorithm:

@@ -87,6 +87,7 @@ class Algorithm:
     # ---- rollouts -------------------------------------------------------------------------------
     sample_with_reference = False  # roll out the reference policy (offline preference data), not the current one
     deterministic_rollout = False  # roll out with the sampler's deterministic step (forward-process algorithms)
+    trains_on_states = True  # False: the loss reads only the final latents x_T, so rollouts keep no other state
 
     def rollout_plan(self, trainer, epoch: int, batch: int, generator: torch.Generator) -> Optional[tuple[list[str], list[int]]]:
         """(prompts, seeds) of rollout batch ``batch``, or None for the trainer's default (prompts drawn

@@ -2,7 +2,9 @@
 KL to the reference in the forms the references use, and the ranking of samples within prompt groups."""
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Sequence
 
 import torch
 
@@ -67,3 +69,17 @@ def group_ranking(rewards: torch.Tensor, group: int) -> torch.Tensor:
     r = rewards.reshape(-1, group)
     order = torch.argsort(r, dim=1, descending=True, stable=True)
     return order + torch.arange(0, rewards.numel(), group)[:, None]
+
+
+@contextlib.contextmanager
+def swapped_weights(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+    """Run the block with each parameter's data pointing at the matching tensor of ``values`` (an old or EMA copy
+    of the trainable weights), restored on exit: no copy of the weights either way. Use under no_grad."""
+    saved = [p.data for p in params]
+    try:
+        for p, v in zip(params, values, strict=True):
+            p.data = v
+        yield
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d

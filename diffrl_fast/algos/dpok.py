@@ -65,7 +65,7 @@ class DPOK(PolicyGradientWithKL):
         self.value_opt = CriticOptimizer(self.value, lr=c.dpok.value_lr)
 
     def _value_inputs(self, traj, b, j, device):
-        x = traj.latents[b.to(traj.latents.device), j.to(traj.latents.device)].to(device)
+        x = traj.latents_at(b, j).to(device)
         return x, prompt_embedding(traj.cond.index(b.to(traj.cond.hidden.device))).to(device), j.to(device)
 
     def prepare(self, trainer, traj, rewards):

@@ -27,15 +27,11 @@ step, not DPM-Solver-2; the reference's EMA of the weights for evaluation is not
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ..diffusion.coefficients import forward_process
 from ..diffusion.rollout import guided_outputs
-from .base import EpochData
-from .common import rows_of
-from .grpo import GRPO
+from .common import rows_of, swapped_weights
+from .forward import ForwardProcessAlgorithm
 
 DECAY_TYPES = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
 
@@ -70,10 +66,9 @@ def nft_loss(x0: torch.Tensor, xt: torch.Tensor, v: torch.Tensor, v_old: torch.T
     return adv_clip * (r * positive / beta + (1.0 - r) * negative / beta)
 
 
-class NFT(GRPO):
+class NFT(ForwardProcessAlgorithm):
     name = "nft"
     reference = "NVlabs/DiffusionNFT: scripts/train_nft_sd3.py, config/nft.py (_get_config, sd3_*), config/base.py"
-    deterministic_rollout = True
 
     @classmethod
     def reference_defaults(cls, n_prompts):
@@ -87,58 +82,20 @@ class NFT(GRPO):
         super().__init__(cfg)
         c = cfg.nft
         self.beta_nft, self.kl_beta, self.decay_type = c.beta, c.kl_beta, c.decay_type
-        self.beta = 0.0  # no policy-gradient KL (GRPO's); NFT's own KL is kl_beta
         self.needs_reference = self.kl_beta > 0
-        self.shares_initial_noise = False
-        self.old: list[torch.Tensor] | None = None
-
-    def check_model(self, model) -> None:
-        pass
-
-    def setup(self, trainer) -> None:
-        if trainer.engine.kind == "deepspeed":
-            raise ValueError("algo=nft keeps an old copy of the trainable weights, which DeepSpeed ZeRO partitions: "
-                             "use dist.engine=ddp (or none)")
-        self.params = [p for p in trainer.model.denoiser.parameters() if p.requires_grad]
-        self.old = [p.detach().clone() for p in self.params]
-
-    # every rollout step is deterministic: NFT trains on the rollout's timesteps, not on its log-probs
-    def train_steps(self, traj) -> torch.Tensor:
-        return torch.arange(traj.num_steps)
 
     def step_order(self, n, steps, n_train, generator):
         # a random subset of the timesteps per sample (the reference permutes them per sample)
         return torch.stack([steps[torch.randperm(steps.numel(), generator=generator)[:n_train]] for _ in range(n)])
 
-    @contextlib.contextmanager
-    def _old_weights(self):
-        saved = [p.detach().clone() for p in self.params]
-        try:
-            with torch.no_grad():
-                for p, o in zip(self.params, self.old):
-                    p.copy_(o)
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
-
-    def noise(self, trainer, chunk, x0: torch.Tensor) -> torch.Tensor:
-        """Fresh forward-process noise for the chunk's rows, reproducible from (seed, epoch, chunk)."""
-        key = (trainer.epoch, 30, chunk.col0, int(chunk.sample_idx[0]), int(chunk.step_idx[0, 0]))
-        return torch.randn(x0.shape, generator=trainer.generator(*key), dtype=x0.dtype).to(x0.device)
+    def old_decay(self, step: int) -> float:
+        return old_decay(step, self.decay_type)
 
     def chunk_loss(self, trainer, chunk, data, ctx=None):
         traj = data.extra["traj"]
-        n, K = chunk.shape
         model = trainer.model
-        src = traj.latents.device
-        x0 = traj.latents[chunk.sample_idx.to(src), -1].to(chunk.x.device).repeat_interleave(K, dim=0)
-        z = self.noise(trainer, chunk, x0)
-        alpha, sigma, cx, ce = forward_process(model.scheduler, chunk.t.cpu())
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        xt = alpha.reshape(shape).to(x0.dtype) * x0 + sigma.reshape(shape).to(x0.dtype) * z
-        with torch.no_grad(), self._old_weights():
+        x0, _, xt, _, _, cx, ce = self.noised(trainer, chunk, traj)
+        with torch.no_grad(), swapped_weights(self.params, self.old):
             v_old, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)
         v, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)
         adv = rows_of(data.advantages.to(v.device), chunk).reshape(-1)
@@ -152,23 +109,3 @@ class NFT(GRPO):
             loss = loss + self.kl_beta * kl
             stats["kl"] = kl.detach()
         return loss, stats
-
-    def after_epoch(self, trainer, epoch):
-        d = old_decay(trainer.engine.steps, self.decay_type)
-        with torch.no_grad():
-            for o, p in zip(self.old, self.params):
-                o.mul_(d).add_(p.detach(), alpha=1.0 - d)
-        return {"old_decay": d}
-
-    def prepare(self, trainer, traj, rewards):
-        data = super().prepare(trainer, traj, rewards)
-        return EpochData(data.advantages, {"traj": traj})
-
-    def state_dict(self):
-        return {f"old.{i}": o for i, o in enumerate(self.old or [])}
-
-    def load_state_dict(self, state):
-        if self.old is not None and state:
-            with torch.no_grad():
-                for i, o in enumerate(self.old):
-                    o.copy_(state[f"old.{i}"])

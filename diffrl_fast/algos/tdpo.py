@@ -82,7 +82,7 @@ class TemporalCritic:
         j = steps.repeat(B)
         out = None
         for i in range(0, b.numel(), batch):
-            x = traj.latents[b[i:i + batch].to(traj.latents.device), j[i:i + batch].to(traj.latents.device)].to(self.model.device)
+            x = traj.latents_at(b[i:i + batch], j[i:i + batch]).to(self.model.device)
             e = self.embed(self.model.decode(x.to(self.model.dtype))).float().cpu()
             if out is None:
                 out = torch.zeros(B, T, e.shape[-1])
@@ -93,7 +93,7 @@ class TemporalCritic:
         """The critic's inputs for rows (sample b, step j)."""
         if self.kind == "embedding":
             return (feats[b, j].to(self.device),)
-        x = traj.latents[b.to(traj.latents.device), j.to(traj.latents.device)].to(self.device)
+        x = traj.latents_at(b, j).to(self.device)
         return (x, prompt_embedding(traj.cond.index(b.to(traj.cond.hidden.device))).to(self.device), j.to(self.device))
 
     @torch.no_grad()

@@ -208,7 +208,8 @@ def ddpm_schedule(scheduler, num_steps: int) -> StepSchedule:
     return _schedule("ddpm", scheduler.timesteps, a, b, s, clip, float(cfg.clip_sample_range))
 
 
-def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu: Optional[float] = None) -> StepSchedule:
+def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu: Optional[float] = None,
+                      sigma_grid: Optional[str] = None) -> StepSchedule:
     """A flow-matching model (velocity v, sigma from 1 to 0) sampled as the SDE of Flow-GRPO (Liu et al. 2025).
 
     With sigma the current and sigma' the next sigma, dt = sigma' - sigma < 0, and
@@ -216,12 +217,21 @@ def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu
 
         mean = x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt,    s = std sqrt(-dt)
 
-    ``mu`` is passed to ``set_timesteps`` for schedulers with dynamic shifting (SD3 computes it from the
-    image size).
+    ``mu`` is passed to ``set_timesteps`` for schedulers with dynamic shifting (SD3 and FLUX compute it from
+    the image size). ``sigma_grid="flux"`` starts from FluxPipeline's unshifted sigmas linspace(1, 1/N, N)
+    instead of the scheduler's own grid.
     """
     if not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 for a stochastic step with a log-prob, got {noise_level}")
     kwargs = {"mu": mu} if mu is not None else {}
+    if sigma_grid == "flux":
+        import numpy as np
+
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            kwargs.pop("sigmas")
+    elif sigma_grid is not None:
+        raise ValueError(f"sigma_grid must be None or 'flux', got {sigma_grid!r}")
     scheduler.set_timesteps(num_steps, **kwargs)
     sig = scheduler.sigmas.to(torch.float64).cpu()
     sigma, sigma_next = sig[:-1], sig[1:]
@@ -247,7 +257,7 @@ def _schedule(kind, timesteps, a, b, s, clip, limit, sde_std=None) -> StepSchedu
 
 
 def make_schedule(scheduler, num_steps: int, *, eta: float = 1.0, noise_level: float = 0.7, mu: Optional[float] = None,
-                  window: Optional[torch.Tensor] = None) -> StepSchedule:
+                  window: Optional[torch.Tensor] = None, sigma_grid: Optional[str] = None) -> StepSchedule:
     """The ``StepSchedule`` of ``scheduler`` for ``num_steps`` steps, chosen by the scheduler's class.
 
     ``window`` ([num_steps] bool, optional) keeps only those steps stochastic: the others become the
@@ -263,7 +273,7 @@ def make_schedule(scheduler, num_steps: int, *, eta: float = 1.0, noise_level: f
     elif isinstance(scheduler, DDPMScheduler):
         sched = ddpm_schedule(scheduler, num_steps)
     elif isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        sched = flow_sde_schedule(scheduler, num_steps, noise_level, mu=mu)
+        sched = flow_sde_schedule(scheduler, num_steps, noise_level, mu=mu, sigma_grid=sigma_grid)
     else:
         raise ValueError(
             f"unsupported scheduler type {type(scheduler).__name__}: the rollout supports DDIMScheduler, DDPMScheduler "
@@ -302,6 +312,26 @@ def forward_process(scheduler, t: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     sa, sb = abar.sqrt(), (1 - abar).sqrt()
     cx, ce, _, _ = _x0_eps(scheduler.config.prediction_type, sa, sb)
     return sa, sb, cx, ce
+
+
+def denoising_target(scheduler, alpha: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The model output that is exactly right at x_t = alpha x0 + sigma z (``forward_process``): the
+    pretraining loss's regression target. Flow matching: v = z - x0 (Lipman et al. 2023, rectified flow);
+    epsilon prediction: z; v prediction: alpha z - sigma x0 (Salimans & Ho 2022); sample prediction: x0.
+    alpha, sigma: [N]; x0, z: [N, ...]."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return z - x0
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return z
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return alpha.reshape(shape).to(x0) * z - sigma.reshape(shape).to(x0) * x0
+    raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon, v_prediction or sample")
 
 
 def deterministic_steps(scheduler, sched: StepSchedule) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

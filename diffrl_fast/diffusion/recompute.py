@@ -28,8 +28,8 @@ class Chunk:
 
     sample_idx: torch.Tensor  # [n]
     step_idx: torch.Tensor  # [n, K]
-    x: torch.Tensor  # [n*K, C, H, W] states x_j
-    y: torch.Tensor  # [n*K, C, H, W] actions x_{j+1}
+    x: Optional[torch.Tensor]  # [n*K, C, H, W] states x_j (None: packed without states)
+    y: Optional[torch.Tensor]  # [n*K, C, H, W] actions x_{j+1}
     t: torch.Tensor  # [n*K] denoiser timesteps
     cond: Conditioning
     uncond: Optional[Conditioning]
@@ -45,8 +45,9 @@ class Chunk:
         return tuple(self.step_idx.shape)  # type: ignore[return-value]
 
 
-def pack_chunk(traj: Trajectory, sample_idx: torch.Tensor, step_idx: torch.Tensor, device) -> Chunk:
-    """Gather the chunk's states, actions, timesteps, conditioning and coefficients onto ``device``."""
+def pack_chunk(traj: Trajectory, sample_idx: torch.Tensor, step_idx: torch.Tensor, device, with_states: bool = True) -> Chunk:
+    """Gather the chunk's states, actions, timesteps, conditioning and coefficients onto ``device``
+    (without the states x, y when ``with_states`` is False: forward-process algorithms train on x_T only)."""
     sample_idx = torch.as_tensor(sample_idx, dtype=torch.long)
     step_idx = torch.as_tensor(step_idx, dtype=torch.long)
     if step_idx.dim() != 2 or step_idx.shape[0] != sample_idx.numel():
@@ -58,8 +59,11 @@ def pack_chunk(traj: Trajectory, sample_idx: torch.Tensor, step_idx: torch.Tenso
     src = traj.latents.device
     rows_s = sample_idx.to(src)[:, None].expand(n, K)
     rows_j = step_idx.to(src)
-    x = traj.latents[rows_s, rows_j].reshape(n * K, *traj.latents.shape[2:]).to(device, non_blocking=True)
-    y = traj.latents[rows_s, rows_j + 1].reshape(n * K, *traj.latents.shape[2:]).to(device, non_blocking=True)
+    if with_states:
+        x = traj.latents_at(rows_s, rows_j).reshape(n * K, *traj.latents.shape[2:]).to(device, non_blocking=True)
+        y = traj.latents_at(rows_s, rows_j + 1).reshape(n * K, *traj.latents.shape[2:]).to(device, non_blocking=True)
+    else:
+        x = y = None
     flat_j = step_idx.reshape(-1)
     t = traj.schedule.timesteps[flat_j].to(device)
     cond = traj.cond.index(sample_idx.to(traj.cond.hidden.device)).repeat_interleave(K).to(device)

@@ -24,7 +24,8 @@ from .coefficients import StepSchedule, make_schedule
 class Trajectory:
     """A batch of B sampled trajectories of T steps (j = 0 is the noisiest step).
 
-    latents:   [B, T+1, C, H, W] x_0 (noise) ... x_T (the final latent), float32 (float64 for a float64 model)
+    latents:   [B, S, C, H, W] the stored states among x_0 (noise) ... x_T (the final latent), float32 (float64
+               for a float64 model): all T+1 (S = T+1) unless ``latent_steps`` names the stored positions
     log_probs: [B, T] log-prob of each step's action under the sampling policy ("mean" reduction), 0 at
                deterministic steps
     schedule:  the StepSchedule (timesteps and per-step coefficients) the steps used
@@ -45,6 +46,7 @@ class Trajectory:
     init_seeds: Optional[torch.Tensor] = None  # seeds of x_0 (the initial noise) where they differ from ``seeds``
     eta: float = 1.0
     reduction: str = "mean"
+    latent_steps: Optional[torch.Tensor] = None  # sorted positions in 0..T stored in ``latents``; None: all of them
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -52,6 +54,27 @@ class Trajectory:
     @property
     def num_steps(self) -> int:
         return self.log_probs.shape[1]
+
+    def latents_at(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """States x_j of samples ``b`` (broadcast with ``j``), on the trajectory's storage device. Raises
+        ValueError for a state the rollout did not store (a deterministic step outside the trained window)."""
+        dev = self.latents.device
+        b, j = torch.as_tensor(b, dtype=torch.long).to(dev), torch.as_tensor(j, dtype=torch.long).to(dev)
+        if self.latent_steps is None:
+            return self.latents[b, j]
+        slot = torch.full((self.num_steps + 1,), -1, dtype=torch.long, device=dev)
+        slot[self.latent_steps.to(dev)] = torch.arange(self.latent_steps.numel(), device=dev)
+        s = slot[j]
+        if bool((s < 0).any()):
+            missing = sorted(set(j[s < 0].reshape(-1).tolist()))
+            raise ValueError(f"states x_j for j in {missing} were not stored by the rollout (it keeps "
+                             f"{self.latent_steps.tolist()}): only trained steps keep their states")
+        return self.latents[b, s]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        """x_T, the clean latents the images were decoded from, [B, C, H, W]."""
+        return self.latents[:, -1]
 
     def index(self, idx) -> "Trajectory":
         """The sub-batch ``idx`` (a LongTensor of sample indices)."""
@@ -142,6 +165,7 @@ def sample_trajectories(
     decode_batch_size: int = 64,
     metadata: Optional[list[dict]] = None,
     progress=None,
+    keep_latents: Optional[torch.Tensor] = None,
 ) -> Trajectory:
     """Sample one trajectory per prompt with the model's scheduler run as a stochastic policy.
 
@@ -160,6 +184,9 @@ def sample_trajectories(
             denoiser strides, else ValueError.
         storage_device: where the trajectory tensors live (e.g. "cpu" for long SDXL chains on a GPU).
         progress: optional callable(j, num_steps) for progress bars.
+        keep_latents: optional bool mask [T+1] of the states x_0 .. x_T to store (x_T is always stored); the
+            others are computed and dropped, so a trajectory whose training touches few steps (a timestep
+            window, a forward-process algorithm) holds [B, S] latents, not [B, T+1] (``Trajectory.latents_at``).
     """
     prompts = model.validate_prompts(prompts)
     B = len(prompts)
@@ -191,9 +218,21 @@ def sample_trajectories(
     if init_t is not None:                # so a sample's step noise does not depend on whether its x_0 is shared
         x = _randn(_generators(init_t, device), shape, device, fdt)
     x = x * float(getattr(model.scheduler, "init_noise_sigma", 1.0))
-    latents = torch.empty((B, T + 1, *shape), dtype=fdt, device=storage)
+    latent_steps = None
+    slot = list(range(T + 1))
+    if keep_latents is not None:
+        keep = torch.as_tensor(keep_latents, dtype=torch.bool).cpu().clone()
+        if keep.shape != (T + 1,):
+            raise ValueError(f"keep_latents must be a bool mask of the T+1 = {T + 1} states, got shape {tuple(keep.shape)}")
+        keep[T] = True
+        latent_steps = keep.nonzero().reshape(-1)
+        slot = [-1] * (T + 1)
+        for i, pos in enumerate(latent_steps.tolist()):
+            slot[pos] = i
+    latents = torch.empty((B, T + 1 if latent_steps is None else latent_steps.numel(), *shape), dtype=fdt, device=storage)
     log_probs = torch.zeros((B, T), dtype=fdt, device=storage)
-    latents[:, 0] = x.to(storage)
+    if slot[0] >= 0:
+        latents[:, slot[0]] = x.to(storage)
     timesteps = schedule.timesteps.to(device)
     for j in range(T):
         t = timesteps[j].expand(B)
@@ -207,7 +246,8 @@ def sample_trajectories(
             log_probs[:, j] = step_logprob(x, x_next, eps_u, eps_c, c.a, c.b, g, c.s, clip_x0=c.clip_x0).to(storage)
         else:
             x_next = mean
-        latents[:, j + 1] = x_next.to(storage)
+        if slot[j + 1] >= 0:
+            latents[:, slot[j + 1]] = x_next.to(storage)
         x = x_next
         if progress is not None:
             progress(j + 1, T)
@@ -218,4 +258,5 @@ def sample_trajectories(
         cond=cond.to(storage), uncond=None if uncond is None else uncond.to(storage), images=images,
         prompts=prompts, negative_prompts=neg, seeds=seeds_t,
         metadata=metadata if metadata is not None else model.prompt_metadata(prompts), eta=eta, init_seeds=init_t,
+        latent_steps=latent_steps,
     )

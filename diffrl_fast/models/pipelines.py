@@ -300,10 +300,91 @@ class StableDiffusion3Model(DiffusionModel):
         return _vae_decode(vae, latents, shift=vae.config.shift_factor or 0.0)
 
 
+class FluxModel(DiffusionModel):
+    """FLUX.1: a flow transformer on 2x2-packed latents with rotary image/text position ids, CLIP (pooled) + T5
+    (sequence) text encoders, a 16-channel VAE; guidance-distilled models (FLUX.1-dev) take the guidance as an
+    embedding, one pass per step, instead of classifier-free guidance (Black Forest Labs 2024).
+
+    The sampler and the trainer see unpacked latents [B, 16, H, W] (H, W even); ``predict`` packs them to
+    [B, HW/4, 64] tokens, calls the transformer and unpacks its velocity.
+    """
+
+    kind = "flux"
+
+    def __init__(self, pipe, max_sequence_length: int = 512, guidance: float = 3.5) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.scheduler = pipe.scheduler
+        c = pipe.transformer.config
+        channels = c.in_channels // 4
+        pixels = int(getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor)
+        size = 2 * (pixels // (pipe.vae_scale_factor * 2))  # the VAE's native size (FLUX.1: 1024 px -> 128 latents)
+        self.latent_shape = (channels, size, size)
+        self.pixels_per_latent = pipe.vae_scale_factor
+        self.latent_multiple = 2
+        self.max_sequence_length = min(max_sequence_length, pipe.tokenizer_2.model_max_length)
+        self.guidance = guidance  # the embedded guidance of guidance-distilled models (ignored by others)
+
+    def _encode_unique(self, prompts):
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device, num_images_per_prompt=1,
+                                                     max_sequence_length=self.max_sequence_length)
+        return Conditioning(embeds, pooled)
+
+    @staticmethod
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: each 2x2 patch becomes one token (channel-major within it)."""
+        B, C, H, W = x.shape
+        return x.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), 4 * C)
+
+    @staticmethod
+    def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Inverse of ``pack`` for latents of ``height`` x ``width``."""
+        B, _, D = tokens.shape
+        return tokens.reshape(B, height // 2, width // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, height, width)
+
+    @staticmethod
+    def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+        """[(H/2)(W/2), 3] position ids of the packed tokens: (0, row, column)."""
+        ids = torch.zeros(height // 2, width // 2, 3)
+        ids[..., 1] += torch.arange(height // 2)[:, None]
+        ids[..., 2] += torch.arange(width // 2)[None, :]
+        return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+    def predict(self, x, t, cond):
+        B, _, H, W = x.shape
+        net = self.net
+        guidance = None
+        if net.config.guidance_embeds:
+            guidance = torch.full((B,), float(self.guidance), device=x.device, dtype=torch.float32)
+        text_ids = torch.zeros(cond.hidden.shape[1], 3, device=x.device, dtype=cond.hidden.dtype)
+        out = net(hidden_states=self.pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
+                  pooled_projections=cond.pooled, encoder_hidden_states=cond.hidden, txt_ids=text_ids,
+                  img_ids=self.image_ids(H, W, x.device, x.dtype), return_dict=False)[0]
+        return self.unpack(out, H, W)
+
+    def sampling_kwargs(self) -> dict:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = self.scheduler.config
+        seq = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+        out = {"sigma_grid": "flux"}
+        if getattr(cfg, "use_dynamic_shifting", False):
+            out["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                        cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents):
+        vae = self.pipe.vae
+        return _vae_decode(vae, latents, shift=vae.config.shift_factor or 0.0)
+
+
 PIPELINE_ADAPTERS = {
     "StableDiffusionPipeline": StableDiffusionModel,
     "StableDiffusionXLPipeline": StableDiffusionXLModel,
     "StableDiffusion3Pipeline": StableDiffusion3Model,
+    "FluxPipeline": FluxModel,
 }
 
 

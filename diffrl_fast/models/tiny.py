@@ -17,6 +17,8 @@ Builders (each returns the folder as a string; same seed and arguments -> bit-id
   sentencepiece file is needed. ``with_t5=False`` drops the T5 branch (the pipeline then feeds
   zeros in its place); diffusers does not list that branch as optional, so such a folder loads only
   with ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
+- ``build_tiny_flux``: FluxPipeline (FluxTransformer2DModel on 2x2-packed latents with a guidance embedding,
+  CLIP + T5 text encoders, a 16-channel VAE, flow matching with dynamic shifting).
 - ``build_tiny_clip``: a CLIPModel folder (weights, tokenizer, preprocessor config) for the CLIP rewards.
 
 Sizes: the UNet sees ``latent_size`` x ``latent_size`` latents and the VAE decodes them to
@@ -516,6 +518,81 @@ def build_tiny_sd3(
     return _save(pipe, path)
 
 
+def build_tiny_flux(
+    path,
+    *,
+    latent_size: int = 16,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 16,
+    text_hidden_size: int = 32,
+    t5_width: int = 64,
+    guidance_embeds: bool = True,
+    seed: int = 0,
+    vae_scale_factor: int = 8,
+    max_length: int = 77,
+    t5_max_length: int = 32,
+) -> str:
+    """Build a random tiny ``FluxPipeline`` into ``path``; returns the path.
+
+    Transformer: FluxTransformer2DModel with ``num_layers`` double-stream and ``num_single_layers``
+    single-stream blocks, 2x2-packed latents (in_channels = 4 x ``latent_channels``), rotary axes
+    (4, 6, 6) summing to the head width 16, and a guidance embedding as FLUX.1-dev (``guidance_embeds``;
+    False: FLUX.1-schnell's layout). Text: a CLIPTextModel (pooled features) and a tiny T5 encoder of width
+    ``t5_width`` (the sequence features), T5 prompts padded to ``t5_max_length`` tokens. VAE: 16 latent
+    channels, no quant convs, FLUX's shift/scale 0.1159/0.3611, native size latent_size x vae_scale_factor
+    pixels. Scheduler: FlowMatchEulerDiscreteScheduler with FLUX.1's dynamic shifting.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    if latent_size % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches: latent_size must be even, got {latent_size}")
+    if attention_head_dim != 16:
+        raise ValueError("the tiny FLUX's rotary axes (4, 6, 6) need attention_head_dim=16")
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(_clip_text_config(text_hidden_size, max_length=max_length))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_2 = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp, model_max_length=t5_max_length))
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_2), d_model=t5_width, d_kv=16, d_ff=2 * t5_width, num_layers=2,
+        num_heads=max(1, t5_width // 16), relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+        pad_token_id=0, eos_token_id=1,
+    )
+    with _seeded(seed + 2):
+        text_encoder_2 = T5EncoderModel(t5_config)
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=t5_width,
+            pooled_projection_dim=text_hidden_size,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        )
+    with _seeded(seed):
+        vae = _tiny_vae(
+            latent_channels=latent_channels,
+            latent_size=latent_size,
+            vae_scale_factor=vae_scale_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(model_max_length=max_length),
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    return _save(pipe, path)
+
+
 def build_tiny_clip(
     path,
     *,
@@ -570,7 +647,7 @@ def build_tiny_clip(
 
 
 # "clip" is no pipeline, but shares the cache: the CLIP rewards' tests and benchmarks need one.
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "clip": build_tiny_clip}
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "clip": build_tiny_clip}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,7 +677,7 @@ def _cache_key(kind: str, kwargs: dict) -> str:
 
 
 def cached_tiny_pipeline(kind: str, root=None, **kwargs) -> str:
-    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "clip") built with ``kwargs``, building it once.
+    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "clip") built with ``kwargs``, building it once.
 
     The folder lives under ``root`` (default ``default_cache_root()``), named by a hash of the kind,
     the arguments, ``BUILDER_VERSION`` and the diffusers/transformers versions. Safe when several

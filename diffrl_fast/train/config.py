@@ -170,6 +170,24 @@ class NFTConfig:
 
 
 @dataclass
+class AWMConfig:
+    group_size: int = option(24, "G samples per prompt (the reference's num_image_per_prompt: 24); advantages as GRPO's (grpo.std, grpo.eps).")
+    train_timesteps: int = option(6, "Timesteps trained per sample and epoch, one per stratum of the first int(T x train.timestep_fraction) rollout steps (reference: 6).")
+    time_type: str = option("discrete", "Strata of the timestep draw: discrete (steps from 0; the reference's pickscore config), discrete_wo_init (from 1; its GenEval/OCR configs) or discrete_with_init (step 0, then strata from 1).")
+    weighting: str = option("ghuber", "Weight of the matching loss in AWM's log-prob: Uniform, t, t**2, huber or ghuber (reference: ghuber).")
+    ghuber_power: float = option(0.25, "Power p of the ghuber weighting ((m + 1e-10)^p - 1e-10^p) sigma / p (reference: 0.25).")
+    loss_type: str = option("exp_first", "exp_first: a ratio per (sample, timestep); sum_first: one ratio per sample from the mean log-prob over its timesteps (needs train.chunk_size >= awm.train_timesteps).")
+    clip_range: float = option(1.0, "PPO clip range of the ratio (reference: 1.0).")
+    advantage_max: Optional[float] = option(1.0, "Advantages clipped to +-train.adv_clip_max are rescaled to +-advantage_max (reference: 1; null: not rescaled).")
+    beta: float = option(1e-4, "Weight of the mean squared difference of the policy's and the reference model's outputs (reference: 1e-4 for PickScore, 1e-3 GenEval, 3e-3 OCR; 0: no reference model and no EMA term).")
+    kl_weight: str = option("Uniform", "Uniform, or ELBO: divided by 2 std_dev_t^2 of the flow SDE (flow models only).")
+    ema_beta: float = option(1.0, "Weight of the mean squared difference from the EMA copy's outputs (reference: 1; applies only with awm.beta > 0, as in the reference).")
+    ema_kl_weight: str = option("Uniform", "Uniform or ELBO, as awm.kl_weight, for the EMA term.")
+    ema_decay: float = option(0.3, "Decay of the EMA copy after each epoch (reference kl_ema_decay: 0.3).")
+    ema_decay_type: str = option("linear", "linear: d = min(ema_decay, 0.001 x optimiser step) (reference); constant: d = ema_decay.")
+
+
+@dataclass
 class LogConfig:
     eval_samples: int = option(256, "Fixed-seed samples scored before and after training for summary.md (0 disables).")
     grid_samples: int = option(32, "Images in the before/after grids (same seeds).")
@@ -184,7 +202,7 @@ class Config:
     name: str = option("digits_ddpo", "Run name; outputs go to output_dir/name.")
     output_dir: str = option("runs", "Folder holding the run folders.")
     seed: int = option(0, "Seed of everything: prompts, rollouts, shuffles, initialisation.")
-    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r, grpo or nft (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
+    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r, grpo, nft or awm (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
     num_epochs: int = option(100, "Epochs (rollout + training rounds). Default: ddpo-pytorch's 100.")
     prompts: list[str] = option([str(d) for d in range(10)], "Prompts, drawn uniformly per sample (for the digits world: '7', 'a handwritten 7', ...).")
     prompt_file: str = option("", "A text file with one prompt per line; replaces `prompts` when set.")
@@ -199,6 +217,7 @@ class Config:
     tdpo: TDPOConfig = field(default_factory=TDPOConfig, metadata={"help": "TDPO / TDPO-R critic (algo=tdpo, tdpo_r)."})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Group-relative advantages (algo=grpo)."})
     nft: NFTConfig = field(default_factory=NFTConfig, metadata={"help": "DiffusionNFT, forward-process fine-tuning (algo=nft)."})
+    awm: AWMConfig = field(default_factory=AWMConfig, metadata={"help": "Advantage Weighted Matching, forward-process fine-tuning (algo=awm)."})
     dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "Distributed training (torchrun / deepspeed launchers)."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging, evaluation and outputs."})
 
@@ -234,7 +253,8 @@ def samples_per_prompt(cfg: Config) -> int:
     """Group size G of the chosen algorithm (samples of one prompt trained together)."""
     if cfg.algo == "d3po":
         return 2 if cfg.d3po.preferences else cfg.d3po.samples_per_prompt
-    return {"dense": cfg.dense.samples_per_prompt, "grpo": cfg.grpo.group_size, "nft": cfg.nft.group_size}.get(cfg.algo, 1)
+    return {"dense": cfg.dense.samples_per_prompt, "grpo": cfg.grpo.group_size, "nft": cfg.nft.group_size,
+            "awm": cfg.awm.group_size}.get(cfg.algo, 1)
 
 
 def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
@@ -358,4 +378,18 @@ def validate(cfg: Config) -> Config:
     n = cfg.nft
     need(n.group_size >= 1 and n.beta > 0 and n.kl_beta >= 0, "nft.group_size must be >= 1, nft.beta > 0 and nft.kl_beta >= 0")
     choice("nft.decay_type", n.decay_type, (0, 1, 2))
+    a = cfg.awm
+    need(a.group_size >= 1 and a.train_timesteps >= 1, "awm.group_size and awm.train_timesteps must be >= 1")
+    choice("awm.time_type", a.time_type, ("discrete", "discrete_wo_init", "discrete_with_init"))
+    choice("awm.weighting", a.weighting, ("Uniform", "t", "t**2", "huber", "ghuber"))
+    choice("awm.loss_type", a.loss_type, ("exp_first", "sum_first"))
+    choice("awm.kl_weight", a.kl_weight, ("Uniform", "ELBO"))
+    choice("awm.ema_kl_weight", a.ema_kl_weight, ("Uniform", "ELBO"))
+    choice("awm.ema_decay_type", a.ema_decay_type, ("linear", "constant"))
+    need(a.ghuber_power > 0 and a.clip_range > 0 and a.beta >= 0 and a.ema_beta >= 0 and 0 <= a.ema_decay < 1,
+         "awm.ghuber_power and awm.clip_range must be > 0, awm.beta and awm.ema_beta >= 0, awm.ema_decay in [0, 1)")
+    need(a.advantage_max is None or a.advantage_max > 0, "awm.advantage_max must be > 0 or null")
+    if cfg.algo == "awm" and a.loss_type == "sum_first":
+        need(cfg.train.chunk_size >= a.train_timesteps, f"awm.loss_type=sum_first takes one ratio over all of a sample's "
+             f"timesteps, so they must share a chunk: set train.chunk_size >= awm.train_timesteps ({a.train_timesteps})")
     return cfg

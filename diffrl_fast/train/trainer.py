@@ -218,7 +218,7 @@ class Trainer:
         """Rollouts of training epoch ``epoch`` (its timestep window), or with ``epoch=None`` the evaluation's
         samples (every step stochastic, log.eval_num_steps and log.eval_guidance_scale where set)."""
         s, log = self.cfg.sample, self.cfg.log
-        num_steps, guidance, schedule = s.num_steps, s.guidance_scale, None
+        num_steps, guidance, schedule, keep = s.num_steps, s.guidance_scale, None, None
         if epoch is None:
             num_steps = log.eval_num_steps or s.num_steps
             guidance = s.guidance_scale if log.eval_guidance_scale is None else log.eval_guidance_scale
@@ -229,11 +229,18 @@ class Trainer:
             if window is not None:
                 schedule = make_schedule(self.model.scheduler, num_steps, eta=s.eta, noise_level=s.noise_level,
                                          window=window, **self.model.sampling_kwargs())
+                # only the states training reads are stored: x_j, x_{j+1} of the stochastic steps (none for a
+                # forward-process algorithm), and x_T
+                keep = torch.zeros(num_steps + 1, dtype=torch.bool)
+                if self.algo.trains_on_states:
+                    stochastic = schedule.stochastic.cpu().bool()
+                    keep[:-1] |= stochastic
+                    keep[1:] |= stochastic
         return sample_trajectories(
             self.model, prompts, num_steps=num_steps, guidance_scale=guidance, eta=s.eta, schedule=schedule,
             noise_level=s.noise_level, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
-            storage_device=s.trajectory_device or None,
+            storage_device=s.trajectory_device or None, keep_latents=keep,
         )
 
     def _score(self, traj: Trajectory) -> torch.Tensor:
@@ -348,7 +355,7 @@ class Trainer:
                         ctxs = {m: self.algo.begin_minibatch(self, traj, mb, order[mb], data)}
                     k0 = c * K
                     with self.engine.micro_step(ui == len(group) - 1):
-                        chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device)
+                        chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device, with_states=self.algo.trains_on_states)
                         rows = chunk.step_idx.numel()
                         chunk.col0, chunk.weight = k0, rows / group_rows
                         loss, stats = self.algo.chunk_loss(self, chunk, data, ctxs[m])

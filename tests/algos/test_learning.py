@@ -9,8 +9,11 @@ policy that learns the preferences raises it. Changes measured there for seeds 0
 Noise: an untrained policy scores exactly the "before" value on the same seeds (a change of 0); the paired
 standard error of one run's change over 128 samples is 0.35-0.7 (heavy-tailed log-probabilities). Each test
 runs seed 0 (deterministic on a given machine) and requires a change above half of seed 0's measured change.
-With their reference settings two algorithms learn little here, and say so: DDPO-SF's one optimiser step per
-round (+0.69, -2.40, +1.48 over the seeds) and the dense-reward loss on-policy (+0.51, -0.38, -0.39).
+With their reference settings two algorithms learn little here: DDPO-SF's one optimiser step per round (+0.69,
+-2.40, +1.48 over the seeds) and the dense-reward loss on-policy (+0.51, -0.38, -0.39). A seed-0 run of either
+says nothing about learning (its sign flips with the seed), so they are not run here: their objectives and
+gradients are held to the references' at 1e-6 (test_reference_objectives.py), and benchmarks/results/algos.md
+and time_to_reward.md report what they learn over three seeds.
 """
 import pytest
 
@@ -19,9 +22,8 @@ from diffrl_fast.config_utils import load_config
 from diffrl_fast.train.config import DEFAULT_PRESET, Config, validate
 from diffrl_fast.train.trainer import Trainer
 
-MEASURED = {"ddpo_is": (1.78, 0.91, 1.77), "ddpo_sf": (0.69, -2.40, 1.48), "dpok": (1.88, 2.15, 1.58),
-            "d3po": (1.73, 1.35, 0.19), "dense": (0.51, -0.38, -0.39), "tdpo": (1.93, 0.04, 1.55),
-            "grpo": (2.25, 2.98, 2.34)}
+MEASURED = {"ddpo_is": (1.78, 0.91, 1.77), "dpok": (1.88, 2.15, 1.58), "d3po": (1.73, 1.35, 0.19),
+            "tdpo": (1.93, 0.04, 1.55), "grpo": (2.25, 2.98, 2.34)}
 # tdpo_r is not run here: on this budget it learns exactly as tdpo (+1.93, +0.04, +1.55 in the table): its reset
 # acts on the critic only, which explains none of this reward (tests/algos/test_conventions.py tests the reset,
 # tests/multiprocess the reset under 2 processes)

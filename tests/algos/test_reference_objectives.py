@@ -218,3 +218,35 @@ def test_nft(tmp_path, scheduler):
     leaves, eps, old_eps = s.eps_fns()
     loss = ref.nft(s.batch(), s.sampler(), eps, old_eps, old_eps, rows, beta=1.0, adv_clip=5.0, kl_beta=0.5)
     check(s, leaves, loss, s.loss())
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "flow"])
+def test_awm(tmp_path, scheduler):
+    """AWM: deterministic rollouts, stratified timesteps shared by a training minibatch, the ghuber-weighted
+    matching log-prob, the clipped surrogate, the KL to the reference and to the EMA copy."""
+    rows = []
+    from diffrl_fast.algos.awm import AWM
+
+    noise = AWM.noise
+
+    def recording(self, trainer, chunk, x0):
+        z = noise(self, trainer, chunk, x0)
+        n, K = chunk.shape
+        rows.extend((int(chunk.sample_idx[i // K]), int(chunk.step_idx[i // K, i % K]), z[i]) for i in range(n * K))
+        return z
+
+    AWM.noise = recording
+    try:
+        s = Step(tmp_path, "awm", "awm.group_size=2", "sample.guidance_scale=1.0", "awm.beta=0.5", "awm.ema_beta=0.7",
+                 "awm.train_timesteps=2", scheduler=scheduler, perturb=0.003)
+    finally:
+        AWM.noise = noise
+    assert bool((s.traj.log_probs == 0).all()) and s.traj.latents.shape[1] == 1  # deterministic; only x_T kept
+    assert len(rows) == 8 * 2 and s.stats["kl"] > 0 and s.stats["ema_kl"] > 0
+    # one stratum each of [0, 2) and [2, 4), the same for every sample of the (single) minibatch
+    order = s.orders[0]
+    assert bool((order == order[0]).all()) and 0 <= int(order[0, 0]) < 2 <= int(order[0, 1]) < 4
+    leaves, eps, old_eps = s.eps_fns()
+    loss = ref.awm(s.batch(), s.sampler(), eps, old_eps, old_eps, rows, adv_clip=5.0, advantage_max=1.0, clip_range=1.0,
+                   power=0.25, beta=0.5, ema_beta=0.7)
+    check(s, leaves, loss, s.loss())

@@ -1,4 +1,4 @@
-"""Tiny SD 1.x / SDXL / SD3 pipelines with random weights, built offline once per session."""
+"""Tiny SD 1.x / SDXL / SD3 / FLUX pipelines with random weights, built offline once per session."""
 import pytest
 
 from diffrl_fast.models.pipelines import load_pipeline
@@ -23,6 +23,11 @@ def sdxl_path(tiny_root):
 @pytest.fixture(scope="session")
 def sd3_path(tiny_root):
     return cached_tiny_pipeline("sd3", root=tiny_root)
+
+
+@pytest.fixture(scope="session")
+def flux_path(tiny_root):
+    return cached_tiny_pipeline("flux", root=tiny_root, latent_size=8)
 
 
 @pytest.fixture

@@ -304,4 +304,69 @@ def nft(batch, sampler, eps, old_eps, ref_eps, rows, *, beta, adv_clip, kl_beta,
     return torch.stack(terms).mean() + kl_beta * torch.stack(kls).mean()
 
 
+def awm_discrete_steps(num_steps, n, fraction, u, *, start=0):
+    """scxue/advantage_weighted_matching train_sd3_awm.py, time_type "discrete" (start 0) / "discrete_wo_init"
+    (start 1): boundaries = linspace(start, int(num_steps * fraction), n + 1).long(); index k = lower_k +
+    long(u_k * (upper_k - lower_k)) for uniform draws u."""
+    hi = int(num_steps * fraction)
+    bounds = [int(float(x)) for x in torch.linspace(start, hi, n + 1)]
+    return [bounds[k] + int(float(u[k]) * (bounds[k + 1] - bounds[k])) for k in range(n)]
+
+
+def awm_surrogate(logp, old_logp, A, *, clip_range, loss_type):
+    """train_sd3_awm.py's policy loss over [T, B] log-probs and [B] (clipped, scaled) advantages: exp_first
+    ratio exp(logp - old) per entry with A repeated over T; sum_first ratio exp(mean_T logp - mean_T old) per
+    sample; mean of max(-A ratio, -A clamp(ratio, 1 - eps, 1 + eps))."""
+    if loss_type == "sum_first":
+        ratio = torch.exp(logp.mean(dim=0) - old_logp.mean(dim=0).detach())
+        adv = A
+    else:
+        ratio = torch.exp(logp.reshape(-1) - old_logp.reshape(-1).detach())
+        adv = A[None].repeat(logp.shape[0], 1).reshape(-1)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.mean(torch.maximum(unclipped, clipped))
+
+
+def awm(batch, sampler, eps, ref_eps, ema_eps, rows, *, adv_clip, advantage_max, clip_range, power, beta, ema_beta,
+        std_eps=1e-4):
+    """scxue/advantage_weighted_matching scripts/train_sd3_awm.py (compute_log_prob_awm, weighting "ghuber",
+    loss_type "exp_first", kl_weight and kl_ema_weight "Uniform", one optimiser step: old log-probs are the
+    current ones, detached), written for any forward process: for each row (sample b, step j, noise z), x0 =
+    the final sample; flow: t = timestep / 1000, x_t = (1 - t) x0 + t z, target z - x0, sigma = t; DDIM epsilon:
+    x_t = sqrt(abar) x0 + sqrt(1 - abar) z, target z, sigma = sqrt(1 - abar). log_prob = -(((out - target)^2
+    mean + 1e-10)^p - 1e-10^p) sigma / p; A = Flow-GRPO's group advantage clamped to +-adv_clip, then
+    / adv_clip * advantage_max; L = surrogate + beta mean_rows (out - out_ref)^2 + ema_beta mean_rows (out - out_ema)^2."""
+    r_all = batch.rewards.to(F64)
+    A = torch.empty_like(r_all)
+    for p in set(batch.prompts):
+        idx = [i for i, q in enumerate(batch.prompts) if q == p]
+        A[idx] = (r_all[idx] - r_all[idx].mean()) / (r_all.std(unbiased=False) + std_eps)
+    A = A.clamp(-adv_clip, adv_clip) / adv_clip * advantage_max
+    terms, kls, ema_kls = [], [], []
+    for b, j, z in rows:
+        x0 = batch.latents[b, -1].to(F64)[None]
+        z = z.to(F64)[None]
+        tt = float(batch.timesteps[j])
+        if sampler.kind == "flow":
+            sigma = tt / 1000.0
+            xt, target = (1 - sigma) * x0 + sigma * z, z - x0
+        else:
+            abar = float(sampler.alphas_cumprod[int(tt)])
+            sigma = math.sqrt(1 - abar)
+            xt, target = math.sqrt(abar) * x0 + sigma * z, z
+        h = batch.cond[b].to(F64)[None]
+        t1 = torch.tensor([tt], dtype=F64)
+        out = eps(xt, t1, h)
+        with torch.no_grad():
+            out_ref, out_ema = ref_eps(xt, t1, h), ema_eps(xt, t1, h)
+        m = ((out - target) ** 2).mean()
+        logp = -(torch.pow(m + 1e-10, power) - 1e-10**power) * sigma / power
+        terms.append(awm_surrogate(logp.reshape(1, 1), logp.detach().reshape(1, 1), A[b].reshape(1),
+                                   clip_range=clip_range, loss_type="exp_first"))
+        kls.append(((out - out_ref) ** 2).mean())
+        ema_kls.append(((out - out_ema) ** 2).mean())
+    return torch.stack(terms).mean() + beta * torch.stack(kls).mean() + ema_beta * torch.stack(ema_kls).mean()
+
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -114,6 +114,15 @@ def test_timestep_window_and_eval_overrides(tiny_sd_path, tmp_path):
         traj, rewards = trainer.sample_epoch(epoch)
         trained = (traj.log_probs != 0).any(0).nonzero().flatten().tolist()
         assert trained == window and traj.uncond is None  # one denoiser pass per step without guidance
+        # only the states training reads are kept: x_j, x_{j+1} of the window's steps, and x_T
+        kept = sorted({*window, *(j + 1 for j in window), traj.num_steps})
+        assert traj.latent_steps.tolist() == kept and traj.latents.shape[1] == len(kept)
+    full = sample_trajectories(trainer.model, traj.prompts, num_steps=traj.num_steps, guidance_scale=1.0,
+                               schedule=traj.schedule, seeds=traj.seeds.tolist())
+    assert torch.equal(full.latents[:, traj.latent_steps], traj.latents)
+    assert torch.equal(full.latents_at(torch.arange(len(traj)), torch.tensor(3)), traj.latents_at(torch.arange(len(traj)), torch.tensor(3)))
+    with pytest.raises(ValueError, match="not stored"):
+        traj.latents_at(torch.tensor([0]), torch.tensor([0]))
     stats = trainer.train_epoch(5, traj, trainer.algo.prepare(trainer, traj, rewards))
     assert math.isfinite(stats["loss"])
     ev = trainer._sample(["a cat"], [0])
