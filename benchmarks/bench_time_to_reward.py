@@ -165,8 +165,9 @@ def reusable(path: Path, budget_s: float) -> dict:
         return {}
     data = json.loads(path.read_text())
     commit = data.get("machine", {}).get("commit", "?")
+    runs = data["runs"] if "runs" in data else data  # a finished JSON, or the .partial.json a cut-short run leaves
     out = {}
-    for name, rs in data.get("runs", {}).items():
+    for name, rs in runs.items():
         for r in rs:
             cut = within_budget({"commit": commit, **r}, budget_s)
             if cut is not None:

@@ -95,7 +95,7 @@ def test_shipped_configs_are_valid():
 
     root = Path(__file__).resolve().parent.parent / "configs"
     files = sorted(root.glob("*.yaml"))
-    assert {f.name for f in files} >= {"digits.yaml", "sd15.yaml", "sdxl.yaml"}
+    assert {f.name for f in files} >= {"digits.yaml", "sd15.yaml", "sdxl.yaml", "sd3.yaml", "flux.yaml"}
     for f in files:
         validate(load_config(Config, f))
 

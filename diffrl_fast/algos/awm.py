@@ -113,11 +113,12 @@ class AWM(ForwardProcessAlgorithm):
 
     @classmethod
     def reference_defaults(cls, n_prompts):
-        # SD3.5 pickscore config: 14 deterministic steps without guidance, 24 images per prompt, training
-        # batches of 2, one optimiser step per epoch (gradient accumulation over the epoch), lr 3e-4,
+        # SD3.5 pickscore config: 14 deterministic steps without guidance, 24 images per prompt, 24 prompts per
+        # epoch (576 samples: 8 GPUs x 6 x 12; here 24 x 24 on one process, to be divided by the process count),
+        # training batches of 2, one optimiser step per epoch (gradient accumulation over the epoch), lr 3e-4,
         # timesteps from the first int(0.9 T) steps
         return {"sample.num_steps": 14, "sample.guidance_scale": 1.0, "sample.batch_size": 24,
-                "sample.num_batches_per_epoch": 2, "train.batch_size": 2, "train.optimizer_step_every": "round",
+                "sample.num_batches_per_epoch": 24, "train.batch_size": 2, "train.optimizer_step_every": "round",
                 "train.learning_rate": 3e-4, "train.timestep_fraction": 0.9}
 
     def __init__(self, cfg) -> None:
@@ -139,7 +140,8 @@ class AWM(ForwardProcessAlgorithm):
         return self.c.train_timesteps
 
     def sample_order(self, n, data, generator):
-        self._perm = super().sample_order(n, data, generator)
+        # the reference shuffles all of the epoch's samples, across prompt groups, before cutting minibatches
+        self._perm = torch.randperm(n, generator=generator)
         return self._perm
 
     def step_order(self, n, steps, n_train, generator):

@@ -33,9 +33,9 @@ class ForwardProcessAlgorithm(GRPO):
         pass
 
     def setup(self, trainer) -> None:
-        if trainer.engine.kind == "deepspeed":
-            raise ValueError(f"algo={self.name} keeps a copy of the trainable weights, which DeepSpeed ZeRO partitions: "
-                             "use dist.engine=ddp (or none)")
+        if trainer.engine.kind in ("deepspeed", "fsdp"):
+            raise ValueError(f"algo={self.name} keeps a copy of the trainable weights, which dist.engine={trainer.engine.kind} "
+                             "shards: use dist.engine=ddp (or none)")
         self.params = [p for p in trainer.model.denoiser.parameters() if p.requires_grad]
         self.old = [p.detach().clone() for p in self.params]
 

@@ -51,9 +51,11 @@ class DiffusionModel:
             return self.forward_module
         return self.denoiser
 
+    compute_device: Optional[torch.device] = None  # set when the weights live elsewhere (FSDP's CPU offload)
+
     @property
     def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
+        return self.compute_device if self.compute_device is not None else next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -27,7 +27,7 @@ DEFAULT_PRESET = PRESETS / "digits.yaml"  # what `diffrl-fast train` runs withou
 
 @dataclass
 class ModelConfig:
-    path: str = option("digits", "The policy: 'digits' (the built-in digits world) or a diffusers pipeline folder / hub id (SD 1.x/2.x, SDXL, SD3).")
+    path: str = option("digits", "The policy: 'digits' (the built-in digits world) or a diffusers pipeline folder / hub id (SD 1.x/2.x, SDXL, SD3, FLUX.1).")
     sampler: str = option("auto", "Scheduler run as the policy: 'auto' keeps DDIM/DDPM/flow matching and converts others to DDIM; or 'ddim', 'ddpm'.")
     lora: bool = option(False, "Train LoRA adapters (true; reference policy = adapter off) or all denoiser weights (false; reference = frozen copy). The 0.25M-parameter digits UNet learns faster fully fine-tuned; SD-size models use LoRA (configs/sd15.yaml).")
     lora_rank: int = option(8, "LoRA rank r; 4-64 is usual.")
@@ -38,6 +38,7 @@ class ModelConfig:
     channels_last: bool = option(False, "Keep the denoiser's weights in channels_last memory format (faster convolutions with oneDNN on CPU and with cuDNN on recent GPUs).")
     gradient_checkpointing: bool = option(False, "The denoiser's own activation checkpointing (diffusers' enable_gradient_checkpointing).")
     reference_device: str = option("", "Full fine-tuning only: device of the frozen reference copy ('' = same as the policy; 'cpu' spares GPU memory).")
+    embedded_guidance: float = option(3.5, "Guidance-distilled flow models (FLUX.1-dev): the guidance value fed to the transformer's guidance embedding, one pass per step (keep sample.guidance_scale=1: no classifier-free guidance on top). Ignored by other models.")
 
 
 @dataclass
@@ -156,9 +157,11 @@ class GRPOConfig:
 
 @dataclass
 class DistConfig:
-    engine: str = option("auto", "'auto' (DDP when launched with several processes), 'none', 'ddp' or 'deepspeed' (ZeRO-2/3).")
+    engine: str = option("auto", "'auto' (DDP when launched with several processes), 'none', 'ddp', 'fsdp' (PyTorch FSDP2, per-block sharding) or 'deepspeed' (ZeRO-2/3).")
     deepspeed_config: str = option("", "DeepSpeed JSON for ZeRO stage and offload (configs/deepspeed_zero2.json, deepspeed_zero3.json); optimiser, learning rate, clipping and batch sizes come from this config.")
     timeout_s: float = option(600.0, "Seconds a collective waits for a missing process before the run fails instead of hanging.")
+    fsdp_mixed_precision: bool = option(True, "dist.engine=fsdp with model.mixed_precision=bf16: all-gather and compute in bf16, reduce gradients in fp32 (FSDP2's MixedPrecisionPolicy); fp32 shards either way.")
+    fsdp_cpu_offload: bool = option(False, "dist.engine=fsdp: keep parameter shards, gradients and the optimiser step on the CPU (FSDP2's CPUOffloadPolicy).")
 
 
 @dataclass
@@ -330,15 +333,17 @@ def validate(cfg: Config) -> Config:
     need(a.buffer_size >= 1 and 1 <= a.min_count <= a.buffer_size, "advantage.min_count must be in [1, advantage.buffer_size]")
     need(bool(cfg.prompts) or bool(cfg.prompt_file), "no prompts: set `prompts` or `prompt_file`")
     need(cfg.log.eval_samples >= 0 and cfg.log.grid_samples >= 0, "log.eval_samples and log.grid_samples must be >= 0")
-    choice("dist.engine", cfg.dist.engine, ("auto", "none", "ddp", "deepspeed"))
+    choice("dist.engine", cfg.dist.engine, ("auto", "none", "ddp", "fsdp", "deepspeed"))
     need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
     G = samples_per_prompt(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
     need(not (cfg.reward.drop_nonfinite and G > 1),
          f"reward.drop_nonfinite cannot be used with {cfg.algo} ({G} samples per prompt): dropping a sample would break its "
          "prompt group; fix the reward or let the run stop on non-finite rewards")
-    need(s.batch_size % G == 0 and t.batch_size % G == 0,
-         f"{cfg.algo} trains on groups of {G} samples per prompt: sample.batch_size ({s.batch_size}) and train.batch_size ({t.batch_size}) must be multiples of {G}")
+    # AWM's loss needs no whole group in a minibatch (its reference shuffles samples across prompts)
+    need(s.batch_size % G == 0 and (cfg.algo == "awm" or t.batch_size % G == 0),
+         f"{cfg.algo} trains on groups of {G} samples per prompt: sample.batch_size ({s.batch_size})"
+         + ("" if cfg.algo == "awm" else f" and train.batch_size ({t.batch_size})") + f" must be multiples of {G}")
     if cfg.algo == "ddpo_sf":
         need(t.optimizer_step_every != "round" or t.num_inner_epochs == 1,
              "ddpo_sf with train.optimizer_step_every=round takes its one step per round at theta = theta_old; a second inner "

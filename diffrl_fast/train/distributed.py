@@ -1,4 +1,4 @@
-"""Processes and optimisation engines: one process, DDP, or DeepSpeed ZeRO-2/3.
+"""Processes and optimisation engines: one process, DDP, FSDP2, or DeepSpeed ZeRO-2/3.
 
 Launch with ``torchrun --nproc_per_node N -m diffrl_fast train ...`` or ``deepspeed --num_gpus N -m
 diffrl_fast train ...``; the environment (RANK, WORLD_SIZE, LOCAL_RANK) says how many processes there are.
@@ -13,6 +13,13 @@ diffrl_fast train ...``; the environment (RANK, WORLD_SIZE, LOCAL_RANK) says how
 - "none": torch AdamW, gradient clipping, non-finite steps skipped and counted.
 - "ddp": the denoiser wrapped in DistributedDataParallel; gradients are averaged across processes only at
   the boundary (``no_sync`` for the other micro-steps).
+- "fsdp": PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``): every block of the denoiser (and of a
+  full fine-tune's frozen reference copy) is its own FSDP unit, then the root; parameters, gradients and
+  AdamW state are sharded over the processes and all-gathered block by block for each forward (sampling
+  included). ``dist.fsdp_mixed_precision`` computes in the autocast dtype with fp32 gradient reduction,
+  ``dist.fsdp_cpu_offload`` keeps the shards and the optimiser step on the CPU. Checkpoints are
+  torch.distributed.checkpoint (DCP) folders of the shards, written by every process, plus the gathered
+  trainable weights.
 - "deepspeed": a DeepSpeed engine built from ``dist.deepspeed_config`` (ZeRO stage, offload, ...) with the
   optimiser, learning rate and clipping of our config; DeepSpeed shards optimiser state (ZeRO-2) and
   parameters (ZeRO-3) and gathers sharded parameters for every forward, sampling included.
@@ -20,6 +27,7 @@ diffrl_fast train ...``; the environment (RANK, WORLD_SIZE, LOCAL_RANK) says how
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -81,7 +89,8 @@ def init_distributed(engine: str, timeout_s: float = 600.0) -> DistContext:
     if not dist.is_initialized():
         from datetime import timedelta
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # CPU tensors (FSDP's CPU offload, object gathers) go through gloo beside NCCL on GPUs
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
         if engine == "deepspeed":
@@ -177,6 +186,12 @@ class Engine:
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Inside the block the trainable parameters are whole on every process (sharding engines gather
+        them; collective there, so every process must enter)."""
+        yield
+
 
 class DDPEngine(Engine):
     kind = "ddp"
@@ -193,6 +208,121 @@ class DDPEngine(Engine):
     def micro_step(self, boundary: bool) -> Iterator[None]:
         with contextlib.nullcontext() if boundary else self.ddp.no_sync():
             yield
+
+
+# the block containers of diffusers' denoisers (UNets, SD3's MMDiT, FLUX): each element becomes an FSDP unit
+FSDP_BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+
+
+def fsdp_shard(module: torch.nn.Module, mesh, mp_policy, offload_policy) -> list[torch.nn.Module]:
+    """``fully_shard`` every block of ``module`` (the elements of FSDP_BLOCK_LISTS and ``mid_block``), then the
+    module itself; returns the FSDP units, root last."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = []
+    for name in FSDP_BLOCK_LISTS:
+        blocks = getattr(module, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            units += list(blocks)
+    mid = getattr(module, "mid_block", None)
+    if isinstance(mid, torch.nn.Module):
+        units.append(mid)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
+    # the root's inputs stay as given (timesteps of 999 would round to 1000 in bf16); autocast covers the ops
+    root_mp = dataclasses.replace(mp_policy, cast_forward_inputs=False)
+    fully_shard(module, mesh=mesh, mp_policy=root_mp, offload_policy=offload_policy)
+    return units + [module]
+
+
+class FSDPEngine(Engine):
+    kind = "fsdp"
+
+    def __init__(self, model, params, cfg, ctx) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+        if not ctx.active:
+            raise ValueError("dist.engine=fsdp shards over several processes: launch with torchrun --nproc_per_node N "
+                             "(or use dist.engine=none for one process)")
+        if cfg.model.mixed_precision == "fp16":
+            raise ValueError("dist.engine=fsdp supports model.mixed_precision=bf16 or no (fp16 needs a sharded loss "
+                             "scaler): use bf16")
+        if cfg.model.channels_last:
+            raise ValueError("dist.engine=fsdp shards contiguous parameters only: set model.channels_last=false")
+        d = cfg.dist
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.mesh = init_device_mesh(device, (ctx.world_size,))
+        compute = {"bf16": torch.bfloat16}.get(cfg.model.mixed_precision) if d.fsdp_mixed_precision else None
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute is not None else None)
+        offload = CPUOffloadPolicy() if d.fsdp_cpu_offload else OffloadPolicy()
+        self.units = fsdp_shard(model.denoiser, self.mesh, mp, offload)
+        if getattr(model, "ref_denoiser", None) is not None:  # a full fine-tune's frozen reference, sharded too
+            fsdp_shard(model.ref_denoiser, self.mesh, mp, offload)
+        model.forward_module = model.denoiser
+        if d.fsdp_cpu_offload and torch.cuda.is_available():  # the shards live on the CPU; compute stays on the GPU
+            model.compute_device = torch.device("cuda", torch.cuda.current_device())
+        # fully_shard replaced the parameters by sharded (DTensor) ones: the optimiser takes those
+        params = [p for p in model.denoiser.parameters() if p.requires_grad]
+        super().__init__(model, params, cfg, ctx)
+
+    @contextlib.contextmanager
+    def micro_step(self, boundary: bool) -> Iterator[None]:
+        self.model.denoiser.set_requires_gradient_sync(boundary)  # reduce-scatter only at the accumulation boundary
+        try:
+            yield
+        finally:
+            self.model.denoiser.set_requires_gradient_sync(True)
+
+    def _grad_norm(self) -> float:
+        max_norm = self.cfg.train.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def full_state(self, trainable_only: bool = True, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """The denoiser's whole fp32 weights (only the trainable ones by default) as CPU tensors, gathered
+        shard by shard; on rank 0 only unless ``rank0_only`` is False (then on every rank). Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model.denoiser, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=rank0_only, ignore_frozen_params=trainable_only))
+        if trainable_only:
+            names = {n for n, p in self.model.denoiser.named_parameters() if p.requires_grad}
+            sd = {n: v for n, v in sd.items() if n in names}  # drops buffers
+        return {n: v.full_tensor() if hasattr(v, "full_tensor") else v for n, v in sd.items()}
+
+    def save_sharded(self, folder: Path) -> None:
+        """Every process writes its shards of the trainable weights and of the optimiser state (DCP); collective.
+        Before the first step there is no optimiser state to save (get_state_dict would initialise it with a
+        zero-learning-rate step, advancing AdamW's step count)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        if not self.optimizer.state:
+            state = {"model": get_model_state_dict(self.model.denoiser, options=options)}
+        else:
+            model_sd, optim_sd = get_state_dict(self.model.denoiser, self.optimizer, options=options)
+            state = {"model": model_sd, "optim": optim_sd}
+        dcp.save(state, checkpoint_id=str(folder))
+
+    def load_sharded(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                             set_model_state_dict, set_state_dict)
+
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        if any(k.startswith("optim.") for k in saved):
+            model_sd, optim_sd = get_state_dict(self.model.denoiser, self.optimizer, options=options)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(folder))
+            set_state_dict(self.model.denoiser, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=options)
+        else:  # a checkpoint from before the first optimiser step: weights only
+            state = {"model": get_model_state_dict(self.model.denoiser, options=options)}
+            dcp.load(state, checkpoint_id=str(folder))
+            set_model_state_dict(self.model.denoiser, state["model"], options=options)
 
 
 def deepspeed_config(cfg, path: Optional[str]) -> dict:
@@ -273,6 +403,8 @@ def make_engine(model, params, cfg, ctx: DistContext) -> Engine:
     kind = cfg.dist.engine
     if kind == "deepspeed":
         return DeepSpeedEngine(model, params, cfg, ctx)
+    if kind == "fsdp":
+        return FSDPEngine(model, params, cfg, ctx)
     if kind == "ddp" or (kind == "auto" and ctx.active):
         return DDPEngine(model, params, cfg, ctx) if ctx.active else Engine(model, params, cfg, ctx)
     return Engine(model, params, cfg, ctx)

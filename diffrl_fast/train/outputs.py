@@ -155,21 +155,26 @@ class RunLogger:
         return json.loads(path.read_text()) if path.exists() else None
 
 
-def save_final_weights(model, run_dir: Path) -> Path:
+def save_final_weights(model, run_dir: Path, state_dict: Optional[dict] = None) -> Path:
     """LoRA: diffusers' LoRA format (``pipeline.load_lora_weights(run_dir / "lora")`` reads it).
-    Full fine-tuning: the denoiser with ``save_pretrained`` (safetensors)."""
+    Full fine-tuning: the denoiser with ``save_pretrained`` (safetensors). ``state_dict``: the denoiser's
+    whole weights when its modules hold shards (FSDP), else they are read from the modules."""
     run_dir = Path(run_dir)
     if model.lora:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.denoiser))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.denoiser, state_dict=state_dict))
         out = run_dir / "lora"
         out.mkdir(parents=True, exist_ok=True)
         if model.kind == "sd3":
             from diffusers import StableDiffusion3Pipeline
 
             StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers)
+        elif model.kind == "flux":
+            from diffusers import FluxPipeline
+
+            FluxPipeline.save_lora_weights(out, transformer_lora_layers=layers)
         elif model.kind == "sdxl":
             from diffusers import StableDiffusionXLPipeline
 
@@ -180,7 +185,14 @@ def save_final_weights(model, run_dir: Path) -> Path:
             StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers)
         return out
     out = run_dir / "denoiser"
-    model.denoiser.save_pretrained(out, safe_serialization=True)
+    if state_dict is None:
+        model.denoiser.save_pretrained(out, safe_serialization=True)
+    else:  # the same folder layout as save_pretrained: config.json + diffusion_pytorch_model*.safetensors
+        from huggingface_hub import save_torch_state_dict
+
+        out.mkdir(parents=True, exist_ok=True)
+        model.denoiser.save_config(out)
+        save_torch_state_dict(state_dict, out, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
     return out
 
 

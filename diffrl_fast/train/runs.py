@@ -28,6 +28,8 @@ def load_run(run_dir: str | Path, device="cpu"):
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest)")
     model = load_model(cfg.model.path, device=device, sampler=cfg.model.sampler)
+    if hasattr(model, "guidance"):
+        model.guidance = cfg.model.embedded_guidance
     if cfg.model.lora:
         model.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
     weights = load_file(str(ckpt / "weights.safetensors"))

@@ -112,6 +112,8 @@ class Trainer:
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
         self.algo.check_model(self.model)
         m = cfg.model
+        if hasattr(self.model, "guidance"):  # FLUX: the embedded guidance of guidance-distilled models
+            self.model.guidance = m.embedded_guidance
         if m.lora:
             self.model.add_lora(m.lora_rank, m.lora_alpha, m.lora_targets)
         else:
@@ -127,6 +129,7 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters (check model.lora_targets)")
         self.engine = make_engine(self.model, self.params, cfg, self.ctx)
+        self.params = self.engine.params  # FSDP replaces the parameters by their shards
         self.autocast_dtype = AUTOCAST[m.mixed_precision]
         a = cfg.advantage
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count) if a.per_prompt_stat_tracking else None
@@ -166,18 +169,25 @@ class Trainer:
         """Checkpoint the end of epoch ``self.epoch``; collective when there are several processes."""
         state = {"identity": self.identity(), "tracker": self.tracker.state_dict() if self.tracker else None,
                  "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples, "optimizer_steps": self.engine.steps}
-        deepspeed = self.engine.kind == "deepspeed"
-        with (self.engine.gathered() if deepspeed else contextlib.nullcontext()):
-            weights = self.trainable_state() if self.ctx.is_main else {}
-        optimizer = None if deepspeed else self.engine.optimizer_state()
+        kind = self.engine.kind
+        sharded = kind in ("deepspeed", "fsdp")
+        if kind == "fsdp":  # gathered shard by shard onto rank 0's CPU (collective)
+            weights = self.engine.full_state(trainable_only=True)
+        else:
+            with self.engine.gathered():  # collective under ZeRO-3
+                weights = self.trainable_state() if self.ctx.is_main else {}
+        optimizer = None if sharded else self.engine.optimizer_state()
         path = None
-        if deepspeed:  # every process writes its optimiser/parameter shards; the main process finalises
-            staged = self.run_dir / "checkpoints" / f".ds_epoch_{self.epoch:04d}"
-            self.engine.engine.save_checkpoint(str(staged), tag="state")
+        if sharded:  # every process writes its optimiser/parameter shards; the main process finalises
+            staged = self.run_dir / "checkpoints" / f".{kind}_epoch_{self.epoch:04d}"
+            if kind == "deepspeed":
+                self.engine.engine.save_checkpoint(str(staged), tag="state")
+            else:
+                self.engine.save_sharded(staged)
             self.ctx.barrier()
         if self.ctx.is_main:
             path = save_checkpoint(self.run_dir, self.epoch, weights, {"policy": optimizer, "algo": self.algo.state_dict()},
-                                   state, extra_dirs={"deepspeed": staged} if deepspeed else None)
+                                   state, extra_dirs={kind: staged} if sharded else None)
         self.ctx.barrier()
         return path
 
@@ -194,6 +204,10 @@ class Trainer:
                              f"({len(set(weights) ^ names)} names differ, e.g. {sorted(set(weights) ^ names)[:3]})")
         if self.engine.kind == "deepspeed":
             self.engine.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        elif self.engine.kind == "fsdp":
+            if not (path / "fsdp").is_dir():
+                raise ValueError(f"checkpoint {path} has no FSDP shards (fsdp/): it was not written by dist.engine=fsdp")
+            self.engine.load_sharded(path / "fsdp")
         else:
             with torch.no_grad():
                 for n, w in weights.items():
@@ -459,8 +473,12 @@ class Trainer:
         if cfg.log.eval_samples:
             rewards, images = self.evaluate(cfg.log.eval_samples)
             after = self.logger.save_eval("after", rewards, images) if main else None
-        with (self.engine.gathered() if self.engine.kind == "deepspeed" else contextlib.nullcontext()):
-            weights_path = save_final_weights(self.model, self.run_dir) if main else None
+        if self.engine.kind == "fsdp":  # whole weights gathered onto rank 0 (collective)
+            full = self.engine.full_state(trainable_only=self.model.lora)
+            weights_path = save_final_weights(self.model, self.run_dir, state_dict=full) if main else None
+        else:
+            with self.engine.gathered():
+                weights_path = save_final_weights(self.model, self.run_dir) if main else None
         summary = write_summary(self.run_dir, cfg, self.logger.records(), before, after, weights_path, wall) if main else {}
         self.ctx.barrier()
         if self._pool is not None:

@@ -2,6 +2,7 @@
 
     python -m tests.multiprocess.driver train  OUT key=value ...   # Trainer.run(), then a fingerprint of the weights per rank
     python -m tests.multiprocess.driver train_resume OUT key=value ...  # train to num_epochs - 1, then resume to num_epochs
+    python -m tests.multiprocess.driver resume_equal OUT key=value ...  # uninterrupted vs stopped-and-resumed, one launch
     python -m tests.multiprocess.driver step   OUT key=value ...   # one optimiser step on a fixed global batch (DDP vs 1 process)
     python -m tests.multiprocess.driver critic OUT key=value ...   # TDPO(-R) trains: its critic's parameters per rank
 """
@@ -18,8 +19,9 @@ from diffrl_fast.train.trainer import Trainer
 
 
 def weights(trainer) -> dict:
-    gathered = trainer.engine.gathered() if trainer.engine.kind == "deepspeed" else torch.no_grad()
-    with gathered:
+    if trainer.engine.kind == "fsdp":  # the whole weights on every rank, gathered shard by shard
+        return {n: v.detach().double().clone() for n, v in trainer.engine.full_state(rank0_only=False).items()}
+    with trainer.engine.gathered(), torch.no_grad():
         return {n: p.detach().double().clone() for n, p in trainer.model.denoiser.named_parameters() if p.requires_grad}
 
 
@@ -38,6 +40,21 @@ def main() -> None:
 
         # (the module itself: ``deepspeed.comm.torch`` as an attribute is the torch package that deepspeed.comm imports)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if mode == "resume_equal":  # one launch: an uninterrupted run, and a run stopped after num_epochs - 1 then resumed
+        cfg = validate(load_config(Config, None, [*sys.argv[3:], "name=whole"]))
+        root = Path(cfg.output_dir)
+        whole = Trainer(cfg, root / "whole", log_fn=lambda s: None)
+        whole.run()
+        info = {"whole": fingerprint(whole)}
+        part_cfg = validate(load_config(Config, None, [*sys.argv[3:], "name=part", f"num_epochs={cfg.num_epochs - 1}"]))
+        Trainer(part_cfg, root / "part", log_fn=lambda s: None).run()
+        resumed = Trainer(validate(load_config(Config, None, [*sys.argv[3:], "name=part"])), root / "part", log_fn=lambda s: None)
+        assert resumed.resume() and resumed.epoch == cfg.num_epochs - 1
+        resumed.run()
+        info["resumed"] = fingerprint(resumed)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{resumed.ctx.rank}.json").write_text(json.dumps(info))
+        return
     if mode == "train_resume":  # one launch: stop after num_epochs - 1, then a fresh Trainer resumes to num_epochs
         cfg = validate(load_config(Config, None, sys.argv[3:]))
         first = validate(load_config(Config, None, [*sys.argv[3:], f"num_epochs={cfg.num_epochs - 1}"]))
@@ -83,7 +100,7 @@ def main() -> None:
             trainer.resume()
         trainer.run()
         w = weights(trainer)
-        info = {"rank": rank, "world": trainer.ctx.world_size, "engine": trainer.engine.kind, "epoch": trainer.epoch,
+        info = {"rank": rank, "local_rank": trainer.ctx.local_rank, "world": trainer.ctx.world_size, "engine": trainer.engine.kind, "epoch": trainer.epoch,
                 "fingerprint": [float(v.sum()) for v in w.values()], "norm": float(sum(v.norm() ** 2 for v in w.values()) ** 0.5)}
     else:  # one step on the same global batch of 4 trajectories, whatever the number of processes
         prompts, seeds = ["a cat", "a dog", "a cat", "a dog"], [11, 12, 13, 14]
@@ -99,8 +116,9 @@ def main() -> None:
         step = trainer.engine.step
 
         def capture():  # the gradient the optimiser sees (after DDP's averaging), then the real step
-            grads.update({n: p.grad.detach().double().clone() for n, p in trainer.model.denoiser.named_parameters()
-                          if p.requires_grad})
+            full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # noqa: E731 (FSDP's sharded grads)
+            grads.update({n: full(p.grad).detach().double().clone() for n, p in trainer.model.denoiser.named_parameters()
+                          if p.requires_grad and p.grad is not None})
             return step()
 
         trainer.engine.step = capture

@@ -1,5 +1,5 @@
-"""Several processes over gloo on CPU: DeepSpeed ZeRO-2 and ZeRO-3 with LoRA on a tiny SDXL, DDP == one process,
-TDPO-R's data-parallel critic, and a dead process.
+"""Several processes over gloo on CPU: DeepSpeed ZeRO-2 and ZeRO-3 with LoRA on a tiny SDXL, DDP and FSDP2 == one
+process, FSDP2's sharded checkpoints resume exactly, TDPO-R's data-parallel critic, and a dead process (DDP, FSDP2).
 
 Each case launches ``torchrun --nproc_per_node 2`` on tests/multiprocess/driver.py. DeepSpeed JIT-builds its CPU
 Adam op once (cached in .cache/torch_extensions, about half a minute).
@@ -77,11 +77,55 @@ def test_ddp_update_equals_single_process_update(sdxl, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_dead_process_stops_the_others_within_a_bounded_time(sdxl, tmp_path):
+def test_fsdp_update_equals_single_process_update(sdxl, tmp_path):
+    """FSDP2, full fine-tuning (every UNet block its own unit) with activation checkpointing: one optimiser step on
+    the global batch of 4 over 2 processes equals one process's; the gathered weights are the same on both ranks."""
+    common = [f"model.path={sdxl}", *TINY, "model.lora=false", "train.timestep_fraction=1.0", f"output_dir={tmp_path}",
+              "advantage.min_count=16"]
+    single = _launch(1, "step", tmp_path / "one", *common, "train.batch_size=4", "sample.batch_size=4", "name=one")[0]
+    # with the UNet's activation checkpointing inside the FSDP units: the same gradients
+    pair = _launch(2, "step", tmp_path / "two", *common, "dist.engine=fsdp", "model.gradient_checkpointing=true", "name=two")
+    assert pair[0]["weights"] == pair[1]["weights"]
+    g1 = torch.cat([torch.tensor(v) for v in single["grads"].values()])
+    g2 = torch.cat([torch.tensor(pair[0]["grads"][k]) for k in single["grads"]])
+    assert g1.abs().max() > 0
+    assert (g1 - g2).abs().max() / g1.abs().max() < 1e-4, (g1 - g2).abs().max() / g1.abs().max()
+    # the same AdamW step on the sharded state: compared where the gradient is clearly non-zero (Adam moves a
+    # weight by ~lr whatever |g|, so a sign flip of a vanishing gradient's summation noise would move it 2 lr)
+    w1 = torch.cat([torch.tensor(v) for v in single["weights"].values()])
+    w2 = torch.cat([torch.tensor(pair[0]["weights"][k]) for k in single["weights"]])
+    first = torch.cat([torch.tensor(v)[:64] for v in single["grads"].values()])  # the weights' first 64 entries
+    clear = first.abs() > 1e-3 * g1.abs().max()
+    assert clear.sum() > 10 and (w1 - w2)[clear].abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp_resumed_run_equals_an_uninterrupted_one(sdxl, tmp_path):
+    """FSDP2 with LoRA: sharded (DCP) checkpoints; a run stopped after epoch 1 and resumed by a fresh trainer ends
+    where an uninterrupted 2-epoch run ends, on both ranks."""
+    ranks = _launch(2, "resume_equal", tmp_path / "out", f"model.path={sdxl}", *TINY, "dist.engine=fsdp", "num_epochs=2",
+                    f"output_dir={tmp_path}")
+    whole, resumed = [r["whole"] for r in ranks], [r["resumed"] for r in ranks]
+    assert whole[0]["engine"] == "fsdp" and resumed[0]["epoch"] == 2
+    assert whole[0]["fingerprint"] == whole[1]["fingerprint"] and resumed[0]["fingerprint"] == resumed[1]["fingerprint"]
+    assert resumed[0]["fingerprint"] == pytest.approx(whole[0]["fingerprint"], rel=1e-6, abs=1e-9)
+    ckpt = tmp_path / "part" / "checkpoints"
+    latest = ckpt / (ckpt / "latest").read_text().strip()
+    assert (latest / "fsdp" / ".metadata").is_file() and (latest / "weights.safetensors").is_file()
+    read = lambda name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    keys = ("reward_mean", "loss", "grad_norm")
+    flat = lambda name: [r[k] for r in read(name) for k in keys]  # noqa: E731
+    assert len(flat("whole")) == 6 and flat("whole") == pytest.approx(flat("part"), rel=1e-6, abs=1e-9)
+    assert (tmp_path / "whole" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_a_dead_process_stops_the_others_within_a_bounded_time(sdxl, tmp_path, engine):
     import time
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 200),
-           "-m", "tests.multiprocess.driver", "die", str(tmp_path / "out"), f"model.path={sdxl}", *TINY, "dist.engine=ddp",
+           "-m", "tests.multiprocess.driver", "die", str(tmp_path / "out"), f"model.path={sdxl}", *TINY, f"dist.engine={engine}",
            "dist.timeout_s=60", "num_epochs=3", f"output_dir={tmp_path}", "name=die"]
     t0 = time.time()
     res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -102,3 +146,29 @@ def test_tdpo_critic_is_identical_on_every_rank(tmp_path):
     ranks = _launch(2, "critic", tmp_path / "out", *args)
     assert ranks[0]["moved"] > 0 and ranks[0]["critic"] == ranks[1]["critic"]
     assert [r.get("critic_reset_neurons", 0) > 0 for r in ranks[0]["records"]] == [True, True]  # reset after each epoch
+
+
+@pytest.mark.slow
+def test_two_node_rendezvous(sdxl, tmp_path):
+    """The multi-node recipe of docs/scaling.md with two single-process "nodes" on this machine: two torchrun
+    launchers, --nnodes 2, c10d rendezvous. Both processes have local rank 0 and global ranks 0 and 1; only
+    rank 0 writes the run folder; the replicas end identical."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [f"model.path={sdxl}", *TINY, "dist.engine=ddp", "num_epochs=1", f"output_dir={tmp_path}", "name=nodes"]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "nodes",
+                               # one machine plays both nodes: say which launcher hosts the rendezvous store, and
+                               # publish 127.0.0.1 rather than the host name as the master address
+                               "--rdzv_conf", f"is_host={int(node == 0)}", "--local_addr", "127.0.0.1",
+                               "-m", "tests.multiprocess.driver", "train", str(tmp_path / "out"), *args],
+                              env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["local_rank"] for r in ranks] == [0, 0] and [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    assert len((tmp_path / "nodes" / "metrics.jsonl").read_text().splitlines()) == 1
