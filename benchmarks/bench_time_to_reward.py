@@ -229,7 +229,10 @@ def write_md(summary: dict, meta: dict, path: Path) -> None:
                      f"{_fmt(row['heldout_at_threshold'], '{:.3f}')} | {_fmt(row['diversity_at_threshold'], '{:.4f}')} | "
                      f"{_fmt(row['final_reward'], '{:.3f}')} | `{' '.join(row['overrides'])}` |")
     lines += ["", "(mean ± std over the seeds that reached the threshold; speed-up = the baseline's median time over the "
-              "contender's, only when every seed reached it)", "", "![eval reward against training time](time_to_reward.png)", ""]
+              "contender's, only when every seed reached it)", "", f"![eval reward against training time]({path.stem}.png)", ""]
+    reading = path.with_name(f"{path.stem}_reading.md")  # the hand-written analysis of the committed figures
+    if reading.is_file():
+        lines += [reading.read_text()]
     path.write_text("\n".join(lines))
 
 

@@ -240,6 +240,36 @@ def _tiny_vae(*, latent_channels: int, latent_size: int, vae_scale_factor: int, 
     )
 
 
+def _tiny_t5(width: int, seed: int, model_max_length: int = 256):
+    """(T5TokenizerFast, T5EncoderModel): the locally built Unigram tokenizer and a 2-layer T5 v1.1 encoder
+    (gated GELU, as SD3's and FLUX's T5-XXL) of ``width``, weights seeded with ``seed``."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp, model_max_length=model_max_length))
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=16,
+        d_ff=2 * width,
+        num_layers=2,
+        num_heads=max(1, width // 16),
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    with _seeded(seed):
+        return tokenizer, T5EncoderModel(config)
+
+
+def _flow_vae(*, latent_channels: int, latent_size: int, vae_scale_factor: int, shift: float, scale: float, seed: int):
+    """The 16-channel VAEs of SD3 and FLUX: no quant convs, the model's shift and scaling factors."""
+    with _seeded(seed):
+        return _tiny_vae(latent_channels=latent_channels, latent_size=latent_size, vae_scale_factor=vae_scale_factor,
+                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale)
+
+
 def _unet_block_types(n: int, *, attention_first: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Down/up block types: SD 1.x puts cross-attention everywhere but the lowest resolution,
     SDXL everywhere but the highest. Up blocks mirror the down blocks."""
@@ -455,7 +485,7 @@ def build_tiny_sd3(
     shift/scale 0.0609/1.5305. Scheduler: FlowMatchEulerDiscreteScheduler(shift=3.0) as SD3.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextModelWithProjection
 
     joint_dim = max(64, 2 * text_hidden_size)
     with _seeded(seed):
@@ -464,22 +494,7 @@ def build_tiny_sd3(
         text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(text_hidden_size, max_length=max_length))
     text_encoder_3 = tokenizer_3 = None
     if with_t5:
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer_3 = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp))
-        t5_config = T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=joint_dim,
-            d_kv=16,
-            d_ff=2 * joint_dim,
-            num_layers=2,
-            num_heads=max(1, joint_dim // 16),
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's T5-XXL
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-        with _seeded(seed + 2):
-            text_encoder_3 = T5EncoderModel(t5_config)
+        tokenizer_3, text_encoder_3 = _tiny_t5(joint_dim, seed + 2)
     with _seeded(seed):
         transformer = SD3Transformer2DModel(
             sample_size=latent_size,
@@ -493,16 +508,8 @@ def build_tiny_sd3(
             caption_projection_dim=num_attention_heads * attention_head_dim,
             pooled_projection_dim=2 * text_hidden_size,
         )
-    with _seeded(seed):
-        vae = _tiny_vae(
-            latent_channels=latent_channels,
-            latent_size=latent_size,
-            vae_scale_factor=vae_scale_factor,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5305,
-        )
+    vae = _flow_vae(latent_channels=latent_channels, latent_size=latent_size, vae_scale_factor=vae_scale_factor,
+                    shift=0.0609, scale=1.5305, seed=seed)
     tokenizer = tiny_clip_tokenizer(model_max_length=max_length)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -546,7 +553,7 @@ def build_tiny_flux(
     pixels. Scheduler: FlowMatchEulerDiscreteScheduler with FLUX.1's dynamic shifting.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextModel
 
     if latent_size % 2:
         raise ValueError(f"FLUX packs 2x2 latent patches: latent_size must be even, got {latent_size}")
@@ -554,15 +561,7 @@ def build_tiny_flux(
         raise ValueError("the tiny FLUX's rotary axes (4, 6, 6) need attention_head_dim=16")
     with _seeded(seed):
         text_encoder = CLIPTextModel(_clip_text_config(text_hidden_size, max_length=max_length))
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_2 = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp, model_max_length=t5_max_length))
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_2), d_model=t5_width, d_kv=16, d_ff=2 * t5_width, num_layers=2,
-        num_heads=max(1, t5_width // 16), relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-        pad_token_id=0, eos_token_id=1,
-    )
-    with _seeded(seed + 2):
-        text_encoder_2 = T5EncoderModel(t5_config)
+    tokenizer_2, text_encoder_2 = _tiny_t5(t5_width, seed + 2, model_max_length=t5_max_length)
     with _seeded(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -576,16 +575,8 @@ def build_tiny_flux(
             guidance_embeds=guidance_embeds,
             axes_dims_rope=(4, 6, 6),
         )
-    with _seeded(seed):
-        vae = _tiny_vae(
-            latent_channels=latent_channels,
-            latent_size=latent_size,
-            vae_scale_factor=vae_scale_factor,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-        )
+    vae = _flow_vae(latent_channels=latent_channels, latent_size=latent_size, vae_scale_factor=vae_scale_factor,
+                    shift=0.1159, scale=0.3611, seed=seed)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(model_max_length=max_length),

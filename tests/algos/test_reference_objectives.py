@@ -8,6 +8,8 @@ reference are non-zero: every branch of each objective is exercised (checked per
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -99,6 +101,24 @@ class Step:
         with torch.no_grad():
             return torch.stack([ref.row_logp(b, sm, eps, i, j)[0] - ref.row_logp(b, sm, ref_eps, i, j)[0]
                                 for i in range(len(b.prompts)) for j in steps])
+
+
+@contextlib.contextmanager
+def recorded_noise(cls):
+    """Record the forward-process noise a forward-process algorithm draws: a list of (sample, step, z) rows."""
+    rows, noise = [], cls.noise
+
+    def recording(self, trainer, chunk, x0):
+        z = noise(self, trainer, chunk, x0)
+        n, K = chunk.shape
+        rows.extend((int(chunk.sample_idx[i // K]), int(chunk.step_idx[i // K, i % K]), z[i]) for i in range(n * K))
+        return z
+
+    cls.noise = recording
+    try:
+        yield rows
+    finally:
+        cls.noise = noise
 
 
 def assert_close(ours: dict, theirs: dict, what: str, rel: float = REL) -> None:
@@ -196,23 +216,11 @@ def test_grpo_flow(tmp_path):
 def test_nft(tmp_path, scheduler):
     """DiffusionNFT: deterministic rollouts, the forward process at the rollout's timesteps, the implicit
     positive and negative policies around the old model, and the KL to the reference."""
-    rows = []
     from diffrl_fast.algos.nft import NFT
 
-    noise = NFT.noise
-
-    def recording(self, trainer, chunk, x0):
-        z = noise(self, trainer, chunk, x0)
-        n, K = chunk.shape
-        rows.extend((int(chunk.sample_idx[i // K]), int(chunk.step_idx[i // K, i % K]), z[i]) for i in range(n * K))
-        return z
-
-    NFT.noise = recording
-    try:
+    with recorded_noise(NFT) as rows:
         s = Step(tmp_path, "nft", "nft.group_size=2", "sample.guidance_scale=1.0", "nft.kl_beta=0.5",
                  "train.timestep_fraction=0.5", scheduler=scheduler, perturb=0.003)
-    finally:
-        NFT.noise = noise
     assert bool((s.traj.log_probs == 0).all())  # every rollout step deterministic
     assert len(rows) == 8 * 2 and s.stats["kl"] > 0
     leaves, eps, old_eps = s.eps_fns()
@@ -224,23 +232,11 @@ def test_nft(tmp_path, scheduler):
 def test_awm(tmp_path, scheduler):
     """AWM: deterministic rollouts, stratified timesteps shared by a training minibatch, the ghuber-weighted
     matching log-prob, the clipped surrogate, the KL to the reference and to the EMA copy."""
-    rows = []
     from diffrl_fast.algos.awm import AWM
 
-    noise = AWM.noise
-
-    def recording(self, trainer, chunk, x0):
-        z = noise(self, trainer, chunk, x0)
-        n, K = chunk.shape
-        rows.extend((int(chunk.sample_idx[i // K]), int(chunk.step_idx[i // K, i % K]), z[i]) for i in range(n * K))
-        return z
-
-    AWM.noise = recording
-    try:
+    with recorded_noise(AWM) as rows:
         s = Step(tmp_path, "awm", "awm.group_size=2", "sample.guidance_scale=1.0", "awm.beta=0.5", "awm.ema_beta=0.7",
                  "awm.train_timesteps=2", scheduler=scheduler, perturb=0.003)
-    finally:
-        AWM.noise = noise
     assert bool((s.traj.log_probs == 0).all()) and s.traj.latents.shape[1] == 1  # deterministic; only x_T kept
     assert len(rows) == 8 * 2 and s.stats["kl"] > 0 and s.stats["ema_kl"] > 0
     # one stratum each of [0, 2) and [2, 4), the same for every sample of the (single) minibatch
