@@ -33,6 +33,7 @@ import torch
 
 from ..diffusion.coefficients import denoising_target
 from ..diffusion.rollout import guided_outputs
+from ..ops import PPOLoss, ppo_clip_loss
 from .common import swapped_weights
 from .forward import ForwardProcessAlgorithm
 
@@ -61,21 +62,17 @@ def awm_log_prob(out: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, w
 
 
 def awm_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
-                    loss_type: str = "exp_first") -> tuple[torch.Tensor, torch.Tensor]:
+                    loss_type: str = "exp_first") -> PPOLoss:
     """AWM's clipped surrogate over [n, K] rows (n samples x K timesteps), advantages [n] already clipped and
-    scaled: exp_first mean over rows of max(-A rho, -A clip(rho)), rho = exp(ell - ell_old) per row; sum_first
-    the same per sample with rho = exp(mean_K ell - mean_K ell_old). Returns (loss, fraction of clipped ratios)."""
+    scaled: PPO's mean of max(-A rho, -A clip(rho)) (``ops.ppo_clip_loss``, no further advantage clip) with
+    rho = exp(ell - ell_old) per row (exp_first), or per sample from the means over its timesteps (sum_first)."""
     if loss_type == "exp_first":
-        ratio = torch.exp(log_prob - old_log_prob.detach())
-        adv = advantages[:, None].expand_as(ratio)
+        logp, old, adv = log_prob, old_log_prob, advantages[:, None].expand_as(log_prob)
     elif loss_type == "sum_first":
-        ratio = torch.exp(log_prob.mean(dim=1) - old_log_prob.detach().mean(dim=1))
-        adv = advantages
+        logp, old, adv = log_prob.mean(dim=1), old_log_prob.mean(dim=1), advantages
     else:
         raise ValueError(f"awm.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    adv = adv.to(ratio)
-    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)).mean()
-    return loss, ((ratio - 1.0).abs() > clip_range).to(ratio).mean().detach()
+    return ppo_clip_loss(logp, old, adv, clip_range=clip_range, adv_clip=None)
 
 
 def stratified_steps(num_steps: int, n: int, fraction: float, time_type: str, generator: torch.Generator) -> torch.Tensor:
@@ -187,8 +184,9 @@ class AWM(ForwardProcessAlgorithm):
         adv = data.advantages.to(out.device)[chunk.sample_idx.to(out.device)].clamp(-clip, clip)
         if c.advantage_max is not None:
             adv = adv / clip * c.advantage_max
-        loss, clipfrac = awm_policy_loss(ell, ell_old, adv, c.clip_range, c.loss_type)
-        stats = {"policy_loss": loss.detach(), "clipfrac": clipfrac, "approx_kl": 0.5 * (ell.detach() - ell_old).square().mean(),
+        ppo = awm_policy_loss(ell, ell_old, adv, c.clip_range, c.loss_type)
+        loss = ppo.loss
+        stats = {"policy_loss": loss.detach(), "clipfrac": ppo.clipfrac, "approx_kl": ppo.approx_kl,
                  "matching_loss": (out.detach() - target).square().mean()}
         if c.beta > 0:
             std2 = 2 * (0.7**2) * (sig / (1 - sig.clamp(0, 0.99)))  # 2 std_dev_t^2 of the reference's ELBO weight

@@ -27,8 +27,9 @@ def test_surrogate_matches_the_reference_outside_the_clip_band(loss_type):
     logp = (0.3 * torch.randn(n, K, generator=g, dtype=torch.float64)).requires_grad_()
     old = 0.3 * torch.randn(n, K, generator=g, dtype=torch.float64)
     adv = torch.randn(n, generator=g, dtype=torch.float64)
-    ours, clipfrac = awm_policy_loss(logp, old, adv, 0.2, loss_type)
-    assert 0 < float(clipfrac) < 1  # both branches of the max exercised
+    ppo = awm_policy_loss(logp, old, adv, 0.2, loss_type)
+    ours = ppo.loss
+    assert 0 < float(ppo.clipfrac) < 1  # both branches of the max exercised
     (g_ours,) = torch.autograd.grad(ours, logp)
     leaf = logp.detach().clone().requires_grad_()
     theirs = ref.awm_surrogate(leaf.T, old.T, adv, clip_range=0.2, loss_type=loss_type)  # the reference's [T, B]
