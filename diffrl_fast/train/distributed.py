@@ -255,8 +255,9 @@ class FSDPEngine(Engine):
         self.mesh = init_device_mesh(device, (ctx.world_size,))
         compute = {"bf16": torch.bfloat16}.get(cfg.model.mixed_precision) if d.fsdp_mixed_precision else None
         mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute is not None else None)
-        offload = CPUOffloadPolicy() if d.fsdp_cpu_offload else OffloadPolicy()
-        self.units = fsdp_shard(model.denoiser, self.mesh, mp, offload)
+        # pinned host memory makes the shards' copies to the GPU asynchronous; pinning needs CUDA
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if d.fsdp_cpu_offload else OffloadPolicy()
+        fsdp_shard(model.denoiser, self.mesh, mp, offload)
         if getattr(model, "ref_denoiser", None) is not None:  # a full fine-tune's frozen reference, sharded too
             fsdp_shard(model.ref_denoiser, self.mesh, mp, offload)
         model.forward_module = model.denoiser

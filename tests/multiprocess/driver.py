@@ -105,27 +105,38 @@ def main() -> None:
     else:  # one step on the same global batch of 4 trajectories, whatever the number of processes
         prompts, seeds = ["a cat", "a dog", "a cat", "a dog"], [11, 12, 13, 14]
         full = sample_trajectories(trainer.model, prompts, num_steps=cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
-                                   seeds=seeds)
+                                   seeds=seeds, autocast_dtype=trainer.autocast_dtype)
         rewards = torch.tensor([0.5, -1.0, 2.0, 0.1])
         W = trainer.ctx.world_size
         n = len(prompts) // W
         mine = torch.arange(rank * n, (rank + 1) * n)
         traj = full.index(mine)
         data = trainer.algo.prepare(trainer, traj, rewards[mine])
-        grads = {}
+        grads, seen = {}, {}  # seen: the dtypes a block's weights (during forward) and the gradients have
         step = trainer.engine.step
 
         def capture():  # the gradient the optimiser sees (after DDP's averaging), then the real step
             full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # noqa: E731 (FSDP's sharded grads)
             grads.update({n: full(p.grad).detach().double().clone() for n, p in trainer.model.denoiser.named_parameters()
                           if p.requires_grad and p.grad is not None})
+            seen["grad_dtypes"] = sorted({str(p.grad.dtype) for p in trainer.model.denoiser.parameters() if p.grad is not None})
             return step()
 
-        trainer.engine.step = capture
+        trainer.engine.step = capture  # the dtype a block's weights have while it computes (FSDP2's mixed precision casts its all-gather)
+        # FSDP2's mixed precision casts a block's all-gathered weights for its forward
+        probe = next(m for m in trainer.model.denoiser.modules() if isinstance(m, torch.nn.Linear))
+
+        def record(module, args):  # a pre-hook's return value would replace the inputs: return None
+            seen.setdefault("compute_dtype", str(module.weight.dtype))
+
+        probe.register_forward_pre_hook(record)
         trainer.train_epoch(0, traj, data)
         w = weights(trainer)
+        shards = [p for p in trainer.model.denoiser.parameters() if p.requires_grad]
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in shards]
         info = {"rank": rank, "world": W, "weights": {k: v.flatten()[:64].tolist() for k, v in w.items()},
-                "grads": {k: v.flatten().tolist() for k, v in grads.items()}}
+                "grads": {k: v.flatten().tolist() for k, v in grads.items()}, **seen,
+                "shard_devices": sorted({str(p.device) for p in local}), "shard_dtypes": sorted({str(p.dtype) for p in local})}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(info))
 
