@@ -10,6 +10,7 @@ For K >= 2 samples of a prompt ranked by reward, with h_t^k = log pi_theta(a_t^k
                                                           (t = 0 is the first, noisiest denoising step)
     e_k = (1/N) sum_n clamp(h_{t_n}^k, -c, c)             (an unbiased estimate of E_{t ~ Cat(gamma^t)}[h_t^k])
     L   = -log sigmoid( C (e_1 - e_2) )                   (K = 2),  Plackett-Luce over C e_k for K > 2
+                                                          (both: ``ops.trajectory_dpo_loss``)
 
 The reference's settings depend on the prompts: one prompt C = 10, c = 1e-4, N = 3; several C = 12.5,
 c = 5e-4, N = 1 (``reference_defaults``). Options: ``dense.timestep_sampling=weighted`` draws N distinct
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.recompute import pack_chunk, step_logprob_of
-from ..ops import plackett_luce_loss
+from ..ops import trajectory_dpo_loss
 from .base import Algorithm, EpochData
 from .common import chunk_kl, group_ranking, policy_outputs, reference_logp
 
@@ -67,39 +68,44 @@ class Dense(Algorithm):
         return EpochData(None, {"ranking": group_ranking(rewards, self.samples_per_prompt)})
 
     def _row_weights(self, order: torch.Tensor) -> torch.Tensor:
-        """[n, N] weights of the drawn steps in e_k: 1/N for draws from Cat(gamma^t), normalised gamma^t otherwise."""
+        """[n, N] float64 weights of the drawn steps in e_k: 1/N for draws from Cat(gamma^t), normalised gamma^t of
+        N distinct steps otherwise."""
         if self.cfg.dense.timestep_sampling == "discounted":
             w = torch.ones(order.shape, dtype=torch.float64)
         else:
             w = self._step_weights(order)
-        return (w / w.sum(1, keepdim=True)).float()
+        return w / w.sum(1, keepdim=True)
 
     def begin_minibatch(self, trainer, traj, sample_idx, order, data):
-        """First pass: h for every (sample, drawn step) of the minibatch, the loss, and dL/dh."""
+        """First pass: h for every (sample, drawn step) of the minibatch, the loss (ops.trajectory_dpo_loss), and
+        dL/dh = dL/dlog pi_theta."""
         K = self.cfg.train.chunk_size
-        h = torch.empty(order.shape)
-        ref = torch.empty(order.shape)
+        logp = torch.empty(order.shape, dtype=torch.float64)  # float64 copies: logp - ref is the float32 difference
+        ref = torch.empty(order.shape, dtype=torch.float64)
         with torch.no_grad():
             for k0 in range(0, order.shape[1], K):
                 chunk = pack_chunk(traj, sample_idx, order[:, k0:k0 + K], trainer.device)
                 r = reference_logp(trainer, chunk)
                 eps_u, eps_c = policy_outputs(trainer, chunk)
-                h[:, k0:k0 + K] = (step_logprob_of(chunk, eps_u, eps_c) - r).float().cpu()
-                ref[:, k0:k0 + K] = r.float().cpu()
+                logp[:, k0:k0 + K] = step_logprob_of(chunk, eps_u, eps_c).float().double().cpu()
+                ref[:, k0:k0 + K] = r.float().double().cpu()
         G = self.samples_per_prompt
         pos = {int(s): i for i, s in enumerate(sample_idx)}
         groups = [g for g in data.extra["ranking"].tolist() if g[0] in pos]  # the minibatch holds whole groups
         rows = torch.tensor([[pos[s] for s in g] for g in groups])  # [n_groups, G], best first
-        leaf = h.clone().requires_grad_()
-        hc = leaf
-        c = self.cfg.dense.log_ratio_clip
-        if c is not None:  # the reference's hard clamp: no gradient from a step whose log-ratio left [-c, c]
-            hc = leaf.clamp(-c, c)
-        e = (self._row_weights(order) * hc).sum(1)  # e_k of each sample
-        loss = plackett_luce_loss(e[rows], temperature=self.cfg.dense.temperature)
+        leaf = logp.clone().requires_grad_()
+        w = self._row_weights(order)
+        d = self.cfg.dense
+        loss = trajectory_dpo_loss(leaf[rows], ref[rows], temperature=d.temperature, weights=w[rows],
+                                   log_ratio_clip=d.log_ratio_clip)
         loss.backward()
-        margin = (e[rows[:, 0]] - e[rows[:, G - 1]]).detach()
-        return {"dh": leaf.grad, "ref": ref, "pos": pos, "loss": loss.detach(), "rows": h.numel(),
+        with torch.no_grad():
+            h = logp - ref
+            if d.log_ratio_clip is not None:
+                h = h.clamp(-d.log_ratio_clip, d.log_ratio_clip)
+            e = (w * h).sum(1)  # e_k, for the logged margin
+            margin = (e[rows[:, 0]] - e[rows[:, G - 1]]).float()
+        return {"dh": leaf.grad.float(), "ref": ref.float(), "pos": pos, "loss": loss.detach().float(), "rows": logp.numel(),
                 "accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
 
     def chunk_loss(self, trainer, chunk, data, ctx):

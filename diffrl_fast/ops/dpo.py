@@ -39,8 +39,11 @@ def dpo_step_loss(
 
         h    = log pi_theta(a | s) - log pi_ref(a | s)         (clamped to [log(1-c), log(1+c)] if ratio_clip=c)
         l_i  = -log sigmoid( beta (h_w - h_l) )
-        L    = sum_i w_i l_i / sum_i w_i                        (w_i = 1 without weights; gamma^t for the
-                                                                 dense-reward view of Yang et al. 2024)
+        L    = sum_i w_i l_i / sum_i w_i                        (w_i = 1 without weights: D3PO's mean; any
+                                                                 per-step weighting otherwise, e.g. gamma^t)
+
+    (The dense-reward view's trajectory-level loss, which discounts inside the sigmoid, is
+    ``trajectory_dpo_loss``.)
 
     All four log-prob tensors share one shape (e.g. [B] or [B, T]); ``weights`` broadcasts to it.
     The reference log-probs are constants.
@@ -99,19 +102,31 @@ def trajectory_dpo_loss(
     *,
     temperature: float = 1.0,
     weights: Optional[torch.Tensor] = None,
+    log_ratio_clip: Optional[float] = None,
 ) -> torch.Tensor:
-    """Temporally discounted trajectory preference loss of the dense-reward view (Yang et al., ICML 2024).
+    """Temporally discounted trajectory preference loss of the dense-reward view (Yang et al., ICML 2024,
+    "A Dense Reward View on Aligning Text-to-Image Diffusion with Preference"; Shentao-YANG/Dense_Reward_T2I).
 
-    ``logp``, ``ref_logp``: [B, K, T] step log-probs of K trajectories per prompt, ranked best first,
-    over T steps. With weights w_t (gamma^t for a discount gamma; uniform without weights):
+    ``logp``, ``ref_logp``: [B, K, T] step log-probs of K trajectories per prompt, ranked best first, over T
+    steps (or over T draws of steps, repeats allowed). With weights w_t (uniform without ``weights``) and the
+    reference's hard log-ratio clamp c (``log_ratio_clip``; no gradient from a step whose log-ratio left [-c, c]):
 
-        e_k = sum_t w_t (log pi_theta - log pi_ref)(a_t^k | s_t^k) / sum_t w_t
-        L   = plackett_luce_loss(e, temperature=C)        (= -log sigmoid(C (e_1 - e_2)) for K = 2)
+        h_t^k = clamp(log pi_theta(a_t^k | s_t^k) - log pi_ref(a_t^k | s_t^k), -c, c)
+        e_k   = sum_t w_t h_t^k / sum_t w_t
+        L     = plackett_luce_loss(e, temperature=C)      (= -log sigmoid(C (e_1 - e_2)) for K = 2)
+
+    The reference draws steps t ~ Cat(gamma^t / sum gamma^t) with replacement and averages them uniformly (pass
+    the drawn steps, no weights); ``weights = gamma^t`` over all T steps is the same expectation without
+    sampling. ``weights`` broadcasts to [B, K, T]. The reference log-probs are constants.
     """
     if not isinstance(logp, torch.Tensor) or logp.dim() != 3:
         raise ValueError(f"logp must be [B, K, T], got {getattr(logp, 'shape', type(logp).__name__)}")
     check_rows("ref_logp", ref_logp, logp.shape, logp.device)
+    if log_ratio_clip is not None and not log_ratio_clip > 0:
+        raise ValueError(f"log_ratio_clip must be > 0 or None, got {log_ratio_clip}")
     h = logp - ref_logp.detach()
+    if log_ratio_clip is not None:
+        h = h.clamp(-log_ratio_clip, log_ratio_clip)
     if weights is None:
         e = h.mean(-1)
     else:

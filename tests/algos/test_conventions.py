@@ -40,7 +40,7 @@ def test_d3po_pairs_share_their_initial_noise(tmp_path, shared):
 
 def test_dense_weights_step_t_by_gamma_to_the_t_at_the_defaults(tmp_path):
     """The reference draws steps with replacement from Cat(gamma^t / sum gamma^t) and averages the draws,
-    so step t's expected weight in e_k is gamma^t / sum gamma^t (T = 20, gamma = 0.9: 0.114 at t = 0, 0.017 at 19)."""
+    so step t's expected weight in e_k is gamma^t / sum gamma^t (T = 20, gamma = 0.9: 0.114 at t = 0, 0.015 at 19)."""
     t = trainer(tmp_path, "dense", "sample.num_steps=20", "dense.num_timesteps=5")
     algo, n = t.algo, 8000
     order = algo.step_order(n, torch.arange(20), 5, torch.Generator().manual_seed(0))
@@ -246,3 +246,58 @@ def test_tdpo_critic_learns_a_learnable_target():
     net.eval()
     with torch.no_grad():
         assert float(1 - (net(x) - y).var() / y.var()) > 0.9
+
+
+def test_dense_loss_is_the_public_trajectory_dpo_loss(tmp_path, monkeypatch):
+    """One implementation: the dense algorithm's loss is ops.trajectory_dpo_loss on the step log-probs it drew
+    (log-ratio clamp and draw weights included), recomputed here from the arguments it passed."""
+    import diffrl_fast.algos.dense as dense_mod
+    from diffrl_fast.ops import trajectory_dpo_loss
+
+    calls = []
+
+    def spy(logp, ref, **kw):
+        out = trajectory_dpo_loss(logp, ref, **kw)
+        calls.append((logp.detach().clone(), ref.clone(), kw, out.detach()))
+        return out
+
+    monkeypatch.setattr(dense_mod, "trajectory_dpo_loss", spy)
+    t = trainer(tmp_path, "dense", "dense.num_timesteps=3", "dense.log_ratio_clip=1e-3")
+    traj, rewards = t.sample_epoch(0)
+    with torch.no_grad():
+        for q in t.model.denoiser.parameters():
+            q.add_(0.003)
+    stats = t.train_epoch(0, traj, t.algo.prepare(t, traj, rewards))
+    assert calls and calls[0][2]["log_ratio_clip"] == 1e-3 and calls[0][2]["temperature"] == t.cfg.dense.temperature
+    logp, ref, kw, out = calls[0]
+    h = (logp - ref).clamp(-1e-3, 1e-3)
+    e = (kw["weights"] * h).sum(-1) / kw["weights"].sum(-1)
+    assert torch.allclose(out, torch.nn.functional.softplus(-kw["temperature"] * (e[..., 0] - e[..., 1])).mean(), rtol=1e-9)
+    assert stats["loss"] == pytest.approx(float(out), rel=1e-5)
+
+
+def test_grpo_detach_uncond_stops_the_gradient_through_the_unconditional_branch(tmp_path):
+    """grpo.detach_uncond (Flow-GRPO before July 2025): the guided output's gradient flows through the conditional
+    branch only, so d(eps_hat)/d(theta) = g d(eps_c)/d(theta); without it, both branches contribute."""
+    t = trainer(tmp_path, "grpo", "grpo.detach_uncond=true", "grpo.group_size=2", "grpo.beta=0")
+    assert t.algo.detach_uncond
+    traj, _ = t.sample_epoch(0)
+    chunk = pack_chunk(traj, torch.arange(2), torch.tensor([[0, 1]] * 2), "cpu")
+    params = [q for q in t.model.denoiser.parameters() if q.requires_grad]
+
+    def grad(detach):
+        eu, ec = policy_outputs(t, chunk, detach)
+        g = t.cfg.sample.guidance_scale
+        (eu + g * (ec - eu)).sum().backward()
+        out = torch.cat([q.grad.flatten().clone() for q in params])
+        for q in params:
+            q.grad = None
+        return out, eu.requires_grad, ec.requires_grad
+
+    both, u_grad, _ = grad(False)
+    cond_only, u_detached, c_grad = grad(True)
+    assert u_grad and not u_detached and c_grad
+    eu, ec = policy_outputs(t, chunk)
+    (t.cfg.sample.guidance_scale * ec).sum().backward()
+    want = torch.cat([q.grad.flatten() for q in params])
+    assert torch.allclose(cond_only, want, rtol=1e-5, atol=1e-7) and not torch.allclose(both, want, rtol=1e-3)

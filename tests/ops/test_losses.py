@@ -163,3 +163,18 @@ def test_trajectory_dpo_loss_discounted():
     got = trajectory_dpo_loss(logp, ref, temperature=0.5, weights=w)
     e = ((logp - ref) * w).sum(-1) / w.sum()
     assert got.item() == pytest.approx(oracle.plackett_luce(e, 0.5).item(), rel=1e-12)
+
+
+def test_trajectory_dpo_loss_clamps_log_ratios_like_the_dense_reference():
+    """The dense-reward reference clamps h to [-c, c] before averaging: no gradient from a step outside the band."""
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(2, 2, 4, generator=g, dtype=torch.float64)
+    h = 1e-3 * torch.randn(2, 2, 4, generator=g, dtype=torch.float64)
+    logp = (ref + h).requires_grad_()
+    got = trajectory_dpo_loss(logp, ref, temperature=10.0, log_ratio_clip=5e-4)
+    e = (h.clamp(-5e-4, 5e-4)).mean(-1)
+    assert got.item() == pytest.approx(oracle.plackett_luce(e, 10.0).item(), rel=1e-9)
+    got.backward()
+    outside = (logp - ref).detach().abs() > 5e-4
+    assert outside.any() and (~outside).any()
+    assert bool((logp.grad[outside] == 0).all()) and bool((logp.grad[~outside] != 0).all())
