@@ -4,7 +4,8 @@ A fresh virtual environment (no site packages) gets the core's dependencies, and
 test environment through a .pth file (no download: the same files pip would install), then the package is
 installed from this checkout with ``--no-deps`` and without the C++ build. In it, ``diffrl_fast.ops``
 runs one op forward and backward, ``sde_step_with_logprob`` draws a step, diffusers is never imported,
-and the trainer reports the missing extra clearly.
+and the trainer and ``ddim_step_with_logprob`` (whose scheduler is diffusers') report the missing extra
+clearly.
 """
 import importlib.metadata as md
 import json
@@ -94,10 +95,16 @@ def test_core_installs_and_runs_without_the_train_extra(tmp_path):
             trainer = "imported"
         except ImportError as exc:
             trainer = str(exc)
+        from diffrl_fast import ddim_step_with_logprob
+        try:
+            ddim_step_with_logprob(object(), x, 500, x)
+            ddim = "ran"
+        except ImportError as exc:
+            ddim = str(exc)
         import importlib.metadata as md
         print(json.dumps({"requires": md.requires("diffrl_fast") or [], "grad": float(eu.grad.abs().sum()), "logp": logp.tolist(), "backends": ops.available_backends(),
                           "loaded": sorted(m for m in ("diffusers", "transformers", "peft", "yaml") if m in sys.modules),
-                          "trainer": trainer}))
+                          "trainer": trainer, "ddim": ddim}))
     """)
     out = subprocess.run([py, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -107,4 +114,6 @@ def test_core_installs_and_runs_without_the_train_extra(tmp_path):
     assert got["grad"] > 0 and len(got["logp"]) == 2
     assert got["loaded"] == [], f"the core imported {got['loaded']}"
     assert "torch" in got["backends"] and "cpp" not in got["backends"]
-    assert "pip install 'diffrl_fast[train]'" in got["trainer"]
+    assert 'pip install "diffrl_fast[train]"' in got["trainer"]
+    assert got["ddim"].startswith("ddim_step_with_logprob") and "needs diffusers" in got["ddim"]
+    assert 'pip install "diffrl_fast[train]"' in got["ddim"]

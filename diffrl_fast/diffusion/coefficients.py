@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from .._extras import require
 from ..ops import X0Clip
 
 Timestep = Union[int, float, torch.Tensor]
@@ -145,8 +146,7 @@ def ddim_coefficients(
     ``clamp_prev_timestep=True`` reproduces ddpo-pytorch and trl, which clamp p to 0 instead of using
     ``final_alpha_cumprod`` at the last step; the two agree unless ``set_alpha_to_one=True``.
     """
-    from diffusers import DDIMScheduler
-
+    DDIMScheduler = require("diffusers", "ddim_coefficients (it reads a diffusers DDIMScheduler)").DDIMScheduler
     if not isinstance(scheduler, DDIMScheduler):
         raise ValueError(f"ddim_coefficients needs a diffusers DDIMScheduler, got {type(scheduler).__name__}")
     if scheduler.num_inference_steps is None:
@@ -264,8 +264,9 @@ def make_schedule(scheduler, num_steps: int, *, eta: float = 1.0, noise_level: f
     sampler's deterministic step (``deterministic_steps``), with no noise and no log-prob, so they are
     never trained on (timestep windows: Flow-GRPO-Fast, MixGRPO).
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
+    diffusers = require("diffusers", "make_schedule (it reads a diffusers scheduler)")
+    DDIMScheduler, DDPMScheduler = diffusers.DDIMScheduler, diffusers.DDPMScheduler
+    FlowMatchEulerDiscreteScheduler = diffusers.FlowMatchEulerDiscreteScheduler
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     if isinstance(scheduler, DDIMScheduler):
@@ -302,8 +303,7 @@ def forward_process(scheduler, t: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     flow matching: sigma = t / num_train_timesteps, alpha = 1 - sigma, x0 = x_t - sigma v (as Flow-GRPO and
     DiffusionNFT form it).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+    FlowMatchEulerDiscreteScheduler = require("diffusers", "forward_process").FlowMatchEulerDiscreteScheduler
     t = torch.as_tensor(t).detach().cpu()
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         sigma = t.to(torch.float64) / scheduler.config.num_train_timesteps
@@ -319,8 +319,7 @@ def denoising_target(scheduler, alpha: torch.Tensor, sigma: torch.Tensor, x0: to
     pretraining loss's regression target. Flow matching: v = z - x0 (Lipman et al. 2023, rectified flow);
     epsilon prediction: z; v prediction: alpha z - sigma x0 (Salimans & Ho 2022); sample prediction: x0.
     alpha, sigma: [N]; x0, z: [N, ...]."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+    FlowMatchEulerDiscreteScheduler = require("diffusers", "denoising_target").FlowMatchEulerDiscreteScheduler
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return z - x0
     kind = scheduler.config.prediction_type

@@ -5,17 +5,21 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .._extras import require
 from ..ops import step_logprob, step_mean
 from .coefficients import ddim_coefficients
 from .noise import draw_noise
 
 
 class DDIMStepOutput(NamedTuple):
+    """``ddim_step_with_logprob``'s result: the sampled (or given) prev_sample and its log-prob [B]."""
+
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
 
     @property
-    def log_probs(self) -> torch.Tensor:  # trl's DDPOSchedulerOutput field name
+    def log_probs(self) -> torch.Tensor:
+        """``log_prob`` under trl's ``DDPOSchedulerOutput`` field name."""
         return self.log_prob
 
 
@@ -48,7 +52,11 @@ def ddim_step_with_logprob(
     (default) keeps their behaviour; ``False`` gives diffusers' exactly. They agree unless the
     scheduler has ``set_alpha_to_one=True`` (then diffusers' last step is deterministic and has no
     log-prob). Gradients of log_prob flow to model_output and sample, not to a given prev_sample.
+
+    The scheduler is diffusers': without diffusers installed (the core install) this raises ``MissingExtra``
+    (an ImportError) naming the package and ``pip install "diffrl_fast[train]"``.
     """
+    require("diffusers", "ddim_step_with_logprob (its scheduler is a diffusers DDIMScheduler)")
     if prev_sample is not None and generator is not None:
         raise ValueError("pass either generator or prev_sample, not both: prev_sample is not sampled when given")
     if not isinstance(sample, torch.Tensor) or sample.dim() < 2:

@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._extras import require
+
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
 NULL_CLASS = 10  # the unconditional class of classifier-free guidance, and the class of the prompt ""
@@ -59,9 +61,7 @@ HELDOUT_CLASSIFIER = dict(seed=1, channels=(16, 32), hidden=64)
 
 @lru_cache(maxsize=1)
 def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    data = require("sklearn.datasets", "the digits world's data set").load_digits()
     images = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
     images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
     return images.clamp(0, 1) * 2 - 1, torch.as_tensor(data.target, dtype=torch.int64)

@@ -38,6 +38,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from .._extras import require
+
 
 @dataclass
 class DistContext:
@@ -94,8 +96,7 @@ def init_distributed(engine: str, timeout_s: float = 600.0) -> DistContext:
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
         if engine == "deepspeed":
-            import deepspeed
-
+            deepspeed = require("deepspeed", "dist.engine=deepspeed")
             deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
         else:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
@@ -362,8 +363,7 @@ class DeepSpeedEngine(Engine):
     kind = "deepspeed"
 
     def __init__(self, model, params, cfg, ctx) -> None:
-        import deepspeed
-
+        deepspeed = require("deepspeed", "dist.engine=deepspeed")
         self.model, self.params, self.cfg, self.ctx = model, params, cfg, ctx
         self.skipped = 0
         self.ds_config = deepspeed_config(cfg, cfg.dist.deepspeed_config)
@@ -392,8 +392,7 @@ class DeepSpeedEngine(Engine):
     def gathered(self) -> Iterator[None]:
         """Full (unsharded) trainable parameters inside the block, under ZeRO-3."""
         if self.stage == 3:
-            import deepspeed
-
+            deepspeed = require("deepspeed", "dist.engine=deepspeed")
             with deepspeed.zero.GatheredParameters(self.params, modifier_rank=0):
                 yield
         else:
