@@ -26,6 +26,8 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "train"),
     "sklearn": ("scikit-learn", "train"),
     "tensorboard": ("tensorboard", "train"),
+    "aiohttp": ("aiohttp", "train"),
+    "requests": ("requests", "train"),
     "xformers": ("xformers", "gpu"),
 }
 # the train extra's modules that the training side imports unconditionally (checked when its packages load)

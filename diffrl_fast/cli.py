@@ -6,6 +6,7 @@
     diffrl-fast pretrain digits               retrain the digits world's shipped weights
     diffrl-fast label --prompt P --pairs N    record human preferences for D3PO
     diffrl-fast check-parity --model PATH   rollout vs training-recompute log-prob parity on your model
+    diffrl-fast reward-server --reward R    serve a reward over HTTP (train with reward.name=http://HOST:PORT)
     diffrl-fast bench ops|memory|e2e        benchmarks (benchmarks/bench_*.py), results in benchmarks/results/
     diffrl-fast experiment algos            every algorithm on the digits world, 3 seeds (benchmarks/bench_algos.py)
 
@@ -45,6 +46,7 @@ COMMANDS = {
     "pretrain": "diffrl_fast.commands.pretrain",
     "label": "diffrl_fast.commands.label",
     "check-parity": "diffrl_fast.commands.parity",
+    "reward-server": "diffrl_fast.commands.reward_server",
     "bench": "diffrl_fast.commands.bench",
     "experiment": "diffrl_fast.commands.experiment",
 }

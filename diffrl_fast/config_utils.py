@@ -148,7 +148,10 @@ def _set_dotted(data: dict, key: str, value, cls, raw: Optional[str] = None) -> 
         if i == len(parts) - 1:
             if _is_config(tp):
                 raise ConfigError(f"{key} is a section, not a value: set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
-            node[part] = raw if raw is not None and _is_str_field(tp) and raw.strip().lower() not in ("null", "~") else value
+            # (a field that may also hold a list or mapping takes the YAML reading of "[...]" / "{...}")
+            structured = isinstance(value, (list, dict)) and typing.get_origin(tp) in (typing.Union, types.UnionType)
+            node[part] = (raw if raw is not None and _is_str_field(tp) and not structured
+                          and raw.strip().lower() not in ("null", "~") else value)
         else:
             if not _is_config(tp):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key}")

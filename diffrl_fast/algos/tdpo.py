@@ -53,6 +53,9 @@ class TemporalCritic:
         self.embed = None
         if self.kind == "embedding":
             name = c.critic_encoder or cfg.reward.name
+            if not isinstance(name, str):
+                raise ValueError("tdpo.critic=embedding with a weighted sum of rewards: set tdpo.critic_encoder to the "
+                                 "reward whose image encoder the critic reads (digit_confidence, aesthetic, clip_score)")
             fn = trainer.reward_fn if name == cfg.reward.name else get_reward(name)
             self.embed = getattr(fn, "embed", None)
             if self.embed is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -81,8 +81,14 @@ class TrainConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, aesthetic, clip_score) or 'package.module:function'.")
-    kwargs: dict = option({}, "Keyword arguments of the reward factory (e.g. {clip_path: ..., mlp_path: ...} for aesthetic).")
+    name: Union[str, list[dict]] = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, aesthetic, clip_score, ...), 'package.module:function', a reward server 'http://HOST:PORT' (diffrl-fast reward-server), or a weighted sum: [{name: clip_score, weight: 1.0}, {name: aesthetic, weight: 0.5, kwargs: {...}}] (local and remote mixed; each component logged as reward_<name or label>).")
+    kwargs: dict = option({}, "Keyword arguments of the reward factory (e.g. {clip_path: ..., mlp_path: ...} for aesthetic); a weighted sum's components take their own 'kwargs'.")
+    component_norm: str = option("none", "Weighted sums: 'none' sums the raw rewards; 'batch' standardises each component over the epoch's samples before weighting, 'prompt' over each prompt's samples (DanceGRPO's per-reward group advantages), so no component dominates by its scale.")
+    timeout_s: float = option(60.0, "Reward servers: seconds one request may take before it counts as failed.")
+    retries: int = option(3, "Reward servers: retries of a failed request (connection error, timeout, HTTP 5xx), after backoff_s, 2 backoff_s, ...; then the run stops at its last checkpoint.")
+    backoff_s: float = option(1.0, "Reward servers: the first retry's wait; each further retry waits twice as long.")
+    remote_format: str = option("uint8", "Reward servers: images travel as 'uint8' (raw 8-bit arrays), 'png', or 'float32' (exact: remote rewards equal local ones bit for bit, 4x the bytes).")
+    remote_batch_size: int = option(0, "Reward servers: images per request (0 = the server's --max-batch).")
     track: list[str] = option([], "Held-out rewards computed on every epoch's samples and logged as track_<name>, never optimised (over-optimisation studies).")
     drop_nonfinite: bool = option(False, "Drop samples whose reward is NaN/inf (counted in the logs) instead of stopping with an error.")
     overlap: bool = option(True, "Compute rewards in a background thread while the next rollout batch samples.")
@@ -337,6 +343,21 @@ def validate(cfg: Config) -> Config:
     need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
     G = samples_per_prompt(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
+    r = cfg.reward
+    if isinstance(r.name, list):
+        need(len(r.name) >= 1, "reward.name is an empty list: give a reward name or [{name: ..., weight: ...}, ...]")
+        for i, c in enumerate(r.name):
+            extra = sorted(set(c) - {"name", "weight", "kwargs", "label"})
+            need(not extra, f"reward.name[{i}] has unknown keys {extra}; a component takes name, weight, kwargs, label")
+            need(isinstance(c.get("name"), str) and c["name"], f"reward.name[{i}] needs a 'name' (a reward name, dotted path or URL)")
+            w = c.get("weight", 1.0)
+            need(isinstance(w, (int, float)) and not isinstance(w, bool), f"reward.name[{i}].weight must be a number, got {w!r}")
+            need(isinstance(c.get("kwargs", {}) or {}, dict), f"reward.name[{i}].kwargs must be a mapping")
+        need(not r.kwargs, "reward.kwargs applies to a single reward; give each component of reward.name its own kwargs")
+    choice("reward.component_norm", r.component_norm, ("none", "batch", "prompt"))
+    choice("reward.remote_format", r.remote_format, ("uint8", "png", "float32"))
+    need(r.timeout_s > 0 and r.retries >= 0 and r.backoff_s >= 0 and r.remote_batch_size >= 0,
+         "reward.timeout_s must be > 0; reward.retries, reward.backoff_s and reward.remote_batch_size >= 0")
     need(not (cfg.reward.drop_nonfinite and G > 1),
          f"reward.drop_nonfinite cannot be used with {cfg.algo} ({G} samples per prompt): dropping a sample would break its "
          "prompt group; fix the reward or let the run stop on non-finite rewards")
@@ -398,3 +419,11 @@ def validate(cfg: Config) -> Config:
         need(cfg.train.chunk_size >= a.train_timesteps, f"awm.loss_type=sum_first takes one ratio over all of a sample's "
              f"timesteps, so they must share a chunk: set train.chunk_size >= awm.train_timesteps ({a.train_timesteps})")
     return cfg
+
+
+def reward_label(cfg: Config) -> str:
+    """What reward.name names, as text: the name, or a weighted sum "1 clip_score + 0.5 aesthetic"."""
+    name = cfg.reward.name
+    if isinstance(name, str):
+        return name
+    return " + ".join(f"{c.get('weight', 1.0):g} {c.get('label') or c['name']}" for c in name)

@@ -13,7 +13,9 @@ from typing import Iterator, Optional
 import torch
 import yaml
 
+from .._extras import require
 from ..config_utils import to_dict
+from .config import reward_label
 
 
 def image_grid(images: torch.Tensor, path: Path, cols: Optional[int] = None, scale: int = 1) -> Path:
@@ -68,7 +70,8 @@ class _Bars:
 
 
 class RunLogger:
-    """metrics.jsonl (always), TensorBoard (when installed and enabled), and a console line per epoch."""
+    """metrics.jsonl (always), TensorBoard (when enabled; a one-line warning when it is not installed), and a console
+    line per epoch."""
 
     def __init__(self, run_dir: Path, cfg, print_fn=print) -> None:
         self.run_dir, self.cfg, self.print = Path(run_dir), cfg, print_fn
@@ -80,11 +83,12 @@ class RunLogger:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         if self.cfg.log.tensorboard and self.tb is None:
             try:
+                require("tensorboard", "log.tensorboard=true")
                 from torch.utils.tensorboard import SummaryWriter
-
+            except ImportError as exc:  # not installed, or one torch cannot use: metrics.jsonl still has everything
+                self.print(f"warning: {exc}; logging to metrics.jsonl only (log.tensorboard=false silences this)")
+            else:
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except ImportError:
-                self.tb = None
 
     def bars(self, enabled: bool = True) -> _Bars:
         return _Bars(enabled and self.cfg.log.progress, self.cfg)
@@ -124,7 +128,7 @@ class RunLogger:
     def plot_rewards(self) -> None:
         # matplotlib's object API, not pyplot: pyplot keeps global state that grows a little with every
         # figure, which a run that redraws its curve every epoch for hours would notice
-        from matplotlib.figure import Figure
+        Figure = require("matplotlib.figure", "the reward curve (reward_curve.png)").Figure
 
         recs = self.records()
         if not recs:
@@ -137,7 +141,7 @@ class RunLogger:
         ax.plot(x, m, marker="o", ms=3)
         ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"reward ({self.cfg.reward.name})")
+        ax.set_ylabel(f"reward ({reward_label(self.cfg)})")
         ax.set_title(f"{self.cfg.name}: {self.cfg.algo}", fontsize=9)
         fig.tight_layout()
         fig.savefig(self.run_dir / "reward_curve.png", dpi=110)
@@ -218,7 +222,7 @@ def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict
                "epochs": len(records), "samples": sum(r["samples"] for r in records), "training_wall_s": round(train_time, 1),
                "wall_s": round(wall_s, 1), "before": brief(before), "after": brief(after), "weights": str(weights)}
     lines = [f"# {cfg.name}", "",
-             f"- algorithm: `{cfg.algo}`, model: `{cfg.model.path}` ({'LoRA r=' + str(cfg.model.lora_rank) if cfg.model.lora else 'full fine-tuning'}), reward: `{cfg.reward.name}`",
+             f"- algorithm: `{cfg.algo}`, model: `{cfg.model.path}` ({'LoRA r=' + str(cfg.model.lora_rank) if cfg.model.lora else 'full fine-tuning'}), reward: `{reward_label(cfg)}`",
              f"- {len(records)} epochs, {summary['samples']} trajectories of {cfg.sample.num_steps} steps, "
              f"training wall time {train_time:.1f} s (sampling + training; {wall_s:.1f} s with evaluation)"]
     if before and after:

@@ -27,16 +27,18 @@ from typing import Callable, Optional
 
 import torch
 
+from .._extras import install_command
 from ..algos import make_algorithm
 from ..diffusion.coefficients import make_schedule
 from ..diffusion.recompute import pack_chunk, trainable_steps
 from ..diffusion.rollout import Trajectory, sample_trajectories
 from ..models import load_model
-from ..rewards import RewardError, check_rewards, get_reward
+from ..rewards import RewardError, WeightedReward, build_reward, check_rewards, get_reward
+from ..rewards.remote import RewardServiceError
 from ..utils.memory import PeakMemory
 from .advantages import PerPromptStatTracker, normalize
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, timestep_window
+from .config import Config, reward_label, timestep_window
 from .distributed import DistContext, init_distributed, make_engine
 from .outputs import RunLogger, save_final_weights, write_summary
 
@@ -77,12 +79,12 @@ def configure_attention(model, choice: str, device: torch.device) -> str:
     xformers installed); PyTorch's scaled_dot_product_attention otherwise (diffusers' default)."""
     available = device.type == "cuda"
     if available:
-        try:
+        try:  # imported, not only looked up: a broken install (e.g. built for another CUDA) falls back to sdpa
             import xformers  # noqa: F401
         except ImportError:
             available = False
     if choice == "xformers" and not available:
-        raise ValueError("model.attention=xformers needs a CUDA device and `pip install -e '.[gpu]'` (xformers); use sdpa")
+        raise ValueError(f"model.attention=xformers needs a CUDA device and xformers ({install_command('gpu')}); use sdpa")
     if choice == "xformers" or (choice == "auto" and available):
         model.denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"
@@ -106,9 +108,11 @@ class Trainer:
                              "in lockstep; fix the reward or run with one process")
         torch.manual_seed(cfg.seed)
         self.algo = make_algorithm(cfg)
-        self.reward_fn = reward_fn if reward_fn is not None else get_reward(cfg.reward.name, **cfg.reward.kwargs)
+        # a reward server's health check runs here, before any model loads
+        self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward)
         self.tracked = {name: get_reward(name) for name in cfg.reward.track}
         self.tracked_means: dict[str, float] = {}
+        self.component_means: dict[str, float] = {}
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
         self.algo.check_model(self.model)
         m = cfg.model
@@ -257,17 +261,20 @@ class Trainer:
             storage_device=s.trajectory_device or None, keep_latents=keep,
         )
 
-    def _score(self, traj: Trajectory) -> torch.Tensor:
+    def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict]:
+        """(rewards [B] on the CPU, components {label: [B]} of a weighted sum, else {}); validated."""
+        name = reward_label(self.cfg)
         out = self.reward_fn(traj.images, traj.prompts, traj.metadata)
         if not isinstance(out, tuple) or len(out) != 2:
-            raise RewardError(f"reward {self.cfg.reward.name!r} must return (rewards, info), got {type(out).__name__}")
-        rewards, _info = out
+            raise RewardError(f"reward {name!r} must return (rewards, info), got {type(out).__name__}")
+        rewards, info = out
+        components = info.get("components", {}) if isinstance(self.reward_fn, WeightedReward) else {}
         if self.cfg.reward.drop_nonfinite:
             rewards = torch.as_tensor(rewards).detach().float().reshape(-1).cpu()
             if rewards.shape != (len(traj),):
-                check_rewards(self.cfg.reward.name, rewards, len(traj))
-            return rewards
-        return check_rewards(self.cfg.reward.name, rewards, len(traj)).cpu()
+                check_rewards(name, rewards, len(traj))
+            return rewards, components
+        return check_rewards(name, rewards, len(traj)).cpu(), components
 
     def sample_epoch(self, epoch: int, bar=None) -> tuple[Trajectory, torch.Tensor]:
         s = self.cfg.sample
@@ -288,8 +295,12 @@ class Trainer:
                 traj = self._sample(prompts, seeds, init_seeds=init, progress=bar, epoch=epoch)
             trajs.append(traj)
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
-        rewards = torch.cat([p.result() if isinstance(p, Future) else p for p in pending])
+        scored = [p.result() if isinstance(p, Future) else p for p in pending]
+        rewards = torch.cat([r for r, _ in scored])
         traj = Trajectory.cat(trajs)
+        if scored[0][1]:  # a weighted sum: log each component; recombine the epoch's components if normalised
+            parts = {k: torch.cat([c[k] for _, c in scored]) for k in scored[0][1]}
+            rewards = self._combine_components(traj.prompts, parts, rewards)
         self.tracked_means = {}
         for name, fn in self.tracked.items():
             local = check_rewards(name, fn(traj.images, traj.prompts, traj.metadata)[0], len(traj))
@@ -299,9 +310,24 @@ class Trainer:
             if not bool(keep.all()):
                 self.dropped_samples += int((~keep).sum())
                 if not bool(keep.any()):
-                    raise RewardError(f"reward {self.cfg.reward.name!r} returned no finite value in epoch {epoch}")
+                    raise RewardError(f"reward {reward_label(self.cfg)!r} returned no finite value in epoch {epoch}")
                 traj, rewards = traj.index(torch.nonzero(keep).flatten()), rewards[keep]
         return traj, rewards
+
+    def _combine_components(self, prompts: list[str], parts: dict, rewards: torch.Tensor) -> torch.Tensor:
+        """Log the global mean of each component (reward_<label>); with reward.component_norm the rewards become the
+        weighted sum of components standardised over all processes' samples (this process's slice of it)."""
+        if self.ctx.active:
+            gathered = self.ctx.all_gather_object((list(prompts), {k: v.tolist() for k, v in parts.items()}))
+            all_prompts = [p for ps, _ in gathered for p in ps]
+            all_parts = {k: torch.tensor([x for _, c in gathered for x in c[k]]) for k in parts}
+            start = sum(len(ps) for ps, _ in gathered[: self.ctx.rank])
+        else:
+            all_prompts, all_parts, start = list(prompts), parts, 0
+        self.component_means = {f"reward_{k}": float(v[torch.isfinite(v)].mean()) for k, v in all_parts.items()}
+        if self.reward_fn.norm == "none":
+            return rewards
+        return self.reward_fn.combine(all_parts, all_prompts)[start:start + len(prompts)]
 
     def _gather_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.as_tensor(r) for r in self.ctx.all_gather_object(rewards.tolist())]) if self.ctx.active else rewards
@@ -405,7 +431,7 @@ class Trainer:
         for start in range(0, per_rank, bs):
             chunk = ids[start:start + bs]
             traj = self._sample([self.prompts[i % len(self.prompts)] for i in chunk], [EVAL_SEED_BASE + i for i in chunk])
-            rewards.append(self._score(traj))
+            rewards.append(self._score(traj)[0])
             images.append(traj.images[: max(0, self.cfg.log.grid_samples - start)].cpu())
         local = torch.cat(rewards)
         if W > 1:
@@ -418,7 +444,20 @@ class Trainer:
     def run(self, *, stop_flag: Callable[[], bool] = lambda: False,
             on_epoch: Optional[Callable[["Trainer", dict], None]] = None) -> dict:
         """Train to ``num_epochs``; ``on_epoch(trainer, record)`` runs after each epoch's record is logged (its time is
-        not in the record's sample_time_s / train_time_s: benchmarks evaluate there off the clock)."""
+        not in the record's sample_time_s / train_time_s: benchmarks evaluate there off the clock).
+
+        A reward server that keeps failing (after reward.retries) stops the run with TrainingError at the last
+        checkpoint; no reward is ever replaced by a default."""
+        try:
+            return self._run(stop_flag, on_epoch)
+        except RewardServiceError as exc:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            raise TrainingError(f"{exc}. The run stopped during epoch {self.epoch + 1}; its last checkpoint (epoch "
+                                f"{self.epoch}) is in {self.run_dir / 'checkpoints'}: resume once the server answers "
+                                f"again") from exc
+
+    def _run(self, stop_flag, on_epoch) -> dict:
         cfg = self.cfg
         main = self.ctx.is_main
         if main:
@@ -451,6 +490,7 @@ class Trainer:
             t2 = time.perf_counter()
             stats.update(data.extra.get("log", {}) if data is not None else {})
             stats.update(self.tracked_means)
+            stats.update(self.component_means)
             stats.update(self.algo.after_epoch(self, epoch))
             self.epoch += 1
             all_rewards = self._gather_rewards(rewards)

@@ -1,0 +1,39 @@
+"""``diffrl-fast reward-server --reward NAME [--kwargs JSON] [--host 127.0.0.1] [--port 8000] [--max-batch 64]``:
+serve a registered or dotted-path reward over HTTP (protocol: diffrl_fast/rewards/remote.py) for trainers that set
+``reward.name=http://HOST:PORT``. GET /health answers while a batch is scored; stop it with Ctrl-C."""
+from __future__ import annotations
+
+import json
+
+from ..cli import ArgumentParser, UsageError
+
+
+def main(argv: list[str]) -> int:
+    ap = ArgumentParser(prog="diffrl-fast reward-server", description=__doc__)
+    ap.add_argument("--reward", required=True, help="a registered reward name or package.module:function")
+    ap.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the reward factory (default: {})")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    ap.add_argument("--max-batch", type=int, default=64, help="most images per request (default: 64); clients send batches of at most this")
+    args = ap.parse_args(argv)
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--kwargs is not JSON ({exc}); e.g. --kwargs '{{\"clip_path\": \"/models/clip\"}}'") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError("--kwargs must be a JSON object")
+    if args.max_batch < 1 or not 0 < args.port < 65536:
+        raise UsageError("--max-batch must be >= 1 and --port in 1..65535")
+    if args.reward.startswith(("http://", "https://")):
+        raise UsageError("--reward names the reward to serve (a registered name or package.module:function), not a URL")
+    from ..rewards import RewardError
+    from ..rewards.remote import serve
+
+    try:
+        serve(args.reward, kwargs=kwargs, host=args.host, port=args.port, max_batch=args.max_batch,
+              print_fn=lambda s: print(s, flush=True))
+    except RewardError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; pick another --port") from None
+    return 0
