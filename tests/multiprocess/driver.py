@@ -27,11 +27,15 @@ def weights(trainer) -> dict:
 
 def fingerprint(trainer) -> dict:
     w = weights(trainer)
-    return {"rank": trainer.ctx.rank, "world": trainer.ctx.world_size, "engine": trainer.engine.kind, "epoch": trainer.epoch,
+    return {"rank": trainer.ctx.rank, "local_rank": trainer.ctx.local_rank, "world": trainer.ctx.world_size,
+            "engine": trainer.engine.kind, "epoch": trainer.epoch,
             "fingerprint": [float(v.sum()) for v in w.values()], "norm": float(sum(v.norm() ** 2 for v in w.values()) ** 0.5)}
 
 
 def main() -> None:
+    from diffrl_fast.cli import strip_launcher_args
+
+    sys.argv[1:] = strip_launcher_args(sys.argv[1:])  # the deepspeed launcher's --local_rank=R, as the CLI does
     mode, out = sys.argv[1], Path(sys.argv[2])
     if any(a == "dist.engine=deepspeed" for a in sys.argv):
         # DeepSpeed JIT-builds a shared-memory allreduce for CPU processes (~40 s in CI); without it its collectives

@@ -23,6 +23,14 @@ TINY = ["sample.num_steps=3", "sample.batch_size=2", "sample.num_batches_per_epo
         "reward.overlap=false", "train.learning_rate=1e-3"]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch(nproc, mode, out, *args, timeout=900):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
            if nproc > 1 else [sys.executable])
@@ -30,6 +38,20 @@ def _launch(nproc, mode, out, *args, timeout=900):
                          capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def _launch_deepspeed_nodes(mode, out, *args, timeout=900):
+    """DeepSpeed's multi-node recipe (docs/scaling.md) with two single-process "nodes" on this machine: a two-host
+    hostfile, and the deepspeed launcher started on each node with --no_ssh --node_rank N."""
+    hostfile, port = Path(out).parent / "hostfile", _free_port()
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), "--module",
+                               "tests.multiprocess.driver", mode, str(out), *args],
+                              env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in range(2)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +66,17 @@ def sdxl(tmp_path_factory):
 def test_deepspeed_zero_trains_resumes_and_keeps_ranks_identical(sdxl, tmp_path, stage):
     """One launch: ZeRO-`stage` trains 2 epochs (checkpoint), then a fresh trainer resumes from it to epoch 3.
     PyTorch's AdamW (torch_adam) instead of DeepSpeed's CPU Adam keeps the JIT build of that op out of CI;
-    the sharding, checkpointing and resume under test are DeepSpeed's either way."""
+    the sharding, checkpointing and resume under test are DeepSpeed's either way. ZeRO-3 launches with torchrun;
+    ZeRO-2 with DeepSpeed's multi-node hostfile recipe, as two single-process nodes (local rank 0 on both)."""
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": stage, "contiguous_gradients": True},
                               "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     common = [f"model.path={sdxl}", *TINY, "dist.engine=deepspeed", f"dist.deepspeed_config={ds}", f"output_dir={tmp_path}", "name=run"]
-    ranks = _launch(2, "train_resume", tmp_path / "a", *common, "num_epochs=3")
+    if stage == 2:
+        ranks = _launch_deepspeed_nodes("train_resume", tmp_path / "a", *common, "num_epochs=3")
+        assert [r["first"]["local_rank"] for r in ranks] == [0, 0]
+    else:
+        ranks = _launch(2, "train_resume", tmp_path / "a", *common, "num_epochs=3")
     first, resumed = [r["first"] for r in ranks], [r["resumed"] for r in ranks]
     assert first[0]["engine"] == "deepspeed" and first[0]["epoch"] == 2 and resumed[0]["epoch"] == 3
     assert first[0]["fingerprint"] == first[1]["fingerprint"]  # both ranks hold the same (gathered) weights
@@ -177,12 +204,8 @@ def test_tdpo_critic_is_identical_on_every_rank(tmp_path):
 def test_two_node_rendezvous(sdxl, tmp_path):
     """The multi-node recipe of docs/scaling.md with two single-process "nodes" on this machine: two torchrun
     launchers, --nnodes 2, c10d rendezvous. Both processes have local rank 0 and global ranks 0 and 1; only
-    rank 0 writes the run folder; the replicas end identical."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    rank 0 writes the run folder; the replicas end identical. (DeepSpeed's hostfile recipe runs in the ZeRO-2 test.)"""
+    port = _free_port()
     args = [f"model.path={sdxl}", *TINY, "dist.engine=ddp", "num_epochs=1", f"output_dir={tmp_path}", "name=nodes"]
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "nodes",
