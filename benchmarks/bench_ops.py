@@ -20,7 +20,9 @@ bandwidth measured in the same run. Run: ``python benchmarks/bench_ops.py`` or `
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -174,7 +176,15 @@ def plot(rows, copy_gbs, path):
     plt.close(fig)
 
 
+def write_partial(path: Path, rows: list, meta: dict) -> None:
+    """The rows so far as ``path`` (``{"machine": meta + partial: true, "rows": rows}``), replaced atomically."""
+    tmp = path.with_name(path.name.replace(".partial.json", ".writing.partial.json"))  # git-ignored like the partial
+    tmp.write_text(json.dumps({"machine": {**meta, "partial": True}, "rows": rows}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
+    """Time every provider and mode at each shape; the JSON is rewritten after every row as ``STEM.partial.json``."""
     ap = argparse.ArgumentParser(prog="diffrl-fast bench ops", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="one small shape, few iterations (a smoke run, not a measurement)")
@@ -187,6 +197,12 @@ def main(argv=None) -> int:
     iters, min_time = (2, 0.0) if args.quick else (args.iters, args.min_time)
     copy_gbs = copy_bandwidth_gbs(device, nbytes=8 * 2**20 if args.quick else 256 * 2**20)
     print(f"device {device}, {torch.get_num_threads()} threads, copy bandwidth {copy_gbs:.1f} GB/s")
+    stem = f"ops_{device}" + ("_quick" if args.quick else "")
+    meta = machine_info(device)
+    meta["copy_bandwidth_gbs"] = round(copy_gbs, 3)
+    # written after every row, so that a run cut short (the GPU suite's time budget) leaves its rows; removed at the end
+    partial = args.out / f"{stem}.partial.json"
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in shapes:
         inp = make_inputs(shape, device)
@@ -208,11 +224,10 @@ def main(argv=None) -> int:
                        **{k: round(v, 4) for k, v in stats.items()}, "gbs": round(gbs, 3),
                        "copy_fraction": round(gbs / copy_gbs, 4)}
                 rows.append(row)
+                write_partial(partial, rows, meta)
                 print(f"{str(list(shape)):>20} {provider:>8} {mode:>8}  median {stats['median_ms']:9.3f} ms  "
                       f"p20 {stats['p20_ms']:9.3f}  p80 {stats['p80_ms']:9.3f}  {gbs:7.2f} GB/s ({gbs / copy_gbs:5.1%} of copy)  "
                       f"peak +{stats['peak_mem_mb']:.1f} MB")
-    meta = machine_info(device)
-    meta["copy_bandwidth_gbs"] = round(copy_gbs, 3)
     if not args.quick:
         # context: the 256 MB copy may run from a large last-level cache; 2 GB of buffers cannot
         meta["copy_bandwidth_gbs_1gib_buffers"] = round(copy_bandwidth_gbs(device, nbytes=2**30), 3)
@@ -220,9 +235,9 @@ def main(argv=None) -> int:
     for t in targets:
         print(f"target {t['provider']} {t['metric']} at {t['shape']}: measured {t['measured']} vs {t['target']} -> "
               f"{'met' if t['met'] else 'MISSED'}")
-    stem = f"ops_{device}" + ("_quick" if args.quick else "")
     meta["targets"] = targets
     jpath, cpath = write_rows(stem, rows, meta, args.out)
+    partial.unlink(missing_ok=True)
     plot(rows, copy_gbs, args.out / f"{stem}.png")
     print(f"wrote {jpath}, {cpath}, {args.out / f'{stem}.png'}")
     return 0

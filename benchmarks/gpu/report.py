@@ -12,6 +12,7 @@ def _ratio(a, b):
 
 
 def targets(out: Path) -> list[str]:
+    """Markdown lines: each GPU target of issue 15 with the measured figure from ``out``'s files, met or not."""
     lines = ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     ops = out / "ops_gpu.json"
     if ops.is_file():
@@ -24,13 +25,19 @@ def targets(out: Path) -> list[str]:
                       f"| ... >= 1.0x torch.compile | {sc:.2f}x | {'yes' if sc >= 1 else 'no'} |",
                       f"| ... >= 75% of copy bandwidth ({data['machine'].get('copy_bandwidth_gbs', 0):.0f} GB/s) | "
                       f"{tri['copy_fraction']:.0%} | {'yes' if tri['copy_fraction'] >= 0.75 else 'no'} |"]
+        else:
+            cut = " (the run was cut short)" if data.get("machine", {}).get("partial") else ""
+            lines.append(f"| triton PPO step loss {SHAPE} fp32 full vs eager, torch.compile, copy bandwidth | "
+                         f"not measured{cut} | no |")
     e2e = out / "e2e_gpu.json"
     if e2e.is_file():
         data = json.loads(e2e.read_text())
         for precision, row in data["rows"].items():
             r = row.get("ratios", {}).get(data["size"]) if isinstance(row, dict) else None
             if not r:
-                lines.append(f"| e2e {precision}: >= 2x trl samples/s at <= 0.7x peak memory | {row.get('error', 'no result')} | no |")
+                errors = row.get("errors") or {} if isinstance(row, dict) else {}
+                why = "; ".join(f"{c} failed" for c in errors) or "no result"
+                lines.append(f"| e2e {precision}: >= 2x trl samples/s at <= 0.7x peak memory | {why} | no |")
                 continue
             sp, mem = r["overall_speedup"], r["peak_mem_ratio"]
             lines.append(f"| e2e {precision}: >= 2x trl samples/s, peak memory <= 0.7x | {sp:.2f}x, {mem:.2f}x | "

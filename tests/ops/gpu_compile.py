@@ -5,14 +5,18 @@
 1. Record what the public ops ask of a backend: every (kernel flags, dtype) combination reaches
    ``step_fwd`` / ``step_bwd``, captured here by running the ops on small CPU tensors with the torch
    backend over a matrix of ops, dtypes, guidance / no guidance, x0 clipping, reductions and every
-   requires-grad pattern.
+   requires-grad pattern (which gradients a backward call writes: a runtime argument, ``need_*``, not
+   specialised; what it still changes, in the misaligned layout only: tests/ops/test_gpu_compile.py).
 2. Replay each recorded call through the Triton backend's host code on meta tensors laid out contiguous,
    strided (a trajectory's ``latents[:, :-1]``), misaligned (offset by one element, rows not a multiple of 16)
    and with 64-bit strides, with the kernels' launches replaced by ``run(..., warmup=True)``: Triton
    specialises, lowers to PTX and runs ptxas (shipped in the triton wheel) for the target, launching nothing.
-   Coverage is pairwise, so that it fits CI's budget: every recorded call in every layout in float32, every
-   recorded call in every dtype laid out contiguously, and the calls with the most inputs and flags in every
-   (dtype, layout). (The full cross product compiles too; it takes ~3x longer: ``--full``.)
+   Coverage is pairwise, so that it fits CI's budget: with the first requires-grad pattern of each backward
+   call, every recorded call in every layout in float32, every recorded call in every dtype laid out
+   contiguously, and the calls with the most inputs and flags in every (dtype, layout); then, misaligned, the
+   backward calls that make every (dtype, gradient output) compiled there both aligned and misaligned (``jobs``).
+   (The full cross product, every requires-grad pattern included, compiles too; it is ~3.4x as many kernels:
+   ``--full``.)
    Several architectures compile in parallel processes.
 3. The target comes from a driver stand-in (``GPUTarget("cuda", arch, 32)``) installed with
    ``triton.runtime.driver.set_active``; the backend is imported without TRITON_INTERPRET, so the GPU block
@@ -26,16 +30,16 @@ import sys
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile the GPU path
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+# torch and triton are imported where they are used, so that the process that only starts one process per
+# architecture does not spend seconds importing them first (tests/ops/test_gpu_compile.py has a time budget)
 
 
 class DriverStandIn:
     """What Triton's JIT asks of the active driver when it compiles without launching."""
 
     def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
         self.target = GPUTarget("cuda", arch, 32)
 
     def get_current_target(self):
@@ -48,6 +52,8 @@ class DriverStandIn:
         return 0
 
     def get_active_torch_device(self):
+        import torch
+
         return torch.device("cpu")
 
     def is_active(self):
@@ -57,6 +63,9 @@ class DriverStandIn:
 # ---------------------------------------------------------------------------------------------- 1. record
 
 def record_calls() -> dict:
+    """Every compile-relevant call the public ops make of a backend (step 1 of the module docstring)."""
+    import torch
+
     from diffrl_fast import ops
     from diffrl_fast.ops import X0Clip
     from diffrl_fast.ops.backends import torch_backend
@@ -73,9 +82,9 @@ def record_calls() -> dict:
         return fwd(p, want_ss, want_kk, want_mean)
 
     def rec_bwd(p, w_ss, w_kk, g_mean, need):
-        # which gradients are written is a runtime argument of the kernel, not a compiled variant
-        key = ("bwd", spec(p), (w_ss is not None, w_kk is not None, g_mean is not None))
-        calls.setdefault(key, ("bwd", spec(p), (w_ss is not None, w_kk is not None, g_mean is not None, tuple(need))))
+        # every requires-grad pattern (``need``) is kept; ``jobs`` chooses which to compile
+        key = ("bwd", spec(p), (w_ss is not None, w_kk is not None, g_mean is not None, tuple(need)))
+        calls.setdefault(key, key)
         return bwd(p, w_ss, w_kk, g_mean, need)
 
     torch_backend.step_fwd, torch_backend.step_bwd = rec_fwd, rec_bwd
@@ -126,6 +135,8 @@ LAYOUTS = ("contiguous", "strided", "misaligned", "int64")
 def latents(layout: str, dtype: torch.dtype) -> torch.Tensor:
     """A meta tensor of 6 rows in the given layout (rows of 5120 elements: two 4096-element chunks, so the
     per-row sum of partials runs too)."""
+    import torch
+
     meta = dict(device="meta", dtype=dtype)
     if layout == "contiguous":
         return torch.empty((6, 4, 32, 40), **meta)
@@ -136,24 +147,55 @@ def latents(layout: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_strided((2, 4, 16, 16), (2**33, 256, 16, 1), **meta)  # row stride beyond 32 bits
 
 
+def output_alignment(call) -> list:
+    """(dtype, gradient output, aligned) of a backward call in the misaligned layout: a wanted gradient is a fresh,
+    aligned allocation; an unwanted or absent one is passed as ``p.x``'s (misaligned) pointer."""
+    kind, (dtype, _, has_y, has_eu, has_ec, _, _), flags = call
+    if kind != "bwd":
+        return []
+    return [(dtype, i, bool(wanted and present)) for i, (wanted, present) in enumerate(zip(flags[3], (True, has_y, has_eu, has_ec)))]
+
+
 def jobs(calls: dict, full: bool) -> list:
-    """(call, layout) pairs to compile: the cross product, or its pairwise cover (module docstring)."""
-    calls = [c for c in sorted(calls.values(), key=str) if c[1][0] != torch.float64]  # float64 runs on the torch backend
+    """(call, layout) pairs to compile: the cross product, or its pairwise cover (module docstring).
+
+    The cover takes one requires-grad pattern per backward call (the first recorded; the pattern is a runtime
+    argument), then adds misaligned backward calls until every (dtype, gradient output) has been compiled there
+    both aligned and misaligned (tests/ops/test_gpu_compile.py says why that suffices)."""
+    import torch
+
+    every = [c for c in calls.values() if c[1][0] != torch.float64]  # float64 runs on the torch backend
+    if full:
+        return [(c, layout) for c in sorted(every, key=str) for layout in LAYOUTS]
+    first: dict = {}
+    for c in every:  # one call per compiled variant of the contiguous layouts: the first requires-grad pattern seen
+        first.setdefault((c[0], c[1], c[2][:3]), c)
+    base = sorted(first.values(), key=str)
     richest = {}
-    for c in calls:  # per kind, the call with the most inputs and flags
+    for c in base:  # per kind, the call with the most inputs and flags
         score = sum(map(bool, c[1][2:])) + sum(map(bool, c[2][:3]))
         if score > richest.get(c[0], (-1, None))[0]:
             richest[c[0]] = (score, c[1][2:], c[2][:3])
     out = []
-    for c in calls:
+    for c in base:
         rich = (c[1][2:], c[2][:3]) == richest[c[0]][1:]
         for layout in LAYOUTS:
-            if full or layout == "contiguous" or c[1][0] == torch.float32 or rich:
+            if layout == "contiguous" or c[1][0] == torch.float32 or rich:
                 out.append((c, layout))
-    return out
+    covered = {a for c, layout in out if layout == "misaligned" for a in output_alignment(c)}
+    candidates = sorted((c for c in every if c[0] == "bwd"), key=str)
+    while True:  # greedily, the backward call that adds the most missing (dtype, output, aligned) states
+        gain, best = max(((len(set(output_alignment(c)) - covered), c) for c in candidates), key=lambda t: t[0])
+        if gain == 0:
+            return out
+        out.append((best, "misaligned"))
+        covered |= set(output_alignment(best))
 
 
 def replay(work: list, compiled: list) -> None:
+    """Run the Triton backend's host code for each (call, layout) on meta tensors; its launches must only compile."""
+    import torch
+
     from diffrl_fast.ops._problem import N_COEF, StepProblem
     from diffrl_fast.ops.backends import triton_backend as tb
 
@@ -201,6 +243,8 @@ def resource_usage(kernels: list) -> str:
     import subprocess
     import tempfile
 
+    import triton
+
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.isfile(cuobjdump):
         return "resource usage unavailable (no cuobjdump in the triton wheel)"
@@ -217,7 +261,16 @@ def resource_usage(kernels: list) -> str:
     return f"{len(regs)} sampled kernels: {min(regs)}-{max(regs)} registers, stack {max(spills, default=0)} bytes"
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its finished children (ptxas) so far."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main(archs: list[int], full: bool = False) -> int:
+    """Compile the cover (or ``full``: the cross product) for each architecture; 1 on any failure."""
     if len(archs) > 1:  # one process per architecture, in parallel
         import subprocess
 
@@ -229,6 +282,8 @@ def main(archs: list[int], full: bool = False) -> int:
             print(out, end="", flush=True)
             codes.append(p.returncode)
         return 1 if any(codes) else 0
+    import triton
+
     work = jobs(record_calls(), full)
     from diffrl_fast.ops.backends import triton_backend as tb
 
@@ -262,7 +317,7 @@ def main(archs: list[int], full: bool = False) -> int:
         unique = len({c[3] for c in compiled})
         usage = resource_usage([c[2] for c in compiled][::25])
         print(f"sm_{arch}: {len(work)} (backend call, layout) pairs -> {unique} compiled kernels in "
-              f"{time.perf_counter() - t0:.1f} s; {usage}", flush=True)
+              f"{time.perf_counter() - t0:.1f} s; {usage}; process CPU {cpu_seconds():.1f} s", flush=True)
     return 1 if failures else 0
 
 

@@ -1,4 +1,5 @@
 """The backend registry: automatic choice, explicit choice, environment override, fallback."""
+import os
 import warnings
 
 import pytest
@@ -6,19 +7,30 @@ import torch
 
 from diffrl_fast.ops import available_backends, step_logprob, use_backend
 from diffrl_fast.ops import backends
+from tests.conftest import requires_cpp
 
 
+@requires_cpp
 def test_auto_prefers_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("DIFFRL_FAST_BACKEND", raising=False)
     assert backends.resolve("cpu") == "cpp"
     assert "torch" in available_backends("cpu")
 
 
+@requires_cpp
 def test_environment_variable_forces_backend(monkeypatch):
     monkeypatch.setenv("DIFFRL_FAST_BACKEND", "torch")
     assert backends.resolve("cpu") == "torch"
     with use_backend("cpp"):  # the context manager wins over the environment
         assert backends.resolve("cpu") == "cpp"
+
+
+def test_cpp_extension_loads_unless_skipped():
+    """The one test that fails, rather than skips, when the C++ extension is missing by accident: the tests that need
+    it skip wherever it is unavailable (tests/conftest.py), so a broken build must show up here."""
+    if os.environ.get("DIFFRL_FAST_NO_CPP") == "1":
+        pytest.skip("the C++ extension is skipped on purpose (DIFFRL_FAST_NO_CPP=1)")
+    assert "cpp" in available_backends("cpu"), f"the C++ extension failed to load: {backends._load_errors.get('cpp')!r}"
 
 
 def test_explicit_choice_that_cannot_run_raises(monkeypatch):

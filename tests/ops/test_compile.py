@@ -2,8 +2,10 @@
 import torch
 
 from diffrl_fast.ops import ppo_clip_step_loss, use_backend
+from tests.conftest import requires_cpp
 
 
+@requires_cpp
 def test_fused_ppo_loss_compiles_fullgraph():
     g = torch.Generator().manual_seed(0)
     x, y, eu, ec = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(4))
