@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, copy_bandwidth_gbs, machine_info, peak_memory_mb, time_fn, write_rows  # noqa: E402
+from benchmarks.common import RESULTS, allocation_profile, copy_bandwidth_gbs, machine_info, time_fn, write_rows  # noqa: E402
 from diffrl_fast.ops import ppo_clip_step_loss, use_backend  # noqa: E402
 from tests.baselines import ddim_affine, ddpo_ppo_step_loss, ddpo_step_logprob, random_ddim_rows  # noqa: E402
 
@@ -114,15 +114,39 @@ def run_case(fn, inp, mode, device, iters, min_time_s):
             loss.backward(retain_graph=True)
 
     stats = time_fn(call, device, warmup=3, iters=iters, min_time_s=min_time_s)
-    stats["peak_mem_mb"] = peak_memory_mb(call, device)
+    if mode == "full":
+        stats.update(memory_case(fn, inp, device))
     return stats
+
+
+def memory_case(fn, inp, device) -> dict:
+    """PyTorch-allocated memory of one loss, in MB above what the inputs hold: ``held_fwd_mb``, what forward leaves
+    allocated until backward (saved residuals; the fused mode's precomputed gradients), and ``peak_full_mb``, the
+    peak over forward + backward with the two gradients kept (benchmarks.common.allocation_profile)."""
+    eu = inp["eu"].clone().requires_grad_()
+    ec = inp["ec"].clone().requires_grad_()
+    fn(eu, ec).backward()  # warm-up: compiled graphs, caches
+    eu.grad = ec.grad = None
+    kept = {}
+
+    def forward():
+        kept["loss"] = fn(eu, ec)
+
+    _, held = allocation_profile(forward, device)
+    kept.clear()
+
+    def full():
+        fn(eu, ec).backward()
+
+    peak, _ = allocation_profile(full, device)
+    return {"held_fwd_mb": held, "peak_full_mb": peak}
 
 
 def evaluate_targets(rows, copy_gbs):
     """The issues' targets for the fused PPO step loss, fp32, full mode: met or missed and by how much.
 
-    vs eager and copy bandwidth at [32, 4, 128, 128]; vs torch.compile at every shape (and the higher bar
-    at the small shapes), reported per shape.
+    copy bandwidth at [32, 4, 128, 128]; vs eager and vs torch.compile at every shape (and the higher
+    compile bar at the small shapes), reported per shape.
     """
     by = {(r["provider"], r["mode"], tuple(r["shape"])): r for r in rows}
     shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: (math.prod(s), s))
@@ -136,9 +160,10 @@ def evaluate_targets(rows, copy_gbs):
         if (provider, "full", TARGET_SHAPE) not in by:
             continue
         r = by[(provider, "full", TARGET_SHAPE)]
-        add(provider, "speedup_vs_eager", TARGET_SHAPE, by[("eager", "full", TARGET_SHAPE)]["median_ms"] / r["median_ms"], vs_eager)
         add(provider, "copy_bandwidth_fraction", TARGET_SHAPE, r["gbs"] / copy_gbs, bw_frac)
-        for shape in shapes:
+        for shape in shapes:  # ">= 6x eager" holds at every shape, not only the headline one
+            add(provider, "speedup_vs_eager", shape, by[("eager", "full", shape)]["median_ms"] / by[(provider, "full", shape)]["median_ms"],
+                vs_eager)
             small = math.prod(shape) <= SMALL_NUMEL
             got = by[("compile", "full", shape)]["median_ms"] / by[(provider, "full", shape)]["median_ms"]
             add(provider, "speedup_vs_compile" + ("_small" if small else ""), shape, got,
@@ -227,7 +252,7 @@ def main(argv=None) -> int:
                 write_partial(partial, rows, meta)
                 print(f"{str(list(shape)):>20} {provider:>8} {mode:>8}  median {stats['median_ms']:9.3f} ms  "
                       f"p20 {stats['p20_ms']:9.3f}  p80 {stats['p80_ms']:9.3f}  {gbs:7.2f} GB/s ({gbs / copy_gbs:5.1%} of copy)  "
-                      f"peak +{stats['peak_mem_mb']:.1f} MB")
+                      + (f"  held after forward {stats['held_fwd_mb']:.1f} MB, peak {stats['peak_full_mb']:.1f} MB" if mode == "full" else ""))
     if not args.quick:
         # context: the 256 MB copy may run from a large last-level cache; 2 GB of buffers cannot
         meta["copy_bandwidth_gbs_1gib_buffers"] = round(copy_bandwidth_gbs(device, nbytes=2**30), 3)

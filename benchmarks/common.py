@@ -37,14 +37,30 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 3, iters: int =
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "iters": len(times)}
 
 
-def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
-    """Extra memory at the peak of one call of ``fn``, in MB (see diffrl_fast.utils.memory.PeakMemory)."""
-    from diffrl_fast.utils.memory import PeakMemory
+def allocation_profile(fn: Callable[[], object], device: str) -> tuple[float, float]:
+    """(peak, net) of the bytes PyTorch allocated during one call of ``fn``, above what was allocated at the start,
+    in MB: ``net`` is what the call left allocated (tensors it keeps), ``peak`` the most at any moment.
 
-    mem = PeakMemory(device)
-    mem.reset()
-    fn()
-    return mem.extra_mb()
+    CUDA: the caching allocator's statistics. CPU, where the process's resident set hides allocations that reuse
+    freed pages: the profiler's memory events (each op's own allocations, each free) summed in time order. Memory
+    outside PyTorch's allocator (a C++ kernel's per-thread scratch rows) is not counted."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return ((torch.cuda.max_memory_allocated() - start) / 2**20, (torch.cuda.memory_allocated() - start) / 2**20)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20, current / 2**20
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 256 * 2**20) -> float:
