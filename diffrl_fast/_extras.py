@@ -29,6 +29,8 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "aiohttp": ("aiohttp", "train"),
     "requests": ("requests", "train"),
     "xformers": ("xformers", "gpu"),
+    "wandb": ("wandb", "wandb"),
+    "open_clip": ("open-clip-torch", "rewards"),  # the hpsv2 reward
 }
 # the train extra's modules that the training side imports unconditionally (checked when its packages load)
 TRAIN_MODULES = {mod: OPTIONAL_MODULES[mod][0]

@@ -7,6 +7,7 @@
     diffrl-fast label --prompt P --pairs N    record human preferences for D3PO
     diffrl-fast check-parity --model PATH   rollout vs training-recompute log-prob parity on your model
     diffrl-fast reward-server --reward R    serve a reward over HTTP (train with reward.name=http://HOST:PORT)
+    diffrl-fast convert-reward IN.pth       a reward model's pickled weights -> safetensors (weights_only load)
     diffrl-fast bench ops|memory|e2e        benchmarks (benchmarks/bench_*.py), results in benchmarks/results/
     diffrl-fast experiment algos            every algorithm on the digits world, 3 seeds (benchmarks/bench_algos.py)
 
@@ -47,6 +48,7 @@ COMMANDS = {
     "label": "diffrl_fast.commands.label",
     "check-parity": "diffrl_fast.commands.parity",
     "reward-server": "diffrl_fast.commands.reward_server",
+    "convert-reward": "diffrl_fast.commands.convert_reward",
     "bench": "diffrl_fast.commands.bench",
     "experiment": "diffrl_fast.commands.experiment",
 }

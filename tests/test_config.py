@@ -126,8 +126,17 @@ def test_layers_defaults_algorithm_reference_file_overrides(tmp_path):
 
 
 def test_help_shows_list_defaults():
+    """List and dict fields (default_factory) show their real default in describe and in `diffrl-fast train --help`."""
+    from tests.cli_inprocess import run_cli
+
     text = "\n".join(describe(Config))
     assert "MISSING" not in text and "default ['0', '1'" in text and "reward.kwargs (dict, default {})" in text
+    out = run_cli("train", "--help")
+    assert out.returncode == 0 and "MISSING" not in out.stdout, out.stdout[:2000]
+    for line in ("  prompts (list, default ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])",
+                 "  model.lora_targets (list, default ['to_q', 'to_k', 'to_v', 'to_out.0'])",
+                 "  reward.kwargs (dict, default {})", "  reward.track (list, default [])"):
+        assert line in out.stdout, line
 
 
 def test_deepspeed_scheduler_section_is_rejected(tmp_path):

@@ -14,14 +14,13 @@ from ..diffusion.rollout import sample_trajectories
 from ..models import load_model
 from ..ops import use_backend
 
-DEFAULT_PROMPTS = ["a photo of a cat", "a red car on a street", "a painting of a mountain", "a bowl of fruit"]
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="diffrl-fast check-parity", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3), hub id, or 'digits'")
-    ap.add_argument("--prompt", action="append", help="a prompt (repeatable); default: four generic prompts")
+    ap.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the model's own (the digits world's ten digits, four generic prompts for a pipeline)")
     ap.add_argument("--samples", type=int, default=8, help="trajectories to sample")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps")
     ap.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
@@ -37,9 +36,9 @@ def main(argv: list[str]) -> int:
     for name in ("samples", "steps", "train_batch", "chunk"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    prompts = args.prompt or DEFAULT_PROMPTS
-    prompts = [prompts[i % len(prompts)] for i in range(args.samples)]
     model = load_model(args.model, device=args.device)
+    prompts = args.prompt or list(model.default_prompts)
+    prompts = [prompts[i % len(prompts)] for i in range(args.samples)]
     autocast = DTYPES[args.autocast]
     with use_backend(args.backend):
         traj = sample_trajectories(model, prompts, num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,

@@ -14,6 +14,7 @@ from .pipelines import DiffusionModel
 
 class DigitsModel(DiffusionModel):
     kind = "digits"
+    default_prompts = tuple(str(d) for d in range(10))  # the digits preset's prompts (configs/digits.yaml)
 
     def __init__(self, world: DigitsWorld) -> None:
         super().__init__()
@@ -39,6 +40,19 @@ class DigitsModel(DiffusionModel):
 
     def predict(self, x, t, cond):
         return self.net(x, t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
+
+    @torch.no_grad()
+    def top_class(self, images: torch.Tensor) -> torch.Tensor:
+        """The digit classifier's most likely class [B] (int64, CPU) of images [B, 1 or 3, H, W] in [0, 1]: what the
+        before/after grids compare with the prompted digit, whatever reward the run optimises."""
+        clf = self.world.classifier
+        p = next(clf.parameters())
+        x = images.to(p.device, torch.float32)
+        if x.shape[1] == 3:
+            x = x.mean(1, keepdim=True)
+        if x.shape[-2:] != (self.world.image_size, self.world.image_size):
+            x = torch.nn.functional.interpolate(x, size=(self.world.image_size,) * 2, mode="bilinear", antialias=True)
+        return clf(x.clamp(0, 1).to(p.dtype)).argmax(-1).cpu()
 
     @torch.no_grad()
     def decode(self, latents):

@@ -34,6 +34,8 @@ class DiffusionModel:
     latent_shape: tuple[int, int, int]  # native (C, H, W)
     pixels_per_latent: int = 1  # image pixels per latent pixel (the VAE's scale factor)
     latent_multiple: int = 1  # latent height/width must divide by this (UNet levels, DiT patch)
+    # prompts a command uses when the user gives none (check-parity): ones the model can read
+    default_prompts: tuple[str, ...] = ("a photo of a cat", "a red car on a street", "a painting of a mountain", "a bowl of fruit")
 
     def __init__(self) -> None:
         self._prompt_cache: dict[str, Conditioning] = {}

@@ -29,7 +29,7 @@ import torch
 RewardFn = Callable[[torch.Tensor, list, list], "tuple[torch.Tensor, dict]"]
 
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
-_BUILTIN_MODULES = ("jpeg", "digits", "clip")
+_BUILTIN_MODULES = ("jpeg", "digits", "clip", "hps", "image_reward")
 
 
 class RewardError(ValueError):

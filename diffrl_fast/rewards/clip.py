@@ -11,8 +11,9 @@ clip_score (CLIP-score / PickScore style):
     r(x, c) = exp(logit_scale) * cos(CLIP_image(x), CLIP_text(c))
 
 This is exactly PickScore (Kirstain et al. 2023, "Pick-a-Pic") when the model is its fine-tuned
-CLIP-H (logit_scale.exp() = 100), and a rescaled CLIP-score otherwise (Hessel et al. 2021 use
-2.5 * max(cos, 0); the scale is irrelevant to RL with normalised advantages).
+CLIP-H (logit_scale.exp() = 100; see ``clip_score`` for the folder to build), and a rescaled CLIP-score
+otherwise (Hessel et al. 2021 use 2.5 * max(cos, 0); the scale is irrelevant to RL with normalised
+advantages). HPSv2 (rewards/hps.py) and ImageReward (rewards/image_reward.py) have their own loaders.
 
 Models are ``CLIPModel`` folders written by ``save_pretrained`` (config.json + weights), with the
 tokenizer files (clip_score) and preprocessor_config.json beside them. Images are preprocessed with
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register
+from .weights import load_state_dict_file
 
 # OpenAI CLIP's normalisation, used when a folder has no preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -82,14 +84,17 @@ class ClipImageTransform:
     """CLIPImageProcessor's steps in torch: [B, C, H, W] in [0, 1] -> normalised [B, 3, crop, crop].
 
     Reads size/crop_size/image_mean/image_std from the folder's preprocessor_config.json, falling
-    back to the vision tower's image size and OpenAI CLIP's statistics.
+    back to the vision tower's image size and OpenAI CLIP's statistics (also when ``folder`` is None).
+    The crop's offset is floor((H - crop) / 2), as transformers' processors take it, or with
+    ``round_crop`` round((H - crop) / 2) as torchvision's ``CenterCrop`` does (ImageReward's transform).
     """
 
-    def __init__(self, folder, image_size: int):
+    def __init__(self, folder, image_size: int, round_crop: bool = False):
         self.size, self.crop = image_size, (image_size, image_size)
         self.mean, self.std = CLIP_MEAN, CLIP_STD
-        config_file = Path(folder) / "preprocessor_config.json"
-        if config_file.is_file():
+        self.round_crop = round_crop
+        config_file = Path(folder) / "preprocessor_config.json" if folder is not None else None
+        if config_file is not None and config_file.is_file():
             config = json.loads(config_file.read_text())
             size = config.get("size", image_size)
             self.size = size.get("shortest_edge", image_size) if isinstance(size, dict) else int(size)
@@ -111,7 +116,10 @@ class ClipImageTransform:
             x = F.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
             h, w = new
         ch, cw = self.crop
-        top, left = max(0, (h - ch) // 2), max(0, (w - cw) // 2)
+        if self.round_crop:  # torchvision: int(round((h - ch) / 2.0)), Python's round half to even
+            top, left = max(0, int(round((h - ch) / 2.0))), max(0, int(round((w - cw) / 2.0)))
+        else:
+            top, left = max(0, (h - ch) // 2), max(0, (w - cw) // 2)
         x = x[..., top : top + ch, left : left + cw]
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
@@ -137,16 +145,12 @@ def text_embeds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
 
 
 def load_aesthetic_mlp(path, in_dim: int) -> AestheticMLP:
-    """The aesthetic MLP from a .safetensors or .pth/.pt state dict (``torch.load(weights_only=True)``)."""
+    """The aesthetic MLP from a .safetensors (``diffrl-fast convert-reward`` writes it from the released .pth) or a
+    .pth/.pt state dict (read with ``torch.load(weights_only=True)``: tensors only, never code)."""
     path = _require(Path(path), f"the aesthetic MLP state dict (.safetensors or .pth) with input dim {in_dim}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    elif path.suffix in (".pth", ".pt"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ValueError(f"{path}: expected a .safetensors or .pth state dict of the aesthetic MLP")
+    state = load_state_dict_file(path, "the aesthetic MLP's state dict")
     mlp = AestheticMLP(in_dim)
     found = tuple(state["layers.0.weight"].shape) if "layers.0.weight" in state else None
     if found is not None and found[1] != in_dim:
@@ -157,10 +161,18 @@ def load_aesthetic_mlp(path, in_dim: int) -> AestheticMLP:
 
 @register("aesthetic")
 def aesthetic(clip_path, mlp_path, device=None, dtype="float32"):
-    """LAION aesthetic score r(x) = MLP(e / |e|) of the CLIP image embedding e (ddpo-pytorch's reward).
+    """LAION aesthetic score r(x) = MLP(e / |e|) of the CLIP ViT-L/14 image embedding e, the reward of DDPO
+    (Black et al. 2023, "Training Diffusion Models with Reinforcement Learning", arXiv:2305.13301) as ddpo-pytorch's
+    aesthetic_scorer.py computes it (LAION's improved-aesthetic-predictor, simple_inference.py).
 
-    ``clip_path``: folder of a CLIPModel (ViT-L/14 for the released MLP) and its preprocessor config;
-    ``mlp_path``: the MLP's state dict, whose input dim must equal the CLIP projection_dim.
+    ``clip_path``: folder of a CLIPModel and its preprocessor config: openai/clip-vit-large-patch14, e.g.
+    ``hf download openai/clip-vit-large-patch14 config.json model.safetensors preprocessor_config.json --local-dir
+    /models/clip-l14``. ``mlp_path``: the MLP's state dict, whose input dim must equal the CLIP projection_dim (768).
+    The released head is ``sac+logos+ava1-l14-linearMSE.pth`` of github.com/christophschuhmann/improved-aesthetic-
+    predictor (ddpo-pytorch ships the same file in ddpo_pytorch/assets/): a pickle of 10 tensors, 927,969 float32
+    values (about 3.7 MB). Convert it once with ``diffrl-fast convert-reward sac+logos+ava1-l14-linearMSE.pth``,
+    which prints every tensor's shape and the sha256 of both files (compare the input's with the one the download page
+    shows), and pass the .safetensors; a .pth is also read, with ``torch.load(weights_only=True)``.
     ``dtype`` is the CLIP model's; the MLP runs in float32.
     """
     model = load_clip_model(clip_path, dtype)
@@ -188,8 +200,21 @@ def aesthetic(clip_path, mlp_path, device=None, dtype="float32"):
 def clip_score(model_path, device=None, dtype="float32"):
     """r(x, c) = exp(logit_scale) * cos(image embedding, text embedding of the prompt).
 
-    ``model_path``: folder of a CLIPModel with its tokenizer (and preprocessor config). With
-    PickScore's model (yuvalkirstain/PickScore_v1, CLIP-H fine-tuned) this is PickScore itself.
+    ``model_path``: folder of a CLIPModel with its tokenizer (and preprocessor config).
+
+    PickScore (Kirstain et al. 2023, "Pick-a-Pic: An Open Dataset of User Preferences for Text-to-Image Generation",
+    arXiv:2305.01569) is this reward with its fine-tuned CLIP-H: ``PickScore = exp(logit_scale) * cos`` is the
+    ``model.logit_scale.exp() * (text_embs @ image_embs.T)`` of its model card, whose processor is
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K's. Put both in one folder:
+
+        hf download yuvalkirstain/PickScore_v1 --local-dir /models/pickscore
+        hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json tokenizer.json \
+            tokenizer_config.json vocab.json merges.txt special_tokens_map.json --local-dir /models/pickscore
+
+    and use ``reward.name=clip_score reward.kwargs={model_path: /models/pickscore}``. Check the files: ``sha256sum``
+    of the weights against the SHA256 the hub's file page shows; config.json must describe CLIP ViT-H/14
+    (vision hidden_size 1280, 32 layers, patch 14; text hidden_size 1024, 24 layers; projection_dim 1024), about
+    986M parameters (3.9 GB in float32).
     """
     from transformers import AutoTokenizer
 

@@ -13,6 +13,7 @@ A config is built in layers, each overriding the one before:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -81,7 +82,7 @@ class TrainConfig:
 
 @dataclass
 class RewardConfig:
-    name: Union[str, list[dict]] = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, aesthetic, clip_score, ...), 'package.module:function', a reward server 'http://HOST:PORT' (diffrl-fast reward-server), or a weighted sum: [{name: clip_score, weight: 1.0}, {name: aesthetic, weight: 0.5, kwargs: {...}}] (local and remote mixed; each component logged as reward_<name or label>).")
+    name: Union[str, list[dict]] = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, aesthetic, clip_score (also PickScore), hpsv2, image_reward; docs/rewards.md), 'package.module:function', a reward server 'http://HOST:PORT' (diffrl-fast reward-server), or a weighted sum: [{name: clip_score, weight: 1.0}, {name: aesthetic, weight: 0.5, kwargs: {...}}] (local and remote mixed; each component logged as reward_<name or label>).")
     kwargs: dict = option({}, "Keyword arguments of the reward factory (e.g. {clip_path: ..., mlp_path: ...} for aesthetic); a weighted sum's components take their own 'kwargs'.")
     component_norm: str = option("none", "Weighted sums: 'none' sums the raw rewards; 'batch' standardises each component over the epoch's samples before weighting, 'prompt' over each prompt's samples (DanceGRPO's per-reward group advantages), so no component dominates by its scale.")
     timeout_s: float = option(60.0, "Reward servers: seconds one request may take before it counts as failed.")
@@ -199,16 +200,19 @@ class AWMConfig:
 @dataclass
 class LogConfig:
     eval_samples: int = option(256, "Fixed-seed samples scored before and after training for summary.md (0 disables).")
-    grid_samples: int = option(32, "Images in the before/after grids (same seeds).")
+    grid_samples: int = option(32, "Images in the before/after grids (same seeds), and of each epoch's samples in the grid sent to TensorBoard / W&B.")
     eval_num_steps: Optional[int] = option(None, "Sampling steps of the before/after evaluation (null: sample.num_steps). Lets rollouts use fewer steps than evaluation.")
     eval_guidance_scale: Optional[float] = option(None, "Guidance scale of the before/after evaluation (null: sample.guidance_scale). With sample.guidance_scale=1 the policy trains without guidance (one denoiser pass per step) and can still be evaluated with it.")
-    tensorboard: bool = option(True, "Also log to TensorBoard when it is installed.")
+    tensorboard: bool = option(True, "Also log to TensorBoard when it is installed: every scalar of metrics.jsonl, a labelled grid of log.grid_samples of each epoch's samples, and the before/after grids.")
+    wandb: bool = option(False, "Also log to Weights & Biases (pip install \"diffrl_fast[wandb]\"): the config, every scalar of metrics.jsonl per epoch, each epoch's sample grid and the before/after grids. Run files go to output_dir/name/wandb/ unless WANDB_DIR is set; a resumed run continues the same W&B run.")
+    wandb_project: str = option("diffrl_fast", "Weights & Biases project (log.wandb=true).")
+    wandb_mode: str = option("", "Weights & Biases mode: '' (wandb's own default, or the WANDB_MODE environment variable), 'online', 'offline' (local files only; `wandb sync` uploads them later) or 'disabled'.")
     progress: bool = option(True, "tqdm progress bars for sampling and training.")
 
 
 @dataclass
 class Config:
-    name: str = option("digits_ddpo", "Run name; outputs go to output_dir/name.")
+    name: str = option("digits_ddpo", "Run name; outputs go to output_dir/name. Unset: <model>_<algo> from the last part of model.path ('digits' for the digits world) and the algorithm, ddpo_is written ddpo: digits_ddpo, sd3-medium_grpo, ...")
     output_dir: str = option("runs", "Folder holding the run folders.")
     seed: int = option(0, "Seed of everything: prompts, rollouts, shuffles, initialisation.")
     algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r, grpo, nft or awm (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
@@ -242,8 +246,21 @@ class Config:
         under the user's YAML and overrides; see ``Algorithm.reference_defaults``)."""
         from ..algos import ALGORITHMS
 
-        algo = ALGORITHMS.get(data.get("algo", "ddpo_is"))
-        return algo.reference_defaults(count_prompts(data)) if algo is not None else {}
+        name = data.get("algo", "ddpo_is")
+        algo = ALGORITHMS.get(name)
+        out = dict(algo.reference_defaults(count_prompts(data))) if algo is not None else {}
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        out["name"] = default_run_name(str(model.get("path", "digits")), str(name))
+        return out
+
+
+def default_run_name(model_path: str, algo: str) -> str:
+    """The run name when the config sets none: ``<model>_<algo>``, the model being the last part of its folder or hub
+    id ("digits" for the digits world) and DDPO-IS, the default algorithm, written "ddpo": digits_ddpo,
+    stable-diffusion-3-medium-diffusers_grpo."""
+    model = Path(model_path.rstrip("/\\")).name if model_path != "digits" else "digits"
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._") or "model"
+    return f"{model}_{'ddpo' if algo == 'ddpo_is' else algo}"
 
 
 def count_prompts(data: dict) -> int:
@@ -339,6 +356,7 @@ def validate(cfg: Config) -> Config:
     need(a.buffer_size >= 1 and 1 <= a.min_count <= a.buffer_size, "advantage.min_count must be in [1, advantage.buffer_size]")
     need(bool(cfg.prompts) or bool(cfg.prompt_file), "no prompts: set `prompts` or `prompt_file`")
     need(cfg.log.eval_samples >= 0 and cfg.log.grid_samples >= 0, "log.eval_samples and log.grid_samples must be >= 0")
+    choice("log.wandb_mode", cfg.log.wandb_mode, ("", "online", "offline", "disabled"))
     choice("dist.engine", cfg.dist.engine, ("auto", "none", "ddp", "fsdp", "deepspeed"))
     need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
     G = samples_per_prompt(cfg)

@@ -42,6 +42,92 @@ def image_grid(images: torch.Tensor, path: Path, cols: Optional[int] = None, sca
     return path
 
 
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:  # Pillow >= 10.1 scales its built-in font; older ones have one bitmap size
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text`` cut with an ellipsis to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def labelled_grid(images: torch.Tensor, captions: list[dict], cols: Optional[int] = None, title: str = ""):
+    """A PIL image: images [N, C, H, W] in [0, 1] in a grid, each above its caption.
+
+    ``captions[i]`` holds "prompt" and "reward", and where the digit classifier judged the image "target" (the
+    prompted digit) and "predicted" (its top class): a green check when they agree, a red cross and the digit it
+    saw when not. Small images (the 16x16 digits) are enlarged with nearest-neighbour sampling to at least 96
+    pixels, so every pixel stays visible and the captions fit. ``title``: lines (split at newlines) above the grid.
+    """
+    from PIL import Image, ImageDraw
+
+    n, c, h, w = images.shape
+    if len(captions) != n:
+        raise ValueError(f"labelled_grid: {n} images but {len(captions)} captions")
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    scale = max(1, math.ceil(96 / w))
+    cw, ch = w * scale, h * scale
+    size = max(11, min(cw // 9, 28))
+    font = _font(size)
+    line = int(size * 1.3)
+    pad = max(4, size // 3)
+    titles = [t for t in title.split("\n") if t] if title else []
+    top = len(titles) * line + pad if titles else 0
+    cell_w, cell_h = cw + pad, ch + 2 * line + pad
+    canvas = Image.new("RGB", (cols * cell_w + pad, top + rows * cell_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, t in enumerate(titles):
+        draw.text((pad, pad // 2 + j * line), _fit(draw, t, font, canvas.width - 2 * pad), fill="black", font=font)
+    imgs = images.detach().float().cpu().clamp(0, 1)
+    if c == 1:
+        imgs = imgs.expand(-1, 3, -1, -1)
+    arrays = (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    green, red = (0, 140, 0), (200, 0, 0)
+    for i, cap in enumerate(captions):
+        r, q = divmod(i, cols)
+        x, y = pad + q * cell_w, top + pad + r * cell_h
+        tile = Image.fromarray(arrays[i])
+        canvas.paste(tile.resize((cw, ch), Image.NEAREST) if scale > 1 else tile, (x, y))
+        ty = y + ch + 1
+        draw.text((x, ty), _fit(draw, str(cap.get("prompt", "")), font, cw), fill="black", font=font)
+        reward = cap.get("reward")
+        text = "" if reward is None else f"r {reward:+.4g}"
+        draw.text((x, ty + line), text, fill=(60, 60, 60), font=font)
+        if "predicted" in cap and "target" in cap:
+            ok = int(cap["predicted"]) == int(cap["target"])
+            colour = green if ok else red
+            m = size * 0.7  # the mark, drawn (fonts may lack the glyphs), then the digit the classifier saw
+            mx = x + cw - m - (0 if ok else draw.textlength(f" {cap['predicted']}", font=font))
+            my = ty + line + (line - m) / 2
+            width = max(2, size // 7)
+            if ok:
+                draw.line([(mx, my + m * 0.55), (mx + m * 0.35, my + m), (mx + m, my)], fill=colour, width=width)
+            else:
+                draw.line([(mx, my), (mx + m, my + m)], fill=colour, width=width)
+                draw.line([(mx, my + m), (mx + m, my)], fill=colour, width=width)
+                draw.text((mx + m, ty + line), f" {cap['predicted']}", fill=colour, font=font)
+    return canvas
+
+
+def caption_summary(captions: list[dict]) -> str:
+    """ "k/n top class = prompt" for captions that carry the digit classifier's verdict, else ""."""
+    judged = [c for c in captions if "predicted" in c and "target" in c]
+    if not judged:
+        return ""
+    hits = sum(int(c["predicted"]) == int(c["target"]) for c in judged)
+    return f"{hits}/{len(judged)} top class = prompt"
+
+
 class _Bars:
     def __init__(self, enabled: bool, cfg) -> None:
         self.enabled, self.cfg = enabled, cfg
@@ -70,15 +156,18 @@ class _Bars:
 
 
 class RunLogger:
-    """metrics.jsonl (always), TensorBoard (when enabled; a one-line warning when it is not installed), and a console
-    line per epoch."""
+    """metrics.jsonl (always), TensorBoard (when enabled; a one-line warning when it is not installed), Weights &
+    Biases (log.wandb=true; an error naming the extra when it is not installed), and a console line per epoch.
+    TensorBoard and W&B also get a labelled grid of each epoch's samples and the before/after grids."""
 
     def __init__(self, run_dir: Path, cfg, print_fn=print) -> None:
         self.run_dir, self.cfg, self.print = Path(run_dir), cfg, print_fn
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None
+        self.wandb = None  # the wandb Run
 
     def start(self) -> None:
+        """Create the run folder, write config.yaml and open the TensorBoard writer and the W&B run where enabled."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         if self.cfg.log.tensorboard and self.tb is None:
@@ -89,6 +178,48 @@ class RunLogger:
                 self.print(f"warning: {exc}; logging to metrics.jsonl only (log.tensorboard=false silences this)")
             else:
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.cfg.log.wandb and self.wandb is None:
+            self.wandb = self._start_wandb()
+
+    def _start_wandb(self):
+        wandb = require("wandb", "log.wandb=true")
+        log = self.cfg.log
+        # the run's id is kept in the run folder, so that a resumed run continues the same W&B run
+        id_file = self.run_dir / "wandb_run_id"
+        kwargs = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
+        if not os.environ.get("WANDB_DIR"):
+            kwargs["dir"] = str(self.run_dir)  # wandb adds its own wandb/ folder inside
+        run = wandb.init(project=log.wandb_project, name=self.cfg.name, config=to_dict(self.cfg),
+                         mode=log.wandb_mode or None, **kwargs)
+        if run.id:
+            id_file.write_text(run.id + "\n")
+        return run
+
+    @property
+    def wants_images(self) -> bool:
+        """Whether a logger here takes each epoch's sample grid (TensorBoard or W&B is open)."""
+        return self.tb is not None or self.wandb is not None
+
+    def log_grid(self, tag: str, grid, step: int, title: str = "") -> None:
+        """A grid image (PIL, e.g. ``labelled_grid``'s) to TensorBoard (``add_image``) and W&B, as ``tag`` at ``step``."""
+        if self.tb is not None:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(grid, caption=title or None)}, step=step)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer and finish the W&B run (the logger can be started again)."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def bars(self, enabled: bool = True) -> _Bars:
         return _Bars(enabled and self.cfg.log.progress, self.cfg)
@@ -98,7 +229,10 @@ class RunLogger:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
-    def log_epoch(self, record: dict) -> None:
+    def log_epoch(self, record: dict, samples: Optional[tuple[torch.Tensor, list[dict]]] = None) -> None:
+        """Append (or, after a resume, replace) the epoch's record in metrics.jsonl, send its scalars to TensorBoard
+        and W&B, redraw reward_curve.png and print one line. ``samples``: (images, captions) of a few of the epoch's
+        samples, logged as the grid "samples" where TensorBoard or W&B is open."""
         kept = [r for r in self.records() if r["epoch"] < record["epoch"]]  # a resumed run rewrites later epochs
         # written to a temporary file and renamed: a kill at any moment leaves a complete metrics.jsonl
         tmp = self.metrics_path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
@@ -108,11 +242,22 @@ class RunLogger:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.metrics_path)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
         if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.tb.add_scalar(k, v, record["epoch"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["epoch"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["epoch"])
+        if samples is not None and self.wants_images and samples[0].numel():
+            images, captions = samples
+            if max(images.shape[-2:]) > 256:  # an SD-size grid every epoch: 256-pixel tiles keep it quick to encode
+                f = 256 / max(images.shape[-2:])
+                size = (max(1, round(images.shape[-2] * f)), max(1, round(images.shape[-1] * f)))
+                images = torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", antialias=True)
+            verdict = caption_summary(captions)
+            title = f"epoch {record['epoch']}: {len(captions)} of its samples" + (f"\n{verdict}" if verdict else "")
+            self.log_grid("samples", labelled_grid(images, captions, title=title), record["epoch"], title)
         r = record
         extra = f"clipfrac {r['clipfrac']:.3f}  approx_kl {r['approx_kl']:.2e}  " if "clipfrac" in r else ""
         e = record["epoch"]
@@ -146,12 +291,25 @@ class RunLogger:
         fig.tight_layout()
         fig.savefig(self.run_dir / "reward_curve.png", dpi=110)
 
-    def save_eval(self, tag: str, rewards: torch.Tensor, images: torch.Tensor) -> dict:
+    def save_eval(self, tag: str, rewards: torch.Tensor, images: torch.Tensor, captions: Optional[list[dict]] = None,
+                  step: int = 0) -> dict:
+        """Write eval_<tag>.json (the rewards of the fixed seeds, their mean and std) and grid_<tag>.png of ``images``:
+        with ``captions`` (one per image, see ``labelled_grid``) each image is labelled with its prompt and reward,
+        and the grid also goes to TensorBoard and W&B as grid_<tag> at ``step``."""
         stats = {"n": int(rewards.numel()), "mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),
                  "rewards": [round(float(r), 6) for r in rewards]}
         (self.run_dir / f"eval_{tag}.json").write_text(json.dumps(stats))
-        if images.numel():
+        if images.numel() and captions is not None:
+            verdict = caption_summary(captions)
+            title = (f"{tag} training: {reward_label(self.cfg)}\nmean {stats['mean']:+.4f} over {stats['n']} fixed seeds"
+                     + (f"\nthis grid: {verdict}" if verdict else ""))
+            grid = labelled_grid(images, captions, title=title)
+            grid.save(self.run_dir / f"grid_{tag}.png")
+            self.log_grid(f"grid_{tag}", grid, step, title)
+        elif images.numel():
             image_grid(images, self.run_dir / f"grid_{tag}.png", scale=4 if images.shape[-1] <= 32 else 1)
+        if self.wandb is not None:
+            self.wandb.summary.update({f"eval_{tag}_mean": stats["mean"], f"eval_{tag}_std": stats["std"]})
         return stats
 
     def load_eval(self, tag: str) -> Optional[dict]:

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._extras import install_command
+from .._extras import install_command, require
 from ..algos import make_algorithm
 from ..diffusion.coefficients import make_schedule
 from ..diffusion.recompute import pack_chunk, trainable_steps
@@ -106,6 +106,8 @@ class Trainer:
         if self.ctx.active and cfg.reward.drop_nonfinite:
             raise ValueError("reward.drop_nonfinite changes the samples per process, which several processes cannot do "
                              "in lockstep; fix the reward or run with one process")
+        if cfg.log.wandb and self.ctx.is_main:  # before any model loads: a missing wandb names its extra at once
+            require("wandb", "log.wandb=true")
         torch.manual_seed(cfg.seed)
         self.algo = make_algorithm(cfg)
         # a reward server's health check runs here, before any model loads
@@ -415,30 +417,48 @@ class Trainer:
         return out
 
     # ---- evaluation ----------------------------------------------------------------------------
+    def grid_captions(self, traj: Trajectory, rewards: torch.Tensor, k: int) -> list[dict]:
+        """Captions of the first ``k`` samples of ``traj`` for a labelled grid (``outputs.labelled_grid``): prompt and
+        reward, and where the model has a classifier of its prompts' classes (the digits world's ``top_class``) the
+        prompted class ("target", from the metadata) and the classifier's top class ("predicted")."""
+        k = min(k, len(traj))
+        caps = [{"prompt": p, "reward": float(v)} for p, v in zip(traj.prompts[:k], rewards[:k].tolist())]
+        top_class = getattr(self.model, "top_class", None)
+        if top_class is not None and k:
+            for cap, meta, pred in zip(caps, traj.metadata[:k] or [{}] * k, top_class(traj.images[:k]).tolist()):
+                if "class_id" in meta and 0 <= int(meta["class_id"]) < 10:  # not the unconditional prompt ""
+                    cap["target"], cap["predicted"] = int(meta["class_id"]), int(pred)
+        return caps
+
     @torch.no_grad()
-    def evaluate(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards and images of n fixed-seed samples (prompts round-robin), the same before and after training.
+    def evaluate(self, n: int, *, captions: bool = False):
+        """Rewards and images of n fixed-seed samples (prompts round-robin), the same before and after training:
+        (rewards [n], images [<= log.grid_samples, C, H, W]), and with ``captions=True`` also the images' captions
+        (``grid_captions``: prompt, reward, the digits world's classifier verdict) as a third element.
 
         With several processes each takes every world_size-th sample (all run the same number of
-        forwards, as ZeRO-3 requires); the images returned are the main process's.
+        forwards, as ZeRO-3 requires); the images (and captions) returned are the main process's.
         """
         self.model.denoiser.eval()
         W, r = self.ctx.world_size, self.ctx.rank
         per_rank = math.ceil(n / W)
         ids = [r + W * i for i in range(per_rank)]  # ids >= n are padding, dropped below
-        rewards, images = [], []
+        rewards, images, caps = [], [], []
         bs = self.cfg.sample.batch_size
         for start in range(0, per_rank, bs):
             chunk = ids[start:start + bs]
             traj = self._sample([self.prompts[i % len(self.prompts)] for i in chunk], [EVAL_SEED_BASE + i for i in chunk])
             rewards.append(self._score(traj)[0])
-            images.append(traj.images[: max(0, self.cfg.log.grid_samples - start)].cpu())
+            keep = max(0, self.cfg.log.grid_samples - start)
+            images.append(traj.images[:keep].cpu())
+            if captions and self.ctx.is_main:
+                caps += self.grid_captions(traj, rewards[-1], keep)
         local = torch.cat(rewards)
         if W > 1:
             gathered = self.ctx.all_gather_object(local.tolist())
             by_id = {rank + W * i: v for rank, vals in enumerate(gathered) for i, v in enumerate(vals)}
             local = torch.tensor([by_id[i] for i in range(n)])
-        return local, torch.cat(images)
+        return (local, torch.cat(images), caps) if captions else (local, torch.cat(images))
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self, *, stop_flag: Callable[[], bool] = lambda: False,
@@ -456,6 +476,9 @@ class Trainer:
             raise TrainingError(f"{exc}. The run stopped during epoch {self.epoch + 1}; its last checkpoint (epoch "
                                 f"{self.epoch}) is in {self.run_dir / 'checkpoints'}: resume once the server answers "
                                 f"again") from exc
+        finally:
+            if self.ctx.is_main:
+                self.logger.close()  # TensorBoard's writer and the W&B run
 
     def _run(self, stop_flag, on_epoch) -> dict:
         cfg = self.cfg
@@ -467,8 +490,8 @@ class Trainer:
         start = time.perf_counter()
         before = self.logger.load_eval("before")
         if before is None and cfg.log.eval_samples:
-            rewards, images = self.evaluate(cfg.log.eval_samples)
-            before = self.logger.save_eval("before", rewards, images) if main else None
+            rewards, images, caps = self.evaluate(cfg.log.eval_samples, captions=True)
+            before = self.logger.save_eval("before", rewards, images, caps, step=self.epoch) if main else None
         bars = self.logger.bars(enabled=main)
         while self.epoch < cfg.num_epochs:
             if stop_flag():
@@ -504,15 +527,18 @@ class Trainer:
                 "dropped_samples": self.dropped_samples,
             }
             if main:
-                self.logger.log_epoch(record)
+                # a few of the epoch's samples as a labelled grid, only when TensorBoard or W&B takes it
+                k = cfg.log.grid_samples if self.logger.wants_images else 0
+                samples = (traj.images[:k].cpu(), self.grid_captions(traj, rewards, k)) if k else None
+                self.logger.log_epoch(record, samples)
             if on_epoch is not None:
                 on_epoch(self, record)
             self.save()
         wall = time.perf_counter() - start
         after = None
         if cfg.log.eval_samples:
-            rewards, images = self.evaluate(cfg.log.eval_samples)
-            after = self.logger.save_eval("after", rewards, images) if main else None
+            rewards, images, caps = self.evaluate(cfg.log.eval_samples, captions=True)
+            after = self.logger.save_eval("after", rewards, images, caps, step=self.epoch) if main else None
         if self.engine.kind == "fsdp":  # whole weights gathered onto rank 0 (collective)
             full = self.engine.full_state(trainable_only=self.model.lora)
             weights_path = save_final_weights(self.model, self.run_dir, state_dict=full) if main else None
