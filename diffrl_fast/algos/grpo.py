@@ -20,22 +20,14 @@ from typing import Sequence
 import torch
 
 from .base import EpochData
+from ..train.advantages import group_normalize
 from .ddpo import PolicyGradientWithKL
 
 
 def grpo_advantages(prompts: Sequence[str], rewards: torch.Tensor, std: str = "global", eps: float = 1e-4) -> torch.Tensor:
     """(r - mean of r over the samples of the same prompt) / (std + eps), std over all ``rewards``
-    ("global") or over the prompt's samples ("group"); population std, as numpy's."""
-    if len(prompts) != rewards.numel():
-        raise ValueError(f"{len(prompts)} prompts for {rewards.numel()} rewards")
-    r = rewards.double().reshape(-1)
-    adv = torch.empty_like(r)
-    global_std = r.std(unbiased=False)
-    for p in dict.fromkeys(prompts):
-        idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
-        group = r[idx]
-        adv[idx] = (group - group.mean()) / ((global_std if std == "global" else group.std(unbiased=False)) + eps)
-    return adv.to(rewards.dtype)
+    ("global") or over the prompt's samples ("group"); population std, as numpy's (train.advantages.group_normalize)."""
+    return group_normalize(rewards, list(prompts), std=std, eps=eps)
 
 
 class GRPO(PolicyGradientWithKL):

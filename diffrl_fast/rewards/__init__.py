@@ -166,19 +166,14 @@ class WeightedReward:
     def combine(self, parts: dict, prompts: list, norm: Optional[str] = None) -> torch.Tensor:
         """sum_i w_i n(r_i) over the components ``parts`` {label: [N]} of samples with ``prompts``; n is the
         identity or the standardisation of ``norm`` (default: this reward's)."""
+        from ..train.advantages import group_normalize
+
         norm = self.norm if norm is None else norm
         total = torch.zeros(len(prompts), dtype=torch.float32)
         for label, w, _ in self.components:
             r = parts[label].float()
-            if norm == "batch":
-                r = (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
-            elif norm == "prompt":
-                out = torch.empty_like(r)
-                for p in set(prompts):
-                    idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
-                    v = r[idx]
-                    out[idx] = (v - v.mean()) / (v.std(unbiased=False) + 1e-8)
-                r = out
+            if norm != "none":  # "batch": one group of every sample; "prompt": a group per prompt
+                r = group_normalize(r, prompts if norm == "prompt" else [0] * len(prompts), eps=1e-8)
             total = total + w * r
         return total
 

@@ -14,6 +14,25 @@ def normalize(rewards: torch.Tensor, eps: float = 1e-6, dim: int | None = None) 
     return (rewards - rewards.mean(dim, keepdim=True)) / (rewards.std(dim, unbiased=False, keepdim=True) + eps)
 
 
+def group_normalize(values: torch.Tensor, groups: Sequence, std: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """(v - mean of v over its group) / (std + eps), the groups given by equal keys (e.g. prompts); std over the
+    group ("group") or over all ``values`` ("global"); population std. Flow-GRPO's advantages (Liu et al. 2025,
+    flow_grpo/stat_tracking.py: global std, eps 1e-4) and per-prompt standardisation of reward components
+    (DanceGRPO's per-reward group advantages). Computed in float64, returned in ``values``' dtype."""
+    if len(groups) != values.numel():
+        raise ValueError(f"{len(groups)} group keys for {values.numel()} values")
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    v = values.double().reshape(-1)
+    out = torch.empty_like(v)
+    global_std = v.std(unbiased=False)
+    for key in dict.fromkeys(groups):
+        idx = torch.tensor([i for i, k in enumerate(groups) if k == key])
+        g = v[idx]
+        out[idx] = (g - g.mean()) / ((global_std if std == "global" else g.std(unbiased=False)) + eps)
+    return out.to(values.dtype).reshape(values.shape)
+
+
 class PerPromptStatTracker:
     """DDPO's per-prompt advantage normalisation (Black et al. 2023, appendix):
 

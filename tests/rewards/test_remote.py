@@ -194,7 +194,7 @@ def test_weighted_sum_mixes_local_and_remote_and_normalises_per_component(serve)
     comp = info["components"]
     assert set(comp) == {"jpeg_compressibility", "jpeg_incompressibility"}
     assert torch.allclose(total, 2.0 * comp["jpeg_compressibility"] + 0.5 * comp["jpeg_incompressibility"])
-    z = lambda v: (v - v.mean()) / (v.std(unbiased=False) + 1e-8)  # noqa: E731
+    z = lambda v: ((v.double() - v.double().mean()) / (v.double().std(unbiased=False) + 1e-8)).float()  # noqa: E731
     by_batch = fn.combine(comp, prompts, norm="batch")
     assert torch.allclose(by_batch, 2.0 * z(comp["jpeg_compressibility"]) + 0.5 * z(comp["jpeg_incompressibility"]))
     by_prompt = fn.combine(comp, prompts, norm="prompt")
