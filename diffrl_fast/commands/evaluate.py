@@ -59,12 +59,9 @@ def build_rewards(specs: list) -> dict:
             label, i = f"{name}#{i}", i + 1
         try:
             fns[label] = get_reward(name, **(kwargs or {}))
-        except RewardError as exc:
-            raise UsageError(str(exc)) from None
-        except TypeError as exc:  # keyword arguments the factory does not take, or required ones missing
-            if "argument" not in str(exc):
-                raise
-            raise UsageError(f"--reward {name}: {exc}; give its keyword arguments with --kwargs JSON") from None
+        except RewardError as exc:  # an unknown reward, a server that does not answer, keyword arguments it does not take
+            hint = "; give its keyword arguments with --kwargs JSON" if "keyword arguments" in str(exc) else ""
+            raise UsageError(f"--reward {name}: {exc}{hint}") from None
     return fns
 
 

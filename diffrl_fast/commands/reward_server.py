@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--reward", required=True, help="a registered reward name or package.module:function")
     ap.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the reward factory (default: {})")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
-    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: a free port, printed when listening)")
     ap.add_argument("--max-batch", type=int, default=64, help="most images per request (default: 64); clients send batches of at most this")
     args = ap.parse_args(argv)
     try:
@@ -22,8 +22,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--kwargs is not JSON ({exc}); e.g. --kwargs '{{\"clip_path\": \"/models/clip\"}}'") from None
     if not isinstance(kwargs, dict):
         raise UsageError("--kwargs must be a JSON object")
-    if args.max_batch < 1 or not 0 < args.port < 65536:
-        raise UsageError("--max-batch must be >= 1 and --port in 1..65535")
+    if args.max_batch < 1 or not 0 <= args.port < 65536:
+        raise UsageError("--max-batch must be >= 1 and --port in 0..65535 (0: a free port, printed)")
     if args.reward.startswith(("http://", "https://")):
         raise UsageError("--reward names the reward to serve (a registered name or package.module:function), not a URL")
     from ..rewards import RewardError

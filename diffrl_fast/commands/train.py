@@ -81,21 +81,19 @@ def main(argv: list[str]) -> int:
         print(f"\n{stop['signal']} received: stopping after the current step", file=sys.stderr)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    resume_cmd = " ".join(shlex.quote(a) for a in ["diffrl-fast", "train", *[a for a in argv if a not in ("--overwrite", "--resume")],
+                                                   "--resume"])
     try:
         summary = trainer.run(stop_flag=lambda: stop["signal"] is not None)
     except TrainingError as exc:
-        print(f"diffrl-fast train: stopped: {exc}\nResume after fixing the cause with: diffrl-fast train "
-              + " ".join(shlex.quote(a) for a in [*[a for a in argv if a not in ('--overwrite', '--resume')], '--resume']),
-              file=sys.stderr)
+        print(f"diffrl-fast train: stopped: {exc}\nResume after fixing the cause with: {resume_cmd}", file=sys.stderr)
         return 1
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
     if summary.get("interrupted"):
-        args = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
-        cmd = " ".join(shlex.quote(a) for a in ["diffrl-fast", "train", *args])
         print(f"interrupted by {stop['signal']}: the last checkpoint (epoch {summary['epoch']}) is in {run_dir / 'checkpoints'}.\n"
-              f"Resume with: {cmd}", file=sys.stderr)
+              f"Resume with: {resume_cmd}", file=sys.stderr)
         return 130 if stop["signal"] == "SIGINT" else 143
     before, after = summary.get("before"), summary.get("after")
     if before and after:

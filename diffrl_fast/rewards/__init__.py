@@ -68,10 +68,10 @@ def get_reward(spec: str, **kwargs) -> RewardFn:
     if spec.startswith(("http://", "https://")):
         from .remote import RemoteReward
 
-        return RemoteReward(spec, **kwargs)
+        return _call_factory(spec, RemoteReward, spec, **kwargs)
     _load_builtins()
     if spec in _FACTORIES:
-        return _FACTORIES[spec](**kwargs)
+        return _call_factory(spec, _FACTORIES[spec], **kwargs)
     if ":" not in spec:
         import difflib
 
@@ -90,12 +90,42 @@ def get_reward(spec: str, **kwargs) -> RewardFn:
     if fn is None or not callable(fn):
         raise RewardError(f"{module_name!r} has no callable {attr!r} (from reward spec {spec!r})")
     if kwargs:
-        return fn(**kwargs)
+        return _call_factory(spec, fn, **kwargs)
     try:
         n_params = len(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         n_params = 3
     return fn if n_params >= 3 else fn()
+
+
+def _call_factory(spec: str, factory, *args, **kwargs):
+    """``factory(*args, **kwargs)``; keyword arguments it does not take are the user's error: a RewardError naming
+    the reward and what it takes (an error inside the factory itself propagates unchanged)."""
+    try:
+        inspect.signature(factory).bind(*args, **kwargs)
+    except TypeError as exc:
+        try:
+            takes = [p for p in inspect.signature(factory).parameters][len(args):]
+        except (TypeError, ValueError):
+            takes = []
+        raise RewardError(f"reward {spec!r} given keyword arguments {sorted(kwargs)}: {exc}; it takes {takes}") from None
+    except ValueError:  # no signature to check (a builtin): call it and let it complain
+        pass
+    return factory(*args, **kwargs)
+
+
+def reward_values(name: str, out, batch: int, allow_nonfinite: bool = False) -> torch.Tensor:
+    """The rewards of a reward function's output ``(rewards, info)`` as a float CPU tensor [batch], validated
+    (``check_rewards``); with ``allow_nonfinite`` NaN/inf are kept (reward.drop_nonfinite drops those samples).
+    Raises RewardError naming ``name``."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise RewardError(f"reward {name!r} must return (rewards, info), got {type(out).__name__}")
+    rewards = out[0]
+    if allow_nonfinite and isinstance(rewards, (torch.Tensor, list, tuple)):
+        r = torch.as_tensor(rewards).detach().float().cpu()
+        if r.shape == (batch,):
+            return r
+    return check_rewards(name, rewards, batch).cpu()
 
 
 def check_rewards(name: str, rewards, batch: int) -> torch.Tensor:
@@ -116,6 +146,8 @@ def check_rewards(name: str, rewards, batch: int) -> torch.Tensor:
 
 
 COMPONENT_KEYS = ("name", "weight", "kwargs", "label")
+COMPONENT_NORMS = ("none", "batch", "prompt")
+RESERVED_LABELS = ("mean", "std")  # reward_mean / reward_std are the summed reward's statistics
 
 
 def component_label(spec: dict, fn=None) -> str:
@@ -139,61 +171,83 @@ class WeightedReward:
     """
 
     def __init__(self, components: list[tuple[str, float, RewardFn]], norm: str = "none", allow_nonfinite: bool = False):
-        if norm not in ("none", "batch", "prompt"):
-            raise RewardError(f"reward.component_norm {norm!r} is not one of none, batch, prompt")
+        if norm not in COMPONENT_NORMS:
+            raise RewardError(f"reward.component_norm {norm!r} is not one of {list(COMPONENT_NORMS)}")
         labels = [label for label, _, _ in components]
         if len(set(labels)) != len(labels):
             raise RewardError(f"reward components share a name ({labels}): give each a distinct 'label'")
+        reserved = [label for label in labels if label in RESERVED_LABELS]
+        if reserved:
+            raise RewardError(f"reward component label {reserved[0]!r} would be logged as reward_{reserved[0]}, which is the "
+                              f"summed reward's statistic: give it another 'label'")
         self.components, self.norm, self.allow_nonfinite = components, norm, allow_nonfinite
         self.name = " + ".join(f"{w:g} {label}" for label, w, _ in components)
 
     def __call__(self, images, prompts, metadata):
-        parts = {}
-        for label, _, fn in self.components:
-            out = fn(images, prompts, metadata)
-            if not isinstance(out, tuple) or len(out) != 2:
-                raise RewardError(f"reward {label!r} must return (rewards, info), got {type(out).__name__}")
-            r = out[0]
-            if self.allow_nonfinite:  # reward.drop_nonfinite: the trainer drops the samples
-                r = torch.as_tensor(r).detach().float().reshape(-1).cpu()
-                if r.shape != (len(prompts),):
-                    check_rewards(label, r, len(prompts))
-                parts[label] = r
-            else:
-                parts[label] = check_rewards(label, r, len(prompts)).cpu()
+        parts = {label: reward_values(label, fn(images, prompts, metadata), len(prompts), self.allow_nonfinite)
+                 for label, _, fn in self.components}
         return self.combine(parts, prompts, norm="none"), {"components": parts}
 
     def combine(self, parts: dict, prompts: list, norm: Optional[str] = None) -> torch.Tensor:
         """sum_i w_i n(r_i) over the components ``parts`` {label: [N]} of samples with ``prompts``; n is the
-        identity or the standardisation of ``norm`` (default: this reward's)."""
+        identity or the standardisation of ``norm`` (default: this reward's), over each component's finite values
+        (a sample whose component is NaN/inf stays so, and reward.drop_nonfinite drops it)."""
         from ..train.advantages import group_normalize
 
         norm = self.norm if norm is None else norm
         total = torch.zeros(len(prompts), dtype=torch.float32)
         for label, w, _ in self.components:
-            r = parts[label].float()
+            r = parts[label].float().clone()
             if norm != "none":  # "batch": one group of every sample; "prompt": a group per prompt
-                r = group_normalize(r, prompts if norm == "prompt" else [0] * len(prompts), eps=1e-8)
+                ok = torch.isfinite(r)
+                keys = [prompts[i] if norm == "prompt" else 0 for i in range(len(prompts)) if ok[i]]
+                if keys:
+                    r[ok] = group_normalize(r[ok], keys, eps=1e-8)
             total = total + w * r
         return total
+
+    def close(self) -> None:
+        """Stop every component that holds a connection (reward servers): requests in flight end, none start."""
+        for _, _, fn in self.components:
+            close_reward(fn)
+
+
+def close_reward(fn) -> None:
+    """Close a reward that holds resources (a reward server's client, a weighted sum of them); others: nothing."""
+    close = getattr(fn, "close", None)
+    if callable(close):
+        close()
+
+
+def remote_settings(reward_cfg) -> dict:
+    """The reward.* client settings a reward server's client (RemoteReward) takes."""
+    return {"timeout_s": reward_cfg.timeout_s, "retries": reward_cfg.retries, "backoff_s": reward_cfg.backoff_s,
+            "image_format": reward_cfg.remote_format, "batch_size": reward_cfg.remote_batch_size,
+            "allow_nonfinite": reward_cfg.drop_nonfinite}
+
+
+def build_one(name: str, kwargs: dict, reward_cfg) -> RewardFn:
+    """One reward by name; a URL's client gets the reward.* settings, overridden by its own ``kwargs``."""
+    if name.startswith(("http://", "https://")):
+        return get_reward(name, **{**remote_settings(reward_cfg), **kwargs})
+    return get_reward(name, **kwargs)
 
 
 def build_reward(reward_cfg) -> RewardFn:
     """The reward ``reward.name`` names: one reward (a name, dotted path or URL, with ``reward.kwargs``), or for a
-    list of {name, weight, kwargs, label} a :class:`WeightedReward`. URLs get the reward.* client settings."""
-    remote = {"timeout_s": reward_cfg.timeout_s, "retries": reward_cfg.retries, "backoff_s": reward_cfg.backoff_s,
-              "image_format": reward_cfg.remote_format, "batch_size": reward_cfg.remote_batch_size}
-
-    def one(name, kwargs):
-        if name.startswith(("http://", "https://")):
-            return get_reward(name, **remote, **kwargs)
-        return get_reward(name, **kwargs)
-
+    list of {name, weight, kwargs, label} a :class:`WeightedReward`. Every reward server's health is checked before
+    any local reward model loads."""
     spec = reward_cfg.name
     if isinstance(spec, str):
-        return one(spec, reward_cfg.kwargs)
-    components = []
-    for i, c in enumerate(spec):
-        fn = one(c["name"], c.get("kwargs") or {})
-        components.append((component_label(c, fn), float(c.get("weight", 1.0)), fn))
+        return build_one(spec, reward_cfg.kwargs, reward_cfg)
+    remote_first = sorted(range(len(spec)), key=lambda i: not spec[i]["name"].startswith(("http://", "https://")))
+    built: dict[int, RewardFn] = {}
+    try:
+        for i in remote_first:
+            built[i] = build_one(spec[i]["name"], spec[i].get("kwargs") or {}, reward_cfg)
+    except BaseException:
+        for fn in built.values():
+            close_reward(fn)
+        raise
+    components = [(component_label(c, built[i]), float(c.get("weight", 1.0)), built[i]) for i, c in enumerate(spec)]
     return WeightedReward(components, reward_cfg.component_norm, allow_nonfinite=reward_cfg.drop_nonfinite)

@@ -16,7 +16,7 @@ local one bit for bit.
 
 The client (:class:`RemoteReward`) checks ``/health`` when it is built (before the trainer loads any model), sends
 batches of at most the server's ``max_batch``, and retries a failed request (connection refused or reset, timeout,
-HTTP 5xx) ``retries`` times with exponential backoff. It never turns a failure into a reward: after the retries it
+HTTP 5xx, or 422: the reward raised on the server) ``retries`` times with exponential backoff. It never turns a failure into a reward: after the retries it
 raises :class:`RewardServiceError`, which the trainer turns into a clean stop at its last checkpoint. A reply that is
 not a valid answer (not JSON, wrong length, non-finite values) is a server bug, not a transient failure: it raises
 :class:`RewardError` at once, naming the server and what was wrong.
@@ -30,12 +30,11 @@ import base64
 import io
 import json
 import math
-import time
 from typing import Optional
 
 import torch
 
-from . import RewardError, check_rewards, get_reward
+from . import RewardError, get_reward, reward_values
 
 PROTOCOL = 1
 IMAGE_FORMATS = ("uint8", "png", "float32")
@@ -127,14 +126,10 @@ def make_app(reward_fn, name: str, max_batch: int = 64):
     def compute(images, prompts, metadata):
         with torch.no_grad():
             out = reward_fn(images, prompts, metadata)
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise RewardError(f"reward {name!r} must return (rewards, info), got {type(out).__name__}")
-        rewards, info = out
-        rewards = torch.as_tensor(rewards).detach().float().reshape(-1).cpu()
-        if rewards.shape != (len(prompts),):
-            raise RewardError(f"reward {name!r} returned {rewards.numel()} values for {len(prompts)} images")
+        # NaN/inf travel as they are: the client decides (reward.drop_nonfinite) what a non-finite reward means
+        rewards = reward_values(name, out, len(prompts), allow_nonfinite=True)
         scalars = {}
-        for k, v in (info or {}).items():
+        for k, v in (out[1] or {}).items():
             try:
                 scalars[str(k)] = float(v)
             except (TypeError, ValueError):
@@ -182,15 +177,33 @@ def make_app(reward_fn, name: str, max_batch: int = 64):
 
 def serve(reward: str, *, kwargs: Optional[dict] = None, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
           print_fn=print) -> None:
-    """Serve the registered or dotted-path reward ``reward`` on http://host:port until interrupted."""
+    """Serve the registered or dotted-path reward ``reward`` on http://host:port until interrupted (port 0: a free
+    port, printed)."""
+    import asyncio
+    import signal
+
     from .._extras import require
 
     web = require("aiohttp.web", "the reward server")
-
     fn = get_reward(reward, **(kwargs or {}))
     app = make_app(fn, reward, max_batch)
-    print_fn(f"serving reward {reward!r} on http://{host}:{port} (max batch {max_batch}); stop with Ctrl-C")
-    web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+
+    async def main():
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1] if port == 0 else port
+        print_fn(f"serving reward {reward!r} on http://{host}:{bound} (max batch {max_batch}); stop with Ctrl-C")
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
 
 
 # ---- the client -------------------------------------------------------------------------------------------------
@@ -198,11 +211,15 @@ class RemoteReward:
     """A reward served by ``diffrl-fast reward-server``: ``fn(images, prompts, metadata) -> (rewards, info)``.
 
     Requests go in batches of ``min(batch_size, the server's max_batch)``; each may take ``timeout_s``; a failed request
-    (connection error, timeout, HTTP 5xx) is retried ``retries`` times after backoff_s, 2 backoff_s, 4 backoff_s, ...
+    (connection error, timeout, HTTP 5xx or 422) is retried ``retries`` times after backoff_s, 2 backoff_s, 4 backoff_s,
+    ...; ``close()`` stops it between attempts.
     """
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 1.0,
-                 image_format: str = "uint8", batch_size: int = 0, health_timeout_s: float = 10.0) -> None:
+                 image_format: str = "uint8", batch_size: int = 0, health_timeout_s: float = 10.0,
+                 allow_nonfinite: bool = False) -> None:
+        import threading
+
         from .._extras import require
 
         requests = require("requests", "reward servers (reward.name=http://...)")
@@ -211,6 +228,8 @@ class RemoteReward:
             raise RewardError(f"reward.remote_format {image_format!r} is not one of {list(IMAGE_FORMATS)}")
         self.url = url.rstrip("/")
         self.timeout_s, self.retries, self.backoff_s, self.image_format = timeout_s, retries, backoff_s, image_format
+        self.allow_nonfinite = allow_nonfinite  # reward.drop_nonfinite: NaN/inf rewards are kept, the trainer drops them
+        self.closed = threading.Event()
         self.session = requests.Session()
         try:
             reply = self.session.get(f"{self.url}/health", timeout=health_timeout_s)
@@ -225,11 +244,19 @@ class RemoteReward:
         if not isinstance(health, dict) or health.get("status") != "ok" or not isinstance(health.get("max_batch"), int):
             raise RewardServiceError(f"reward server {self.url} answered /health with {str(health)[:200]!r}, not a "
                                      f"diffrl-fast reward server's status")
+        if health.get("protocol") != PROTOCOL:
+            raise RewardServiceError(f"reward server {self.url} speaks protocol {health.get('protocol')!r}, this client "
+                                     f"{PROTOCOL}: run the same diffrl_fast version on both sides")
         self.name = str(health.get("reward", "remote"))
         self.batch_size = min(batch_size, health["max_batch"]) if batch_size > 0 else health["max_batch"]
 
     def __repr__(self) -> str:
         return f"RemoteReward({self.url!r}, reward={self.name!r})"
+
+    def close(self) -> None:
+        """Stop: no new request or retry starts (one in flight ends within timeout_s); the connections close."""
+        self.closed.set()
+        self.session.close()
 
     def __call__(self, images: torch.Tensor, prompts: list, metadata: list):
         rewards, infos = [], []
@@ -237,10 +264,10 @@ class RemoteReward:
             stop = start + self.batch_size
             r, info = self._score(images[start:stop], list(prompts[start:stop]), list(metadata[start:stop]))
             rewards.append(r)
-            infos.append(info)
+            infos.append((len(r), info))
         out = torch.cat(rewards) if rewards else torch.zeros(0)
-        keys = {k for i in infos for k in i}
-        return out, {k: sum(i.get(k, 0.0) for i in infos) / len(infos) for k in keys}
+        keys = {k for _, i in infos for k in i}  # each request's statistics, weighted by its number of images
+        return out, {k: sum(n * i[k] for n, i in infos if k in i) / sum(n for n, i in infos if k in i) for k in keys}
 
     def _score(self, images: torch.Tensor, prompts: list, metadata: list):
         import requests
@@ -249,8 +276,10 @@ class RemoteReward:
                            "images": encode_images(images, self.image_format)})
         last = ""
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if attempt and self.closed.wait(self.backoff_s * 2 ** (attempt - 1)):
+                break
+            if self.closed.is_set():
+                break
             try:
                 reply = self.session.post(f"{self.url}/score", data=body, timeout=self.timeout_s,
                                           headers={"Content-Type": "application/json"})
@@ -260,13 +289,15 @@ class RemoteReward:
             except requests.RequestException as exc:
                 last = _cause(exc)
                 continue
-            if reply.status_code >= 500:
-                last = f"HTTP {reply.status_code}: {reply.text[:200]}"
+            if reply.status_code >= 500 or reply.status_code == 422:  # 422: the reward raised there (e.g. out of memory)
+                last = f"HTTP {reply.status_code}: {_error_text(reply)}"
                 continue
             if reply.status_code != 200:  # the request itself is wrong: retrying would not help
                 raise RewardError(f"reward server {self.url} refused the batch (HTTP {reply.status_code}): "
                                   f"{_error_text(reply)}")
             return self._parse(reply, len(prompts))
+        if self.closed.is_set():
+            raise RewardServiceError(f"reward server {self.url}: its client was closed (the run is stopping); last: {last or 'nothing sent'}")
         raise RewardServiceError(f"reward server {self.url} failed {self.retries + 1} times (reward.retries="
                                  f"{self.retries}); last: {last}")
 
@@ -281,7 +312,8 @@ class RemoteReward:
         values = body["rewards"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise RewardError(f"reward server {self.url} replied with rewards that are not numbers: {str(values)[:200]}")
-        rewards = check_rewards(f"{self.name} at {self.url}", torch.tensor(values, dtype=torch.float32), n)
+        rewards = reward_values(f"{self.name} at {self.url}", (torch.tensor(values, dtype=torch.float32), {}), n,
+                                self.allow_nonfinite)
         info = body.get("info") if isinstance(body.get("info"), dict) else {}
         return rewards, {k: float(v) for k, v in info.items() if isinstance(v, (int, float))}
 

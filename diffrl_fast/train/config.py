@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -82,7 +82,7 @@ class TrainConfig:
 
 @dataclass
 class RewardConfig:
-    name: Union[str, list[dict]] = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, aesthetic, clip_score (also PickScore), hpsv2, image_reward; docs/rewards.md), 'package.module:function', a reward server 'http://HOST:PORT' (diffrl-fast reward-server), or a weighted sum: [{name: clip_score, weight: 1.0}, {name: aesthetic, weight: 0.5, kwargs: {...}}] (local and remote mixed; each component logged as reward_<name or label>).")
+    name: Union[str, list[Any]] = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, aesthetic, clip_score (also PickScore), hpsv2, image_reward; docs/rewards.md), 'package.module:function', a reward server 'http://HOST:PORT' (diffrl-fast reward-server), or a weighted sum: [{name: clip_score, weight: 1.0}, {name: aesthetic, weight: 0.5, kwargs: {...}, label: aes}] ([a, b]: weights 1; local and remote mixed; each component logged as reward_<label or name>).")
     kwargs: dict = option({}, "Keyword arguments of the reward factory (e.g. {clip_path: ..., mlp_path: ...} for aesthetic); a weighted sum's components take their own 'kwargs'.")
     component_norm: str = option("none", "Weighted sums: 'none' sums the raw rewards; 'batch' standardises each component over the epoch's samples before weighting, 'prompt' over each prompt's samples (DanceGRPO's per-reward group advantages), so no component dominates by its scale.")
     timeout_s: float = option(60.0, "Reward servers: seconds one request may take before it counts as failed.")
@@ -361,19 +361,25 @@ def validate(cfg: Config) -> Config:
     need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
     G = samples_per_prompt(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
+    from ..rewards import COMPONENT_KEYS, COMPONENT_NORMS
+    from ..rewards.remote import IMAGE_FORMATS
+
     r = cfg.reward
     if isinstance(r.name, list):
         need(len(r.name) >= 1, "reward.name is an empty list: give a reward name or [{name: ..., weight: ...}, ...]")
+        r.name = [{"name": c} if isinstance(c, str) else c for c in r.name]  # [a, b]: each with weight 1
         for i, c in enumerate(r.name):
-            extra = sorted(set(c) - {"name", "weight", "kwargs", "label"})
-            need(not extra, f"reward.name[{i}] has unknown keys {extra}; a component takes name, weight, kwargs, label")
+            need(isinstance(c, dict), f"reward.name[{i}] must be a reward name or {{name: ..., weight: ..., kwargs: ..., "
+                                      f"label: ...}}, got {c!r}")
+            extra = sorted(set(c) - set(COMPONENT_KEYS))
+            need(not extra, f"reward.name[{i}] has unknown keys {extra}; a component takes {', '.join(COMPONENT_KEYS)}")
             need(isinstance(c.get("name"), str) and c["name"], f"reward.name[{i}] needs a 'name' (a reward name, dotted path or URL)")
             w = c.get("weight", 1.0)
             need(isinstance(w, (int, float)) and not isinstance(w, bool), f"reward.name[{i}].weight must be a number, got {w!r}")
             need(isinstance(c.get("kwargs", {}) or {}, dict), f"reward.name[{i}].kwargs must be a mapping")
         need(not r.kwargs, "reward.kwargs applies to a single reward; give each component of reward.name its own kwargs")
-    choice("reward.component_norm", r.component_norm, ("none", "batch", "prompt"))
-    choice("reward.remote_format", r.remote_format, ("uint8", "png", "float32"))
+    choice("reward.component_norm", r.component_norm, COMPONENT_NORMS)
+    choice("reward.remote_format", r.remote_format, IMAGE_FORMATS)
     need(r.timeout_s > 0 and r.retries >= 0 and r.backoff_s >= 0 and r.remote_batch_size >= 0,
          "reward.timeout_s must be > 0; reward.retries, reward.backoff_s and reward.remote_batch_size >= 0")
     need(not (cfg.reward.drop_nonfinite and G > 1),

@@ -33,7 +33,7 @@ from ..diffusion.coefficients import make_schedule
 from ..diffusion.recompute import pack_chunk, trainable_steps
 from ..diffusion.rollout import Trajectory, sample_trajectories
 from ..models import load_model
-from ..rewards import RewardError, WeightedReward, build_reward, check_rewards, get_reward
+from ..rewards import RewardError, WeightedReward, build_one, build_reward, close_reward, reward_values
 from ..rewards.remote import RewardServiceError
 from ..utils.memory import PeakMemory
 from .advantages import PerPromptStatTracker, normalize
@@ -110,9 +110,16 @@ class Trainer:
             require("wandb", "log.wandb=true")
         torch.manual_seed(cfg.seed)
         self.algo = make_algorithm(cfg)
-        # a reward server's health check runs here, before any model loads
-        self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward)
-        self.tracked = {name: get_reward(name) for name in cfg.reward.track}
+        # a reward server's health check runs here, before any model loads, and every process learns whether any
+        # process's failed (each would otherwise wait for the failed one in its first collective)
+        error = None
+        try:
+            self.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward)
+            self.tracked = {name: build_one(name, {}, cfg.reward) for name in cfg.reward.track}
+        except RewardError as exc:
+            error = exc
+        self._agree(error)
+        self.phase = "setup"  # what the run is doing, for the message of a reward server that stops it
         self.tracked_means: dict[str, float] = {}
         self.component_means: dict[str, float] = {}
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
@@ -265,18 +272,33 @@ class Trainer:
 
     def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict]:
         """(rewards [B] on the CPU, components {label: [B]} of a weighted sum, else {}); validated."""
-        name = reward_label(self.cfg)
         out = self.reward_fn(traj.images, traj.prompts, traj.metadata)
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise RewardError(f"reward {name!r} must return (rewards, info), got {type(out).__name__}")
-        rewards, info = out
-        components = info.get("components", {}) if isinstance(self.reward_fn, WeightedReward) else {}
-        if self.cfg.reward.drop_nonfinite:
-            rewards = torch.as_tensor(rewards).detach().float().reshape(-1).cpu()
-            if rewards.shape != (len(traj),):
-                check_rewards(name, rewards, len(traj))
-            return rewards, components
-        return check_rewards(name, rewards, len(traj)).cpu(), components
+        rewards = reward_values(reward_label(self.cfg), out, len(traj), self.cfg.reward.drop_nonfinite)
+        components = out[1].get("components", {}) if isinstance(self.reward_fn, WeightedReward) else {}
+        return rewards, components
+
+    def _agree(self, error: Optional[BaseException]) -> None:
+        """Raise ``error`` here, and on every process when any process has one (a reward server that failed one
+        process fails them all at once, instead of leaving the others waiting in a collective)."""
+        if self.ctx.active:
+            errors = self.ctx.all_gather_object(None if error is None else (type(error).__name__, str(error)))
+            if error is None and any(e is not None for e in errors):
+                rank, (kind, text) = next((r, e) for r, e in enumerate(errors) if e is not None)
+                cls = RewardServiceError if kind == "RewardServiceError" else RewardError
+                raise cls(f"process {rank}: {text}")
+        if error is not None:
+            raise error
+
+    def _collect(self, pending: list) -> list:
+        """The results of the reward thread's (or inline) scoring; the first error is every process's."""
+        error, results = None, []
+        for p in pending:
+            try:
+                results.append(p.result() if isinstance(p, Future) else p)
+            except RewardError as exc:
+                error = error or exc
+        self._agree(error)
+        return results
 
     def sample_epoch(self, epoch: int, bar=None) -> tuple[Trajectory, torch.Tensor]:
         s = self.cfg.sample
@@ -297,15 +319,16 @@ class Trainer:
                 traj = self._sample(prompts, seeds, init_seeds=init, progress=bar, epoch=epoch)
             trajs.append(traj)
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
-        scored = [p.result() if isinstance(p, Future) else p for p in pending]
+        scored = self._collect(pending)
         rewards = torch.cat([r for r, _ in scored])
+        self.logged_rewards = rewards  # what the records show: the reward, or the plain weighted sum of components
         traj = Trajectory.cat(trajs)
         if scored[0][1]:  # a weighted sum: log each component; recombine the epoch's components if normalised
             parts = {k: torch.cat([c[k] for _, c in scored]) for k in scored[0][1]}
             rewards = self._combine_components(traj.prompts, parts, rewards)
         self.tracked_means = {}
         for name, fn in self.tracked.items():
-            local = check_rewards(name, fn(traj.images, traj.prompts, traj.metadata)[0], len(traj))
+            local = reward_values(name, fn(traj.images, traj.prompts, traj.metadata), len(traj))
             self.tracked_means[f"track_{name}"] = float(self._gather_rewards(local).mean())
         if self.cfg.reward.drop_nonfinite:
             keep = torch.isfinite(rewards)
@@ -314,18 +337,23 @@ class Trainer:
                 if not bool(keep.any()):
                     raise RewardError(f"reward {reward_label(self.cfg)!r} returned no finite value in epoch {epoch}")
                 traj, rewards = traj.index(torch.nonzero(keep).flatten()), rewards[keep]
+                self.logged_rewards = self.logged_rewards[keep]
         return traj, rewards
 
+    def _gather_global(self, prompts: list[str], values: dict[str, torch.Tensor]) -> tuple[list[str], dict, int]:
+        """Every process's prompts and named per-sample values, concatenated in rank order, and where this
+        process's samples start in them."""
+        if not self.ctx.active:
+            return list(prompts), values, 0
+        gathered = self.ctx.all_gather_object((list(prompts), {k: v.tolist() for k, v in values.items()}))
+        all_prompts = [p for ps, _ in gathered for p in ps]
+        all_values = {k: torch.tensor([x for _, c in gathered for x in c[k]]) for k in values}
+        return all_prompts, all_values, sum(len(ps) for ps, _ in gathered[: self.ctx.rank])
+
     def _combine_components(self, prompts: list[str], parts: dict, rewards: torch.Tensor) -> torch.Tensor:
-        """Log the global mean of each component (reward_<label>); with reward.component_norm the rewards become the
-        weighted sum of components standardised over all processes' samples (this process's slice of it)."""
-        if self.ctx.active:
-            gathered = self.ctx.all_gather_object((list(prompts), {k: v.tolist() for k, v in parts.items()}))
-            all_prompts = [p for ps, _ in gathered for p in ps]
-            all_parts = {k: torch.tensor([x for _, c in gathered for x in c[k]]) for k in parts}
-            start = sum(len(ps) for ps, _ in gathered[: self.ctx.rank])
-        else:
-            all_prompts, all_parts, start = list(prompts), parts, 0
+        """Log the global mean of each component (reward_<label>); with reward.component_norm the rewards trained on
+        become the weighted sum of components standardised over all processes' samples (this process's slice)."""
+        all_prompts, all_parts, start = self._gather_global(prompts, parts)
         self.component_means = {f"reward_{k}": float(v[torch.isfinite(v)].mean()) for k, v in all_parts.items()}
         if self.reward_fn.norm == "none":
             return rewards
@@ -338,11 +366,9 @@ class Trainer:
         """Advantages of this process's samples from statistics over all processes' samples."""
         if not self.ctx.active:
             return self.tracker.update(prompts, rewards) if self.tracker is not None else normalize(rewards)
-        parts = self.ctx.all_gather_object((list(prompts), rewards.tolist()))
-        all_prompts = [p for ps, _ in parts for p in ps]
-        all_rewards = torch.tensor([r for _, rs in parts for r in rs])
+        all_prompts, values, start = self._gather_global(prompts, {"r": rewards})
+        all_rewards = values["r"]
         adv = self.tracker.update(all_prompts, all_rewards) if self.tracker is not None else normalize(all_rewards)
-        start = sum(len(ps) for ps, _ in parts[: self.ctx.rank])
         return adv[start:start + len(prompts)]
 
     # ---- optimisation --------------------------------------------------------------------------
@@ -448,7 +474,7 @@ class Trainer:
         for start in range(0, per_rank, bs):
             chunk = ids[start:start + bs]
             traj = self._sample([self.prompts[i % len(self.prompts)] for i in chunk], [EVAL_SEED_BASE + i for i in chunk])
-            rewards.append(self._score(traj)[0])
+            rewards.append(self._collect([self._score(traj)])[0][0])
             keep = max(0, self.cfg.log.grid_samples - start)
             images.append(traj.images[:keep].cpu())
             if captions and self.ctx.is_main:
@@ -471,11 +497,13 @@ class Trainer:
         try:
             return self._run(stop_flag, on_epoch)
         except RewardServiceError as exc:
+            close_reward(self.reward_fn)  # the reward thread's pending batches stop retrying
+            for fn in self.tracked.values():
+                close_reward(fn)
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
-            raise TrainingError(f"{exc}. The run stopped during epoch {self.epoch + 1}; its last checkpoint (epoch "
-                                f"{self.epoch}) is in {self.run_dir / 'checkpoints'}: resume once the server answers "
-                                f"again") from exc
+            raise TrainingError(f"{exc}. The run stopped {self.phase}; its last checkpoint (epoch {self.epoch}) is in "
+                                f"{self.run_dir / 'checkpoints'}: resume once the server answers again") from exc
         finally:
             if self.ctx.is_main:
                 self.logger.close()  # TensorBoard's writer and the W&B run
@@ -490,6 +518,7 @@ class Trainer:
         start = time.perf_counter()
         before = self.logger.load_eval("before")
         if before is None and cfg.log.eval_samples:
+            self.phase = "in the evaluation before training"
             rewards, images, caps = self.evaluate(cfg.log.eval_samples, captions=True)
             before = self.logger.save_eval("before", rewards, images, caps, step=self.epoch) if main else None
         bars = self.logger.bars(enabled=main)
@@ -497,6 +526,7 @@ class Trainer:
             if stop_flag():
                 return {"interrupted": True, "epoch": self.epoch}
             epoch = self.epoch
+            self.phase = f"during epoch {epoch + 1}"
             self.memory.reset()
             t0 = time.perf_counter()
             self.model.denoiser.eval()
@@ -516,7 +546,7 @@ class Trainer:
             stats.update(self.component_means)
             stats.update(self.algo.after_epoch(self, epoch))
             self.epoch += 1
-            all_rewards = self._gather_rewards(rewards)
+            all_rewards = self._gather_rewards(self.logged_rewards)  # not the normalised components' sum
             n_global = len(traj) * self.ctx.world_size
             record = {
                 "epoch": self.epoch, "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
@@ -529,7 +559,7 @@ class Trainer:
             if main:
                 # a few of the epoch's samples as a labelled grid, only when TensorBoard or W&B takes it
                 k = cfg.log.grid_samples if self.logger.wants_images else 0
-                samples = (traj.images[:k].cpu(), self.grid_captions(traj, rewards, k)) if k else None
+                samples = (traj.images[:k].cpu(), self.grid_captions(traj, self.logged_rewards, k)) if k else None
                 self.logger.log_epoch(record, samples)
             if on_epoch is not None:
                 on_epoch(self, record)
@@ -537,6 +567,7 @@ class Trainer:
         wall = time.perf_counter() - start
         after = None
         if cfg.log.eval_samples:
+            self.phase = "in the evaluation after training"
             rewards, images, caps = self.evaluate(cfg.log.eval_samples, captions=True)
             after = self.logger.save_eval("after", rewards, images, caps, step=self.epoch) if main else None
         if self.engine.kind == "fsdp":  # whole weights gathered onto rank 0 (collective)

@@ -42,7 +42,7 @@ class ServerThread:
 
         self.thread = threading.Thread(target=main, daemon=True)
         self.thread.start()
-        ready.wait(10)
+        assert ready.wait(60), "the test server did not start"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
@@ -151,22 +151,87 @@ def test_a_slow_server_hits_the_timeout_and_is_retried(serve):
     t0 = time.perf_counter()
     with pytest.raises(RewardServiceError, match=r"failed 2 times .*no reply within reward.timeout_s=0.2 s"):
         reward(_images(1), ["a"], [{}])
-    assert calls["n"] == 2 and time.perf_counter() - t0 < 1.5
+    assert calls["n"] == 2 and time.perf_counter() - t0 < 3.9  # the server answers each after 2 s: never waited for
 
 
-def test_a_reward_that_raises_on_the_server_is_named(serve):
+def test_a_reward_that_raises_on_the_server_is_named_and_retried(serve):
+    calls = {"n": 0}
+
     def bad(images, prompts, metadata):
+        calls["n"] += 1
         raise ValueError("model weights missing")
 
     server = serve(make_app(bad, "bad", max_batch=4))
-    with pytest.raises(RewardError, match=r"HTTP 422.*reward 'bad' raised ValueError: model weights missing"):
+    with pytest.raises(RewardServiceError, match=r"failed 3 times.*HTTP 422: reward 'bad' raised ValueError: model weights missing"):
         RemoteReward(server.url, retries=2, backoff_s=0)(_images(2), ["a", "b"], [{}, {}])
+    assert calls["n"] == 3  # a transient failure of the reward there (out of memory) is worth a retry
+
+
+def test_nonfinite_rewards_pass_through_only_when_the_run_drops_them(serve):
+    from aiohttp import web
+
+    async def handler(request):
+        return web.Response(text='{"rewards": [1.0, NaN]}', content_type="application/json")
+
+    app, _ = _fixed_app(handler)
+    server = serve(app)
+    got, _ = RemoteReward(server.url, allow_nonfinite=True)(_images(2), ["a", "b"], [{}, {}])
+    assert got[0] == 1.0 and torch.isnan(got[1])
+    with pytest.raises(RewardError, match="non-finite"):
+        RemoteReward(server.url)(_images(2), ["a", "b"], [{}, {}])
+
+
+def test_closing_a_client_stops_its_retries(serve):
+    from aiohttp import web
+
+    async def handler(request):
+        return web.Response(status=503, text="busy")
+
+    app, calls = _fixed_app(handler)
+    server = serve(app)
+    reward = RemoteReward(server.url, retries=50, backoff_s=0.5)
+    threading.Timer(0.3, reward.close).start()
+    t0 = time.perf_counter()
+    with pytest.raises(RewardServiceError, match="client was closed"):
+        reward(_images(1), ["a"], [{}])
+    assert calls["n"] <= 2 and time.perf_counter() - t0 < 5
+
+
+def test_user_errors_in_reward_specs_are_named():
+    from diffrl_fast.rewards import WeightedReward
+
+    with pytest.raises(RewardError, match=r"reward 'jpeg_compressibility' given keyword arguments \['quality_x'\]: got an unexpected"):
+        get_reward("jpeg_compressibility", quality_x=3)
+    fn = get_reward("jpeg_compressibility")
+    with pytest.raises(RewardError, match="label 'mean' would be logged as reward_mean"):
+        WeightedReward([("mean", 1.0, fn)])
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CONSTRUCTED = []
+
+
+def recording_reward_factory():
+    """A local reward whose construction is recorded (stands for a reward model that takes long to load)."""
+    CONSTRUCTED.append("local")
+    return lambda images, prompts, metadata: (torch.zeros(len(prompts)), {})
+
+
+def test_reward_servers_are_checked_before_local_rewards_load():
+    from diffrl_fast.rewards import build_reward
+    from diffrl_fast.train.config import RewardConfig
+
+    CONSTRUCTED.clear()
+    url = f"http://127.0.0.1:{_free_port()}"
+    cfg = RewardConfig(name=[{"name": "tests.rewards.test_remote:recording_reward_factory"}, {"name": url, "weight": 0.5}])
+    with pytest.raises(RewardServiceError, match="connection refused"):
+        build_reward(cfg)
+    assert CONSTRUCTED == []  # listed first, never built: the dead server stopped the run before it
 
 
 def test_failed_health_check_exits_2_before_any_model_loads(tmp_path):
@@ -204,23 +269,23 @@ def test_weighted_sum_mixes_local_and_remote_and_normalises_per_component(serve)
 
 
 # ---- the trainer against a real `diffrl-fast reward-server` process ------------------------------------------
-def _start_server(port: int) -> subprocess.Popen:
+def _start_server(port: int = 0) -> tuple[subprocess.Popen, int]:
+    """`diffrl-fast reward-server` on ``port`` (0: a free one, read from the line it prints when it listens)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "diffrl_fast", "reward-server", "--reward", "tests.algos.toy:toy_reward",
                              "--port", str(port), "--max-batch", "4"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    import requests
-
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.1)
+    lines = []
+    deadline = time.time() + 120  # importing torch on a loaded 2-core machine
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError("".join(lines))
+        lines.append(line)
+        if line.startswith("serving reward"):
+            return proc, int(line.split("http://127.0.0.1:")[1].split()[0])
     proc.kill()
-    raise AssertionError("the reward server did not start in 30 s")
+    raise AssertionError("the reward server did not start in 120 s:\n" + "".join(lines))
 
 
 @pytest.mark.slow
@@ -231,7 +296,7 @@ def test_killed_server_stops_the_run_cleanly_and_resume_matches_an_uninterrupted
     from tests.algos.toy import ToyModel, toy_reward
 
     monkeypatch.setattr("diffrl_fast.train.trainer.save_final_weights", lambda *a, **k: None)  # the toy has no format
-    port = _free_port()
+    server, port = _start_server()
     common = ["prompts=[a, b]", "sample.num_steps=3", "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=4",
               "num_epochs=3", "log.eval_samples=0", "log.progress=false", "log.tensorboard=false", "log.grid_samples=0",
               f"output_dir={tmp_path}"]
@@ -242,10 +307,9 @@ def test_killed_server_stops_the_run_cleanly_and_resume_matches_an_uninterrupted
         cfg = validate(load_config(Config, None, [*common, *extra, f"name={name}"]))
         return Trainer(cfg, tmp_path / name, model=ToyModel(), reward_fn=reward_fn, log_fn=lambda s: None)
 
-    whole = trainer(name="whole", reward_fn=toy_reward)
-    whole.run()
-    server = _start_server(port)
     try:
+        whole = trainer(name="whole", reward_fn=toy_reward)
+        whole.run()
         part = trainer(*remote, name="part")
 
         def kill_after_first_epoch(t, record):
@@ -253,10 +317,11 @@ def test_killed_server_stops_the_run_cleanly_and_resume_matches_an_uninterrupted
                 server.kill()
                 server.wait()
 
-        with pytest.raises(TrainingError, match=r"failed 2 times.*connection refused.*last checkpoint \(epoch 1\)"):
+        with pytest.raises(TrainingError, match=r"failed 2 times.*(connection refused|closed the connection).*stopped during epoch 2.*"
+                                                r"last checkpoint \(epoch 1\)"):
             part.run(on_epoch=kill_after_first_epoch)
         assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 1
-        server = _start_server(port)
+        server, _ = _start_server(port)
         resumed = trainer(*remote, name="part")
         assert resumed.resume() and resumed.epoch == 1
         resumed.run()
@@ -283,14 +348,44 @@ def test_trainer_logs_each_component_and_normalises_before_summing(tmp_path, mon
     common = ["prompts=[a, b]", "sample.num_steps=2", "sample.batch_size=4", "train.batch_size=4", "num_epochs=1",
               "log.eval_samples=0", "log.progress=false", "log.tensorboard=false", "log.grid_samples=0", f"output_dir={tmp_path}"]
     monkeypatch.setattr("diffrl_fast.train.trainer.save_final_weights", lambda *a, **k: None)
-    records = {}
+    records, trained_on = {}, {}
     for norm in ("none", "prompt"):
         cfg = validate(load_config(Config, None, [*common, spec, f"reward.component_norm={norm}", f"name={norm}"]))
         assert cfg.reward.name[0] == {"name": "tests.algos.toy:toy_reward", "weight": 2.0, "label": "toy"}
-        Trainer(cfg, tmp_path / norm, model=ToyModel(), log_fn=lambda s: None).run()
+        t = Trainer(cfg, tmp_path / norm, model=ToyModel(), log_fn=lambda s: None)
+        prepare = t.algo.prepare
+        t.algo.prepare = lambda tr, traj, r, norm=norm: trained_on.setdefault(norm, (list(traj.prompts), r)) and prepare(tr, traj, r)
+        t.run()
         records[norm] = json.loads((tmp_path / norm / "metrics.jsonl").read_text().splitlines()[0])
     plain, normed = records["none"], records["prompt"]
-    assert plain["reward_mean"] == pytest.approx(2.0 * plain["reward_toy"] + 0.5 * plain["reward_jpeg_compressibility"], rel=1e-5)
-    assert normed["reward_toy"] == plain["reward_toy"] and abs(normed["reward_mean"]) < 1e-5
+    for rec in (plain, normed):  # the records show the plain weighted sum, normalised or not
+        assert rec["reward_mean"] == pytest.approx(2.0 * rec["reward_toy"] + 0.5 * rec["reward_jpeg_compressibility"], rel=1e-5)
+    assert normed["reward_toy"] == plain["reward_toy"] and normed["reward_mean"] == plain["reward_mean"]
+    prompts, r = trained_on["prompt"]  # the algorithm trains on per-prompt z-scores: each prompt's sum is 0
+    for p in set(prompts):
+        assert abs(float(r[[i for i, q in enumerate(prompts) if q == p]].sum())) < 1e-4
+    assert torch.allclose(trained_on["none"][1].mean(), torch.tensor(plain["reward_mean"]), rtol=1e-5)
     with pytest.raises(ConfigError, match=r"reward.name\[1\] has unknown keys \['wieght'\]"):
         validate(load_config(Config, None, [*common, "reward.name=[{name: a}, {name: b, wieght: 1}]"]))
+
+
+def test_cli_stops_at_its_checkpoint_with_the_resume_command_when_the_server_fails(serve, tmp_path):
+    """The train command against a server that answers /health but fails every batch: exit code 1, the cause,
+    where the checkpoint is, and the exact command that resumes the run."""
+    from aiohttp import web
+
+    from tests.cli_inprocess import run_cli
+
+    async def handler(request):
+        return web.Response(status=503, text="overloaded")
+
+    app, calls = _fixed_app(handler)
+    server = serve(app)
+    args = ["train", f"reward.name={server.url}", "reward.retries=1", "reward.backoff_s=0", "num_epochs=2",
+            "sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=4", "log.eval_samples=0",
+            "log.progress=false", "log.tensorboard=false", f"output_dir={tmp_path}", "name=cli"]
+    res = run_cli(*args)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "HTTP 503: overloaded" in res.stderr and "stopped during epoch 1" in res.stderr
+    assert "Resume after fixing the cause with: diffrl-fast train" in res.stderr and res.stderr.rstrip().endswith("--resume")
+    assert (tmp_path / "cli" / "checkpoints").is_dir() and calls["n"] == 2
