@@ -44,33 +44,27 @@ def main() -> None:
 
         # (the module itself: ``deepspeed.comm.torch`` as an attribute is the torch package that deepspeed.comm imports)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    if mode == "resume_equal":  # one launch: an uninterrupted run, and a run stopped after num_epochs - 1 then resumed
-        cfg = validate(load_config(Config, None, [*sys.argv[3:], "name=whole"]))
-        root = Path(cfg.output_dir)
-        whole = Trainer(cfg, root / "whole", log_fn=lambda s: None)
-        whole.run()
-        info = {"whole": fingerprint(whole)}
-        part_cfg = validate(load_config(Config, None, [*sys.argv[3:], "name=part", f"num_epochs={cfg.num_epochs - 1}"]))
-        Trainer(part_cfg, root / "part", log_fn=lambda s: None).run()
-        resumed = Trainer(validate(load_config(Config, None, [*sys.argv[3:], "name=part"])), root / "part", log_fn=lambda s: None)
+    if mode in ("resume_equal", "train_resume"):
+        # train_resume: stop after num_epochs - 1, then a fresh Trainer resumes to num_epochs (one run folder);
+        # resume_equal: the same as "part", beside an uninterrupted run "whole"
+        args = sys.argv[3:] + (["name=part"] if mode == "resume_equal" else [])
+        cfg = validate(load_config(Config, None, args))
+        info = {}
+        if mode == "resume_equal":
+            whole = Trainer(validate(load_config(Config, None, [*sys.argv[3:], "name=whole"])), Path(cfg.output_dir) / "whole",
+                            log_fn=lambda s: None)
+            whole.run()
+            info["whole"] = fingerprint(whole)
+        first = Trainer(validate(load_config(Config, None, [*args, f"num_epochs={cfg.num_epochs - 1}"])),
+                        Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
+        first.run()
+        info["first"] = fingerprint(first)
+        resumed = Trainer(cfg, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
         assert resumed.resume() and resumed.epoch == cfg.num_epochs - 1
         resumed.run()
         info["resumed"] = fingerprint(resumed)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{resumed.ctx.rank}.json").write_text(json.dumps(info))
-        return
-    if mode == "train_resume":  # one launch: stop after num_epochs - 1, then a fresh Trainer resumes to num_epochs
-        cfg = validate(load_config(Config, None, sys.argv[3:]))
-        first = validate(load_config(Config, None, [*sys.argv[3:], f"num_epochs={cfg.num_epochs - 1}"]))
-        trainer = Trainer(first, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
-        trainer.run()
-        info = {"first": fingerprint(trainer)}
-        trainer = Trainer(cfg, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
-        assert trainer.resume() and trainer.epoch == cfg.num_epochs - 1
-        trainer.run()
-        info["resumed"] = fingerprint(trainer)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"rank{trainer.ctx.rank}.json").write_text(json.dumps(info))
         return
     cfg = validate(load_config(Config, None, sys.argv[3:]))
     trainer = Trainer(cfg, Path(cfg.output_dir) / cfg.name, log_fn=lambda s: None)
