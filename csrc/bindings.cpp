@@ -136,7 +136,7 @@ void py_step_bwd(int dtype, int64_t n_rows, int64_t n_inner, int64_t D, const py
 // The fused PPO loss takes raw data pointers: it is called once per loss from ops/ppo.py, which has
 // already validated every dtype, shape, device and stride, and numpy views would cost more than the
 // kernel at small shapes. ints and reals are documented in ppo_step_raw's docstring below.
-void py_ppo_step_raw(const std::vector<int64_t>& v, const std::vector<double>& f) {
+int64_t py_ppo_step_raw(const std::vector<int64_t>& v, const std::vector<double>& f) {
   CHECK_ARG(v.size() == 42 && f.size() == 10, "ppo_step_raw: expected 42 ints and 10 reals");
   StepArgs args;
   args.dtype = static_cast<int>(v[0]);
@@ -176,8 +176,14 @@ void py_ppo_step_raw(const std::vector<int64_t>& v, const std::vector<double>& f
   for (int i = 0; i < 7; ++i) *outs[i] = reinterpret_cast<void*>(static_cast<uintptr_t>(v[35 + i]));
   CHECK_ARG(out.logp && out.dlogp && out.stats, "ppo_step_raw: logp, dlogp and stats are required");
   CHECK_ARG((!out.deu || args.eu.ptr) && (!out.dec || args.ec.ptr), "ppo_step_raw: a gradient without its input");
-  py::gil_scoped_release release;
-  ppo_step(args, pa, out);
+  {
+    py::gil_scoped_release release;
+    ppo_step(args, pa, out);
+  }
+  // the bad-row count (stats[4]) as a Python int, so the caller's check reads no tensor
+  const double bad = args.dtype == kFloat64 ? static_cast<const double*>(out.stats)[4]
+                                            : static_cast<double>(static_cast<const float*>(out.stats)[4]);
+  return static_cast<int64_t>(bad);
 }
 
 }  // namespace
@@ -196,5 +202,6 @@ PYBIND11_MODULE(_C, m) {
         "ints: dtype, n_rows, n_inner, D, clip, clip_mode, reduction, n_threads, then (ptr, so, si) of x, y, eu, ec,\n"
         "coef ptr (0: none), (ptr, stride) of a, b, g, s, log_s, old_logp, adv, then the ptrs of logp, dlogp,\n"
         "stats, dx, dy, deu, dec (0: not needed). reals: clip_range (<0: none), adv_clip (<0: none), scale,\n"
-        "then the values of a, b, g, s, log_s, old_logp, adv used where their ptr is 0.");
+        "then the values of a, b, g, s, log_s, old_logp, adv used where their ptr is 0.\n"
+        "Returns the number of rows with s <= 0 or a non-finite value (also stats[4]).");
 }

@@ -95,9 +95,18 @@ def row_addressing(p: StepProblem) -> tuple[int, dict[str, tuple[int, int]]]:
     tensors and slices such as ``latents[:, :-1]`` of a [B, T+1, C, H, W] trajectory without copying.
     Raises ValueError naming the tensor when no such split exists.
     """
-    lead = tuple(p.lead_shape)
+    return tensor_rows(p.lead_shape, p.tensors())
+
+
+def tensor_rows(lead_shape: torch.Size, tensors: dict[str, Optional[torch.Tensor]]) -> tuple[int, dict[str, tuple[int, int]]]:
+    """``row_addressing`` for latent tensors of leading shape ``lead_shape`` (None entries are skipped)."""
+    present = {n: t for n, t in tensors.items() if t is not None}
+    if all(t.is_contiguous() for t in present.values()):  # the common case: row r starts at r * D
+        first = next(iter(present.values()))
+        row = first.shape[len(lead_shape) :].numel()
+        return 1, {n: (row, 0) for n in present}
+    lead = tuple(lead_shape)
     k = len(lead)
-    present = {n: t for n, t in p.tensors().items() if t is not None}
     for split in range(k, -1, -1):
         out: dict[str, tuple[int, int]] = {}
         for name, t in present.items():

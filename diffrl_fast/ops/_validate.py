@@ -77,6 +77,8 @@ def check_latents(latent_dims: int, tensors: Mapping[str, Optional[torch.Tensor]
             continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if ref is not None and t.is_contiguous() and t.shape == ref.shape and t.dtype == ref.dtype and t.device == ref.device:
+            continue  # the common case: a contiguous tensor like the first, which passed every check below
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64")
         if t.dim() < latent_dims:
@@ -93,6 +95,8 @@ def check_latents(latent_dims: int, tensors: Mapping[str, Optional[torch.Tensor]
                 raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; cast one of them")
             if t.device != ref.device:
                 raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+        if t.is_contiguous():
+            continue
         expected = 1
         for size, stride in zip(reversed(t.shape[t.dim() - latent_dims :]), reversed(t.stride()[t.dim() - latent_dims :])):
             if size != 1 and stride != expected:
@@ -113,25 +117,29 @@ def per_row(
     dtype: torch.dtype,
     positive: bool = False,
     check_data: bool = True,
+    flat: bool = True,
 ) -> torch.Tensor:
-    """A per-row coefficient (python number or tensor broadcastable to the leading dims) as a flat [N] tensor.
+    """A per-row coefficient (python number or tensor broadcastable to the leading dims) as a flat [N] tensor
+    (``flat=False``: as a tensor of the leading shape, a broadcast view where possible).
 
     ``check_data=False`` leaves the value checks (finite, > 0) of a tensor to the caller, which can then
     check several coefficients in one pass and call again with checks on to name the culprit.
     """
-    if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
+    if not isinstance(value, torch.Tensor) and (isinstance(value, bool) or not isinstance(value, Real)):
         raise ValueError(f"{name} must be a float or a tensor broadcastable to {tuple(lead_shape)}, got {type(value).__name__}")
-    if isinstance(value, Real):
+    if not isinstance(value, torch.Tensor):
         v = float(value)
         if not math.isfinite(v) or (positive and v <= 0):
             raise ValueError(f"{name} must be {'> 0 and ' if positive else ''}finite, got {v}")
-        return torch.full((lead_shape.numel(),), v, dtype=dtype, device=device)
+        return torch.full((lead_shape.numel(),) if flat else lead_shape, v, dtype=dtype, device=device)
     if not value.is_floating_point() and not (value.dtype in (torch.int32, torch.int64) and not positive):
         raise ValueError(f"{name} must be a floating tensor, got dtype {value.dtype}")
     if value.device != device and not (value.dim() == 0 and value.device.type == "cpu"):
         raise ValueError(f"{name} is on {value.device} but the latents are on {device}")
     try:
-        v = torch.broadcast_to(value.detach().to(device=device, dtype=dtype), lead_shape)
+        v = value.detach()
+        if v.shape != lead_shape or v.dtype != dtype or v.device != device:  # else: already the per-row tensor
+            v = torch.broadcast_to(v.to(device=device, dtype=dtype), lead_shape)
     except RuntimeError:
         raise ValueError(
             f"{name} has shape {tuple(value.shape)}, which does not broadcast to the leading dims {tuple(lead_shape)}"
@@ -144,7 +152,7 @@ def per_row(
                 f"{name} must be {'> 0 and ' if positive else ''}finite everywhere; "
                 f"{int(bad.sum())} of its entries are not (e.g. {first})"
             )
-    return v.reshape(-1)
+    return v.reshape(-1) if flat and v.dim() != 1 else v
 
 
 def check_rows(name: str, t, lead_shape: torch.Size, device: torch.device, check_data: bool = True) -> torch.Tensor:

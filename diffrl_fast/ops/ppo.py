@@ -148,35 +148,46 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
         raise ValueError(f"clip_x0 must be an X0Clip or None, got {type(clip_x0).__name__}")
     lead = x.shape[: x.dim() - latent_dims]
     dtype = acc_dtype(x.dtype)
-    rows = {
-        "old_logp": check_rows("old_logp", old_logp, lead, x.device, check_data=False).detach().to(dtype).reshape(-1),
-        "advantages": check_rows("advantages", advantages, lead, x.device, check_data=False).detach().to(dtype).reshape(-1),
-    }
-    # s and log s exactly as step_logprob forms them, so that log p is bit-identical to it
+    rows = {"old_logp": _flat_rows("old_logp", old_logp, lead, x.device, dtype),
+            "advantages": _flat_rows("advantages", advantages, lead, x.device, dtype)}
+    # s and log s exactly as step_logprob forms them (log of the lead-shaped view), so log p is bit-identical
     if isinstance(s, torch.Tensor):
-        per_row("s", s, lead, x.device, dtype, positive=True, check_data=False)  # metadata checks
-        s_view = torch.broadcast_to(s.detach().to(device=x.device, dtype=dtype), lead)
+        s_view = per_row("s", s, lead, x.device, dtype, positive=True, check_data=False, flat=False)
     else:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
             raise ValueError(f"s must be a float > 0 or a tensor broadcastable to {tuple(lead)}, got {s!r}")
         s_view = torch.full(lead, float(s), dtype=dtype, device=x.device)
-    rows["log_s"] = torch.log(s_view).reshape(-1)
-    rows["s"] = s_view.reshape(-1)
+    log_s = torch.log(s_view)
+    rows["log_s"] = log_s if log_s.dim() == 1 else log_s.reshape(-1)
+    rows["s"] = s_view if s_view.dim() == 1 else s_view.reshape(-1)
     coef = None
     if clip_x0 is not None or backend != "cpp":
         coef = pack_coef(lead, x.device, dtype, a, b, g, clip_x0, check_data=clip_x0 is not None)
     else:
         for name, v in (("a", a), ("b", b), ("g", g)):
-            rows[name] = float(v) if isinstance(v, float) else per_row(name, v, lead, x.device, dtype, check_data=False)
-            if isinstance(rows[name], float) and not math.isfinite(rows[name]):
-                raise ValueError(f"{name} must be finite, got {rows[name]}")
+            if isinstance(v, float):
+                if not math.isfinite(v):
+                    raise ValueError(f"{name} must be finite, got {v}")
+                rows[name] = float(v)
+            else:
+                rows[name] = per_row(name, v, lead, x.device, dtype, check_data=False)
     s_tensor = s if isinstance(s, torch.Tensor) else None
-    params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g))
-    loss, logp, clipfrac, approx_kl, ratio_mean, bad = _FusedPPO.apply(x, y, eu, ec, s_tensor, params)
-    if data_checks_enabled() and float(bad) > 0:
+    report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends)
+    params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g), report)
+    loss, logp, clipfrac, approx_kl, ratio_mean = _FusedPPO.apply(x, y, eu, ec, s_tensor, params)
+    if report[0] and data_checks_enabled() and float(report[0]) > 0:
         # a row had s <= 0 or a non-finite value: let the per-argument checks name it
         _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, latent_dims)
     return PPOLoss(loss, clipfrac, approx_kl, ratio_mean, logp)
+
+
+def _flat_rows(name: str, t, lead: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A per-row constant (old log-probs, advantages) after ``check_rows``' metadata checks, as a flat [N]
+    tensor of the accumulation dtype; no op at all when it already is one."""
+    t = check_rows(name, t, lead, device, check_data=False).detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, latent_dims) -> None:
@@ -216,21 +227,21 @@ class _FusedPPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, eu, ec, s_tensor, params):
-        (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, abg) = params
-        need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
-        x, y, eu = x.detach(), y.detach(), eu.detach()
-        ec = None if ec is None else ec.detach()
+        (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, abg, report) = params
+        need = ctx.needs_input_grad[:4]
         lead = x.shape[: x.dim() - latent_dims]
         if backend == "cpp":
-            from .backends import cpp_backend
-
-            logp, dlogp, stats, grads = cpp_backend.ppo_step(
+            logp, dlogp, stats, grads, bad = backends.get("cpp").ppo_step(
                 x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_mode, reduction, need)
         else:
-            p = StepProblem(x, y, eu, ec, None, None, coef, clip_x0 is not None, latent_dims)
+            p = StepProblem(x.detach(), y.detach(), eu.detach(), None if ec is None else ec.detach(), None, None, coef,
+                            clip_x0 is not None, latent_dims)
             logp, dlogp, stats, grads = _rows_torch(backend, p, rows["s"], rows["old_logp"], rows["advantages"],
                                                     clip_range, adv_clip, clip_mode, reduction, need)
-        loss, clipfrac, approx_kl, ratio_mean, bad = stats.unbind()
+            bad = stats[4]
+        report.append(bad)
+        loss, clipfrac, approx_kl, ratio_mean, _ = stats.unbind()
+        logp_out = logp if logp.shape == lead else logp.reshape(lead)
         # The gradients are handed out by the first backward and not referenced after it, so autograd can
         # adopt them as .grad without a copy; a second backward (retain_graph) recomputes them.
         ctx.held = list(grads) if any(need) else None
@@ -238,15 +249,18 @@ class _FusedPPO(torch.autograd.Function):
         ctx.save_for_backward(rows["s"], dlogp, logp, x, y, eu, ec)
         ctx.meta = (coef, abg, clip_x0, backend, reduction, latent_dims, s_tensor is not None and ctx.needs_input_grad[4],
                     None if s_tensor is None else s_tensor.shape, lead)
-        ctx.mark_non_differentiable(clipfrac, approx_kl, ratio_mean, bad)
+        ctx.mark_non_differentiable(clipfrac, approx_kl, ratio_mean)
         ctx.set_materialize_grads(False)
-        return loss, logp.reshape(lead), clipfrac, approx_kl, ratio_mean, bad
+        return loss, logp_out, clipfrac, approx_kl, ratio_mean
 
     @staticmethod
     def backward(ctx, g_loss, g_logp, *_):
+        held, ctx.held = ctx.held, None
+        want_ds = ctx.meta[6]
+        if held is not None and g_logp is None and not want_ds and g_loss is not None and _is_one(g_loss):
+            return (*held, None, None)  # the common case: loss.backward(), gradients computed in forward
         s_rows, dlogp, logp, x, y, eu, ec = ctx.saved_tensors
         coef, (a, b, g), clip_x0, backend, reduction, latent_dims, want_ds, s_shape, lead = ctx.meta
-        held, ctx.held = ctx.held, None
         grads = [None] * 4
         w_rows = None  # dL/dlogp per row still to be turned into gradients by a recompute pass
         if g_loss is not None:
@@ -271,7 +285,7 @@ class _FusedPPO(torch.autograd.Function):
             if g_logp is not None:
                 w = w + g_logp.reshape(-1).to(dlogp.dtype)
             dd = float(row_size) if reduction == "sum" else 1.0
-            ss = -2.0 * d * s_rows * s_rows * (logp + dd * (torch.log(s_rows) + HALF_LOG_2PI))
+            ss = -2.0 * d * s_rows * s_rows * (logp.reshape(-1) + dd * (torch.log(s_rows) + HALF_LOG_2PI))
             ds = (w * (ss / (d * s_rows ** 3) - dd / s_rows)).reshape(lead).sum_to_size(s_shape)
         return (*grads, ds, None)
 

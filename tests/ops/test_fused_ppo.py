@@ -134,3 +134,33 @@ def test_fused_ppo_low_and_double_precision(dtype):
     assert torch.equal(f.logp, r.logp)
     tol = 1e-10 if dtype == torch.float64 else 2e-2
     assert (gf.double() - gr.double()).abs().max() <= tol * gr.double().abs().max()
+
+
+def test_fused_ppo_argument_forms():
+    """The C++ path's shortcuts (per-row tensors used in place, contiguous rows) and its conversions give the
+    recompute path's loss and gradients for every form of argument: numpy and int coefficients, a 0-dim and a
+    [B, 1] std, float64 per-row constants, and a strided [:, :-1] slice of a trajectory."""
+    import numpy as np
+
+    inp = _inputs("cpu", T=3)
+    traj = torch.cat([inp["x"], inp["x"][:, :1]], dim=1)  # [B, T+1, ...]: x is a strided slice of it
+    forms = [
+        dict(x=inp["x"], a=np.float64(0.9), g=3, s=torch.tensor(0.7), old=torch.float64),
+        dict(x=traj[:, :-1], a=inp["a"], g=3.0, s=inp["std"][:, :1], old=torch.float32),
+    ]
+    noise = 0.15 * torch.randn(inp["old"].shape, generator=torch.Generator().manual_seed(1))
+    for f in forms:
+        assert f is forms[0] or not f["x"].is_contiguous()
+        lp = step_logprob(f["x"], inp["prev"], inp["eu"], inp["ec"], f["a"], inp["b"], f["g"], f["s"])
+        f["old"] = (lp + noise).to(f["old"])  # ratios on both sides of the clip band
+        res = {}
+        for mode in ("fused", "recompute"):
+            eu = inp["eu"].clone().requires_grad_()
+            out = ppo_clip_step_loss(f["x"], inp["prev"], eu, inp["ec"], f["a"], inp["b"], f["g"], f["s"], f["old"],
+                                     inp["adv"], clip_range=0.1, mode=mode)
+            out.loss.backward()
+            res[mode] = (out.loss.detach(), out.logp, eu.grad)
+        (lf, pf, gf), (lr, pr, gr) = res["fused"], res["recompute"]
+        assert torch.equal(pf, pr) and pf.shape == inp["old"].shape
+        assert torch.allclose(lf, lr, rtol=1e-5, atol=1e-7)
+        assert (gf - gr).abs().max() <= 1e-5 * gr.abs().max()

@@ -57,13 +57,18 @@ AUTO_ORDER = ("triton", "cpp", "torch")
 _local = threading.local()
 _warned: set[str] = set()
 _load_errors: dict[str, BaseException] = {}
+_loaded: dict[str, object] = {}  # name -> module, so that a resolve per op call costs no import machinery
 
 
 def _try_load(name: str):
     if name in _load_errors:
         return None
+    module = _loaded.get(name)
+    if module is not None:
+        return module
     try:
-        return BACKENDS[name].load()
+        module = _loaded[name] = BACKENDS[name].load()
+        return module
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         _load_errors[name] = exc
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ... import _C  # noqa: F401  - ImportError here makes the registry fall back to torch
-from .._problem import StepProblem, row_addressing
+from .._problem import StepProblem, row_addressing, tensor_rows
 
 NAME = "cpp"
 
@@ -69,33 +69,38 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
     The caller (ops/ppo.py) has validated everything; tensors cross as raw pointers. ``rows`` holds the
     per-row inputs as 1-D tensors of any stride (or floats for a, b, g); ``coef`` is the [N, 7] matrix when
     x0 is clipped, else None. Returns (logp [N], dlogp [N], stats [5] = loss, clipfrac, approx_kl,
-    ratio_mean, bad rows, (dx, dy, deu, dec) with None where not needed).
+    ratio_mean, bad rows, (dx, dy, deu, dec) with None where not needed, the number of bad rows as an int).
     """
     lead = x.shape[: x.dim() - latent_dims]
     n = lead.numel()
     acc = rows["s"].dtype
-    logp = torch.empty(n, dtype=acc)
+    logp = torch.empty(lead, dtype=acc)
     dlogp = torch.empty(n, dtype=acc)
-    stats = torch.zeros(5, dtype=acc)
-    outs = [torch.empty(x.shape, dtype=x.dtype) if nd and t is not None else None for nd, t in zip(need, (x, y, eu, ec))]
-    if n:
-        p = StepProblem(x, y, eu, ec, None, None, rows["s"], coef is not None, latent_dims)
-        n_inner, strides = row_addressing(p)
-        ints = [_DTYPE[x.dtype], n, n_inner, p.row_size, int(coef is not None), int(clip_mode == "clamp"),
-                int(reduction == "sum"), torch.get_num_threads()]
-        for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
-            so, si = strides.get(name, (0, 0))
-            ints += (0, 0, 0) if t is None else (t.data_ptr(), so, si)
-        ints.append(0 if coef is None else coef.data_ptr())
-        reals = [-1.0 if clip_range is None else float(clip_range), -1.0 if adv_clip is None else float(adv_clip), 1.0 / n]
-        for name in ("a", "b", "g", "s", "log_s", "old_logp", "advantages"):
-            v = rows.get(name, 0.0)
-            if isinstance(v, torch.Tensor):
-                ints += (v.data_ptr(), v.stride(0) if v.numel() > 1 else 0)
-                reals.append(0.0)
-            else:
-                ints += (0, 0)
-                reals.append(float(v))
-        ints += [logp.data_ptr(), dlogp.data_ptr(), stats.data_ptr()] + [0 if o is None else o.data_ptr() for o in outs]
-        _C.ppo_step_raw(ints, reals)
-    return logp, dlogp, stats, tuple(outs)
+    # gradients are written row after row (row r at r * D): contiguous whatever the inputs' layout
+    new = torch.empty_like if x.is_contiguous() else (lambda t: torch.empty(t.shape, dtype=t.dtype))
+    outs = [new(x) if nd and t is not None else None for nd, t in zip(need, (x, y, eu, ec))]
+    if not n:
+        return logp, dlogp, torch.zeros(5, dtype=acc), tuple(outs), 0
+    stats = torch.empty(5, dtype=acc)  # the kernel writes all five
+    if x.is_contiguous() and (y is None or y.is_contiguous()) and (eu is None or eu.is_contiguous()) and (ec is None or ec.is_contiguous()):
+        d = x.shape[x.dim() - latent_dims :].numel()
+        n_inner, strides = 1, {"x": (d, 0), "y": (d, 0), "eu": (d, 0), "ec": (d, 0)}
+    else:
+        n_inner, strides = tensor_rows(lead, {"x": x, "y": y, "eu": eu, "ec": ec})
+    ints = [_DTYPE[x.dtype], n, n_inner, x.shape[x.dim() - latent_dims :].numel(), int(coef is not None),
+            int(clip_mode == "clamp"), int(reduction == "sum"), torch.get_num_threads()]
+    for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
+        ints += (0, 0, 0) if t is None else (t.data_ptr(), *strides[name])
+    ints.append(0 if coef is None else coef.data_ptr())
+    reals = [-1.0 if clip_range is None else float(clip_range), -1.0 if adv_clip is None else float(adv_clip), 1.0 / n]
+    for v in (rows.get("a", 0.0), rows.get("b", 0.0), rows.get("g", 0.0), rows["s"], rows["log_s"], rows["old_logp"],
+              rows["advantages"]):
+        if type(v) is float:
+            ints += (0, 0)
+            reals.append(v)
+        else:  # a 1-D tensor; one element is read by every row
+            ints += (v.data_ptr(), v.stride(0) if v.shape[0] > 1 else 0)
+            reals.append(0.0)
+    ints += [logp.data_ptr(), dlogp.data_ptr(), stats.data_ptr()] + [0 if o is None else o.data_ptr() for o in outs]
+    bad = _C.ppo_step_raw(ints, reals)
+    return logp, dlogp, stats, tuple(outs), bad
