@@ -15,7 +15,9 @@ Modes: forward (loss with autograd enabled), backward (loss.backward() of a reco
 Effective GB/s counts the minimal traffic of the mode, the same for every provider: forward reads the 4
 latent inputs once, backward writes the 2 gradients once (full: 6 latent-sized passes). A provider that
 re-reads inputs or saves residuals moves more than it is credited with. It is compared with the copy
-bandwidth measured in the same run. Run: ``python benchmarks/bench_ops.py`` or ``diffrl-fast bench ops``; results go to benchmarks/results/.
+bandwidth measured in the same run (256 MiB buffers); the bandwidth target takes the higher of that and a
+copy of the target shape's own bytes (which, like the op, may run partly from the last-level cache).
+The automatic backend of the device is called exactly as a user calls the op (no use_backend block). Run: ``python benchmarks/bench_ops.py`` or ``diffrl-fast bench ops``; results go to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -151,7 +153,9 @@ def memory_case(fn, inp, device) -> dict:
 def evaluate_targets(rows, copy_gbs):
     """The issues' targets for the fused PPO step loss, fp32, full mode: met or missed and by how much.
 
-    copy bandwidth at [32, 4, 128, 128]; vs eager and vs torch.compile at every shape (and the higher
+    copy bandwidth at [32, 4, 128, 128] (``copy_gbs``: the reference the caller chose; main() passes the
+    higher of the large-buffer copy and a copy of the same bytes as the op's traffic, which may run from
+    the last-level cache as the op does); vs eager and vs torch.compile at every shape (and the higher
     compile bar at the small shapes), reported per shape.
     """
     by = {(r["provider"], r["mode"], tuple(r["shape"])): r for r in rows}
@@ -235,9 +239,14 @@ def main(argv=None) -> int:
     partial = args.out / f"{stem}.partial.json"
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    copy_at_target = None
     for shape in shapes:
         inp = make_inputs(shape, device)
         numel = inp["x"].numel()
+        if tuple(shape) == TARGET_SHAPE:
+            # the same bytes as the op's minimal traffic (half read, half written), measured just before its rows
+            copy_at_target = copy_bandwidth_gbs(device, nbytes=TENSOR_PASSES["full"] * numel * 4 // 2)
+            meta["copy_bandwidth_gbs_same_bytes_as_target"] = round(copy_at_target, 3)
         fns = loss_fns(inp, device)
         for provider, fn in fns.items():
             for mode in ("forward", "backward", "full"):
@@ -262,7 +271,8 @@ def main(argv=None) -> int:
     if not args.quick:
         # context: the 256 MB copy may run from a large last-level cache; 2 GB of buffers cannot
         meta["copy_bandwidth_gbs_1gib_buffers"] = round(copy_bandwidth_gbs(device, nbytes=2**30), 3)
-    targets = [] if args.quick else evaluate_targets(rows, copy_gbs)
+    # the bandwidth target against the higher of the two copy references (the stricter reading)
+    targets = [] if args.quick else evaluate_targets(rows, max(copy_gbs, copy_at_target or 0.0))
     for t in targets:
         print(f"target {t['provider']} {t['metric']} at {t['shape']}: measured {t['measured']} vs {t['target']} -> "
               f"{'met' if t['met'] else 'MISSED'}")
