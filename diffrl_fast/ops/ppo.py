@@ -142,17 +142,21 @@ def ppo_clip_step_loss(
 def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_clip, clip_mode, reduction, clip_x0,
                latent_dims, backend) -> PPOLoss:
     """Metadata checks only (the kernel checks every row's values and reports bad rows), then ``_FusedPPO``."""
-    if eu is None:
-        raise ValueError("eps_u is required")
+    if eu is None or y is None:
+        raise ValueError(f"{'eps_u' if eu is None else 'x_prev'} is required")
     if clip_x0 is not None and not isinstance(clip_x0, X0Clip):
         raise ValueError(f"clip_x0 must be an X0Clip or None, got {type(clip_x0).__name__}")
     lead = x.shape[: x.dim() - latent_dims]
     dtype = acc_dtype(x.dtype)
-    rows = {"old_logp": _flat_rows("old_logp", old_logp, lead, x.device, dtype),
-            "advantages": _flat_rows("advantages", advantages, lead, x.device, dtype)}
+    device = x.device
+    rows = {"old_logp": _flat_rows("old_logp", old_logp, lead, device, dtype, exact=True),
+            "advantages": _flat_rows("advantages", advantages, lead, device, dtype, exact=True)}
     # s and log s exactly as step_logprob forms them (log of the lead-shaped view), so log p is bit-identical
     if isinstance(s, torch.Tensor):
-        s_view = per_row("s", s, lead, x.device, dtype, positive=True, check_data=False, flat=False)
+        if s.shape == lead and s.dtype == dtype and s.device == device:
+            s_view = s.detach()  # already one value per row: no broadcast, no copy
+        else:
+            s_view = per_row("s", s, lead, device, dtype, positive=True, check_data=False, flat=False)
     else:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
             raise ValueError(f"s must be a float > 0 or a tensor broadcastable to {tuple(lead)}, got {s!r}")
@@ -170,7 +174,7 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
                     raise ValueError(f"{name} must be finite, got {v}")
                 rows[name] = float(v)
             else:
-                rows[name] = per_row(name, v, lead, x.device, dtype, check_data=False)
+                rows[name] = _flat_rows(name, v, lead, device, dtype, exact=False)
     s_tensor = s if isinstance(s, torch.Tensor) else None
     report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends)
     params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g), report)
@@ -181,12 +185,18 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
     return PPOLoss(loss, clipfrac, approx_kl, ratio_mean, logp)
 
 
-def _flat_rows(name: str, t, lead: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A per-row constant (old log-probs, advantages) after ``check_rows``' metadata checks, as a flat [N]
-    tensor of the accumulation dtype; no op at all when it already is one."""
-    t = check_rows(name, t, lead, device, check_data=False).detach()
-    if t.dtype != dtype:
-        t = t.to(dtype)
+def _flat_rows(name: str, t, lead: torch.Size, device: torch.device, dtype: torch.dtype, exact: bool) -> torch.Tensor:
+    """A per-row input as a flat [N] tensor of the accumulation dtype, for a kernel that only reads it.
+
+    ``exact``: a constant of exactly the leading shape (old log-probs, advantages; ``check_rows``' rules),
+    else a coefficient broadcastable to it (``per_row``'s). No op at all when ``t`` already has the leading
+    shape, dtype and device; values are left to the kernel's per-row checks.
+    """
+    if isinstance(t, torch.Tensor) and t.shape == lead and t.dtype == dtype and t.device == device:
+        return t if t.dim() == 1 else t.reshape(-1)
+    if not exact:
+        return per_row(name, t, lead, device, dtype, check_data=False)
+    t = check_rows(name, t, lead, device, check_data=False).detach().to(dtype)
     return t if t.dim() == 1 else t.reshape(-1)
 
 

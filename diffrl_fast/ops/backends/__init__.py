@@ -83,8 +83,8 @@ def requested_backend() -> str | None:
     override = getattr(_local, "override", None)
     if override is not None:
         return override
-    env = os.environ.get(ENV_VAR, "").strip().lower()
-    return env or None
+    env = os.environ.get(ENV_VAR)
+    return (env.strip().lower() or None) if env else None
 
 
 def resolve(device_type: str) -> str:

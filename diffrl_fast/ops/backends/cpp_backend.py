@@ -71,26 +71,29 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
     x0 is clipped, else None. Returns (logp [N], dlogp [N], stats [5] = loss, clipfrac, approx_kl,
     ratio_mean, bad rows, (dx, dy, deu, dec) with None where not needed, the number of bad rows as an int).
     """
-    lead = x.shape[: x.dim() - latent_dims]
+    k = x.dim() - latent_dims
+    lead = x.shape[:k]
     n = lead.numel()
     acc = rows["s"].dtype
     logp = torch.empty(lead, dtype=acc)
     dlogp = torch.empty(n, dtype=acc)
     # gradients are written row after row (row r at r * D): contiguous whatever the inputs' layout
-    new = torch.empty_like if x.is_contiguous() else (lambda t: torch.empty(t.shape, dtype=t.dtype))
-    outs = [new(x) if nd and t is not None else None for nd, t in zip(need, (x, y, eu, ec))]
+    dense = x.is_contiguous()
+    outs = [(torch.empty_like(x) if dense else torch.empty(x.shape, dtype=x.dtype)) if nd and t is not None else None
+            for nd, t in zip(need, (x, y, eu, ec))]
     if not n:
         return logp, dlogp, torch.zeros(5, dtype=acc), tuple(outs), 0
     stats = torch.empty(5, dtype=acc)  # the kernel writes all five
-    if x.is_contiguous() and (y is None or y.is_contiguous()) and (eu is None or eu.is_contiguous()) and (ec is None or ec.is_contiguous()):
-        d = x.shape[x.dim() - latent_dims :].numel()
-        n_inner, strides = 1, {"x": (d, 0), "y": (d, 0), "eu": (d, 0), "ec": (d, 0)}
+    d = x.shape[k:].numel()
+    ints = [_DTYPE[x.dtype], n, 1, d, int(coef is not None), int(clip_mode == "clamp"), int(reduction == "sum"),
+            torch.get_num_threads()]
+    if dense and y.is_contiguous() and (eu is None or eu.is_contiguous()) and (ec is None or ec.is_contiguous()):
+        for t in (x, y, eu, ec):  # row r of each starts at r * D
+            ints += (0, 0, 0) if t is None else (t.data_ptr(), d, 0)
     else:
-        n_inner, strides = tensor_rows(lead, {"x": x, "y": y, "eu": eu, "ec": ec})
-    ints = [_DTYPE[x.dtype], n, n_inner, x.shape[x.dim() - latent_dims :].numel(), int(coef is not None),
-            int(clip_mode == "clamp"), int(reduction == "sum"), torch.get_num_threads()]
-    for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
-        ints += (0, 0, 0) if t is None else (t.data_ptr(), *strides[name])
+        ints[2], strides = tensor_rows(lead, {"x": x, "y": y, "eu": eu, "ec": ec})
+        for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
+            ints += (0, 0, 0) if t is None else (t.data_ptr(), *strides[name])
     ints.append(0 if coef is None else coef.data_ptr())
     reals = [-1.0 if clip_range is None else float(clip_range), -1.0 if adv_clip is None else float(adv_clip), 1.0 / n]
     for v in (rows.get("a", 0.0), rows.get("b", 0.0), rows.get("g", 0.0), rows["s"], rows["log_s"], rows["old_logp"],
@@ -101,6 +104,6 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
         else:  # a 1-D tensor; one element is read by every row
             ints += (v.data_ptr(), v.stride(0) if v.shape[0] > 1 else 0)
             reals.append(0.0)
-    ints += [logp.data_ptr(), dlogp.data_ptr(), stats.data_ptr()] + [0 if o is None else o.data_ptr() for o in outs]
+    ints += (logp.data_ptr(), dlogp.data_ptr(), stats.data_ptr(), *[0 if o is None else o.data_ptr() for o in outs])
     bad = _C.ppo_step_raw(ints, reals)
     return logp, dlogp, stats, tuple(outs), bad
