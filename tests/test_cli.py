@@ -104,3 +104,19 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     assert strip_launcher_args(["train", "--local_rank", "3", "x=1"]) == ["train", "x=1"]
     assert os.environ["LOCAL_RANK"] == "3"
+
+
+def test_bench_ops_bandwidth_check_and_targets():
+    """The interleaved same-bytes copy check and the target table it feeds (tiny shape, few rounds)."""
+    from benchmarks.bench_ops import TARGET_SHAPE, evaluate_targets, interleaved_bandwidth, loss_fns, make_inputs
+
+    inp = make_inputs((2, 4, 8, 8), "cpu")
+    bw = interleaved_bandwidth(loss_fns(inp, "cpu")["eager"], inp, "cpu", rounds=3, iters=2)
+    assert bw["traffic_bytes"] == 6 * inp["x"].numel() * 4 and bw["rounds"] == 3
+    assert 0 < bw["fraction_min"] <= bw["fraction"] <= bw["fraction_max"]
+    rows = [{"provider": p, "mode": "full", "shape": list(TARGET_SHAPE), "median_ms": ms}
+            for p, ms in (("eager", 12.0), ("compile", 1.5), ("cpp", 1.0))]
+    got = {t["metric"]: t for t in evaluate_targets(rows, {"cpp": 0.8})}
+    assert got["copy_bandwidth_fraction"]["measured"] == 0.8 and not got["copy_bandwidth_fraction"]["met"]
+    assert got["speedup_vs_eager"]["measured"] == 12.0 and got["speedup_vs_eager"]["met"]
+    assert got["speedup_vs_compile"]["measured"] == 1.5 and got["speedup_vs_compile"]["met"]

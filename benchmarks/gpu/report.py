@@ -22,9 +22,15 @@ def targets(out: Path) -> list[str]:
         if tri and eager and comp:
             se, sc = _ratio(eager["median_ms"], tri["median_ms"]), _ratio(comp["median_ms"], tri["median_ms"])
             lines += [f"| triton PPO step loss {SHAPE} fp32 full >= 5x eager | {se:.2f}x | {'yes' if se >= 5 else 'no'} |",
-                      f"| ... >= 1.0x torch.compile | {sc:.2f}x | {'yes' if sc >= 1 else 'no'} |",
-                      f"| ... >= 75% of copy bandwidth ({data['machine'].get('copy_bandwidth_gbs', 0):.0f} GB/s) | "
-                      f"{tri['copy_fraction']:.0%} | {'yes' if tri['copy_fraction'] >= 0.75 else 'no'} |"]
+                      f"| ... >= 1.0x torch.compile | {sc:.2f}x | {'yes' if sc >= 1 else 'no'} |"]
+            bw = data["machine"].get("bandwidth_check_triton")
+            if bw:  # a copy of the same bytes timed in alternation with the step (bench ops' interleaved_bandwidth)
+                lines.append(f"| ... >= 75% of copy bandwidth (same-bytes copy, interleaved: {bw['copy_gbs_median']:.0f} GB/s) | "
+                             f"{bw['fraction']:.0%} (large-buffer copy: {tri['copy_fraction']:.0%}) | "
+                             f"{'yes' if bw['fraction'] >= 0.75 else 'no'} |")
+            else:
+                lines.append(f"| ... >= 75% of copy bandwidth ({data['machine'].get('copy_bandwidth_gbs', 0):.0f} GB/s) | "
+                             f"{tri['copy_fraction']:.0%} | {'yes' if tri['copy_fraction'] >= 0.75 else 'no'} |")
         else:
             cut = " (the run was cut short)" if data.get("machine", {}).get("partial") else ""
             lines.append(f"| triton PPO step loss {SHAPE} fp32 full vs eager, torch.compile, copy bandwidth | "
