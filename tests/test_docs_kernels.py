@@ -41,7 +41,10 @@ def test_ddpo_before_and_after_agree(page):
     close(p["next_latents"], p["next_latents_plain"])
     close(p["old_log_prob"], p["old_log_prob_plain"])
     close(p["out"].loss, p["loss_plain"])
-    close(p["out"].approx_kl, p["approx_kl_plain"])
+    # the plain pair scores one guided tensor twice, so its approx_kl is exactly 0; the fused op forms the
+    # guidance inside the kernel (a fused multiply-add where the compiler contracts it), so its log p may sit
+    # a float32 rounding (~6e-8) from the rollout's and its approx_kl ~1e-15: an absolute bound, not relative to 0
+    assert abs(float(p["out"].approx_kl) - float(p["approx_kl_plain"])) < 1e-12
     close(p["out"].clipfrac, p["clipfrac_plain"])
     close(p["out"].logp, p["log_prob_plain"])
     close(p["eps_u"].grad, p["eps_u_plain"].grad, rtol=1e-4)
