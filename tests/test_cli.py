@@ -59,13 +59,15 @@ def test_train_sample_eval_roundtrip_and_run_folder_protection(tmp_path):
     assert "reward" in out.stdout and (tmp_path / "r" / "summary.md").exists()
     again = run_cli("train", *common)
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
-    resumed = _run("train", *common, "--resume")  # nothing left to do: finishes at once
+    # the rest in-process (the train run above went through the real entry point): a fresh interpreter each
+    # would add seconds of imports and test nothing more
+    resumed = run_cli("train", *common, "--resume")  # nothing left to do: finishes at once
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    out = _run("sample", "--run", str(tmp_path / "r"), "--n", "4", "--out", str(tmp_path / "s"))
+    out = run_cli("sample", "--run", str(tmp_path / "r"), "--n", "4", "--out", str(tmp_path / "s"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "s" / "grid.png").exists() and (tmp_path / "s" / "0003.png").exists()
-    out = _run("eval", "--run", str(tmp_path / "r"), "--reward", "digit_confidence", "--reward", "jpeg_compressibility",
-               "--n", "8", "--json", str(tmp_path / "e.json"))
+    out = run_cli("eval", "--run", str(tmp_path / "r"), "--reward", "digit_confidence", "--reward", "jpeg_compressibility",
+                  "--n", "8", "--json", str(tmp_path / "e.json"))
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "e.json").read_text())
     assert set(data["rewards"]) == {"digit_confidence", "jpeg_compressibility"} and data["rewards"]["digit_confidence"]["n"] == 8
