@@ -9,7 +9,9 @@ eps_c (the model outputs):
     cpp            diffrl_fast.ops.ppo_clip_step_loss on the C++ backend (CPU tensors), default mode
                    ("fused" there: the gradients are computed in the forward pass, row by row in cache)
     cpp-recompute  the same with mode="recompute" (nothing latent-sized held; backward re-reads the inputs)
-    triton         diffrl_fast.ops.ppo_clip_step_loss on the Triton backend (CUDA tensors)
+    triton         diffrl_fast.ops.ppo_clip_step_loss on the Triton backend (CUDA tensors), default mode ("fused"
+                   there: the forward kernel also writes the residual, a second kernel scales it into the gradients)
+    triton-recompute  the same with mode="recompute"
 
 Modes: forward (loss with autograd enabled), backward (loss.backward() of a recorded graph), full (both).
 Effective GB/s counts the minimal traffic of the mode, the same for every provider: forward reads the 4
@@ -97,6 +99,7 @@ def loss_fns(inp, device):
         fns["cpp-recompute"] = fused("cpp", "recompute")
     else:
         fns["triton"] = fused("triton")
+        fns["triton-recompute"] = fused("triton", "recompute")
     return fns
 
 

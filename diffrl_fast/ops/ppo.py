@@ -111,17 +111,20 @@ def ppo_clip_step_loss(
 
     ``mode`` chooses how the gradients are computed:
 
-    * ``"fused"``: in the forward pass, row by row while the row is in cache (the loss ends the graph, as in
-      Liger-Kernel's fused losses). Forward + backward moves one read of each latent input plus one write
-      of each needed gradient; the gradients are held from forward to backward (one latent-sized tensor per
-      input that requires grad). ``loss.backward()`` with a unit upstream gradient then does no latent work;
-      any other scale costs one extra pass over the gradients, and using ``logp`` in a further
-      differentiable term costs one recompute pass.
+    * ``"fused"``: in the forward pass (the loss ends the graph, as in Liger-Kernel's fused losses). The
+      C++ kernel works row by row while the row is in cache: one read of each latent input plus one write
+      of each needed gradient (6 latent passes for eps_u and eps_c). Triton, unclipped: the forward kernel
+      also writes the residual y - mean and a second kernel scales it per row into the gradients (8
+      passes). The gradients are held from forward to backward (one latent-sized tensor per input that
+      requires grad). ``loss.backward()`` with a unit upstream gradient then does no latent work; any other
+      scale costs one extra pass over the gradients, and using ``logp`` in a further differentiable term
+      costs one recompute pass.
     * ``"recompute"``: nothing latent-sized is kept; backward re-reads the four inputs (the op graph of
-      ``step_logprob`` + ``ppo_clip_loss``). For memory-bound callers.
-    * ``"auto"`` (default): ``"fused"`` where it moves less data, i.e. on the C++ backend (CPU tensors,
-      eager mode); ``"recompute"`` elsewhere, and always inside torch.compile (where the per-row arithmetic
-      is compiled into the graph).
+      ``step_logprob`` + ``ppo_clip_loss``; 10 passes). For memory-bound callers.
+    * ``"auto"`` (default): ``"fused"`` where it moves less data: on the C++ backend (CPU tensors, eager
+      mode) and on Triton (CUDA tensors) without x0 clipping; ``"recompute"`` elsewhere (clipped on Triton,
+      where the fused forward would re-read the inputs too; the torch backend), and always inside
+      torch.compile (where the per-row arithmetic is compiled into the graph).
 
     Gradients flow to x_t, x_prev, eps_u, eps_c and a tensor ``s``; not to a, b, g, old_logp, advantages.
     """
@@ -132,7 +135,7 @@ def ppo_clip_step_loss(
     if mode != "recompute" and not torch.compiler.is_compiling():
         template = check_latents(latent_dims, {"x_t": x_t, "x_prev": x_prev, "eps_u": eps_u, "eps_c": eps_c})
         backend = _resolve_backend(template.device.type)
-        if mode == "fused" or backend == "cpp":
+        if mode == "fused" or backend == "cpp" or (backend == "triton" and clip_x0 is None):
             return _fused_ppo(x_t, x_prev, eps_u, eps_c, a, b, g, s, old_logp, advantages, clip_range, adv_clip,
                               clip_mode, reduction, clip_x0, latent_dims, backend)
     logp = step_logprob(x_t, x_prev, eps_u, eps_c, a, b, g, s, reduction=reduction, clip_x0=clip_x0, latent_dims=latent_dims)
@@ -213,9 +216,19 @@ def _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, lat
 
 
 def _rows_torch(backend, p: StepProblem, s_rows, old, adv, clip_range, adv_clip, clip_mode, reduction, need):
-    """The fused forward on a backend without a PPO kernel: step_fwd, the per-row loss through autograd of
-    ``ppo_clip_loss`` (the one definition of the loss), then step_bwd with w_ss = dL/dss."""
-    ss, _, _ = backends.get(backend).step_fwd(p, True, False, False)
+    """The fused forward on a backend without a PPO kernel: the sums of squares, the per-row loss through
+    autograd of ``ppo_clip_loss`` (the one definition of the loss), then the gradients with w_ss = dL/dss.
+
+    Unclipped, on a backend with ``step_fwd_res`` (Triton, torch): the forward also writes the residual
+    y - mean and the gradients are per-row multiples of it (``scale_rows``): the four inputs read once, the
+    residual written and read once, each gradient written once (8 latent passes for eps_u and eps_c, against
+    10 for step_fwd + step_bwd, which re-reads the inputs). Clipped: step_fwd + step_bwd."""
+    mod = backends.get(backend)
+    use_res = any(need) and not p.clip and hasattr(mod, "step_fwd_res")
+    if use_res:
+        ss, res = mod.step_fwd_res(p)
+    else:
+        ss, _, _ = mod.step_fwd(p, True, False, False)
     ss = ss.reshape(-1)
     d = float(p.row_size)
     with torch.enable_grad():
@@ -226,7 +239,15 @@ def _rows_torch(backend, p: StepProblem, s_rows, old, adv, clip_range, adv_clip,
     grads = (None,) * 4
     if any(need):
         dlogp_dss = -1.0 / (2.0 * (d if reduction == "mean" else 1.0) * s_rows * s_rows)
-        grads = backends.get(backend).step_bwd(p, dlogp * dlogp_dss, None, None, need)
+        w_ss = dlogp * dlogp_dss
+        if use_res:  # dx = -2w a r, dy = 2w r, deu = -2w b (1 - g) r (-2w b r unguided), dec = -2w b g r
+            two_w = 2.0 * w_ss
+            a, b, g = p.coef[:, 0], p.coef[:, 1], p.coef[:, 2]
+            be = -two_w * b
+            k = torch.stack([-two_w * a, two_w, be * (1.0 - g) if p.ec is not None else be, be * g], dim=1)
+            grads = mod.scale_rows(res, k, need, p.latent_dims)
+        else:
+            grads = mod.step_bwd(p, w_ss, None, None, need)
     bad = (~torch.isfinite(logp)).sum() + (s_rows <= 0).sum() + (~torch.isfinite(logp - old)).sum()
     stats = torch.stack([out.loss.detach(), out.clipfrac, out.approx_kl, out.ratio_mean, bad.to(out.loss.dtype)])
     return logp, dlogp, stats, grads

@@ -87,7 +87,20 @@ def record_calls() -> dict:
         calls.setdefault(key, key)
         return bwd(p, w_ss, w_kk, g_mean, need)
 
+    fwd_res, scale = torch_backend.step_fwd_res, torch_backend.scale_rows
+
+    def rec_fwd_res(p):
+        key = ("fwd_res", spec(p), ())
+        calls.setdefault(key, key)
+        return fwd_res(p)
+
+    def rec_scale(res, k, need, latent_dims):
+        key = ("scale", (res.dtype, k.dtype, False, False, False, False, False), tuple(need))
+        calls.setdefault(key, key)
+        return scale(res, k, need, latent_dims)
+
     torch_backend.step_fwd, torch_backend.step_bwd = rec_fwd, rec_bwd
+    torch_backend.step_fwd_res, torch_backend.scale_rows = rec_fwd_res, rec_scale
     g = torch.Generator().manual_seed(0)
     shape = (2, 1, 2, 3)
     with ops.use_backend("torch"), ops.checks(False):
@@ -115,6 +128,9 @@ def record_calls() -> dict:
                             m.float().sum().backward()
                     x, y, eu, ec = t(), t(), t(True), t(True) if guided else None
                     ops.ppo_clip_step_loss(x, y, eu, ec, 0.9, -0.3, 2.0, 0.5, torch.zeros(2), torch.ones(2), clip_x0=clip).loss.backward()
+                    if clip is None:  # what mode="auto" runs on Triton (the torch backend's auto is "recompute")
+                        ops.ppo_clip_step_loss(x, y, eu, ec, 0.9, -0.3, 2.0, 0.5, torch.zeros(2), torch.ones(2),
+                                               mode="fused").loss.backward()
             for grads in itertools.product((False, True), repeat=2):
                 y, mean = t(grads[0]), t(grads[1])
                 lp = ops.gaussian_logprob(y, mean, 0.5)
@@ -124,6 +140,7 @@ def record_calls() -> dict:
                 if kl.requires_grad:
                     kl.float().sum().backward()
     torch_backend.step_fwd, torch_backend.step_bwd = fwd, bwd
+    torch_backend.step_fwd_res, torch_backend.scale_rows = fwd_res, scale
     return calls
 
 
@@ -212,6 +229,11 @@ def replay(work: list, compiled: list) -> None:
         before = len(compiled)
         if kind == "fwd":
             tb.step_fwd(p, *flags)
+        elif kind == "fwd_res":
+            tb.step_fwd_res(p)
+        elif kind == "scale":  # the residual and the gradients are fresh allocations, whatever the inputs' layout
+            tb.scale_rows(torch.empty(x.shape, device="meta", dtype=dtype), torch.empty((n_rows, 4), device="meta", dtype=acc),
+                          flags, 3)
         else:
             w_ss, w_kk, g_mean, need = flags
             tb.step_bwd(p, torch.empty(lead, device="meta", dtype=acc) if w_ss else None,

@@ -164,3 +164,37 @@ def test_fused_ppo_argument_forms():
         assert torch.equal(pf, pr) and pf.shape == inp["old"].shape
         assert torch.allclose(lf, lr, rtol=1e-5, atol=1e-7)
         assert (gf - gr).abs().max() <= 1e-5 * gr.abs().max()
+
+
+@pytest.mark.parametrize("guided", [True, False], ids=["guided", "unguided"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_from_the_saved_residual(backend, guided, monkeypatch):
+    """Unclipped, the Triton and torch backends' fused mode writes the residual y - mean in forward and scales it
+    per row into every gradient (x_t, x_prev, eps_u, eps_c): equal to the recompute path's; on Triton it is what
+    mode="auto" runs (the lower-traffic mode), clipped it is not."""
+    from diffrl_fast.ops import backends
+
+    mod = backends.get(backend)  # (the C++ backend has its own fused kernel)
+    calls = []
+    monkeypatch.setattr(mod, "scale_rows", lambda *a, _f=mod.scale_rows: calls.append(1) or _f(*a))
+    inp = _inputs(device_for(backend), cfg=guided)
+    res = {}
+    for mode in ("auto", "fused", "recompute"):
+        leaves = [inp[k].clone().requires_grad_() for k in ("x", "prev", "eu")] + ([inp["ec"].clone().requires_grad_()] if guided else [None])
+        with use_backend(backend):
+            out = ppo_clip_step_loss(*leaves, inp["a"], inp["b"], 3.0, inp["std"], inp["old"], inp["adv"], clip_range=0.1,
+                                     mode=mode)
+        out.loss.backward()
+        res[mode] = (out.logp, [t.grad for t in leaves if t is not None], len(calls))
+    assert res["fused"][2] - res["auto"][2] == 1  # fused ran scale_rows once
+    assert res["auto"][2] == (1 if backend == "triton" else 0)  # auto is fused on Triton only
+    assert res["recompute"][2] == res["fused"][2]  # recompute never uses it
+    assert torch.equal(res["fused"][0], res["recompute"][0])
+    for got, want in zip(res["fused"][1], res["recompute"][1]):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    with use_backend(backend):  # clipped: auto stays on the recompute path
+        before = len(calls)
+        leaves = [inp[k].clone().requires_grad_() for k in ("x", "prev", "eu")]
+        ppo_clip_step_loss(*leaves, inp["ec"] if guided else None, inp["a"], inp["b"], 3.0, inp["std"], inp["old"],
+                           inp["adv"], clip_x0=X0Clip(0.9, 1.3, -0.6, 1.5)).loss.backward()
+        assert len(calls) == before

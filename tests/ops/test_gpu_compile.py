@@ -8,7 +8,7 @@ are 16-byte aligned like the fresh outputs, so there the pattern changes nothing
 misaligned inputs it decides which of the four output pointers Triton marks as divisible by 16: up to 2^4
 variants per backward call. The cover compiles the first recorded pattern of each call and then, misaligned,
 the backward calls that make every (dtype, gradient output) compiled there both aligned and misaligned: 3 more
-kernels, 220 per architecture (triton 3.9). Compiling every recorded pattern misaligned instead would add 114
+kernels, 247 per architecture (triton 3.9; 220 before the fused mode's residual kernels). Compiling every recorded pattern misaligned instead would add 114
 kernels in float32 alone and 374 over the three dtypes (counted from the specialisation keys without
 compiling); at the measured ~0.33 s of CPU per kernel that is 40 s to 2 minutes more per architecture, on top of
 the 73-79 s the cover takes of the 120 s budget (measured: BUDGET_S), so it is left to ``gpu_compile.py 90 --full``.
@@ -21,7 +21,9 @@ The cover suffices because:
     ptxas does not fail on register pressure (it spills), so a combination of per-pointer forms that each compile
     compiles too; at run time a pointer is never marked aligned when it is not: Triton reads the actual
     addresses at each launch.
-The forward kernel has no requires-grad dependence: its pointers are the inputs (an absent one is ``p.x``'s, which
+The fused PPO loss's residual path (``step_fwd_res``, ``scale_rows``: what mode="auto" runs on Triton without
+x0 clipping) is recorded from a mode="fused" call; its residual and gradients are fresh allocations, so only
+the inputs of its forward kernel follow the layout. The forward kernel has no requires-grad dependence: its pointers are the inputs (an absent one is ``p.x``'s, which
 follows the recorded flags) and the mean output (fresh, or ``p.x`` without ``want_mean``, part of the key).
 """
 import os

@@ -103,3 +103,27 @@ def step_bwd(p: StepProblem, w_ss, w_kk, g_mean, need: tuple[bool, bool, bool, b
             deu = ((1.0 - g) * de).to(dtype) if need_deu else None
             dec = (g * de).to(dtype) if need_dec else None
     return dx, dy_out, deu, dec
+
+
+def step_fwd_res(p: StepProblem):
+    """(ss, res): ``step_fwd``'s ss, and the residual res = y - mean in the inputs' dtype.
+
+    The saved-residual form of the forward pass (no x0 clipping, no reference): when nothing is clipped, every
+    gradient of ss is a per-row multiple of the residual (``scale_rows``), so a backward reads one latent-sized
+    tensor instead of the four inputs.
+    """
+    acc = p.coef.dtype
+    mean, _, _ = _mean(p, p.x.to(acc), _eps(p, p.eu, p.ec, acc))
+    r = p.y.to(acc) - mean
+    return _reduce(r.square(), p.latent_dims), r.to(p.x.dtype)
+
+
+def scale_rows(res: torch.Tensor, k: torch.Tensor, need: tuple[bool, bool, bool, bool], latent_dims: int):
+    """(k[:, j] * res for j = 0..3) in res's dtype, None where ``need[j]`` is False.
+
+    With w = dL/dss and the row's a, b, g, the gradients of an unclipped step are multiples of res = y - mean:
+    dx = -2 w a res, dy = 2 w res, deu = -2 w b (1 - g) res (-2 w b res without eps_c), dec = -2 w b g res.
+    """
+    shape = (*res.shape[: res.dim() - latent_dims], *([1] * latent_dims))
+    r = res.to(k.dtype)
+    return tuple((k[:, j].reshape(shape) * r).to(res.dtype) if n else None for j, n in enumerate(need))

@@ -86,9 +86,10 @@ def _step_fwd_kernel(
     n_inner, D, n_chunks,
     sxo, sxi, syo, syi, suo, sui, sco, sci, sruo, srui, srco, srci,
     HAS_Y: tl.constexpr, HAS_EU: tl.constexpr, HAS_EC: tl.constexpr, HAS_REF: tl.constexpr,
-    CLIP: tl.constexpr, WANT_MEAN: tl.constexpr, ACC: tl.constexpr,
+    CLIP: tl.constexpr, WANT_MEAN: tl.constexpr, SAVE_RES: tl.constexpr, ACC: tl.constexpr,
     CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
 ):
+    # SAVE_RES (with HAS_Y, not WANT_MEAN): mean_ptr receives the residual y - mean instead of the mean
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_chunks
     chunk = pid % n_chunks
@@ -112,6 +113,8 @@ def _step_fwd_kernel(
             tl.store(mean_ptr + row * D + idx, mean.to(mean_ptr.dtype.element_ty), mask=m)
         if HAS_Y:
             d = tl.where(m, _load(y_ptr + yo, idx, m, ACC) - mean, 0.0)
+            if SAVE_RES:
+                tl.store(mean_ptr + row * D + idx, d.to(mean_ptr.dtype.element_ty), mask=m)
             acc_ss += d * d
         if HAS_REF:
             ru = _load(ru_ptr + ruo, idx, m, ACC)
@@ -187,6 +190,34 @@ def _step_bwd_kernel(
             tl.store(dec_ptr + out, (g * de).to(dec_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit(do_not_specialize=["need0", "need1", "need2", "need3"])
+def _scale_rows_kernel(
+    res_ptr, k_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, D, n_chunks, need0, need1, need2, need3,
+    ACC: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr,
+):
+    # o_j[row] = k[row, j] * res[row] for the wanted j: the unclipped step's gradients from its saved residual
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    chunk = pid % n_chunks
+    k0 = tl.load(k_ptr + row * 4 + 0).to(ACC)
+    k1 = tl.load(k_ptr + row * 4 + 1).to(ACC)
+    k2 = tl.load(k_ptr + row * 4 + 2).to(ACC)
+    k3 = tl.load(k_ptr + row * 4 + 3).to(ACC)
+    for start in range(0, CHUNK_, BLOCK_):
+        idx = chunk * CHUNK_ + start + tl.arange(0, BLOCK_)
+        m = idx < D
+        out = row * D + idx
+        r = _load(res_ptr, out, m, ACC)
+        if need0 != 0:
+            tl.store(o0_ptr + out, (k0 * r).to(o0_ptr.dtype.element_ty), mask=m)
+        if need1 != 0:
+            tl.store(o1_ptr + out, (k1 * r).to(o1_ptr.dtype.element_ty), mask=m)
+        if need2 != 0:
+            tl.store(o2_ptr + out, (k2 * r).to(o2_ptr.dtype.element_ty), mask=m)
+        if need3 != 0:
+            tl.store(o3_ptr + out, (k3 * r).to(o3_ptr.dtype.element_ty), mask=m)
+
+
 @triton.jit
 def _row_sum_kernel(part_ptr, out_ptr, n_chunks, PBLOCK: tl.constexpr):
     # out[row] = sum_c part[row, c], always added in the same order: PBLOCK lanes, each summing chunks
@@ -244,12 +275,54 @@ def step_fwd(p: StepProblem, want_ss: bool, want_kk: bool, want_mean: bool):
             *ptrs, p.coef.contiguous(), part_ss, part_kk, mean if want_mean else p.x,
             n_inner, p.row_size, n_chunks, *flat,
             HAS_Y=want_ss, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=want_kk,
-            CLIP=p.clip, WANT_MEAN=want_mean, ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK, num_warps=NUM_WARPS,
-            enable_fp_fusion=FP_FUSION,
+            CLIP=p.clip, WANT_MEAN=want_mean, SAVE_RES=False, ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
         )
     ss = _row_sums(part_ss).reshape(lead) if want_ss else p.coef.new_empty(0)
     kk = _row_sums(part_kk).reshape(lead) if want_kk else p.coef.new_empty(0)
     return ss, kk, mean
+
+
+def step_fwd_res(p: StepProblem):
+    """(ss, res = y - mean): the forward kernel with the residual stored where the mean would be (torch_backend's
+    contract). One read of each input, one write of the residual; ss has the same bits as ``step_fwd``'s."""
+    if p.x.dtype == torch.float64:
+        return torch_backend.step_fwd_res(p)
+    assert p.coef.shape[1] == N_COEF and p.y is not None and not p.clip and p.ref_eu is None
+    n_rows, n_chunks = _grid(p)
+    part_ss = p.coef.new_empty((n_rows, n_chunks))
+    res = torch.empty(p.x.shape, dtype=p.x.dtype, device=p.x.device)
+    if n_rows:
+        n_inner, ptrs, flat, acc = _launch_args(p)
+        _step_fwd_kernel[(n_rows * n_chunks,)](
+            *ptrs, p.coef.contiguous(), part_ss, part_ss, res,
+            n_inner, p.row_size, n_chunks, *flat,
+            HAS_Y=True, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=False,
+            CLIP=False, WANT_MEAN=False, SAVE_RES=True, ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
+        )
+    return _row_sums(part_ss).reshape(p.lead_shape), res
+
+
+def scale_rows(res: torch.Tensor, k: torch.Tensor, need, latent_dims: int):
+    """torch_backend.scale_rows's contract in one kernel: one read of res, one write per wanted gradient."""
+    if res.dtype == torch.float64:
+        return torch_backend.scale_rows(res, k, need, latent_dims)
+    outs = [torch.empty_like(res) if n else None for n in need]
+    n_rows = res.shape[: res.dim() - latent_dims].numel()
+    row_size = res.shape[res.dim() - latent_dims :].numel()
+    n_chunks = triton.cdiv(row_size, CHUNK)
+    if n_rows * n_chunks > MAX_PROGRAMS:
+        raise ValueError(f"the triton backend launches one program per {CHUNK} elements of each row: {n_rows} rows of "
+                         f"{row_size} elements need {n_rows * n_chunks} programs, over CUDA's {MAX_PROGRAMS}")
+    if n_rows and any(need):
+        acc = tl.float64 if k.dtype == torch.float64 else tl.float32
+        _scale_rows_kernel[(n_rows * n_chunks,)](
+            res, k.contiguous(), *[res if o is None else o for o in outs], row_size, n_chunks,
+            *[int(o is not None) for o in outs], ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK, num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION,
+        )
+    return tuple(outs)
 
 
 def step_bwd(p: StepProblem, w_ss, w_kk, g_mean, need):
