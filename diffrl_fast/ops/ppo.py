@@ -122,9 +122,12 @@ def ppo_clip_step_loss(
     * ``"recompute"``: nothing latent-sized is kept; backward re-reads the four inputs (the op graph of
       ``step_logprob`` + ``ppo_clip_loss``; 10 passes). For memory-bound callers.
     * ``"auto"`` (default): ``"fused"`` where it moves less data: on the C++ backend (CPU tensors, eager
-      mode) and on Triton (CUDA tensors) without x0 clipping; ``"recompute"`` elsewhere (clipped on Triton,
-      where the fused forward would re-read the inputs too; the torch backend), and always inside
-      torch.compile (where the per-row arithmetic is compiled into the graph).
+      mode) and on Triton (CUDA tensors) without x0 clipping, except float16 there (its residual is saved in
+      the inputs' dtype: bfloat16 adds one rounding, float16 would lose small values); ``"recompute"``
+      elsewhere (clipped or float16 on Triton, where the fused forward would re-read the inputs too; the
+      torch backend), and always inside torch.compile (where the per-row arithmetic is compiled into the
+      graph). On CUDA the fused mode's backward reads the upstream gradient (one device sync) to skip a
+      scaling pass when it is 1, and with data checks on its forward reads the bad-row count (one more).
 
     Gradients flow to x_t, x_prev, eps_u, eps_c and a tensor ``s``; not to a, b, g, old_logp, advantages.
     """
@@ -135,7 +138,9 @@ def ppo_clip_step_loss(
     if mode != "recompute" and not torch.compiler.is_compiling():
         template = check_latents(latent_dims, {"x_t": x_t, "x_prev": x_prev, "eps_u": eps_u, "eps_c": eps_c})
         backend = _resolve_backend(template.device.type)
-        if mode == "fused" or backend == "cpp" or (backend == "triton" and clip_x0 is None):
+        # Triton: fused moves less unclipped, except for float16, whose saved residual would need float32 (its
+        # range) and then move as much as recomputing does
+        if mode == "fused" or backend == "cpp" or (backend == "triton" and clip_x0 is None and template.dtype != torch.float16):
             return _fused_ppo(x_t, x_prev, eps_u, eps_c, a, b, g, s, old_logp, advantages, clip_range, adv_clip,
                               clip_mode, reduction, clip_x0, latent_dims, backend)
     logp = step_logprob(x_t, x_prev, eps_u, eps_c, a, b, g, s, reduction=reduction, clip_x0=clip_x0, latent_dims=latent_dims)
@@ -182,7 +187,7 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
     report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends)
     params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g), report)
     loss, logp, clipfrac, approx_kl, ratio_mean = _FusedPPO.apply(x, y, eu, ec, s_tensor, params)
-    if report[0] and data_checks_enabled() and float(report[0]) > 0:
+    if data_checks_enabled() and float(report[0]) > 0:  # (on CUDA a 0-dim tensor: one sync, with the checks on only)
         # a row had s <= 0 or a non-finite value: let the per-argument checks name it
         _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, latent_dims)
     return PPOLoss(loss, clipfrac, approx_kl, ratio_mean, logp)
@@ -224,7 +229,8 @@ def _rows_torch(backend, p: StepProblem, s_rows, old, adv, clip_range, adv_clip,
     residual written and read once, each gradient written once (8 latent passes for eps_u and eps_c, against
     10 for step_fwd + step_bwd, which re-reads the inputs). Clipped: step_fwd + step_bwd."""
     mod = backends.get(backend)
-    use_res = any(need) and not p.clip and hasattr(mod, "step_fwd_res")
+    # float16 keeps the two-pass form: its residual, stored in float16, would lose the small values (subnormals)
+    use_res = any(need) and not p.clip and p.x.dtype != torch.float16 and hasattr(mod, "step_fwd_res")
     if use_res:
         ss, res = mod.step_fwd_res(p)
     else:

@@ -198,3 +198,39 @@ def test_fused_from_the_saved_residual(backend, guided, monkeypatch):
         ppo_clip_step_loss(*leaves, inp["ec"] if guided else None, inp["a"], inp["b"], 3.0, inp["std"], inp["old"],
                            inp["adv"], clip_x0=X0Clip(0.9, 1.3, -0.6, 1.5)).loss.backward()
         assert len(calls) == before
+
+
+def test_saved_residual_in_half_precision(monkeypatch):
+    """bfloat16 keeps the residual path (the residual stored in bfloat16: one more rounding, within half-precision
+    tolerance of the recompute path); float16 keeps the two-pass form (its residual would lose small values)."""
+    from diffrl_fast.ops import backends
+
+    mod = backends.get("torch")
+    calls = []
+    monkeypatch.setattr(mod, "scale_rows", lambda *a, _f=mod.scale_rows: calls.append(a[0].dtype) or _f(*a))
+    inp = _inputs("cpu")
+    for dtype in (torch.bfloat16, torch.float16):
+        grads = {}
+        for mode in ("fused", "recompute"):
+            eu = inp["eu"].to(dtype).clone().requires_grad_()
+            with use_backend("torch"):
+                out = ppo_clip_step_loss(inp["x"].to(dtype), inp["prev"].to(dtype), eu, inp["ec"].to(dtype), inp["a"],
+                                         inp["b"], 3.0, inp["std"], inp["old"], inp["adv"], clip_range=0.1, mode=mode)
+            out.loss.backward()
+            grads[mode] = eu.grad.double()
+        assert (grads["fused"] - grads["recompute"]).abs().max() <= 2e-2 * grads["recompute"].abs().max()
+    assert calls == [torch.bfloat16]
+
+
+def test_auto_on_triton_is_recompute_for_float16(monkeypatch):
+    from diffrl_fast.ops import backends
+
+    mod = backends.get("triton")
+    calls = []
+    monkeypatch.setattr(mod, "scale_rows", lambda *a, _f=mod.scale_rows: calls.append(1) or _f(*a))
+    inp = _inputs(device_for("triton"), B=2, T=1)
+    eu = inp["eu"].half().requires_grad_()
+    with use_backend("triton"):
+        ppo_clip_step_loss(inp["x"].half(), inp["prev"].half(), eu, inp["ec"].half(), inp["a"], inp["b"], 3.0, inp["std"],
+                           inp["old"], inp["adv"]).loss.backward()
+    assert calls == [] and eu.grad is not None and eu.grad.dtype == torch.float16

@@ -106,4 +106,6 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
             reals.append(0.0)
     ints += (logp.data_ptr(), dlogp.data_ptr(), stats.data_ptr(), *[0 if o is None else o.data_ptr() for o in outs])
     bad = _C.ppo_step_raw(ints, reals)
+    if not isinstance(bad, int):  # an extension built before the count was returned: read it from the stats
+        bad = int(stats[4])
     return logp, dlogp, stats, tuple(outs), bad
