@@ -184,9 +184,10 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
             else:
                 rows[name] = _flat_rows(name, v, lead, device, dtype, exact=False)
     s_tensor = s if isinstance(s, torch.Tensor) else None
-    report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends)
+    report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends), the stats
     params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g), report)
-    loss, logp, clipfrac, approx_kl, ratio_mean = _FusedPPO.apply(x, y, eu, ec, s_tensor, params)
+    loss, logp = _FusedPPO.apply(x, y, eu, ec, s_tensor, params)
+    _, clipfrac, approx_kl, ratio_mean, _ = report[1].unbind()  # the statistics: plain tensors, outside autograd
     if data_checks_enabled() and float(report[0]) > 0:  # (on CUDA a 0-dim tensor: one sync, with the checks on only)
         # a row had s <= 0 or a non-finite value: let the per-argument checks name it
         _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, latent_dims)
@@ -276,8 +277,8 @@ class _FusedPPO(torch.autograd.Function):
             logp, dlogp, stats, grads = _rows_torch(backend, p, rows["s"], rows["old_logp"], rows["advantages"],
                                                     clip_range, adv_clip, clip_mode, reduction, need)
             bad = stats[4]
-        report.append(bad)
-        loss, clipfrac, approx_kl, ratio_mean, _ = stats.unbind()
+        report += (bad, stats)
+        loss = stats[0]
         logp_out = logp if logp.shape == lead else logp.reshape(lead)
         # The gradients are handed out by the first backward and not referenced after it, so autograd can
         # adopt them as .grad without a copy; a second backward (retain_graph) recomputes them.
@@ -286,12 +287,11 @@ class _FusedPPO(torch.autograd.Function):
         ctx.save_for_backward(rows["s"], dlogp, logp, x, y, eu, ec)
         ctx.meta = (coef, abg, clip_x0, backend, reduction, latent_dims, s_tensor is not None and ctx.needs_input_grad[4],
                     None if s_tensor is None else s_tensor.shape, lead)
-        ctx.mark_non_differentiable(clipfrac, approx_kl, ratio_mean)
         ctx.set_materialize_grads(False)
-        return loss, logp_out, clipfrac, approx_kl, ratio_mean
+        return loss, logp_out
 
     @staticmethod
-    def backward(ctx, g_loss, g_logp, *_):
+    def backward(ctx, g_loss, g_logp):
         held, ctx.held = ctx.held, None
         want_ds = ctx.meta[6]
         if held is not None and g_logp is None and not want_ds and g_loss is not None and _is_one(g_loss):
