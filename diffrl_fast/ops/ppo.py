@@ -255,8 +255,11 @@ def _rows_torch(backend, p: StepProblem, s_rows, old, adv, clip_range, adv_clip,
             grads = mod.scale_rows(res, k, need, p.latent_dims)
         else:
             grads = mod.step_bwd(p, w_ss, None, None, need)
-    bad = (~torch.isfinite(logp)).sum() + (s_rows <= 0).sum() + (~torch.isfinite(logp - old)).sum()
-    stats = torch.stack([out.loss.detach(), out.clipfrac, out.approx_kl, out.ratio_mean, bad.to(out.loss.dtype)])
+    if data_checks_enabled():  # the bad-row count feeds the checks only: with them off, no kernels for it
+        bad = ((~torch.isfinite(logp)).sum() + (s_rows <= 0).sum() + (~torch.isfinite(logp - old)).sum()).to(logp.dtype)
+    else:
+        bad = out.loss.new_zeros(())
+    stats = torch.stack([out.loss.detach(), out.clipfrac, out.approx_kl, out.ratio_mean, bad])
     return logp, dlogp, stats, grads
 
 
