@@ -100,11 +100,15 @@ def row_addressing(p: StepProblem) -> tuple[int, dict[str, tuple[int, int]]]:
 
 def tensor_rows(lead_shape: torch.Size, tensors: dict[str, Optional[torch.Tensor]]) -> tuple[int, dict[str, tuple[int, int]]]:
     """``row_addressing`` for latent tensors of leading shape ``lead_shape`` (None entries are skipped)."""
+    row = None
+    for t in tensors.values():  # the common case, every tensor contiguous: row r starts at r * D
+        if t is not None:
+            if not t.is_contiguous():
+                break
+            row = t.shape[len(lead_shape) :].numel()
+    else:
+        return 1, {n: (row, 0) for n, t in tensors.items() if t is not None}
     present = {n: t for n, t in tensors.items() if t is not None}
-    if all(t.is_contiguous() for t in present.values()):  # the common case: row r starts at r * D
-        first = next(iter(present.values()))
-        row = first.shape[len(lead_shape) :].numel()
-        return 1, {n: (row, 0) for n in present}
     lead = tuple(lead_shape)
     k = len(lead)
     for split in range(k, -1, -1):

@@ -125,25 +125,12 @@ def per_row(
     ``check_data=False`` leaves the value checks (finite, > 0) of a tensor to the caller, which can then
     check several coefficients in one pass and call again with checks on to name the culprit.
     """
-    if not isinstance(value, torch.Tensor) and (isinstance(value, bool) or not isinstance(value, Real)):
-        raise ValueError(f"{name} must be a float or a tensor broadcastable to {tuple(lead_shape)}, got {type(value).__name__}")
-    if not isinstance(value, torch.Tensor):
-        v = float(value)
-        if not math.isfinite(v) or (positive and v <= 0):
-            raise ValueError(f"{name} must be {'> 0 and ' if positive else ''}finite, got {v}")
-        return torch.full((lead_shape.numel(),) if flat else lead_shape, v, dtype=dtype, device=device)
-    if not value.is_floating_point() and not (value.dtype in (torch.int32, torch.int64) and not positive):
-        raise ValueError(f"{name} must be a floating tensor, got dtype {value.dtype}")
-    if value.device != device and not (value.dim() == 0 and value.device.type == "cpu"):
-        raise ValueError(f"{name} is on {value.device} but the latents are on {device}")
-    try:
-        v = value.detach()
-        if v.shape != lead_shape or v.dtype != dtype or v.device != device:  # else: already the per-row tensor
-            v = torch.broadcast_to(v.to(device=device, dtype=dtype), lead_shape)
-    except RuntimeError:
-        raise ValueError(
-            f"{name} has shape {tuple(value.shape)}, which does not broadcast to the leading dims {tuple(lead_shape)}"
-        ) from None
+    if isinstance(value, torch.Tensor) and value.shape == lead_shape and value.dtype == dtype and value.device == device:
+        v = value.detach()  # already one value per row in the accumulation dtype: every metadata check holds
+    else:
+        v = _per_row_tensor(name, value, lead_shape, device, dtype, positive)
+        if not isinstance(value, torch.Tensor):
+            return v if flat else v.reshape(lead_shape)
     if check_data and data_checks_enabled() and not (all_finite(v) and (not positive or v.numel() == 0 or float(v.min()) > 0)):
         bad = ~torch.isfinite(v) | (v <= 0) if positive else ~torch.isfinite(v)
         if bool(bad.any()):
@@ -153,6 +140,29 @@ def per_row(
                 f"{int(bad.sum())} of its entries are not (e.g. {first})"
             )
     return v.reshape(-1) if flat and v.dim() != 1 else v
+
+
+def _per_row_tensor(name: str, value, lead_shape: torch.Size, device: torch.device, dtype: torch.dtype,
+                    positive: bool) -> torch.Tensor:
+    """``per_row``'s metadata checks and conversion: a number as a filled flat [N] tensor (its value checked),
+    a tensor cast and broadcast to the leading dims."""
+    if not isinstance(value, torch.Tensor) and (isinstance(value, bool) or not isinstance(value, Real)):
+        raise ValueError(f"{name} must be a float or a tensor broadcastable to {tuple(lead_shape)}, got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):
+        v = float(value)
+        if not math.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"{name} must be {'> 0 and ' if positive else ''}finite, got {v}")
+        return torch.full((lead_shape.numel(),), v, dtype=dtype, device=device)
+    if not value.is_floating_point() and not (value.dtype in (torch.int32, torch.int64) and not positive):
+        raise ValueError(f"{name} must be a floating tensor, got dtype {value.dtype}")
+    if value.device != device and not (value.dim() == 0 and value.device.type == "cpu"):
+        raise ValueError(f"{name} is on {value.device} but the latents are on {device}")
+    try:
+        return torch.broadcast_to(value.detach().to(device=device, dtype=dtype), lead_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} has shape {tuple(value.shape)}, which does not broadcast to the leading dims {tuple(lead_shape)}"
+        ) from None
 
 
 def check_rows(name: str, t, lead_shape: torch.Size, device: torch.device, check_data: bool = True) -> torch.Tensor:

@@ -138,9 +138,7 @@ def ppo_clip_step_loss(
     if mode != "recompute" and not torch.compiler.is_compiling():
         template = check_latents(latent_dims, {"x_t": x_t, "x_prev": x_prev, "eps_u": eps_u, "eps_c": eps_c})
         backend = _resolve_backend(template.device.type)
-        # Triton: fused moves less unclipped, except for float16, whose saved residual would need float32 (its
-        # range) and then move as much as recomputing does
-        if mode == "fused" or backend == "cpp" or (backend == "triton" and clip_x0 is None and template.dtype != torch.float16):
+        if mode == "fused" or backend == "cpp" or (backend == "triton" and _saves_residual(clip_x0 is not None, template.dtype)):
             return _fused_ppo(x_t, x_prev, eps_u, eps_c, a, b, g, s, old_logp, advantages, clip_range, adv_clip,
                               clip_mode, reduction, clip_x0, latent_dims, backend)
     logp = step_logprob(x_t, x_prev, eps_u, eps_c, a, b, g, s, reduction=reduction, clip_x0=clip_x0, latent_dims=latent_dims)
@@ -157,14 +155,11 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
     lead = x.shape[: x.dim() - latent_dims]
     dtype = acc_dtype(x.dtype)
     device = x.device
-    rows = {"old_logp": _flat_rows("old_logp", old_logp, lead, device, dtype, exact=True),
-            "advantages": _flat_rows("advantages", advantages, lead, device, dtype, exact=True)}
+    rows = {"old_logp": _flat_rows("old_logp", old_logp, lead, device, dtype),
+            "advantages": _flat_rows("advantages", advantages, lead, device, dtype)}
     # s and log s exactly as step_logprob forms them (log of the lead-shaped view), so log p is bit-identical
     if isinstance(s, torch.Tensor):
-        if s.shape == lead and s.dtype == dtype and s.device == device:
-            s_view = s.detach()  # already one value per row: no broadcast, no copy
-        else:
-            s_view = per_row("s", s, lead, device, dtype, positive=True, check_data=False, flat=False)
+        s_view = per_row("s", s, lead, device, dtype, positive=True, check_data=False, flat=False)
     else:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
             raise ValueError(f"s must be a float > 0 or a tensor broadcastable to {tuple(lead)}, got {s!r}")
@@ -182,7 +177,7 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
                     raise ValueError(f"{name} must be finite, got {v}")
                 rows[name] = float(v)
             else:
-                rows[name] = _flat_rows(name, v, lead, device, dtype, exact=False)
+                rows[name] = per_row(name, v, lead, device, dtype, check_data=False)
     s_tensor = s if isinstance(s, torch.Tensor) else None
     report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends), the stats
     params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g), report)
@@ -194,18 +189,12 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
     return PPOLoss(loss, clipfrac, approx_kl, ratio_mean, logp)
 
 
-def _flat_rows(name: str, t, lead: torch.Size, device: torch.device, dtype: torch.dtype, exact: bool) -> torch.Tensor:
-    """A per-row input as a flat [N] tensor of the accumulation dtype, for a kernel that only reads it.
-
-    ``exact``: a constant of exactly the leading shape (old log-probs, advantages; ``check_rows``' rules),
-    else a coefficient broadcastable to it (``per_row``'s). No op at all when ``t`` already has the leading
-    shape, dtype and device; values are left to the kernel's per-row checks.
-    """
-    if isinstance(t, torch.Tensor) and t.shape == lead and t.dtype == dtype and t.device == device:
-        return t if t.dim() == 1 else t.reshape(-1)
-    if not exact:
-        return per_row(name, t, lead, device, dtype, check_data=False)
-    t = check_rows(name, t, lead, device, check_data=False).detach().to(dtype)
+def _flat_rows(name: str, t, lead: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A per-row constant (old log-probs, advantages) after ``check_rows``' metadata checks, as a flat [N]
+    tensor of the accumulation dtype (no op when it already is one); values are left to the kernel's checks."""
+    t = check_rows(name, t, lead, device, check_data=False)
+    if t.dtype != dtype:
+        t = t.to(dtype)
     return t if t.dim() == 1 else t.reshape(-1)
 
 
@@ -221,6 +210,14 @@ def _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, lat
     raise ValueError("the fused PPO loss saw a non-finite value or a non-positive std in some row")
 
 
+def _saves_residual(clip: bool, dtype: torch.dtype) -> bool:
+    """Whether the fused forward of a kernel backend keeps the residual y - mean (``step_fwd_res``) instead of
+    re-reading the inputs: only unclipped (clipped, the gradients are not per-row multiples of the residual), and
+    not in float16 (its residual, stored in float16, would lose small values; in float32 it would move as much
+    as re-reading does)."""
+    return not clip and dtype != torch.float16
+
+
 def _rows_torch(backend, p: StepProblem, s_rows, old, adv, clip_range, adv_clip, clip_mode, reduction, need):
     """The fused forward on a backend without a PPO kernel: the sums of squares, the per-row loss through
     autograd of ``ppo_clip_loss`` (the one definition of the loss), then the gradients with w_ss = dL/dss.
@@ -230,8 +227,7 @@ def _rows_torch(backend, p: StepProblem, s_rows, old, adv, clip_range, adv_clip,
     residual written and read once, each gradient written once (8 latent passes for eps_u and eps_c, against
     10 for step_fwd + step_bwd, which re-reads the inputs). Clipped: step_fwd + step_bwd."""
     mod = backends.get(backend)
-    # float16 keeps the two-pass form: its residual, stored in float16, would lose the small values (subnormals)
-    use_res = any(need) and not p.clip and p.x.dtype != torch.float16 and hasattr(mod, "step_fwd_res")
+    use_res = any(need) and _saves_residual(p.clip, p.x.dtype) and hasattr(mod, "step_fwd_res")
     if use_res:
         ss, res = mod.step_fwd_res(p)
     else:

@@ -85,15 +85,11 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
         return logp, dlogp, torch.zeros(5, dtype=acc), tuple(outs), 0
     stats = torch.empty(5, dtype=acc)  # the kernel writes all five
     d = x.shape[k:].numel()
-    ints = [_DTYPE[x.dtype], n, 1, d, int(coef is not None), int(clip_mode == "clamp"), int(reduction == "sum"),
+    n_inner, strides = tensor_rows(lead, {"x": x, "y": y, "eu": eu, "ec": ec})
+    ints = [_DTYPE[x.dtype], n, n_inner, d, int(coef is not None), int(clip_mode == "clamp"), int(reduction == "sum"),
             torch.get_num_threads()]
-    if dense and y.is_contiguous() and (eu is None or eu.is_contiguous()) and (ec is None or ec.is_contiguous()):
-        for t in (x, y, eu, ec):  # row r of each starts at r * D
-            ints += (0, 0, 0) if t is None else (t.data_ptr(), d, 0)
-    else:
-        ints[2], strides = tensor_rows(lead, {"x": x, "y": y, "eu": eu, "ec": ec})
-        for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
-            ints += (0, 0, 0) if t is None else (t.data_ptr(), *strides[name])
+    for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
+        ints += (0, 0, 0) if t is None else (t.data_ptr(), *strides[name])
     ints.append(0 if coef is None else coef.data_ptr())
     reals = [-1.0 if clip_range is None else float(clip_range), -1.0 if adv_clip is None else float(adv_clip), 1.0 / n]
     for v in (rows.get("a", 0.0), rows.get("b", 0.0), rows.get("g", 0.0), rows["s"], rows["log_s"], rows["old_logp"],
@@ -106,6 +102,4 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
             reals.append(0.0)
     ints += (logp.data_ptr(), dlogp.data_ptr(), stats.data_ptr(), *[0 if o is None else o.data_ptr() for o in outs])
     bad = _C.ppo_step_raw(ints, reals)
-    if not isinstance(bad, int):  # an extension built before the count was returned: read it from the stats
-        bad = int(stats[4])
     return logp, dlogp, stats, tuple(outs), bad

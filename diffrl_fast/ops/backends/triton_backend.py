@@ -252,10 +252,14 @@ def _launch_args(p: StepProblem):
 
 def _grid(p: StepProblem) -> tuple[int, int]:
     """(rows, chunks per row); the launch grid is their product, in one dimension."""
-    n_rows, n_chunks = p.n_rows, triton.cdiv(p.row_size, CHUNK)
+    return _row_grid(p.n_rows, p.row_size)
+
+
+def _row_grid(n_rows: int, row_size: int) -> tuple[int, int]:
+    n_chunks = triton.cdiv(row_size, CHUNK)
     if n_rows * n_chunks > MAX_PROGRAMS:
         raise ValueError(f"the triton backend launches one program per {CHUNK} elements of each row: {n_rows} rows of "
-                         f"{p.row_size} elements need {n_rows * n_chunks} programs, over CUDA's {MAX_PROGRAMS}; "
+                         f"{row_size} elements need {n_rows * n_chunks} programs, over CUDA's {MAX_PROGRAMS}; "
                          "split the batch into several calls")
     return n_rows, n_chunks
 
@@ -309,12 +313,8 @@ def scale_rows(res: torch.Tensor, k: torch.Tensor, need, latent_dims: int):
     if res.dtype == torch.float64:
         return torch_backend.scale_rows(res, k, need, latent_dims)
     outs = [torch.empty_like(res) if n else None for n in need]
-    n_rows = res.shape[: res.dim() - latent_dims].numel()
     row_size = res.shape[res.dim() - latent_dims :].numel()
-    n_chunks = triton.cdiv(row_size, CHUNK)
-    if n_rows * n_chunks > MAX_PROGRAMS:
-        raise ValueError(f"the triton backend launches one program per {CHUNK} elements of each row: {n_rows} rows of "
-                         f"{row_size} elements need {n_rows * n_chunks} programs, over CUDA's {MAX_PROGRAMS}")
+    n_rows, n_chunks = _row_grid(res.shape[: res.dim() - latent_dims].numel(), row_size)
     if n_rows and any(need):
         acc = tl.float64 if k.dtype == torch.float64 else tl.float32
         _scale_rows_kernel[(n_rows * n_chunks,)](
