@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 from numbers import Real
 from typing import Iterator, Mapping, Optional
 
 import torch
+
+from ._env import getenv
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum")
@@ -31,7 +32,7 @@ def data_checks_enabled() -> bool:
     enabled = getattr(_local, "enabled", None)
     if enabled is not None:
         return enabled
-    return os.environ.get("DIFFRL_FAST_CHECKS", "1") != "0"
+    return getenv("DIFFRL_FAST_CHECKS") != "0"
 
 
 @contextlib.contextmanager

@@ -179,11 +179,14 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
             else:
                 rows[name] = per_row(name, v, lead, device, dtype, check_data=False)
     s_tensor = s if isinstance(s, torch.Tensor) else None
-    report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends), the stats
+    report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends) and
+    # the three statistics
     params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g), report)
     loss, logp = _FusedPPO.apply(x, y, eu, ec, s_tensor, params)
-    _, clipfrac, approx_kl, ratio_mean, _ = report[1].unbind()  # the statistics: plain tensors, outside autograd
-    if data_checks_enabled() and float(report[0]) > 0:  # (on CUDA a 0-dim tensor: one sync, with the checks on only)
+    bad, clipfrac, approx_kl, ratio_mean = report  # the statistics: plain tensors, outside autograd
+    # the bad-row count: an int from the C++ kernel; on other backends a 0-dim tensor, read (one sync on CUDA)
+    # only when the data checks are on
+    if (type(bad) is not int or bad > 0) and data_checks_enabled() and float(bad) > 0:
         # a row had s <= 0 or a non-finite value: let the per-argument checks name it
         _name_bad_input(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_x0, latent_dims)
     return PPOLoss(loss, clipfrac, approx_kl, ratio_mean, logp)
@@ -276,8 +279,8 @@ class _FusedPPO(torch.autograd.Function):
             logp, dlogp, stats, grads = _rows_torch(backend, p, rows["s"], rows["old_logp"], rows["advantages"],
                                                     clip_range, adv_clip, clip_mode, reduction, need)
             bad = stats[4]
-        report += (bad, stats)
-        loss = stats[0]
+        loss, clipfrac, approx_kl, ratio_mean, _ = stats.unbind()
+        report += (bad, clipfrac, approx_kl, ratio_mean)
         logp_out = logp if logp.shape == lead else logp.reshape(lead)
         # The gradients are handed out by the first backward and not referenced after it, so autograd can
         # adopt them as .grad without a copy; a second backward (retain_graph) recomputes them.

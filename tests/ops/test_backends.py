@@ -60,6 +60,34 @@ def test_automatic_choice_falls_back_with_one_warning(monkeypatch):
     assert torch.isfinite(step_logprob(x, x, x, None, 1.0, 0.5, 1.0, 0.3)).all()
 
 
+@requires_cpp
+def test_automatic_choice_recovers_after_a_load_error_goes(monkeypatch):
+    """The remembered automatic choice is dropped while it has a load error, and is the answer again after."""
+    monkeypatch.delenv("DIFFRL_FAST_BACKEND", raising=False)
+    assert backends.resolve("cpu") == "cpp"
+    with monkeypatch.context() as m, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.setitem(backends._load_errors, "cpp", ImportError("simulated"))
+        assert backends.resolve("cpu") == "torch"
+    assert backends.resolve("cpu") == "cpp"
+
+
+def test_switches_are_read_at_every_call(monkeypatch):
+    """DIFFRL_FAST_CHECKS and DIFFRL_FAST_BACKEND set or unset while the process runs take effect at the next call."""
+    from diffrl_fast.ops._validate import data_checks_enabled
+
+    monkeypatch.delenv("DIFFRL_FAST_CHECKS", raising=False)
+    assert data_checks_enabled()
+    monkeypatch.setenv("DIFFRL_FAST_CHECKS", "0")
+    assert not data_checks_enabled()
+    os.environ["DIFFRL_FAST_CHECKS"] = "1"
+    assert data_checks_enabled()
+    monkeypatch.setenv("DIFFRL_FAST_BACKEND", "torch")
+    assert backends.resolve("cpu") == "torch"
+    monkeypatch.delenv("DIFFRL_FAST_BACKEND")
+    assert backends.resolve("cpu") == ("cpp" if "cpp" in available_backends("cpu") else "torch")
+
+
 def test_backends_agree_on_a_realistic_chunk():
     g = torch.Generator().manual_seed(0)
     x, y, eu, ec = (torch.randn(4, 2, 4, 64, 64, generator=g) for _ in range(4))

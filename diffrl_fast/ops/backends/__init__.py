@@ -25,6 +25,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from .._env import getenv
+
 ENV_VAR = "DIFFRL_FAST_BACKEND"
 
 
@@ -58,6 +60,8 @@ _local = threading.local()
 _warned: set[str] = set()
 _load_errors: dict[str, BaseException] = {}
 _loaded: dict[str, object] = {}  # name -> module, so that a resolve per op call costs no import machinery
+# device type -> the first automatic candidate, once it has loaded: the answer while it has no load error
+_auto_best: dict[str, str] = {}
 
 
 def _try_load(name: str):
@@ -83,7 +87,7 @@ def requested_backend() -> str | None:
     override = getattr(_local, "override", None)
     if override is not None:
         return override
-    env = os.environ.get(ENV_VAR)
+    env = getenv(ENV_VAR)
     return (env.strip().lower() or None) if env else None
 
 
@@ -109,11 +113,18 @@ def resolve(device_type: str) -> str:
         if _try_load(name) is None:
             raise RuntimeError(f"backend {name!r} was requested but failed to load: {_load_errors[name]!r}")
         return name
+    best = _auto_best.get(device_type)
+    if best is not None and best not in _load_errors:
+        return best
+    fell_back = False
     for candidate in AUTO_ORDER:
         if not _serves(BACKENDS[candidate].auto_devices, device_type):
             continue
         if _try_load(candidate) is not None:
+            if not fell_back:
+                _auto_best[device_type] = candidate
             return candidate
+        fell_back = True
         if candidate not in _warned:
             _warned.add(candidate)
             warnings.warn(

@@ -75,7 +75,7 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
     lead = x.shape[:k]
     n = lead.numel()
     acc = rows["s"].dtype
-    logp = torch.empty(lead, dtype=acc)
+    logp = torch.empty(n, dtype=acc)  # flat; the caller gives it the leading shape
     dlogp = torch.empty(n, dtype=acc)
     # gradients are written row after row (row r at r * D): contiguous whatever the inputs' layout
     dense = x.is_contiguous()
@@ -85,12 +85,17 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
         return logp, dlogp, torch.zeros(5, dtype=acc), tuple(outs), 0
     stats = torch.empty(5, dtype=acc)  # the kernel writes all five
     d = x.shape[k:].numel()
-    n_inner, strides = tensor_rows(lead, {"x": x, "y": y, "eu": eu, "ec": ec})
+    if dense and y.is_contiguous() and (eu is None or eu.is_contiguous()) and (ec is None or ec.is_contiguous()):
+        n_inner = 1  # row r of every tensor at r * d
+        lat = (x.data_ptr(), d, 0, y.data_ptr(), d, 0, *((0, 0, 0) if eu is None else (eu.data_ptr(), d, 0)),
+               *((0, 0, 0) if ec is None else (ec.data_ptr(), d, 0)))
+    else:
+        n_inner, strides = tensor_rows(lead, {"x": x, "y": y, "eu": eu, "ec": ec})
+        lat = ()
+        for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
+            lat += (0, 0, 0) if t is None else (t.data_ptr(), *strides[name])
     ints = [_DTYPE[x.dtype], n, n_inner, d, int(coef is not None), int(clip_mode == "clamp"), int(reduction == "sum"),
-            torch.get_num_threads()]
-    for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
-        ints += (0, 0, 0) if t is None else (t.data_ptr(), *strides[name])
-    ints.append(0 if coef is None else coef.data_ptr())
+            torch.get_num_threads(), *lat, 0 if coef is None else coef.data_ptr()]
     reals = [-1.0 if clip_range is None else float(clip_range), -1.0 if adv_clip is None else float(adv_clip), 1.0 / n]
     for v in (rows.get("a", 0.0), rows.get("b", 0.0), rows.get("g", 0.0), rows["s"], rows["log_s"], rows["old_logp"],
               rows["advantages"]):
@@ -98,7 +103,7 @@ def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_m
             ints += (0, 0)
             reals.append(v)
         else:  # a 1-D tensor; one element is read by every row
-            ints += (v.data_ptr(), v.stride(0) if v.shape[0] > 1 else 0)
+            ints += (v.data_ptr(), v.stride(0) if n > 1 else 0)
             reals.append(0.0)
     ints += (logp.data_ptr(), dlogp.data_ptr(), stats.data_ptr(), *[0 if o is None else o.data_ptr() for o in outs])
     bad = _C.ppo_step_raw(ints, reals)
