@@ -4,12 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #if defined(__SSE__) || defined(__x86_64__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #define DIFFRL_HAS_MXCSR 1
 #endif
 
@@ -293,6 +295,73 @@ static inline A chunk_ss(const T* px, const T* py, const T* peu, const T* pec, i
   return s1;
 }
 
+// Non-temporal stores for a gradient are used when one call's latent data (inputs and gradients) is at least
+// this large: a typical last-level cache slice of a server core complex (32 MiB on AMD EPYC; sysconf's figure
+// is the whole package's on many VMs, so a constant is used). Below it the gradient stays in cache for its
+// consumer; above it its lines would be evicted before use anyway, and streaming them saves the read for
+// ownership that an ordinary store makes.
+constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
+
+// The two eps gradients of one row from the residual r kept in place in the first one (float32/float64):
+//   dec[i] = cc r[i],  deu[i] = cu r[i]   (dec = nullptr: unguided, deu[i] = cu r[i] only)
+// The arithmetic is the same as scaling a separate residual buffer, so the results are bit-identical.
+// `stream`: dec is written with non-temporal stores (float32, x86).
+template <typename A>
+static inline void split_residual(A* deu, A* dec, A cu, A cc, int64_t n, bool stream) {
+#ifdef DIFFRL_HAS_MXCSR
+  if constexpr (std::is_same<A, float>::value) {
+    if (stream && dec) {
+      int64_t i = 0;
+      for (; i < n && (reinterpret_cast<uintptr_t>(dec + i) & 63u) != 0; ++i) {
+        const A v = deu[i];
+        dec[i] = cc * v;
+        deu[i] = cu * v;
+      }
+#if defined(__AVX512F__)
+      const __m512 vc = _mm512_set1_ps(cc), vu = _mm512_set1_ps(cu);
+      for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(deu + i);
+        _mm512_stream_ps(dec + i, _mm512_mul_ps(vc, v));
+        _mm512_storeu_ps(deu + i, _mm512_mul_ps(vu, v));
+      }
+#elif defined(__AVX__)
+      const __m256 vc = _mm256_set1_ps(cc), vu = _mm256_set1_ps(cu);
+      for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(deu + i);
+        _mm256_stream_ps(dec + i, _mm256_mul_ps(vc, v));
+        _mm256_storeu_ps(deu + i, _mm256_mul_ps(vu, v));
+      }
+#else
+      const __m128 vc = _mm_set1_ps(cc), vu = _mm_set1_ps(cu);
+      for (; i + 4 <= n; i += 4) {
+        const __m128 v = _mm_loadu_ps(deu + i);
+        _mm_stream_ps(dec + i, _mm_mul_ps(vc, v));
+        _mm_storeu_ps(deu + i, _mm_mul_ps(vu, v));
+      }
+#endif
+      for (; i < n; ++i) {
+        const A v = deu[i];
+        dec[i] = cc * v;
+        deu[i] = cu * v;
+      }
+      _mm_sfence();  // the streamed lines are globally visible before the row is reported done
+      return;
+    }
+  }
+#endif
+  if (dec) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const A v = deu[i];
+      dec[i] = cc * v;
+      deu[i] = cu * v;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) deu[i] = cu * deu[i];
+  }
+}
+
 template <typename T, int M>
 void ppo_impl(const StepArgs& args, const PPOArgs& pa, const PPOOut& out) {
   constexpr bool EU = M & pEU, EC = M & pEC, CLIP = M & pCLIP;
@@ -307,6 +376,11 @@ void ppo_impl(const StepArgs& args, const PPOArgs& pa, const PPOOut& out) {
     A* dlogp_out = static_cast<A*>(out.dlogp);
     const bool grads = out.dx || out.dy || out.deu || out.dec;
     const bool hot = EU && !out.dx && !out.dy && out.deu && (out.dec || !EC);
+    // hot, unclipped, gradients in the accumulation type: pass 1 keeps the residual in deu's row itself (no
+    // scratch buffer competing for L2 with the streaming inputs; deu's lines are fetched while the inputs are)
+    constexpr bool kSameType = std::is_same<T, A>::value;
+    const bool in_place = kSameType && !CLIP && hot;
+    const bool stream = in_place && out.dec && 6 * N * D * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
     const bool ratio = pa.clip_range >= 0;
     const A lo = A(1.0 - pa.clip_range), hi = A(1.0 + pa.clip_range), cr = A(pa.clip_range);
     const A ac = A(pa.adv_clip);
@@ -319,7 +393,7 @@ void ppo_impl(const StepArgs& args, const PPOArgs& pa, const PPOOut& out) {
     {
     FlushDenormals ftz;
     static thread_local std::vector<A> scratch;
-    if (grads && static_cast<int64_t>(scratch.size()) < D) scratch.resize(D);
+    if (grads && !in_place && static_cast<int64_t>(scratch.size()) < D) scratch.resize(D);
     A* res = grads ? scratch.data() : nullptr;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < N; ++r) {
@@ -327,13 +401,17 @@ void ppo_impl(const StepArgs& args, const PPOArgs& pa, const PPOOut& out) {
                                   : RowCoefs<A>(row_val<A>(pa.a, r), row_val<A>(pa.b, r), row_val<A>(pa.g, r));
       // pass 1: ss in step_fwd's chunks and order, residuals kept for pass 2
       double tot = 0;
+      A* rbuf = res;
+      if constexpr (kSameType) {
+        if (in_place) rbuf = reinterpret_cast<A*>(static_cast<T*>(out.deu) + r * D);
+      }
       for (int64_t k = 0; k < n_chunk; ++k) {
         const int64_t start = k * kChunk, len = std::min(kChunk, D - start);
         const T* px = row_ptr<T>(args.x, r, n_inner, start);
         const T* py = row_ptr<T>(args.y, r, n_inner, start);
         const T* peu = EU ? row_ptr<T>(args.eu, r, n_inner, start) : nullptr;
         const T* pec = EC ? row_ptr<T>(args.ec, r, n_inner, start) : nullptr;
-        tot += grads ? chunk_ss<EC, CLIP, EU, true>(px, py, peu, pec, len, rc, res + start)
+        tot += grads ? chunk_ss<EC, CLIP, EU, true>(px, py, peu, pec, len, rc, rbuf + start)
                      : chunk_ss<EC, CLIP, EU, false>(px, py, peu, pec, len, rc, static_cast<A*>(nullptr));
       }
       const A ss = static_cast<A>(tot);
@@ -390,6 +468,10 @@ void ppo_impl(const StepArgs& args, const PPOArgs& pa, const PPOOut& out) {
       T* dec = out.dec ? static_cast<T*>(out.dec) + o : nullptr;
       const A a = rc.a, b = rc.b, g = rc.g, m0 = rc.m0, cx = rc.cx, ce = rc.ce, lim = rc.lim, am = rc.am, bm = rc.bm;
       const A cu = EC ? (A(1) - g) * b * c : b * c, cc = g * b * c;
+      if (in_place) {
+        split_residual<A>(rbuf, EC ? reinterpret_cast<A*>(dec) : nullptr, cu, cc, D, stream);
+        continue;
+      }
       if (!CLIP && hot) {
 #pragma omp simd
         for (int64_t i = 0; i < D; ++i) {

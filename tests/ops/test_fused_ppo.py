@@ -76,6 +76,21 @@ def test_fused_logp_is_bit_identical_to_step_logprob(backend):
     assert out.ratio_mean.item() == 1.0 and out.clipfrac.item() == 0.0
 
 
+def test_fused_ppo_streamed_gradients():
+    """Past 32 MiB of latent data per call the C++ kernel writes eps_c's gradient with non-temporal stores; rows of
+    an odd length start unaligned, so the aligned body, its head and its tail all run. Equal to the recompute path."""
+    inp = _inputs("cpu", B=24, T=2, hw=(97, 101))  # 48 rows of 4 * 97 * 101 elements: 6 latent tensors > 32 MiB
+    assert 6 * inp["x"].numel() * 4 >= 32 << 20
+    grads = {}
+    for mode in ("fused", "recompute"):
+        eu, ec = inp["eu"].clone().requires_grad_(), inp["ec"].clone().requires_grad_()
+        ppo_clip_step_loss(inp["x"], inp["prev"], eu, ec, inp["a"], inp["b"], 3.0, inp["std"], inp["old"], inp["adv"],
+                           clip_range=0.1, mode=mode).loss.backward()
+        grads[mode] = (eu.grad, ec.grad)
+    for got, want in zip(grads["fused"], grads["recompute"]):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_fused_ppo_upstream_scale_and_extra_logp_term():
     """(2 L + sum(log p)).backward(): the held gradients are scaled and log p's share is recomputed."""
     inp = _inputs("cpu")
