@@ -20,7 +20,10 @@ re-reads inputs or saves residuals moves more than it is credited with. It is co
 bandwidth measured in the same run (256 MiB buffers). The bandwidth target is checked separately: at
 [32, 4, 128, 128] the fused step and a copy of the same bytes are timed in alternation (15 rounds), so that
 both see the same cache and machine state, and the median ratio of their speeds is reported.
-The automatic backend of the device is called exactly as a user calls the op (no use_backend block). Run: ``python benchmarks/bench_ops.py`` or ``diffrl-fast bench ops``; results go to benchmarks/results/.
+The automatic backend of the device is called exactly as a user calls the op (no use_backend block). On CPU
+the run first makes glibc keep freed memory (``benchmarks.common.keep_freed_memory``; ``--default-allocator``
+leaves it alone), so that no provider's fresh outputs page-fault: recorded as ``allocator`` in the JSON.
+Run: ``python benchmarks/bench_ops.py`` or ``diffrl-fast bench ops``; results go to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, allocation_profile, copy_bandwidth_gbs, machine_info, time_fn, write_rows  # noqa: E402
+from benchmarks.common import (RESULTS, allocation_profile, copy_bandwidth_gbs, keep_freed_memory, machine_info,  # noqa: E402
+                               time_fn, write_rows)
 from diffrl_fast.ops import ppo_clip_step_loss, use_backend  # noqa: E402
 from diffrl_fast.ops import backends  # noqa: E402
 from tests.baselines import ddim_affine, ddpo_ppo_step_loss, ddpo_step_logprob, random_ddim_rows  # noqa: E402
@@ -171,10 +175,12 @@ def interleaved_bandwidth(fn, inp, device, rounds: int = 15, iters: int = 10) ->
         eu.grad = ec.grad = None
         fn(eu, ec).backward()
 
-    ratios, op_ms, copy_ms = [], [], []
+    ratios, op_ms, copy_ms, faults = [], [], [], []
     for _ in range(rounds):
         c = time_fn(lambda: dst.copy_(src), device, warmup=1, iters=iters)["median_ms"]
-        o = time_fn(full, device, warmup=1, iters=iters)["median_ms"]
+        timed = time_fn(full, device, warmup=1, iters=iters)
+        o = timed["median_ms"]
+        faults.append(timed.get("page_faults_per_call", 0.0))
         copy_ms.append(c)
         op_ms.append(o)
         ratios.append(c / o)  # equal bytes: the ratio of times is the ratio of bandwidths
@@ -182,7 +188,7 @@ def interleaved_bandwidth(fn, inp, device, rounds: int = 15, iters: int = 10) ->
     return {"fraction": round(mid, 4), "fraction_min": round(min(ratios), 4), "fraction_max": round(max(ratios), 4),
             "op_ms_median": round(sorted(op_ms)[rounds // 2], 4), "copy_ms_median": round(sorted(copy_ms)[rounds // 2], 4),
             "copy_gbs_median": round(traffic / (sorted(copy_ms)[rounds // 2] * 1e-3) / 1e9, 3), "traffic_bytes": traffic,
-            "rounds": rounds}
+            "rounds": rounds, "op_page_faults_per_call": round(sum(faults) / rounds, 1)}
 
 
 def evaluate_targets(rows, bw_fraction):
@@ -261,8 +267,12 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--min-time", type=float, default=1.0, help="minimum seconds of timing per case")
     ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="CPU: leave glibc's malloc as it is (fresh latent-sized outputs then page-fault in some "
+                         "processes, for every provider: see benchmarks.common.keep_freed_memory)")
     args = ap.parse_args(argv)
     device = args.device
+    allocator = None if device != "cpu" or args.default_allocator else keep_freed_memory()
     shapes = [(2, 4, 16, 16)] if args.quick else [(n, 4, h, h) for h in (64, 128) for n in (8, 32)]
     iters, min_time = (2, 0.0) if args.quick else (args.iters, args.min_time)
     copy_gbs = copy_bandwidth_gbs(device, nbytes=8 * 2**20 if args.quick else 256 * 2**20)
@@ -270,6 +280,8 @@ def main(argv=None) -> int:
     stem = f"ops_{device}" + ("_quick" if args.quick else "")
     meta = machine_info(device)
     meta["copy_bandwidth_gbs"] = round(copy_gbs, 3)
+    if device == "cpu":
+        meta["allocator"] = allocator or "default"
     # written after every row, so that a run cut short (the GPU suite's time budget) leaves its rows; removed at the end
     partial = args.out / f"{stem}.partial.json"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +310,8 @@ def main(argv=None) -> int:
                 write_partial(partial, rows, meta)
                 print(f"{str(list(shape)):>20} {provider:>8} {mode:>8}  median {stats['median_ms']:9.3f} ms  "
                       f"p20 {stats['p20_ms']:9.3f}  p80 {stats['p80_ms']:9.3f}  {gbs:7.2f} GB/s ({gbs / copy_gbs:5.1%} of copy)  "
-                      + (f"  held after forward {stats['held_fwd_mb']:.1f} MB, peak {stats['peak_full_mb']:.1f} MB" if mode == "full" else ""))
+                      + (f"  held after forward {stats['held_fwd_mb']:.1f} MB, peak {stats['peak_full_mb']:.1f} MB" if mode == "full" else "")
+                      + (f"  {stats['page_faults_per_call']:.0f} page faults/call" if "page_faults_per_call" in stats else ""))
         if tuple(shape) == TARGET_SHAPE and not args.quick:
             for provider in TARGETS:
                 if provider in fns:
@@ -307,7 +320,8 @@ def main(argv=None) -> int:
                     bandwidth[provider] = bw["fraction"]
                     print(f"{str(list(shape)):>20} {provider:>8} vs a copy of the same {bw['traffic_bytes'] / 2**20:.0f} MiB, "
                           f"interleaved: {bw['fraction']:.1%} of its bandwidth (rounds {bw['fraction_min']:.1%}-"
-                          f"{bw['fraction_max']:.1%}; copy {bw['copy_gbs_median']:.1f} GB/s)")
+                          f"{bw['fraction_max']:.1%}; copy {bw['copy_gbs_median']:.1f} GB/s; "
+                          f"{bw['op_page_faults_per_call']:.0f} page faults per step)")
     if not args.quick:
         # context: the 256 MB copy may run from a large last-level cache; 2 GB of buffers cannot
         meta["copy_bandwidth_gbs_1gib_buffers"] = round(copy_bandwidth_gbs(device, nbytes=2**30), 3)

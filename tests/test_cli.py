@@ -1,8 +1,12 @@
 """The command line: exit codes and the benchmark entry point (a smoke run, not a measurement)."""
 import json
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from diffrl_fast.cli import main
 from tests.cli_inprocess import run_cli
@@ -26,8 +30,38 @@ def test_bench_ops_quick_writes_results(tmp_path):
     data = json.loads((tmp_path / "ops_cpu_quick.json").read_text())
     providers = {r["provider"] for r in data["rows"]}
     assert {"eager", "compile", "cpp"} <= providers
-    assert all(r["median_ms"] > 0 for r in data["rows"])
+    assert all(r["median_ms"] > 0 and r["page_faults_per_call"] >= 0 for r in data["rows"])
     assert (tmp_path / "ops_cpu_quick.png").stat().st_size > 0 and (tmp_path / "ops_cpu_quick.csv").exists()
+    assert data["machine"]["allocator"].startswith("glibc" if platform.libc_ver()[0] == "glibc" else "default")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_reuses_freed_pages():
+    """After keep_freed_memory a freed 64 MiB block's pages serve the next one: writing it faults (almost) no page,
+    where glibc's default maps and faults it afresh every time (in fresh processes, so that the tests' own
+    settings and allocation history play no part)."""
+    code = (
+        "import ctypes, resource, sys\n"
+        "from benchmarks.common import keep_freed_memory\n"
+        "if sys.argv[1] == 'keep':\n"
+        "    assert keep_freed_memory().startswith('glibc')\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "for _ in range(3):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    p = libc.malloc(64 << 20)\n"
+        "    ctypes.memset(p, 1, 64 << 20)\n"
+        "    libc.free(p)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = {}
+    for how in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120,
+                             cwd=Path(__file__).resolve().parent.parent)
+        assert out.returncode == 0, out.stderr[-2000:]
+        faults[how] = int(out.stdout.split()[-1])
+    assert faults["default"] > 10_000 and faults["keep"] < 100, faults  # 64 MiB = 16,384 pages of 4 KiB
 
 
 def test_check_parity_on_a_tiny_sd_pipeline(tmp_path):
@@ -116,6 +150,7 @@ def test_bench_ops_bandwidth_check_and_targets():
     bw = interleaved_bandwidth(loss_fns(inp, "cpu")["eager"], inp, "cpu", rounds=3, iters=2)
     assert bw["traffic_bytes"] == 6 * inp["x"].numel() * 4 and bw["rounds"] == 3
     assert 0 < bw["fraction_min"] <= bw["fraction"] <= bw["fraction_max"]
+    assert bw["op_page_faults_per_call"] >= 0
     rows = [{"provider": p, "mode": "full", "shape": list(TARGET_SHAPE), "median_ms": ms}
             for p, ms in (("eager", 12.0), ("compile", 1.5), ("cpp", 1.0))]
     got = {t["metric"]: t for t in evaluate_targets(rows, {"cpp": 0.8})}
