@@ -127,7 +127,8 @@ def per_row(
     check several coefficients in one pass and call again with checks on to name the culprit.
     """
     if isinstance(value, torch.Tensor) and value.shape == lead_shape and value.dtype == dtype and value.device == device:
-        v = value.detach()  # already one value per row in the accumulation dtype: every metadata check holds
+        # already one value per row in the accumulation dtype: every metadata check holds
+        v = value.detach() if value.requires_grad else value
     else:
         v = _per_row_tensor(name, value, lead_shape, device, dtype, positive)
         if not isinstance(value, torch.Tensor):

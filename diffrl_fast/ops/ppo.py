@@ -181,7 +181,8 @@ def _fused_ppo(x, y, eu, ec, a, b, g, s, old_logp, advantages, clip_range, adv_c
     s_tensor = s if isinstance(s, torch.Tensor) else None
     report: list = []  # forward appends the number of bad rows (an int, or a 0-dim tensor on other backends) and
     # the three statistics
-    params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g), report)
+    params = (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, (a, b, g), report,
+              lead)
     loss, logp = _FusedPPO.apply(x, y, eu, ec, s_tensor, params)
     bad, clipfrac, approx_kl, ratio_mean = report  # the statistics: plain tensors, outside autograd
     # the bad-row count: an int from the C++ kernel; on other backends a 0-dim tensor, read (one sync on CUDA)
@@ -267,12 +268,11 @@ class _FusedPPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, eu, ec, s_tensor, params):
-        (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, abg, report) = params
+        (clip_range, adv_clip, clip_mode, reduction, clip_x0, latent_dims, backend, coef, rows, abg, report, lead) = params
         need = ctx.needs_input_grad[:4]
-        lead = x.shape[: x.dim() - latent_dims]
         if backend == "cpp":
             logp, dlogp, stats, grads, bad = backends.get("cpp").ppo_step(
-                x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_mode, reduction, need)
+                x, y, eu, ec, coef, rows, lead, clip_range, adv_clip, clip_mode, reduction, need)
         else:
             p = StepProblem(x.detach(), y.detach(), eu.detach(), None if ec is None else ec.detach(), None, None, coef,
                             clip_x0 is not None, latent_dims)

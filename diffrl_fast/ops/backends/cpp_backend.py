@@ -63,16 +63,15 @@ def step_bwd(p: StepProblem, w_ss, w_kk, g_mean, need):
 
 
 
-def ppo_step(x, y, eu, ec, coef, rows, latent_dims, clip_range, adv_clip, clip_mode, reduction, need):
+def ppo_step(x, y, eu, ec, coef, rows, lead, clip_range, adv_clip, clip_mode, reduction, need):
     """The fused PPO step loss (csrc ppo_step): log p, dL/dlogp, the statistics and the gradients in one call.
 
-    The caller (ops/ppo.py) has validated everything; tensors cross as raw pointers. ``rows`` holds the
-    per-row inputs as 1-D tensors of any stride (or floats for a, b, g); ``coef`` is the [N, 7] matrix when
-    x0 is clipped, else None. Returns (logp [N], dlogp [N], stats [5] = loss, clipfrac, approx_kl,
+    The caller (ops/ppo.py) has validated everything; tensors cross as raw pointers. ``lead`` is the leading
+    shape of x (one row per element); ``rows`` holds the per-row inputs as 1-D tensors of any stride (or floats
+    for a, b, g); ``coef`` is the [N, 7] matrix when x0 is clipped, else None. Returns (logp [N], dlogp [N], stats [5] = loss, clipfrac, approx_kl,
     ratio_mean, bad rows, (dx, dy, deu, dec) with None where not needed, the number of bad rows as an int).
     """
-    k = x.dim() - latent_dims
-    lead = x.shape[:k]
+    k = len(lead)  # the leading dims of x; the rest are the latent dims
     n = lead.numel()
     acc = rows["s"].dtype
     logp = torch.empty(n, dtype=acc)  # flat; the caller gives it the leading shape
