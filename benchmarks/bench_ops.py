@@ -158,12 +158,30 @@ def memory_case(fn, inp, device) -> dict:
     return {"held_fwd_mb": held, "peak_full_mb": peak}
 
 
-def interleaved_bandwidth(fn, inp, device, rounds: int = 15, iters: int = 10) -> dict:
+def cpp_kernel_call(inp):
+    """The C++ fused PPO kernel with only its thin wrapper (``cpp_backend.ppo_step``: output allocation, pointer
+    packing), without the argument checks, the autograd Function or backward, on the same inputs as the full
+    step (gradients to eps_u and eps_c). A diagnostic for ``interleaved_bandwidth``: the gap between the two is
+    the host and autograd work around the kernel."""
+    from diffrl_fast.ops.backends import cpp_backend
+
+    x = inp["x"]
+    lead = x.shape[:1]
+    rows = {"old_logp": inp["old"], "advantages": inp["adv"], "s": inp["std"], "log_s": torch.log(inp["std"]),
+            "a": inp["a"], "b": inp["b"], "g": GUIDANCE}
+    need = (False, False, True, True)
+    return lambda: cpp_backend.ppo_step(x, inp["prev"], inp["eu"], inp["ec"], None, rows, lead, CLIP_RANGE, ADV_CLIP,
+                                        "ppo", "mean", need)
+
+
+def interleaved_bandwidth(fn, inp, device, rounds: int = 15, iters: int = 10, kernel=None) -> dict:
     """The fused provider's full step against a copy of the same bytes, timed in alternation.
 
     Both see the same machine state (cache contents, memory clock, neighbours on a shared host), so their
     ratio is steadier than two figures measured minutes apart. The copy moves the step's minimal traffic
-    (half read, half written); the result is the median over rounds of (op GB/s) / (copy GB/s)."""
+    (half read, half written); the result is the median over rounds of (op GB/s) / (copy GB/s). ``kernel``
+    (optional, e.g. ``cpp_kernel_call``) is timed in the same rounds, after a copy of its own, and reported as
+    ``kernel_fraction``."""
     numel = inp["x"].numel()
     traffic = TENSOR_PASSES["full"] * numel * 4
     src = torch.randn(traffic // 8, device=device)
@@ -175,8 +193,11 @@ def interleaved_bandwidth(fn, inp, device, rounds: int = 15, iters: int = 10) ->
         eu.grad = ec.grad = None
         fn(eu, ec).backward()
 
-    ratios, op_ms, copy_ms, faults = [], [], [], []
+    ratios, op_ms, copy_ms, faults, kernel_ratios = [], [], [], [], []
     for _ in range(rounds):
+        if kernel is not None:
+            kc = time_fn(lambda: dst.copy_(src), device, warmup=1, iters=iters)["median_ms"]
+            kernel_ratios.append(kc / time_fn(kernel, device, warmup=1, iters=iters)["median_ms"])
         c = time_fn(lambda: dst.copy_(src), device, warmup=1, iters=iters)["median_ms"]
         timed = time_fn(full, device, warmup=1, iters=iters)
         o = timed["median_ms"]
@@ -185,7 +206,8 @@ def interleaved_bandwidth(fn, inp, device, rounds: int = 15, iters: int = 10) ->
         op_ms.append(o)
         ratios.append(c / o)  # equal bytes: the ratio of times is the ratio of bandwidths
     mid = sorted(ratios)[len(ratios) // 2]
-    return {"fraction": round(mid, 4), "fraction_min": round(min(ratios), 4), "fraction_max": round(max(ratios), 4),
+    extra = {"kernel_fraction": round(sorted(kernel_ratios)[rounds // 2], 4)} if kernel is not None else {}
+    return {**extra, "fraction": round(mid, 4), "fraction_min": round(min(ratios), 4), "fraction_max": round(max(ratios), 4),
             "op_ms_median": round(sorted(op_ms)[rounds // 2], 4), "copy_ms_median": round(sorted(copy_ms)[rounds // 2], 4),
             "copy_gbs_median": round(traffic / (sorted(copy_ms)[rounds // 2] * 1e-3) / 1e9, 3), "traffic_bytes": traffic,
             "rounds": rounds, "op_page_faults_per_call": round(sum(faults) / rounds, 1)}
@@ -315,13 +337,15 @@ def main(argv=None) -> int:
         if tuple(shape) == TARGET_SHAPE and not args.quick:
             for provider in TARGETS:
                 if provider in fns:
-                    bw = interleaved_bandwidth(fns[provider], inp, device)
+                    bw = interleaved_bandwidth(fns[provider], inp, device,
+                                               kernel=cpp_kernel_call(inp) if provider == "cpp" else None)
                     meta[f"bandwidth_check_{provider}"] = bw
                     bandwidth[provider] = bw["fraction"]
                     print(f"{str(list(shape)):>20} {provider:>8} vs a copy of the same {bw['traffic_bytes'] / 2**20:.0f} MiB, "
                           f"interleaved: {bw['fraction']:.1%} of its bandwidth (rounds {bw['fraction_min']:.1%}-"
                           f"{bw['fraction_max']:.1%}; copy {bw['copy_gbs_median']:.1f} GB/s; "
-                          f"{bw['op_page_faults_per_call']:.0f} page faults per step)")
+                          f"{bw['op_page_faults_per_call']:.0f} page faults per step)"
+                          + (f"; the kernel call alone: {bw['kernel_fraction']:.1%}" if "kernel_fraction" in bw else ""))
     if not args.quick:
         # context: the 256 MB copy may run from a large last-level cache; 2 GB of buffers cannot
         meta["copy_bandwidth_gbs_1gib_buffers"] = round(copy_bandwidth_gbs(device, nbytes=2**30), 3)

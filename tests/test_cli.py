@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffrl_fast.cli import main
+from diffrl_fast.ops import available_backends
 from tests.cli_inprocess import run_cli
 
 
@@ -144,11 +146,20 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(monkeypatch):
 
 def test_bench_ops_bandwidth_check_and_targets():
     """The interleaved same-bytes copy check and the target table it feeds (tiny shape, few rounds)."""
-    from benchmarks.bench_ops import TARGET_SHAPE, evaluate_targets, interleaved_bandwidth, loss_fns, make_inputs
+    from benchmarks.bench_ops import (TARGET_SHAPE, cpp_kernel_call, evaluate_targets, interleaved_bandwidth, loss_fns,
+                                      make_inputs)
 
     inp = make_inputs((2, 4, 8, 8), "cpu")
     bw = interleaved_bandwidth(loss_fns(inp, "cpu")["eager"], inp, "cpu", rounds=3, iters=2)
-    assert bw["traffic_bytes"] == 6 * inp["x"].numel() * 4 and bw["rounds"] == 3
+    assert bw["traffic_bytes"] == 6 * inp["x"].numel() * 4 and bw["rounds"] == 3 and "kernel_fraction" not in bw
+    if "cpp" in available_backends("cpu"):  # the kernel diagnostic computes the fused step's gradients
+        logp, _, stats, (_, _, deu, dec), bad = cpp_kernel_call(inp)()
+        eu, ec = inp["eu"].clone().requires_grad_(), inp["ec"].clone().requires_grad_()
+        out = loss_fns(inp, "cpu")["cpp"](eu, ec)
+        out.backward()
+        assert bad == 0 and torch.equal(stats[0], out.detach()) and torch.equal(deu, eu.grad) and torch.equal(dec, ec.grad)
+        assert interleaved_bandwidth(loss_fns(inp, "cpu")["cpp"], inp, "cpu", rounds=3, iters=2,
+                                     kernel=cpp_kernel_call(inp))["kernel_fraction"] > 0
     assert 0 < bw["fraction_min"] <= bw["fraction"] <= bw["fraction_max"]
     assert bw["op_page_faults_per_call"] >= 0
     rows = [{"provider": p, "mode": "full", "shape": list(TARGET_SHAPE), "median_ms": ms}
