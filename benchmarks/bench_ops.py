@@ -193,11 +193,13 @@ def interleaved_bandwidth(fn, inp, device, rounds: int = 15, iters: int = 10, ke
         eu.grad = ec.grad = None
         fn(eu, ec).backward()
 
-    ratios, op_ms, copy_ms, faults, kernel_ratios = [], [], [], [], []
+    ratios, op_ms, copy_ms, faults, kernel_ratios, kernel_faults = [], [], [], [], [], []
     for _ in range(rounds):
         if kernel is not None:
             kc = time_fn(lambda: dst.copy_(src), device, warmup=1, iters=iters)["median_ms"]
-            kernel_ratios.append(kc / time_fn(kernel, device, warmup=1, iters=iters)["median_ms"])
+            timed = time_fn(kernel, device, warmup=1, iters=iters)
+            kernel_ratios.append(kc / timed["median_ms"])
+            kernel_faults.append(timed.get("page_faults_per_call", 0.0))
         c = time_fn(lambda: dst.copy_(src), device, warmup=1, iters=iters)["median_ms"]
         timed = time_fn(full, device, warmup=1, iters=iters)
         o = timed["median_ms"]
@@ -206,7 +208,8 @@ def interleaved_bandwidth(fn, inp, device, rounds: int = 15, iters: int = 10, ke
         op_ms.append(o)
         ratios.append(c / o)  # equal bytes: the ratio of times is the ratio of bandwidths
     mid = sorted(ratios)[len(ratios) // 2]
-    extra = {"kernel_fraction": round(sorted(kernel_ratios)[rounds // 2], 4)} if kernel is not None else {}
+    extra = {"kernel_fraction": round(sorted(kernel_ratios)[rounds // 2], 4),
+             "kernel_page_faults_per_call": round(sum(kernel_faults) / rounds, 1)} if kernel is not None else {}
     return {**extra, "fraction": round(mid, 4), "fraction_min": round(min(ratios), 4), "fraction_max": round(max(ratios), 4),
             "op_ms_median": round(sorted(op_ms)[rounds // 2], 4), "copy_ms_median": round(sorted(copy_ms)[rounds // 2], 4),
             "copy_gbs_median": round(traffic / (sorted(copy_ms)[rounds // 2] * 1e-3) / 1e9, 3), "traffic_bytes": traffic,
@@ -345,7 +348,8 @@ def main(argv=None) -> int:
                           f"interleaved: {bw['fraction']:.1%} of its bandwidth (rounds {bw['fraction_min']:.1%}-"
                           f"{bw['fraction_max']:.1%}; copy {bw['copy_gbs_median']:.1f} GB/s; "
                           f"{bw['op_page_faults_per_call']:.0f} page faults per step)"
-                          + (f"; the kernel call alone: {bw['kernel_fraction']:.1%}" if "kernel_fraction" in bw else ""))
+                          + (f"; the kernel call alone: {bw['kernel_fraction']:.1%}, "
+                             f"{bw['kernel_page_faults_per_call']:.0f} page faults per call" if "kernel_fraction" in bw else ""))
     if not args.quick:
         # context: the 256 MB copy may run from a large last-level cache; 2 GB of buffers cannot
         meta["copy_bandwidth_gbs_1gib_buffers"] = round(copy_bandwidth_gbs(device, nbytes=2**30), 3)
