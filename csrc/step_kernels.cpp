@@ -13,6 +13,20 @@
 #if defined(__SSE__) || defined(__x86_64__)
 #include <immintrin.h>
 #define DIFFRL_HAS_MXCSR 1
+// the widest float vector this build targets, for the few loops written with intrinsics (non-temporal stores)
+#if defined(__AVX512F__)
+#define DIFFRL_VEC(op) _mm512_##op
+using VecF = __m512;
+constexpr int kVecF = 16;
+#elif defined(__AVX__)
+#define DIFFRL_VEC(op) _mm256_##op
+using VecF = __m256;
+constexpr int kVecF = 8;
+#else
+#define DIFFRL_VEC(op) _mm_##op
+using VecF = __m128;
+constexpr int kVecF = 4;
+#endif
 #endif
 
 namespace diffrl_fast {
@@ -311,39 +325,20 @@ static inline void split_residual(A* deu, A* dec, A cu, A cc, int64_t n, bool st
 #ifdef DIFFRL_HAS_MXCSR
   if constexpr (std::is_same<A, float>::value) {
     if (stream && dec) {
+      const auto one = [&](int64_t j) {
+        const A v = deu[j];
+        dec[j] = cc * v;
+        deu[j] = cu * v;
+      };
       int64_t i = 0;
-      for (; i < n && (reinterpret_cast<uintptr_t>(dec + i) & 63u) != 0; ++i) {
-        const A v = deu[i];
-        dec[i] = cc * v;
-        deu[i] = cu * v;
+      for (; i < n && (reinterpret_cast<uintptr_t>(dec + i) & 63u) != 0; ++i) one(i);  // to a 64-byte boundary
+      const VecF vc = DIFFRL_VEC(set1_ps)(cc), vu = DIFFRL_VEC(set1_ps)(cu);
+      for (; i + kVecF <= n; i += kVecF) {
+        const VecF v = DIFFRL_VEC(loadu_ps)(deu + i);
+        DIFFRL_VEC(stream_ps)(dec + i, DIFFRL_VEC(mul_ps)(vc, v));
+        DIFFRL_VEC(storeu_ps)(deu + i, DIFFRL_VEC(mul_ps)(vu, v));
       }
-#if defined(__AVX512F__)
-      const __m512 vc = _mm512_set1_ps(cc), vu = _mm512_set1_ps(cu);
-      for (; i + 16 <= n; i += 16) {
-        const __m512 v = _mm512_loadu_ps(deu + i);
-        _mm512_stream_ps(dec + i, _mm512_mul_ps(vc, v));
-        _mm512_storeu_ps(deu + i, _mm512_mul_ps(vu, v));
-      }
-#elif defined(__AVX__)
-      const __m256 vc = _mm256_set1_ps(cc), vu = _mm256_set1_ps(cu);
-      for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(deu + i);
-        _mm256_stream_ps(dec + i, _mm256_mul_ps(vc, v));
-        _mm256_storeu_ps(deu + i, _mm256_mul_ps(vu, v));
-      }
-#else
-      const __m128 vc = _mm_set1_ps(cc), vu = _mm_set1_ps(cu);
-      for (; i + 4 <= n; i += 4) {
-        const __m128 v = _mm_loadu_ps(deu + i);
-        _mm_stream_ps(dec + i, _mm_mul_ps(vc, v));
-        _mm_storeu_ps(deu + i, _mm_mul_ps(vu, v));
-      }
-#endif
-      for (; i < n; ++i) {
-        const A v = deu[i];
-        dec[i] = cc * v;
-        deu[i] = cu * v;
-      }
+      for (; i < n; ++i) one(i);
       _mm_sfence();  // the streamed lines are globally visible before the row is reported done
       return;
     }
