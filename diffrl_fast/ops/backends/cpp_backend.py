@@ -68,8 +68,9 @@ def ppo_step(x, y, eu, ec, coef, rows, lead, clip_range, adv_clip, clip_mode, re
 
     The caller (ops/ppo.py) has validated everything; tensors cross as raw pointers. ``lead`` is the leading
     shape of x (one row per element); ``rows`` holds the per-row inputs as 1-D tensors of any stride (or floats
-    for a, b, g); ``coef`` is the [N, 7] matrix when x0 is clipped, else None. Returns (logp [N], dlogp [N], stats [5] = loss, clipfrac, approx_kl,
-    ratio_mean, bad rows, (dx, dy, deu, dec) with None where not needed, the number of bad rows as an int).
+    for a, b, g); ``coef`` is the [N, 7] matrix when x0 is clipped, else None. Returns (logp [N], dlogp [N],
+    stats [5] = loss, clipfrac, approx_kl, ratio_mean, bad rows, (dx, dy, deu, dec) with None where not needed,
+    the number of bad rows as an int).
     """
     k = len(lead)  # the leading dims of x; the rest are the latent dims
     n = lead.numel()
@@ -85,7 +86,7 @@ def ppo_step(x, y, eu, ec, coef, rows, lead, clip_range, adv_clip, clip_mode, re
     stats = torch.empty(5, dtype=acc)  # the kernel writes all five
     d = x.shape[k:].numel()
     if dense and y.is_contiguous() and (eu is None or eu.is_contiguous()) and (ec is None or ec.is_contiguous()):
-        n_inner = 1  # row r of every tensor at r * d
+        n_inner = 1  # row r of every tensor at r * d (tensor_rows' answer, without building its dict)
         lat = (x.data_ptr(), d, 0, y.data_ptr(), d, 0, *((0, 0, 0) if eu is None else (eu.data_ptr(), d, 0)),
                *((0, 0, 0) if ec is None else (ec.data_ptr(), d, 0)))
     else:
