@@ -234,7 +234,6 @@ def evaluate_targets(rows, bw_fraction):
     for provider, (vs_eager, vs_compile, vs_compile_small, bw_frac) in TARGETS.items():
         if (provider, "full", TARGET_SHAPE) not in by:
             continue
-        r = by[(provider, "full", TARGET_SHAPE)]
         if provider in bw_fraction:
             add(provider, "copy_bandwidth_fraction", TARGET_SHAPE, bw_fraction[provider], bw_frac)
         for shape in shapes:  # ">= 6x eager" holds at every shape, not only the headline one

@@ -29,7 +29,7 @@ autograd reaches std and the coefficients' consumers without any latent-sized wo
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -86,47 +86,52 @@ def _collapse(shape: tuple[int, ...], strides: tuple[int, ...]) -> Optional[int]
     return 0 if stride is None else stride
 
 
-def row_addressing(p: StepProblem) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Two-level row addressing shared by the kernel backends.
+LATENT_NAMES = ("x", "y", "eu", "ec", "ref_eu", "ref_ec")  # StepProblem's latent-sized fields, in order
+
+
+def row_addressing(p: StepProblem) -> tuple[int, list[tuple[int, int]]]:
+    """Two-level row addressing shared by the kernel backends: ``tensor_rows`` of p's six latent-sized fields,
+    in ``LATENT_NAMES`` order."""
+    return tensor_rows(p.lead_shape, (p.x, p.y, p.eu, p.ec, p.ref_eu, p.ref_ec), LATENT_NAMES)
+
+
+def tensor_rows(lead_shape: torch.Size, tensors: Sequence[Optional[torch.Tensor]],
+                names: Sequence[str]) -> tuple[int, list[tuple[int, int]]]:
+    """(n_inner, [(s_outer, s_inner) per tensor, (0, 0) for None]) for latent tensors of leading shape ``lead_shape``.
 
     Rows r = 0..N-1 of every tensor start at element ``(r // n_inner) * s_outer + (r % n_inner) * s_inner``
     of its storage (relative to its data pointer). Leading dims are split once, at the same place for all
     tensors, into an outer and an inner group that each collapse to one stride; this covers contiguous
     tensors and slices such as ``latents[:, :-1]`` of a [B, T+1, C, H, W] trajectory without copying.
-    Raises ValueError naming the tensor when no such split exists.
+    Raises ValueError naming the tensor (``names``, in the same order) when no such split exists.
     """
-    return tensor_rows(p.lead_shape, p.tensors())
-
-
-def tensor_rows(lead_shape: torch.Size, tensors: dict[str, Optional[torch.Tensor]]) -> tuple[int, dict[str, tuple[int, int]]]:
-    """``row_addressing`` for latent tensors of leading shape ``lead_shape`` (None entries are skipped)."""
-    row = None
-    for t in tensors.values():  # the common case, every tensor contiguous: row r starts at r * D
-        if t is not None:
-            if not t.is_contiguous():
-                break
-            row = t.shape[len(lead_shape) :].numel()
+    for t in tensors:  # the common case, every tensor contiguous: row r starts at r * D
+        if t is not None and not t.is_contiguous():
+            break
     else:
-        return 1, {n: (row, 0) for n, t in tensors.items() if t is not None}
-    present = {n: t for n, t in tensors.items() if t is not None}
+        row = next(t for t in tensors if t is not None).shape[len(lead_shape) :].numel()
+        return 1, [(0, 0) if t is None else (row, 0) for t in tensors]
     lead = tuple(lead_shape)
     k = len(lead)
     for split in range(k, -1, -1):
-        out: dict[str, tuple[int, int]] = {}
-        for name, t in present.items():
+        out: list[tuple[int, int]] = []
+        for t in tensors:
+            if t is None:
+                out.append((0, 0))
+                continue
             st = t.stride()[:k]
             so = _collapse(lead[:split], st[:split])
             si = _collapse(lead[split:], st[split:])
             if so is None or si is None:
                 break
-            out[name] = (so, si)
+            out.append((so, si))
         else:
             n_inner = 1
             for size in lead[split:]:
                 n_inner *= size
             return max(n_inner, 1), out
-    bad = next(n for n, t in present.items() if not t.is_contiguous())
+    bad = next(i for i, t in enumerate(tensors) if t is not None and not t.is_contiguous())
     raise ValueError(
-        f"{bad}: its leading dims have strides {present[bad].stride()[:k]} that cannot be walked as rows "
-        f"without a copy; pass {bad}.contiguous()"
+        f"{names[bad]}: its leading dims have strides {tensors[bad].stride()[:k]} that cannot be walked as rows "
+        f"without a copy; pass {names[bad]}.contiguous()"
     )

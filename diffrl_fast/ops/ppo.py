@@ -226,12 +226,12 @@ def _rows_torch(backend, p: StepProblem, s_rows, old, adv, clip_range, adv_clip,
     """The fused forward on a backend without a PPO kernel: the sums of squares, the per-row loss through
     autograd of ``ppo_clip_loss`` (the one definition of the loss), then the gradients with w_ss = dL/dss.
 
-    Unclipped, on a backend with ``step_fwd_res`` (Triton, torch): the forward also writes the residual
+    Unclipped (Triton, torch: both have ``step_fwd_res``): the forward also writes the residual
     y - mean and the gradients are per-row multiples of it (``scale_rows``): the four inputs read once, the
     residual written and read once, each gradient written once (8 latent passes for eps_u and eps_c, against
     10 for step_fwd + step_bwd, which re-reads the inputs). Clipped: step_fwd + step_bwd."""
     mod = backends.get(backend)
-    use_res = any(need) and _saves_residual(p.clip, p.x.dtype) and hasattr(mod, "step_fwd_res")
+    use_res = any(need) and _saves_residual(p.clip, p.x.dtype)
     if use_res:
         ss, res = mod.step_fwd_res(p)
     else:
@@ -324,7 +324,7 @@ class _FusedPPO(torch.autograd.Function):
             if g_logp is not None:
                 w = w + g_logp.reshape(-1).to(dlogp.dtype)
             dd = float(row_size) if reduction == "sum" else 1.0
-            ss = -2.0 * d * s_rows * s_rows * (logp.reshape(-1) + dd * (torch.log(s_rows) + HALF_LOG_2PI))
+            ss = -2.0 * d * s_rows * s_rows * (logp + dd * (torch.log(s_rows) + HALF_LOG_2PI))
             ds = (w * (ss / (d * s_rows ** 3) - dd / s_rows)).reshape(lead).sum_to_size(s_shape)
         return (*grads, ds, None)
 

@@ -6,7 +6,7 @@ import torch
 
 from diffrl_fast.ops import X0Clip, checks, ppo_clip_step_loss, step_logprob, use_backend
 from tests.baselines import ddim_affine, random_ddim_rows
-from tests.conftest import device_for
+from tests.conftest import device_for, requires_cpp
 from tests.reference import oracle
 
 
@@ -76,6 +76,18 @@ def test_fused_logp_is_bit_identical_to_step_logprob(backend):
     assert out.ratio_mean.item() == 1.0 and out.clipfrac.item() == 0.0
 
 
+@requires_cpp
+def test_fused_ppo_names_latents_it_cannot_walk_as_rows():
+    """Leading dims whose strides split into no outer and inner group (a permuted, subsampled batch): a ValueError
+    naming the argument and the fix, not a silent copy or a wrong read."""
+    eu = torch.randn(4, 3, 5, 2, 8, 8).permute(2, 0, 1, 3, 4, 5)[:, :, ::2]  # leading [5, 4, 2], strides (128, 1920, 1280)
+    x, prev = torch.randn(eu.shape), torch.randn(eu.shape)
+    rows = torch.zeros(eu.shape[:3])
+    with pytest.raises(ValueError, match=r"eps_u: its leading dims .* pass eps_u\.contiguous\(\)"):
+        ppo_clip_step_loss(x, prev, eu.requires_grad_(), None, 0.9, -0.1, 1.0, 0.3, rows, rows, mode="fused")
+
+
+@requires_cpp
 def test_fused_ppo_streamed_gradients():
     """Past 32 MiB of latent data per call the C++ kernel writes eps_c's gradient with non-temporal stores; rows of
     an odd length start unaligned, so the aligned body, its head and its tail all run. Equal to the recompute path."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ... import _C  # noqa: F401  - ImportError here makes the registry fall back to torch
-from .._problem import StepProblem, row_addressing, tensor_rows
+from .._problem import LATENT_NAMES, StepProblem, row_addressing, tensor_rows
 
 NAME = "cpp"
 
@@ -28,10 +28,8 @@ def _np(t):
 
 
 def _args(p: StepProblem):
-    n_inner, strides = row_addressing(p)
-    names = ("x", "y", "eu", "ec", "ref_eu", "ref_ec")
-    tensors = [_np(getattr(p, n)) for n in names]
-    pairs = [strides.get(n, (0, 0)) for n in names]
+    n_inner, pairs = row_addressing(p)
+    tensors = [_np(getattr(p, n)) for n in LATENT_NAMES]
     return (_DTYPE[p.x.dtype], p.n_rows, n_inner, p.row_size, tensors, pairs, _np(p.coef.contiguous()), p.clip)
 
 
@@ -85,17 +83,13 @@ def ppo_step(x, y, eu, ec, coef, rows, lead, clip_range, adv_clip, clip_mode, re
         return logp, dlogp, torch.zeros(5, dtype=acc), tuple(outs), 0
     stats = torch.empty(5, dtype=acc)  # the kernel writes all five
     d = x.shape[k:].numel()
-    if dense and y.is_contiguous() and (eu is None or eu.is_contiguous()) and (ec is None or ec.is_contiguous()):
-        n_inner = 1  # row r of every tensor at r * d (tensor_rows' answer, without building its dict)
-        lat = (x.data_ptr(), d, 0, y.data_ptr(), d, 0, *((0, 0, 0) if eu is None else (eu.data_ptr(), d, 0)),
-               *((0, 0, 0) if ec is None else (ec.data_ptr(), d, 0)))
-    else:
-        n_inner, strides = tensor_rows(lead, {"x": x, "y": y, "eu": eu, "ec": ec})
-        lat = ()
-        for t, name in ((x, "x"), (y, "y"), (eu, "eu"), (ec, "ec")):
-            lat += (0, 0, 0) if t is None else (t.data_ptr(), *strides[name])
+    latents = (x, y, eu, ec)
+    n_inner, strides = tensor_rows(lead, latents, ("x_t", "x_prev", "eps_u", "eps_c"))
     ints = [_DTYPE[x.dtype], n, n_inner, d, int(coef is not None), int(clip_mode == "clamp"), int(reduction == "sum"),
-            torch.get_num_threads(), *lat, 0 if coef is None else coef.data_ptr()]
+            torch.get_num_threads()]
+    for t, (so, si) in zip(latents, strides):
+        ints += (0 if t is None else t.data_ptr(), so, si)
+    ints.append(0 if coef is None else coef.data_ptr())
     reals = [-1.0 if clip_range is None else float(clip_range), -1.0 if adv_clip is None else float(adv_clip), 1.0 / n]
     for v in (rows.get("a", 0.0), rows.get("b", 0.0), rows.get("g", 0.0), rows["s"], rows["log_s"], rows["old_logp"],
               rows["advantages"]):

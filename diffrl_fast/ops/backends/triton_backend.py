@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._problem import N_COEF, StepProblem, row_addressing
+from .._problem import LATENT_NAMES, N_COEF, StepProblem, row_addressing
 from . import torch_backend
 
 NAME = "triton"
@@ -243,9 +243,8 @@ def _row_sums(part: torch.Tensor) -> torch.Tensor:
 
 def _launch_args(p: StepProblem):
     n_inner, strides = row_addressing(p)
-    names = ("x", "y", "eu", "ec", "ref_eu", "ref_ec")
-    ptrs = [getattr(p, n) if getattr(p, n) is not None else p.x for n in names]
-    flat = [s for n in names for s in strides.get(n, (0, 0))]
+    ptrs = [getattr(p, n) if getattr(p, n) is not None else p.x for n in LATENT_NAMES]
+    flat = [s for pair in strides for s in pair]
     acc = tl.float64 if p.coef.dtype == torch.float64 else tl.float32
     return n_inner, ptrs, flat, acc
 
@@ -267,24 +266,7 @@ def _row_grid(n_rows: int, row_size: int) -> tuple[int, int]:
 def step_fwd(p: StepProblem, want_ss: bool, want_kk: bool, want_mean: bool):
     if p.x.dtype == torch.float64:  # float64 (tests, references) runs on the torch backend: no fp64 kernels to build
         return torch_backend.step_fwd(p, want_ss, want_kk, want_mean)
-    assert p.coef.shape[1] == N_COEF
-    lead = p.lead_shape
-    n_rows, n_chunks = _grid(p)
-    part_ss = p.coef.new_empty((n_rows, n_chunks) if want_ss else (1,))
-    part_kk = p.coef.new_empty((n_rows, n_chunks) if want_kk else (1,))
-    mean = torch.empty(p.x.shape if want_mean else (0,), dtype=p.x.dtype, device=p.x.device)
-    if n_rows:
-        n_inner, ptrs, flat, acc = _launch_args(p)
-        _step_fwd_kernel[(n_rows * n_chunks,)](
-            *ptrs, p.coef.contiguous(), part_ss, part_kk, mean if want_mean else p.x,
-            n_inner, p.row_size, n_chunks, *flat,
-            HAS_Y=want_ss, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=want_kk,
-            CLIP=p.clip, WANT_MEAN=want_mean, SAVE_RES=False, ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK,
-            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
-        )
-    ss = _row_sums(part_ss).reshape(lead) if want_ss else p.coef.new_empty(0)
-    kk = _row_sums(part_kk).reshape(lead) if want_kk else p.coef.new_empty(0)
-    return ss, kk, mean
+    return _fwd(p, want_ss, want_kk, want_mean, False)
 
 
 def step_fwd_res(p: StepProblem):
@@ -292,20 +274,32 @@ def step_fwd_res(p: StepProblem):
     contract). One read of each input, one write of the residual; ss has the same bits as ``step_fwd``'s."""
     if p.x.dtype == torch.float64:
         return torch_backend.step_fwd_res(p)
-    assert p.coef.shape[1] == N_COEF and p.y is not None and not p.clip and p.ref_eu is None
+    assert p.y is not None and not p.clip and p.ref_eu is None
+    ss, _, res = _fwd(p, True, False, False, True)
+    return ss, res
+
+
+def _fwd(p: StepProblem, want_ss: bool, want_kk: bool, want_mean: bool, save_res: bool):
+    """One launch of ``_step_fwd_kernel``: (ss, kk, the mean, or with ``save_res`` the residual y - mean)."""
+    assert p.coef.shape[1] == N_COEF
+    lead = p.lead_shape
     n_rows, n_chunks = _grid(p)
-    part_ss = p.coef.new_empty((n_rows, n_chunks))
-    res = torch.empty(p.x.shape, dtype=p.x.dtype, device=p.x.device)
+    part_ss = p.coef.new_empty((n_rows, n_chunks) if want_ss else (1,))
+    part_kk = p.coef.new_empty((n_rows, n_chunks) if want_kk else (1,))
+    want_out = want_mean or save_res
+    out = torch.empty(p.x.shape if want_out else (0,), dtype=p.x.dtype, device=p.x.device)
     if n_rows:
         n_inner, ptrs, flat, acc = _launch_args(p)
         _step_fwd_kernel[(n_rows * n_chunks,)](
-            *ptrs, p.coef.contiguous(), part_ss, part_ss, res,
+            *ptrs, p.coef.contiguous(), part_ss, part_kk, out if want_out else p.x,
             n_inner, p.row_size, n_chunks, *flat,
-            HAS_Y=True, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=False,
-            CLIP=False, WANT_MEAN=False, SAVE_RES=True, ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK,
+            HAS_Y=want_ss, HAS_EU=p.eu is not None, HAS_EC=p.ec is not None, HAS_REF=want_kk,
+            CLIP=p.clip, WANT_MEAN=want_mean, SAVE_RES=save_res, ACC=acc, CHUNK_=CHUNK, BLOCK_=BLOCK,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
         )
-    return _row_sums(part_ss).reshape(p.lead_shape), res
+    ss = _row_sums(part_ss).reshape(lead) if want_ss else p.coef.new_empty(0)
+    kk = _row_sums(part_kk).reshape(lead) if want_kk else p.coef.new_empty(0)
+    return ss, kk, out
 
 
 def scale_rows(res: torch.Tensor, k: torch.Tensor, need, latent_dims: int):
