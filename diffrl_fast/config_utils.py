@@ -177,31 +177,66 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def load_config(cls, path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()):
-    """Defaults of ``cls``, updated by the YAML file at ``path`` (safe_load) and then ``key=value`` overrides.
+def _leaves(data: dict, cls, prefix: str = "") -> list[str]:
+    """Dotted keys of the values (not sections) that the nested dict ``data`` sets in config ``cls``."""
+    out, hints = [], _hints(cls)
+    for key, value in data.items():
+        tp = hints.get(key)
+        if tp is not None and _is_config(tp) and isinstance(value, dict):
+            out += _leaves(value, tp, f"{prefix}{key}.")
+        else:
+            out.append(prefix + str(key))
+    return out
 
-    A YAML file may hold ``by_algo: {NAME: {...}}`` (for configs with an ``algo`` field): the partial config
-    of the chosen algorithm is applied over the file's other keys and under the overrides.
-    If ``cls`` has a static ``layered_defaults(data) -> {dotted key: value}``, those values sit between the
-    dataclass defaults and the file: they fill every key the file and the overrides leave unset.
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return loaded or {}
+
+
+def _section(data: dict, name: str, path) -> dict:
+    value = data.pop(name, None) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config file {path}: {name} must be a mapping")
+    return value
+
+
+def resolve_config(cls, path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()):
+    """(config, sources): ``cls`` built in layers, and {dotted key: the layer that set it} for every key a layer set.
+
+    Layers, each over the one before (sources named as ``--print-config`` shows them):
+
+    1. the dataclass defaults ("default");
+    2. ``cls.layered_defaults(data) -> {dotted key: value}`` where ``cls`` has it (``Config``: the chosen
+       algorithm's reference values, "reference of ALGO");
+    3. the YAML file at ``path`` (safe_load; "preset FILE"); with an ``algo`` field in ``cls`` the file may hold
+       ``model_facts: {...}`` (a partial config of what the model needs whatever the algorithm, e.g. FLUX.1-dev's
+       distilled guidance; "preset FILE model_facts") and ``by_algo: {NAME: {...}}`` (the partial config of the
+       chosen algorithm, over the file's other keys; "preset FILE by_algo.NAME");
+    4. ``key=value`` overrides ("command line").
     """
     data: dict = {}
+    facts: dict = {}
     by_algo: dict = {}
+    has_algo = "algo" in {f.name for f in dataclasses.fields(cls)}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        data = loaded or {}
-        if "by_algo" in data and "algo" in {f.name for f in dataclasses.fields(cls)}:
-            by_algo = data.pop("by_algo") or {}
-            if not isinstance(by_algo, dict) or not all(isinstance(v, dict) for v in by_algo.values()):
+        data = _read_yaml(path)
+        if has_algo:
+            facts = _section(data, "model_facts", path)
+            by_algo = _section(data, "by_algo", path)
+            if not all(isinstance(v, dict) for v in by_algo.values()):
                 raise ConfigError(f"config file {path}: by_algo must map algorithm names to partial configs")
+            both = sorted(set(_leaves(data, cls)) & set(_leaves(facts, cls)))
+            if both:
+                raise ConfigError(f"config file {path} sets {both} both at its top level and under model_facts: keep one")
     cli: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -212,21 +247,61 @@ def load_config(cls, path: Optional[str | Path] = None, overrides: tuple[str, ..
         except yaml.YAMLError:
             value = raw
         _set_dotted(cli, key.strip(), value, cls, raw=raw)
-    if by_algo:
-        algo = cli.get("algo", data.get("algo", getattr(cls, "algo", None)))
-        known = getattr(cls, "algorithm_names", None)
-        if known is not None:
-            unknown = sorted(set(by_algo) - set(known()))
-            if unknown:
-                raise ConfigError(f"config file {path}: by_algo names unknown algorithms {unknown}; known: {sorted(known())}")
-        data = _deep_merge(data, by_algo.get(algo, {}))
-    data = _deep_merge(data, cli)
+    algo = cli.get("algo", facts.get("algo", data.get("algo", getattr(cls, "algo", None))))
+    known = getattr(cls, "algorithm_names", None)
+    if by_algo and known is not None:
+        unknown = sorted(set(by_algo) - set(known()))
+        if unknown:
+            raise ConfigError(f"config file {path}: by_algo names unknown algorithms {unknown}; known: {sorted(known())}")
+    chosen = by_algo.get(algo, {})
+    layers = [(data, f"preset {path}"), (facts, f"preset {path} model_facts"), (chosen, f"preset {path} by_algo.{algo}"),
+              (cli, "command line")]
+    merged: dict = {}
+    sources: dict[str, str] = {}
+    for layer, label in layers:
+        merged = _deep_merge(merged, layer)
+        sources.update({k: label for k in _leaves(layer, cls)})
     layered = getattr(cls, "layered_defaults", None)
     if layered is not None:
-        for key, value in layered(data).items():
-            if not _has_dotted(data, key):
-                _set_dotted(data, key, value, cls)
-    return from_dict(cls, data)
+        for key, value in layered(merged).items():
+            if not _has_dotted(merged, key):
+                _set_dotted(merged, key, value, cls)
+                sources[key] = "default (from model.path and algo)" if key == "name" else f"reference of {algo}"
+    cfg = from_dict(cls, merged)
+    object.__setattr__(cfg, "_sources", sources)
+    return cfg, sources
+
+
+def load_config(cls, path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()):
+    """Config ``cls`` from its defaults, the YAML file at ``path`` and ``key=value`` overrides (the layers of
+    ``resolve_config``, which also says where each value came from)."""
+    return resolve_config(cls, path, overrides)[0]
+
+
+def config_sources(cfg) -> dict[str, str]:
+    """{dotted key: layer} of a config built by ``resolve_config`` / ``load_config`` ({} for one built otherwise)."""
+    return dict(getattr(cfg, "_sources", {}))
+
+
+def _get_dotted(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def provenance_lines(cfg) -> list[str]:
+    """``key: value  # source`` for every value a layer set or that differs from the default, in field order: what
+    ``diffrl-fast train --print-config`` prints and the header of a run's config.yaml."""
+    sources = config_sources(cfg)
+    default = type(cfg)()
+    lines = []
+    for key in _leaves(to_dict(cfg), type(cfg)):
+        value = _get_dotted(cfg, key)
+        if key not in sources and value == _get_dotted(default, key):
+            continue
+        shown = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]
+        lines.append(f"{shown}  # {sources.get(key, 'default')}")
+    return lines
 
 
 def describe(cls, prefix: str = "", instance=None) -> list[str]:

@@ -72,10 +72,12 @@ class NFT(ForwardProcessAlgorithm):
 
     @classmethod
     def reference_defaults(cls, n_prompts):
-        # SD3.5 configs: 10 deterministic steps without guidance, 24 images per prompt, one optimiser step per
-        # epoch (gradient_step_per_epoch=1), timestep_fraction 0.99, lr 3e-4
+        # SD3.5 configs (config/nft.py, 8 GPUs): 10 deterministic steps without guidance, 48 prompts x 24 images = 1152
+        # per epoch, one optimiser step per epoch (gradient_step_per_epoch=1: 1152 images per step), timestep_fraction
+        # 0.99, lr 3e-4. Here on one process: 48 rollout batches of one group; with N processes divide
+        # sample.num_batches_per_epoch by N (configs/sd3.yaml does for 8)
         return {"sample.num_steps": 10, "sample.guidance_scale": 1.0, "sample.batch_size": 24,
-                "sample.num_batches_per_epoch": 2, "train.batch_size": 24, "train.optimizer_step_every": "round",
+                "sample.num_batches_per_epoch": 48, "train.batch_size": 24, "train.optimizer_step_every": "round",
                 "train.timestep_fraction": 0.99}
 
     def __init__(self, cfg) -> None:

@@ -1,10 +1,12 @@
-"""``diffrl-fast train [CONFIG.yaml] [key=value ...] [--resume | --overwrite]``: run RL fine-tuning.
+"""``diffrl-fast train [CONFIG.yaml] [key=value ...] [--resume | --overwrite | --print-config]``: run RL fine-tuning.
 
 With no config file it runs the digits preset (configs/digits.yaml): the built-in digits world fine-tuned
 with DDPO for the digit_confidence reward; ``key=value`` overrides apply on top (e.g. algo=dpok).
 Outputs go to runs/<name>/ (config.yaml, metrics.jsonl, reward_curve.png, grid_before/after.png,
 weights, summary.md, checkpoints/). An existing run folder is never overwritten: pass --resume to
-continue it from its last checkpoint or --overwrite to start over.
+continue it from its last checkpoint or --overwrite to start over. --print-config prints every value that differs
+from the defaults with the layer it came from (default, reference of ALGO, preset FILE, its model_facts or by_algo,
+command line) and exits without loading anything.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..cli import UsageError
-from ..config_utils import ConfigError, describe, load_config
+from ..config_utils import ConfigError, describe, load_config, provenance_lines
 from ..train.config import DEFAULT_PRESET, Config, validate
 
 
@@ -35,24 +37,26 @@ def _check_writable(run_dir: Path) -> None:
         raise UsageError(f"the output folder {parent} cannot be written ({exc.strerror}); set output_dir=... to a writable folder") from None
 
 
+def parse_config(argv: list[str]) -> Config:
+    """The validated config of ``[CONFIG.yaml] [key=value ...]`` (flags ignored; no file: the digits preset)."""
+    rest = [a for a in argv if not a.startswith("--")]
+    path = rest[0] if rest and "=" not in rest[0] else None
+    try:
+        return validate(load_config(Config, path or str(DEFAULT_PRESET), rest[1:] if path is not None else rest))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def prepare_run(argv: list[str]) -> tuple[Config, Path, bool]:
     """Parse arguments into (config, run folder, resume) and settle the run folder; raises UsageError."""
     flags = {a for a in argv if a.startswith("--")}
-    unknown = flags - {"--resume", "--overwrite"}
+    unknown = flags - {"--resume", "--overwrite", "--print-config"}
     if unknown:
-        raise UsageError(f"unknown option {sorted(unknown)[0]}; options: --resume, --overwrite, --help")
+        raise UsageError(f"unknown option {sorted(unknown)[0]}; options: --resume, --overwrite, --print-config, --help")
     resume, overwrite = "--resume" in flags, "--overwrite" in flags
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
-    rest = [a for a in argv if not a.startswith("--")]
-    path = rest[0] if rest and "=" not in rest[0] else None
-    overrides = rest[1:] if path is not None else rest
-    if path is None:
-        path = str(DEFAULT_PRESET)
-    try:
-        cfg = validate(load_config(Config, path, overrides))
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    cfg = parse_config(argv)
     run_dir = Path(cfg.output_dir) / cfg.name
     _check_writable(run_dir)
     exists = run_dir.exists() and any(run_dir.iterdir())
@@ -67,6 +71,9 @@ def prepare_run(argv: list[str]) -> tuple[Config, Path, bool]:
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(_usage())
+        return 0
+    if "--print-config" in argv:
+        print("\n".join(provenance_lines(parse_config(argv))))
         return 0
     cfg, run_dir, resume = prepare_run(argv)
     from ..train.trainer import Trainer, TrainingError

@@ -392,6 +392,57 @@ PIPELINE_ADAPTERS = {
 }
 
 
+class ModelLoadError(ValueError):
+    """A pipeline that cannot be loaded, with the cause and the fix (the CLI prints it and exits with code 2)."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def explain_load_error(path: str, exc: BaseException, hub: bool) -> str:
+    """One message naming why ``path`` did not load and what to do, from the exception chain diffusers raised."""
+    from huggingface_hub import errors
+
+    names = {type(e).__name__ for e in _chain(exc)}
+    download = (f"download it where the hub is reachable (`hf download {path} --local-dir DIR`, with `hf auth login` "
+                f"first for a gated model) and set model.path=DIR")
+    if not hub:
+        return (f"{path}: diffusers could not load this pipeline folder ({str(exc).splitlines()[0][:300]}); check that it "
+                f"is a complete save_pretrained folder, every component named in model_index.json present")
+    if any(isinstance(e, errors.GatedRepoError) for e in _chain(exc)):
+        return (f"{path} is a gated model on the Hugging Face Hub and this machine has no access: accept its licence on "
+                f"https://huggingface.co/{path}, then log in (`hf auth login`, or set HF_TOKEN); or {download}")
+    if any(isinstance(e, (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)) for e in _chain(exc)):
+        return (f"{path} is not a model on the Hugging Face Hub, or it is private (then log in: `hf auth login`): check "
+                f"the id, or set model.path to a local diffusers pipeline folder")
+    offline = any(isinstance(e, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) for e in _chain(exc)) or \
+        bool(names & {"ConnectError", "ConnectTimeout", "ConnectionError", "ReadTimeout", "ProxyError"}) or \
+        "not fully cached locally" in str(exc)
+    if offline:
+        return (f"cannot load {path}: it is not in the local Hugging Face cache and the hub cannot be reached from "
+                f"this machine (no network, or HF_HUB_OFFLINE=1); {download}")
+    return f"cannot load {path} from the Hugging Face Hub ({str(exc).splitlines()[0][:300]}); or {download}"
+
+
+def _from_pretrained(cls, path: str, dtype: torch.dtype, hub: bool):
+    """``cls.from_pretrained(path)`` with diffusers' own warnings silenced and any failure as one ModelLoadError."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # "Couldn't connect to the Hub ... Will try to load from local cache": the error says it
+    try:
+        return cls.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(explain_load_error(path, exc, hub)) from None
+    finally:
+        dlogging.set_verbosity(level)
+
+
 def load_pipeline(
     path: str,
     *,
@@ -416,7 +467,7 @@ def load_pipeline(
             raise ValueError(f"{path} holds a {class_name}; supported pipelines: {sorted(PIPELINE_ADAPTERS)}")
     elif path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"model folder {path} does not exist (and is not a hub id of the form owner/name)")
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    pipe = _from_pretrained(DiffusionPipeline, path, dtype, hub=not local.exists())
     adapter = PIPELINE_ADAPTERS.get(type(pipe).__name__)
     if adapter is None:
         raise ValueError(f"{path} loads as {type(pipe).__name__}; supported pipelines: {sorted(PIPELINE_ADAPTERS)}")

@@ -6,10 +6,18 @@ A config is built in layers, each overriding the one before:
 2. the chosen algorithm's reference values (``Algorithm.reference_defaults``: what its authors' code and
    published settings use where they differ from DDPO's, e.g. DPOK's learning rate and KL form);
 3. a YAML file (``configs/*.yaml``; ``diffrl-fast train`` with none uses the digits preset,
-   configs/digits.yaml, whose settings suit the 16x16 digits world);
+   configs/digits.yaml, whose settings suit the 16x16 digits world): its top level, then its ``model_facts``,
+   then its ``by_algo`` entry of the chosen algorithm;
 4. ``key=value`` overrides on the command line, e.g.
 
     diffrl-fast train configs/digits.yaml train.learning_rate=1e-4 sample.num_steps=10
+
+``diffrl-fast train ... --print-config`` prints each value that differs from the defaults with its layer.
+
+The shipped model presets keep to one rule (tests/test_presets.py holds them to it): their top level sets only
+``preset_key``s (what the model is and what fits the machine); every algorithmic key keeps the chosen
+algorithm's reference value unless the preset's ``by_algo`` entry of that algorithm sets it, with the measured
+reason, or its ``model_facts`` state it as a property of the model, for every algorithm.
 """
 from __future__ import annotations
 
@@ -252,6 +260,21 @@ class Config:
         model = data.get("model") if isinstance(data.get("model"), dict) else {}
         out["name"] = default_run_name(str(model.get("path", "digits")), str(name))
         return out
+
+
+# Keys a model preset may set at its top level: the run, the model (path, precision, LoRA, ...), the per-process
+# batch sizes, chunking and accumulation that fit memory, the task (reward, prompts), logging and the launcher.
+PRESET_KEYS = ("name", "output_dir", "seed", "algo", "num_epochs", "prompts", "prompt_file", "model.", "sample.batch_size",
+               "sample.num_batches_per_epoch", "sample.negative_prompt", "sample.height", "sample.width",
+               "sample.trajectory_device", "train.batch_size", "train.chunk_size", "train.gradient_accumulation_steps",
+               "reward.", "log.", "dist.")
+
+
+def preset_key(key: str) -> bool:
+    """Whether dotted ``key`` is a model preset's to set (``PRESET_KEYS``; a trailing dot names a whole section);
+    every other key is algorithmic: the steps, guidance and noise of sampling, the optimiser, clip ranges,
+    advantages and each algorithm's own section."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in PRESET_KEYS)
 
 
 def default_run_name(model_path: str, algo: str) -> str:

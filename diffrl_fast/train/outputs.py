@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from .._extras import require
-from ..config_utils import to_dict
+from ..config_utils import provenance_lines, to_dict
 from .config import reward_label
 
 
@@ -169,7 +169,11 @@ class RunLogger:
     def start(self) -> None:
         """Create the run folder, write config.yaml and open the TensorBoard writer and the W&B run where enabled."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        lines = provenance_lines(self.cfg)
+        header = "".join(f"#   {line}\n" for line in lines)
+        if header:  # where each non-default value came from (the layers of config_utils.resolve_config)
+            header = "# Values that differ from the defaults, and the layer that set each:\n" + header + "\n"
+        (self.run_dir / "config.yaml").write_text(header + yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         if self.cfg.log.tensorboard and self.tb is None:
             try:
                 require("tensorboard", "log.tensorboard=true")
