@@ -19,8 +19,9 @@ so gradients are the mean over all trained (sample, timestep) rows whatever K is
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 
@@ -88,6 +89,12 @@ class Algorithm:
     sample_with_reference = False  # roll out the reference policy (offline preference data), not the current one
     deterministic_rollout = False  # roll out with the sampler's deterministic step (forward-process algorithms)
     trains_on_states = True  # False: the loss reads only the final latents x_T, so rollouts keep no other state
+
+    def rollout_weights(self, trainer) -> ContextManager:
+        """The weights that roll out, as a context around each rollout batch: the current policy, or the reference
+        policy when ``sample_with_reference``; algorithms that sample with other weights (DiffusionNFT's old
+        model) override it."""
+        return trainer.model.reference() if self.sample_with_reference else contextlib.nullcontext()
 
     def rollout_plan(self, trainer, epoch: int, batch: int, generator: torch.Generator) -> Optional[tuple[list[str], list[int]]]:
         """(prompts, seeds) of rollout batch ``batch``, or None for the trainer's default (prompts drawn

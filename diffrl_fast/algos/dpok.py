@@ -62,7 +62,7 @@ class DPOK(PolicyGradientWithKL):
         with torch.random.fork_rng(devices=[]):  # the same initial value function on every process
             torch.manual_seed(c.seed)
             self.value = StepValueNet(int(torch.Size(shape).numel()), int(cond.shape[-1]), c.sample.num_steps).to(trainer.device)
-        self.value_opt = CriticOptimizer(self.value, lr=c.dpok.value_lr)
+        self.value_opt = CriticOptimizer(self.value, lr=c.dpok.value_lr, weight_decay=c.dpok.value_weight_decay)
 
     def _value_inputs(self, traj, b, j, device):
         x = traj.latents_at(b, j).to(device)

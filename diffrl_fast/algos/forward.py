@@ -71,8 +71,8 @@ class ForwardProcessAlgorithm(GRPO):
         return {"old_decay": d}
 
     def prepare(self, trainer, traj, rewards):
-        data = super().prepare(trainer, traj, rewards)
-        return EpochData(data.advantages, {"traj": traj})
+        # GRPO's group advantages; every sample is trained on (flow_grpo's zero-advantage filter is not in their references)
+        return EpochData(self.group_advantages(trainer, traj, rewards), {"traj": traj})
 
     def state_dict(self):
         return {f"old.{i}": o for i, o in enumerate(self.old or [])}

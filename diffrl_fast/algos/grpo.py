@@ -12,6 +12,9 @@ The per-prompt mean pools every sample of a prompt in the epoch, as Flow-GRPO's 
 KL is Flow-GRPO's mean over latent elements of |mean_theta - mean_ref|^2 / (2 std_t^2), std_t the SDE's
 noise scale without sqrt(|dt|) (``grpo.kl_form=flow_grpo``, flow models only), or the exact Gaussian KL
 (``exact``, any sampler). The first int(0.99 T) steps of every trajectory are trained (``grpo.train_steps``).
+Samples with advantage 0 (a prompt whose samples all scored the same) are dropped before training, as
+flow_grpo's train_sd3.py does (``zero_advantage_mask``; ``grpo.drop_zero_advantage=false`` keeps them): with
+binary rewards they would otherwise scale the gradient by N_kept / N.
 """
 from __future__ import annotations
 
@@ -62,11 +65,31 @@ class GRPO(PolicyGradientWithKL):
             return steps[:n_train].repeat(n, 1)
         return super().step_order(n, steps, n_train, generator)
 
-    def prepare(self, trainer, traj, rewards):
+    def group_advantages(self, trainer, traj, rewards) -> torch.Tensor:
+        """This process's samples' advantages, from the statistics of every process's rewards."""
         c = self.cfg.grpo
         if not trainer.ctx.active:
-            return EpochData(grpo_advantages(traj.prompts, rewards, c.std, c.eps))
+            return grpo_advantages(traj.prompts, rewards, c.std, c.eps)
         parts = trainer.ctx.all_gather_object((list(traj.prompts), rewards.tolist()))
         adv = grpo_advantages([p for ps, _ in parts for p in ps], torch.tensor([r for _, rs in parts for r in rs]), c.std, c.eps)
         start = sum(len(ps) for ps, _ in parts[: trainer.ctx.rank])
-        return EpochData(adv[start:start + len(traj)])
+        return adv[start:start + len(traj)]
+
+    def prepare(self, trainer, traj, rewards):
+        adv = self.group_advantages(trainer, traj, rewards)
+        if not self.cfg.grpo.drop_zero_advantage:
+            return EpochData(adv)
+        n_minibatches = -(-len(traj) // self.cfg.train.batch_size)
+        keep = zero_advantage_mask(adv, n_minibatches, trainer.generator(trainer.epoch, 40, trainer.ctx.rank))
+        return EpochData(adv, {"keep": keep, "log": {"zero_adv_dropped": int((~keep).sum())}})
+
+
+def zero_advantage_mask(adv: torch.Tensor, n_minibatches: int, generator: torch.Generator) -> torch.Tensor:
+    """[B] bool: the samples flow_grpo's train_sd3.py trains on. Those with advantage exactly 0 (a prompt whose
+    samples all scored the same) are dropped; then dropped ones, drawn at random, are put back until the kept count
+    is a multiple of the epoch's minibatches (at least one each), which it keeps: smaller minibatches, not fewer."""
+    keep = adv.reshape(len(adv), -1).abs().sum(1) != 0
+    short = -int(keep.sum()) % n_minibatches or (n_minibatches if not bool(keep.any()) else 0)
+    dropped = torch.nonzero(~keep).flatten()
+    keep[dropped[torch.randperm(len(dropped), generator=generator)[:short]]] = True
+    return keep

@@ -22,6 +22,7 @@ reference's adaptive weighting. After every epoch the old model moves towards th
 old <- d old + (1 - d) theta, d = min(max(0, step - flat) * rate, hold) at the optimiser step count
 (``nft.decay_type`` 0, 1, 2 = the reference's (0, 0, 0), (0, 0.001, 0.5), (75, 0.0075, 0.999)).
 
+Rollouts come from the old model, as the reference's (``nft.sample_with=policy``: from the current policy).
 Named differences from the reference: the deterministic rollout is DDIM (eta = 0) or the flow ODE's Euler
 step, not DPM-Solver-2; the reference's EMA of the weights for evaluation is not kept.
 """
@@ -85,6 +86,12 @@ class NFT(ForwardProcessAlgorithm):
         c = cfg.nft
         self.beta_nft, self.kl_beta, self.decay_type = c.beta, c.kl_beta, c.decay_type
         self.needs_reference = self.kl_beta > 0
+
+    def rollout_weights(self, trainer):
+        # the reference rolls out with the old model (set_adapter("old") around pipeline_with_logprob)
+        if self.cfg.nft.sample_with == "old" and self.old is not None:
+            return swapped_weights(self.params, self.old)
+        return super().rollout_weights(trainer)
 
     def step_order(self, n, steps, n_train, generator):
         # a random subset of the timesteps per sample (the reference permutes them per sample)

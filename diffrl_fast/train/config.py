@@ -121,6 +121,7 @@ class DPOKConfig:
     value_lr: float = option(1e-4, "AdamW learning rate of the value function.")
     value_batch_size: int = option(256, "Transitions per value micro-batch, drawn uniformly from the epoch's transitions.")
     value_steps: int = option(5, "Value micro-batches accumulated into the value function's one optimiser step per epoch.")
+    value_weight_decay: float = option(0.01, "AdamW weight decay of the value function (the reference passes only the learning rate: AdamW's default 0.01).")
 
 
 @dataclass
@@ -168,6 +169,7 @@ class GRPOConfig:
     train_steps: str = option("first", "'first': train the first int(train.timestep_fraction x T) steps of every trajectory (Flow-GRPO, timestep_fraction 0.99); 'random': a random subset per group.")
     detach_uncond: bool = option(False, "Detach the unconditional branch of guidance in training (Flow-GRPO before July 2025); current Flow-GRPO lets gradients flow through both.")
     same_initial_noise: bool = option(False, "A group's samples share their initial noise x_T (Flow-GRPO's sample.same_latent).")
+    drop_zero_advantage: bool = option(True, "Train only on samples with a non-zero advantage (flow_grpo's train_sd3.py: a group whose rewards are all equal is dropped; dropped samples are put back at random until the kept count divides into the epoch's minibatches, which shrink); false trains on all (they still count in the means and the KL).")
 
 
 @dataclass
@@ -185,6 +187,7 @@ class NFTConfig:
     beta: float = option(1.0, "beta of the implicit policies v+- around the old model (reference: 1.0; 0.1 for OCR).")
     kl_beta: float = option(1e-4, "Weight of the mean squared difference of the policy's and the reference model's outputs (reference train.beta: 1e-4 for SD3.5; 0: no reference model).")
     decay_type: int = option(1, "How fast the old model follows the policy after each epoch: 0 (at once), 1 (decay min(0.001 step, 0.5)), 2 (0 for 75 steps, then min(0.0075 (step - 75), 0.999)), as the reference's return_decay.")
+    sample_with: str = option("old", "Which weights roll out: 'old' (the slowly updated old model, as the reference's sampling loop: set_adapter('old')) or 'policy' (the current policy).")
 
 
 @dataclass
@@ -435,7 +438,8 @@ def validate(cfg: Config) -> Config:
     choice("dpok.kl_form", p.kl_form, ("eps_mse", "exact"))
     choice("dpok.ratio_clip", p.ratio_clip, ("clamp", "ppo"))
     choice("dpok.advantage", p.advantage, ("raw", "normalized"))
-    need(p.value_lr > 0 and p.value_batch_size >= 1 and p.value_steps >= 1, "dpok.value_lr must be > 0, dpok.value_batch_size and dpok.value_steps >= 1")
+    need(p.value_lr > 0 and p.value_batch_size >= 1 and p.value_steps >= 1 and p.value_weight_decay >= 0,
+         "dpok.value_lr must be > 0, dpok.value_batch_size and dpok.value_steps >= 1, dpok.value_weight_decay >= 0")
     c = cfg.tdpo
     choice("tdpo.critic", c.critic, ("embedding", "latent"))
     need(c.critic_lr > 0 and c.critic_weight_decay >= 0 and c.critic_max_grad_norm >= 0,
@@ -451,6 +455,7 @@ def validate(cfg: Config) -> Config:
     n = cfg.nft
     need(n.group_size >= 1 and n.beta > 0 and n.kl_beta >= 0, "nft.group_size must be >= 1, nft.beta > 0 and nft.kl_beta >= 0")
     choice("nft.decay_type", n.decay_type, (0, 1, 2))
+    choice("nft.sample_with", n.sample_with, ("old", "policy"))
     a = cfg.awm
     need(a.group_size >= 1 and a.train_timesteps >= 1, "awm.group_size and awm.train_timesteps must be >= 1")
     choice("awm.time_type", a.time_type, ("discrete", "discrete_wo_init", "discrete_with_init"))

@@ -18,7 +18,6 @@ repeats exactly what the uninterrupted run would have done.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -315,7 +314,7 @@ class Trainer:
             prompts, seeds = plan
             # a group sharing x_0 starts from its first member's initial noise
             init = [seeds[i - i % G] for i in range(len(seeds))] if self.algo.shares_initial_noise else None
-            with self.model.reference() if self.algo.sample_with_reference else contextlib.nullcontext():
+            with self.algo.rollout_weights(self):
                 traj = self._sample(prompts, seeds, init_seeds=init, progress=bar, epoch=epoch)
             trajs.append(traj)
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
@@ -411,7 +410,11 @@ class Trainer:
             g = _generator(self.cfg.seed, epoch, 2, inner, self.ctx.rank)
             perm = self.algo.sample_order(B, data, g)
             order = self.algo.step_order(B, steps, n_train, g)
-            minibatches = list(perm.split(t.batch_size))
+            keep = data.extra.get("keep") if data is not None else None
+            if keep is None:
+                minibatches = list(perm.split(t.batch_size))
+            else:  # the algorithm trains on a subset: as many minibatches as planned, each smaller (flow_grpo's rule)
+                minibatches = list(perm[keep[perm]].tensor_split(math.ceil(B / t.batch_size)))
             ctxs: dict[int, object] = {}
             for group in self.step_groups(len(minibatches), n_chunks):
                 if stop_flag():
