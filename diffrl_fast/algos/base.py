@@ -78,6 +78,11 @@ class Algorithm:
         groups = torch.randperm(n // G, generator=generator)
         return (groups[:, None] * G + torch.arange(G)).flatten()
 
+    def minibatches(self, order: torch.Tensor, data: EpochData) -> list[torch.Tensor]:
+        """The minibatches of an inner epoch, cut from the samples in ``order`` (``sample_order``'s): consecutive
+        runs of ``train.batch_size``. The optimiser steps every ``train.gradient_accumulation_steps`` of them."""
+        return list(order.split(self.cfg.train.batch_size))
+
     def step_order(self, n: int, steps: torch.Tensor, n_train: int, generator: torch.Generator) -> torch.Tensor:
         """[n, n_train] step indices each sample trains on: a random subset of the stochastic ``steps``,
         drawn per sample, or per group when ``samples_per_prompt`` > 1 (group members share timesteps)."""

@@ -10,7 +10,8 @@ For two trajectories of the same prompt, sampled from the same initial noise x_T
 
 with log-probs averaged over latent elements. K >= 2 samples of a prompt share x_T; every non-tied pair
 is used (the reference's human-feedback script; ``d3po.pairs=disjoint`` pairs best with worst, second with
-second-worst, ...). Tied pairs carry no gradient and are skipped. Preferences come from the reward
+second-worst, ...), each with its own optimiser step over all its trained steps, as the reference's loop takes
+them (``d3po.step_per_pair=false``: a minibatch's pairs averaged into one step). Tied pairs carry no gradient and are skipped. Preferences come from the reward
 ("AI feedback"), or from a JSON file of human choices written by ``diffrl-fast label``: then the labelled
 images are regenerated from their seeds with the reference policy each epoch, and the choices decide.
 """
@@ -115,6 +116,27 @@ class D3PO(Algorithm):
         density = sum(p for p, _ in counts) / max(1, sum(n for _, n in counts))
         return EpochData(None, {"pairs": pairs, "density": density, "log": {"pairs": int(pairs.shape[0])}})
 
+    def per_pair(self) -> bool:
+        """One minibatch (and with the reference's accumulation of 1, one optimiser step) per pair: K > 2 samples
+        per prompt from the reward, with d3po.step_per_pair."""
+        return self.cfg.d3po.step_per_pair and self.labels is None and self.samples_per_prompt > 2
+
+    def setup(self, trainer) -> None:
+        if self.per_pair() and trainer.ctx.active:
+            raise ValueError("d3po.step_per_pair takes one optimiser step per non-tied pair, and the pairs per process "
+                             "differ with the ties: with several processes set d3po.step_per_pair=false")
+
+    def minibatches(self, order, data):
+        if not self.per_pair():
+            return super().minibatches(order, data)
+        # the reference's loop: prompt groups in the epoch's order, then each pair of the group in turn
+        G, pairs = self.samples_per_prompt, data.extra["pairs"]
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for pair in pairs:
+            by_group.setdefault(int(pair[0]) // G, []).append(pair)
+        groups = list(dict.fromkeys(int(i) // G for i in order.tolist()))
+        return [pair for g in groups for pair in by_group.get(g, [])]
+
     def _batch_items(self, traj):
         lookup = {(it["prompt"], int(it["seeds"][0]), int(it["seeds"][1])): it for it in self.labels["items"]}
         seeds = traj.seeds.tolist()
@@ -132,5 +154,6 @@ class D3PO(Algorithm):
         c = self.cfg.d3po
         out = dpo_step_loss(logp[w], ref[w], logp[l], ref[l], beta=c.beta, ratio_clip=c.ratio_clip)
         # the trainer weights a chunk by its rows; its loss is a mean over pair-steps: rescale by pairs per row
-        scale = len(inside) / len(pos) / data.extra["density"]
+        # (a minibatch of one pair: its rows are its steps, no rescaling)
+        scale = 1.0 if self.per_pair() else len(inside) / len(pos) / data.extra["density"]
         return out.loss * scale, {"accuracy": out.accuracy, "margin": out.margin}

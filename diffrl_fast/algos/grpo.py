@@ -83,6 +83,13 @@ class GRPO(PolicyGradientWithKL):
         keep = zero_advantage_mask(adv, n_minibatches, trainer.generator(trainer.epoch, 40, trainer.ctx.rank))
         return EpochData(adv, {"keep": keep, "log": {"zero_adv_dropped": int((~keep).sum())}})
 
+    def minibatches(self, order, data):
+        keep = data.extra.get("keep")
+        if keep is None:
+            return super().minibatches(order, data)
+        # as many minibatches as planned, each smaller (flow_grpo's rule; the kept count divides by their number)
+        return list(order[keep[order]].tensor_split(-(-len(order) // self.cfg.train.batch_size)))
+
 
 def zero_advantage_mask(adv: torch.Tensor, n_minibatches: int, generator: torch.Generator) -> torch.Tensor:
     """[B] bool: the samples flow_grpo's train_sd3.py trains on. Those with advantage exactly 0 (a prompt whose

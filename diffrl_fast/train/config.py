@@ -131,6 +131,7 @@ class D3POConfig:
     pairs: str = option("all", "'all': every non-tied pair of a prompt's K samples (the reference's human-feedback script); 'disjoint': best with worst, second with second-worst, ...")
     ratio_clip: Optional[float] = option(0.1, "Clamp each step's ratio pi_theta/pi_ref to [1 - c, 1 + c] (the reference's eps = 0.1); null disables.")
     shared_initial_noise: bool = option(True, "Sample a prompt's K images from the same x_T (they differ only by the per-step noise), as the reference does.")
+    step_per_pair: bool = option(True, "K > 2: one optimiser step per non-tied pair, over all its trained steps (the reference's scripts/train.py: a step per combination of a prompt's samples); false: a minibatch's pairs averaged into one step (train.gradient_accumulation_steps minibatches per step).")
     preferences: str = option("", "JSON file of human choices written by `diffrl-fast label`; empty: preferences from the reward (AI feedback).")
 
 

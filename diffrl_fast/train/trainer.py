@@ -410,11 +410,7 @@ class Trainer:
             g = _generator(self.cfg.seed, epoch, 2, inner, self.ctx.rank)
             perm = self.algo.sample_order(B, data, g)
             order = self.algo.step_order(B, steps, n_train, g)
-            keep = data.extra.get("keep") if data is not None else None
-            if keep is None:
-                minibatches = list(perm.split(t.batch_size))
-            else:  # the algorithm trains on a subset: as many minibatches as planned, each smaller (flow_grpo's rule)
-                minibatches = list(perm[keep[perm]].tensor_split(math.ceil(B / t.batch_size)))
+            minibatches = self.algo.minibatches(perm, data)
             ctxs: dict[int, object] = {}
             for group in self.step_groups(len(minibatches), n_chunks):
                 if stop_flag():

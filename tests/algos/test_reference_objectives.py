@@ -29,7 +29,10 @@ REL = 1e-6
 class Step:
     """One captured optimiser step of the trainer on the toy model."""
 
-    def __init__(self, tmp_path, algo, *extra, scheduler="ddim", perturb=0.02):
+    def __init__(self, tmp_path, algo, *extra, scheduler="ddim", perturb=0.02, one_step=True, distinct=False, move=0.0):
+        """``distinct``: the forward-process algorithms' old (or EMA) copy and the reference model are moved apart
+        from each other and from the policy, so a mix-up between them shows; ``move``: each captured optimiser step
+        moves the weights by that much (fixed directions), so later steps run at other weights than the first."""
         self.model = ToyModel(scheduler)
         cfg = validate(load_config(Config, None, [f"algo={algo}", *COMMON, f"output_dir={tmp_path}", "name=r", *extra]))
         self.cfg = cfg
@@ -42,15 +45,27 @@ class Step:
             for p in params.values():
                 p.add_(perturb * torch.randn(p.shape, generator=g, dtype=p.dtype))
         self.theta = {n: p.detach().clone() for n, p in params.items()}
+        self.old_w = self.ref_w = self.theta_old
+        if distinct:
+            with torch.no_grad():
+                for o, (n, p) in zip(t.algo.old, params.items()):
+                    o.add_(0.03 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                for p in self.model.ref_denoiser.parameters():
+                    p.add_(0.04 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            self.old_w = {n: o.detach().clone() for o, n in zip(t.algo.old, params)}
+            self.ref_w = {n: p.detach().clone() for n, p in self.model.ref_denoiser.named_parameters()}
+            assert all(not torch.equal(self.old_w[n], self.ref_w[n]) and not torch.equal(self.old_w[n], self.theta[n]) for n in params)
+        self.thetas = [self.theta]
         critic = getattr(t.algo, "critic", None)
         if critic is not None:  # the transcription has no dropout: switch it off in ours (tested separately)
             for m in critic.net.modules():
                 if isinstance(m, nn.Dropout):
                     m.p = 0.0
             self.critic_before = {n: p.detach().clone() for n, p in critic.net.named_parameters()}
-        self.orders = []
-        step_order = t.algo.step_order
+        self.orders, self.minibatches = [], []
+        step_order, minibatches = t.algo.step_order, t.algo.minibatches
         t.algo.step_order = lambda *a: self.orders.append(step_order(*a)) or self.orders[-1]
+        t.algo.minibatches = lambda *a: self.minibatches.extend(minibatches(*a)) or self.minibatches
         self.data = t.algo.prepare(t, self.traj, self.rewards)
         self.losses, self.grads, self.critic_grads = [], [], []
         backward = t.engine.backward
@@ -59,6 +74,12 @@ class Step:
         def capture_step():
             self.grads.append({n: p.grad.detach().clone() for n, p in params.items()})
             t.engine.optimizer.zero_grad(set_to_none=True)
+            if move:
+                with torch.no_grad():
+                    for p in params.values():
+                        p.add_(move * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                self.thetas.append({n: p.detach().clone() for n, p in params.items()})
+            t.engine.steps += 1
             return 1.0
 
         t.engine.step = capture_step
@@ -70,7 +91,7 @@ class Step:
 
             critic.opt.step = capture_critic
         self.stats = t.train_epoch(0, self.traj, self.data)
-        assert len(self.grads) == 1, "these tests compare one optimiser step"
+        assert len(self.grads) == 1 or not one_step, "these tests compare one optimiser step"
 
     def batch(self) -> ref.Batch:
         tr = self.traj
@@ -84,12 +105,17 @@ class Step:
         return ref.Sampler("ddim", alphas_cumprod=s.alphas_cumprod.to(torch.float64), step_ratio=1000 // self.cfg.sample.num_steps,
                            eta=self.cfg.sample.eta)
 
-    def eps_fns(self):
-        leaves = {n: v.clone().requires_grad_() for n, v in self.theta.items()}
+    @staticmethod
+    def fixed(w):
+        """The toy denoiser at fixed weights ``w``, as a callable eps(x, t, h)."""
+        return lambda x, t, h: toy_eps(w["w"], w["P"], w["u"], x, t, h)
+
+    def eps_fns(self, step: int = 0):
+        """(leaves, eps, ref_eps): the policy at optimiser step ``step``'s weights, differentiable through
+        ``leaves``, and the reference model."""
+        leaves = {n: v.clone().requires_grad_() for n, v in self.thetas[step].items()}
         eps = lambda x, t, h: toy_eps(leaves["w"], leaves["P"], leaves["u"], x, t, h)  # noqa: E731
-        o = self.theta_old
-        ref_eps = lambda x, t, h: toy_eps(o["w"], o["P"], o["u"], x, t, h)  # noqa: E731
-        return leaves, eps, ref_eps
+        return leaves, eps, self.fixed(self.ref_w)
 
     def loss(self) -> float:
         return float(sum(self.losses))
@@ -162,10 +188,31 @@ def test_dpok(tmp_path, value):
     check(s, leaves, loss, s.loss())
 
 
+def test_d3po_steps_once_per_pair_with_more_than_two_samples(tmp_path):
+    """scripts/train.py: K = 7 samples per prompt, one optimiser step per non-tied pair over all its steps."""
+    s = Step(tmp_path, "d3po", "d3po.samples_per_prompt=4", "sample.batch_size=8", "train.batch_size=8", "sample.num_steps=4",
+             "train.gradient_accumulation_steps=1", perturb=0.05, one_step=False)
+    pairs = [tuple(mb.tolist()) for mb in s.minibatches]
+    assert len(s.grads) == len(pairs) == 12 and len(set(pairs)) == 12  # 2 groups x 6 pairs, no ties
+    assert all(a // 4 == b // 4 and s.rewards[a] > s.rewards[b] for a, b in pairs)  # winner first, same group
+    clamped = 0
+    for pair, grad in zip(pairs, s.grads):
+        leaves, eps, ref_eps = s.eps_fns()
+        loss = ref.d3po(s.batch(), s.sampler(), eps, ref_eps, range(4), beta=0.1, ratio_clip=0.1, group=4, pair=pair)
+        loss.backward()
+        theirs = {n: p.grad for n, p in leaves.items()}
+        if all(float(v.abs().max()) == 0 for v in theirs.values()):  # the ratio clamp bites on every step of both
+            assert all(float(v.abs().max()) == 0 for v in grad.values()), pair
+            clamped += 1
+        else:
+            assert_close(grad, theirs, f"policy gradient of pair {pair}")
+    assert clamped < len(pairs)
+
+
 @pytest.mark.parametrize("group", [2, 4])
 def test_d3po(tmp_path, group):
     s = Step(tmp_path, "d3po", f"d3po.samples_per_prompt={group}", "sample.batch_size=8", "train.batch_size=8",
-             "sample.num_steps=4", perturb=0.05)
+             "sample.num_steps=4", "d3po.step_per_pair=false", perturb=0.05)
     h = s.log_ratios(range(4))
     inside = (h > torch.log(torch.tensor(0.9, dtype=h.dtype))) & (h < torch.log(torch.tensor(1.1, dtype=h.dtype)))
     assert 0 < int(inside.sum()) < h.numel()  # the ratio clamp bites on some rows only
@@ -220,11 +267,11 @@ def test_nft(tmp_path, scheduler):
 
     with recorded_noise(NFT) as rows:
         s = Step(tmp_path, "nft", "nft.group_size=2", "sample.guidance_scale=1.0", "nft.kl_beta=0.5",
-                 "train.timestep_fraction=0.5", scheduler=scheduler, perturb=0.003)
+                 "train.timestep_fraction=0.5", scheduler=scheduler, perturb=0.003, distinct=True)
     assert bool((s.traj.log_probs == 0).all())  # every rollout step deterministic
     assert len(rows) == 8 * 2 and s.stats["kl"] > 0
-    leaves, eps, old_eps = s.eps_fns()
-    loss = ref.nft(s.batch(), s.sampler(), eps, old_eps, old_eps, rows, beta=1.0, adv_clip=5.0, kl_beta=0.5)
+    leaves, eps, ref_eps = s.eps_fns()  # policy, old model and reference: three different models
+    loss = ref.nft(s.batch(), s.sampler(), eps, s.fixed(s.old_w), ref_eps, rows, beta=1.0, adv_clip=5.0, kl_beta=0.5)
     check(s, leaves, loss, s.loss())
 
 
@@ -236,13 +283,35 @@ def test_awm(tmp_path, scheduler):
 
     with recorded_noise(AWM) as rows:
         s = Step(tmp_path, "awm", "awm.group_size=2", "sample.guidance_scale=1.0", "awm.beta=0.5", "awm.ema_beta=0.7",
-                 "awm.train_timesteps=2", scheduler=scheduler, perturb=0.003)
+                 "awm.train_timesteps=2", scheduler=scheduler, perturb=0.003, distinct=True)
     assert bool((s.traj.log_probs == 0).all()) and s.traj.latents.shape[1] == 1  # deterministic; only x_T kept
     assert len(rows) == 8 * 2 and s.stats["kl"] > 0 and s.stats["ema_kl"] > 0
     # one stratum each of [0, 2) and [2, 4), the same for every sample of the (single) minibatch
     order = s.orders[0]
     assert bool((order == order[0]).all()) and 0 <= int(order[0, 0]) < 2 <= int(order[0, 1]) < 4
-    leaves, eps, old_eps = s.eps_fns()
-    loss = ref.awm(s.batch(), s.sampler(), eps, old_eps, old_eps, rows, adv_clip=5.0, advantage_max=1.0, clip_range=1.0,
+    leaves, eps, ref_eps = s.eps_fns()  # policy, reference and EMA copy: three different models
+    loss = ref.awm(s.batch(), s.sampler(), eps, ref_eps, s.fixed(s.old_w), rows, adv_clip=5.0, advantage_max=1.0, clip_range=1.0,
                    power=0.25, beta=0.5, ema_beta=0.7)
     check(s, leaves, loss, s.loss())
+
+
+def test_awm_second_optimiser_step_of_an_epoch(tmp_path):
+    """Two minibatches, a step each: the second step's ratio is to the log-probs under the epoch's starting weights."""
+    from diffrl_fast.algos.awm import AWM
+
+    with recorded_noise(AWM) as rows:
+        s = Step(tmp_path, "awm", "awm.group_size=2", "sample.guidance_scale=1.0", "awm.beta=0.5", "awm.ema_beta=0.7",
+                 "awm.train_timesteps=2", "train.batch_size=4", "train.optimizer_step_every=minibatches",
+                 "train.gradient_accumulation_steps=1", scheduler="flow", perturb=0.003, distinct=True, one_step=False, move=0.01)
+    assert len(s.grads) == 2
+    second = set(s.minibatches[1].tolist())
+    leaves, eps, ref_eps = s.eps_fns(step=1)
+    loss = ref.awm(s.batch(), s.sampler(), eps, ref_eps, s.fixed(s.old_w), [r for r in rows if r[0] in second], adv_clip=5.0,
+                   advantage_max=1.0, clip_range=1.0, power=0.25, beta=0.5, ema_beta=0.7, old_eps=s.fixed(s.thetas[0]))
+    loss.backward()
+    assert_close(s.grads[1], {n: p.grad for n, p in leaves.items()}, "policy gradient of the second step")
+    leaves, eps, _ = s.eps_fns(step=1)  # the ratio to the current weights instead would be another gradient
+    ref.awm(s.batch(), s.sampler(), eps, ref_eps, s.fixed(s.old_w), [r for r in rows if r[0] in second], adv_clip=5.0,
+            advantage_max=1.0, clip_range=1.0, power=0.25, beta=0.5, ema_beta=0.7).backward()
+    with pytest.raises(AssertionError):
+        assert_close(s.grads[1], {n: p.grad for n, p in leaves.items()}, "on-policy ratio")

@@ -165,16 +165,17 @@ def dpok(batch, sampler, eps, ref_eps, steps, *, alpha, beta, clip_range, value_
     return torch.stack(pg).mean() + beta * torch.stack(kl).mean()
 
 
-def d3po(batch, sampler, eps, ref_eps, steps, *, beta, ratio_clip, group):
+def d3po(batch, sampler, eps, ref_eps, steps, *, beta, ratio_clip, group, pair=None):
     """yk7333/d3po scripts/rm/train_d3po.py (pairs from the reward; every non-tied pair of a group as the
     human-feedback script uses them): per pair (w, l) and step t,
         l = -log sigmoid(beta (log clamp(pi/pi_ref, 1 +- c)_w - log clamp(pi/pi_ref, 1 +- c)_l)),
-    averaged over steps and pairs."""
+    averaged over steps and pairs; with ``pair`` = {i, k} only that pair's terms (scripts/train.py takes an
+    optimiser step per pair)."""
     B = len(batch.prompts)
     terms = []
     for g0 in range(0, B, group):
         for i, k in itertools.combinations(range(g0, g0 + group), 2):
-            if batch.rewards[i] == batch.rewards[k]:
+            if batch.rewards[i] == batch.rewards[k] or (pair is not None and {i, k} != set(pair)):
                 continue
             w, l = (i, k) if batch.rewards[i] > batch.rewards[k] else (k, i)
             for j in steps:
@@ -329,14 +330,15 @@ def awm_surrogate(logp, old_logp, A, *, clip_range, loss_type):
 
 
 def awm(batch, sampler, eps, ref_eps, ema_eps, rows, *, adv_clip, advantage_max, clip_range, power, beta, ema_beta,
-        std_eps=1e-4):
+        std_eps=1e-4, old_eps=None):
     """scxue/advantage_weighted_matching scripts/train_sd3_awm.py (compute_log_prob_awm, weighting "ghuber",
     loss_type "exp_first", kl_weight and kl_ema_weight "Uniform", one optimiser step: old log-probs are the
     current ones, detached), written for any forward process: for each row (sample b, step j, noise z), x0 =
     the final sample; flow: t = timestep / 1000, x_t = (1 - t) x0 + t z, target z - x0, sigma = t; DDIM epsilon:
     x_t = sqrt(abar) x0 + sqrt(1 - abar) z, target z, sigma = sqrt(1 - abar). log_prob = -(((out - target)^2
     mean + 1e-10)^p - 1e-10^p) sigma / p; A = Flow-GRPO's group advantage clamped to +-adv_clip, then
-    / adv_clip * advantage_max; L = surrogate + beta mean_rows (out - out_ref)^2 + ema_beta mean_rows (out - out_ema)^2."""
+    / adv_clip * advantage_max; L = surrogate + beta mean_rows (out - out_ref)^2 + ema_beta mean_rows (out - out_ema)^2.
+    With ``old_eps`` (a later optimiser step of the epoch) the old log-probs are that model's, at the same x_t."""
     r_all = batch.rewards.to(F64)
     A = torch.empty_like(r_all)
     for p in set(batch.prompts):
@@ -360,9 +362,13 @@ def awm(batch, sampler, eps, ref_eps, ema_eps, rows, *, adv_clip, advantage_max,
         out = eps(xt, t1, h)
         with torch.no_grad():
             out_ref, out_ema = ref_eps(xt, t1, h), ema_eps(xt, t1, h)
-        m = ((out - target) ** 2).mean()
-        logp = -(torch.pow(m + 1e-10, power) - 1e-10**power) * sigma / power
-        terms.append(awm_surrogate(logp.reshape(1, 1), logp.detach().reshape(1, 1), A[b].reshape(1),
+        def log_prob(o):
+            return -(torch.pow(((o - target) ** 2).mean() + 1e-10, power) - 1e-10**power) * sigma / power
+
+        logp = log_prob(out)
+        with torch.no_grad():
+            old = logp.detach() if old_eps is None else log_prob(old_eps(xt, t1, h))
+        terms.append(awm_surrogate(logp.reshape(1, 1), old.reshape(1, 1), A[b].reshape(1),
                                    clip_range=clip_range, loss_type="exp_first"))
         kls.append(((out - out_ref) ** 2).mean())
         ema_kls.append(((out - out_ema) ** 2).mean())
