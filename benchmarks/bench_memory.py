@@ -53,7 +53,7 @@ def measure(path: str, T: int, K, ckpt: bool, device: str, repeats: int, workdir
         "log.eval_samples=0", "log.progress=false", f"output_dir={workdir}", "name=m", "reward.overlap=false"]))
     trainer = Trainer(cfg, workdir / "m", device=device, log_fn=lambda s: None)
     traj = sample_trajectories(trainer.model, ["a cat", "a dog"], num_steps=T, guidance_scale=5.0, seeds=[1, 2])
-    data = trainer.algo.prepare(trainer, traj, torch.tensor([0.5, -0.5]))
+    data = trainer.algo.prepare(trainer.run_context, traj, torch.tensor([0.5, -0.5]))
     trainer.train_epoch(0, traj, data)  # warm-up
     mem = PeakMemory(device)
     times, peaks = [], []

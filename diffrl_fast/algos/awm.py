@@ -109,6 +109,10 @@ class AWM(ForwardProcessAlgorithm):
     noise_stream = 31
 
     @classmethod
+    def group_size(cls, cfg):
+        return cfg.awm.group_size
+
+    @classmethod
     def reference_defaults(cls, n_prompts):
         # SD3.5 pickscore config: 14 deterministic steps without guidance, 24 images per prompt, 24 prompts per
         # epoch (576 samples: 8 GPUs x 6 x 12; here 24 x 24 on one process, to be divided by the process count),
@@ -152,34 +156,34 @@ class AWM(ForwardProcessAlgorithm):
     def old_decay(self, step: int) -> float:
         return ema_decay(step, self.c.ema_decay, self.c.ema_decay_type)
 
-    def prepare(self, trainer, traj, rewards):
-        data = super().prepare(trainer, traj, rewards)
-        self._steps0 = trainer.engine.steps
+    def prepare(self, run, traj, rewards):
+        data = super().prepare(run, traj, rewards)
+        self._steps0 = run.optimizer_steps
         t = self.cfg.train
         n_train = self.num_train_steps(traj.num_steps)
         n_chunks = math.ceil(n_train / min(t.chunk_size, n_train))
-        steps = t.num_inner_epochs * len(trainer.step_groups(math.ceil(len(traj) / t.batch_size), n_chunks))
+        steps = t.num_inner_epochs * len(run.step_groups(math.ceil(len(traj) / t.batch_size), n_chunks))
         # ell_old is taken under the epoch's starting weights; a copy is needed only when the epoch takes
         # more than one optimiser step (the reference's configs take one: rho = 1)
         self._start = [p.detach().clone() for p in self.params] if steps > 1 else None
         return data
 
-    def _outputs(self, trainer, xt, chunk):
-        return guided_outputs(trainer.model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)[0]
+    def _outputs(self, run, xt, chunk):
+        return guided_outputs(run.model, xt, chunk.t, chunk.cond, None, run.autocast_dtype)[0]
 
-    def chunk_loss(self, trainer, chunk, data, ctx=None):
+    def chunk_loss(self, run, chunk, data, ctx=None):
         c, traj = self.c, data.extra["traj"]
         n, K = chunk.shape
-        x0, z, xt, alpha, sigma, _, _ = self.noised(trainer, chunk, traj)
-        target = denoising_target(trainer.model.scheduler, alpha, sigma, x0, z)
-        out = self._outputs(trainer, xt, chunk)
+        x0, z, xt, alpha, sigma, _, _ = self.noised(run, chunk, traj)
+        target = denoising_target(run.model.scheduler, alpha, sigma, x0, z)
+        out = self._outputs(run, xt, chunk)
         sig = sigma.to(out.device)
         ell = awm_log_prob(out, target, sig, c.weighting, c.ghuber_power).reshape(n, K)
-        if trainer.engine.steps == self._steps0:
+        if run.optimizer_steps == self._steps0:
             ell_old = ell.detach()
         else:
             with torch.no_grad(), swapped_weights(self.params, self._start):
-                ell_old = awm_log_prob(self._outputs(trainer, xt, chunk), target, sig, c.weighting, c.ghuber_power).reshape(n, K)
+                ell_old = awm_log_prob(self._outputs(run, xt, chunk), target, sig, c.weighting, c.ghuber_power).reshape(n, K)
         clip = self.cfg.train.adv_clip_max
         adv = data.advantages.to(out.device)[chunk.sample_idx.to(out.device)].clamp(-clip, clip)
         if c.advantage_max is not None:
@@ -195,14 +199,14 @@ class AWM(ForwardProcessAlgorithm):
                 d = (out - other).square().mean(dim=tuple(range(1, out.dim())))
                 return (d / std2.to(d) if weight == "ELBO" else d).mean()
 
-            with torch.no_grad(), trainer.model.reference():
-                out_ref = self._outputs(trainer, xt, chunk)
+            with torch.no_grad(), run.model.reference():
+                out_ref = self._outputs(run, xt, chunk)
             kl_ref = kl(out_ref, c.kl_weight)
             loss = loss + c.beta * kl_ref
             stats["kl"] = kl_ref.detach()
             if c.ema_beta > 0:
                 with torch.no_grad(), swapped_weights(self.params, self.old):
-                    out_ema = self._outputs(trainer, xt, chunk)
+                    out_ema = self._outputs(run, xt, chunk)
                 kl_ema = kl(out_ema, c.ema_kl_weight)
                 loss = loss + c.ema_beta * kl_ema
                 stats["ema_kl"] = kl_ema.detach()

@@ -1,7 +1,11 @@
-"""What every algorithm provides to the one trainer loop.
+"""What every algorithm provides to the one trainer loop, and the one object through which it sees the run.
 
 The trainer owns everything algorithms share: rollouts, rewards, the recompute of log-probs over packed
-timestep chunks, optimisation, logging and checkpointing. An algorithm decides
+timestep chunks, optimisation, logging and checkpointing. An algorithm sees none of it directly: every method
+below receives a ``RunContext`` (``run``), which names all an algorithm may use: the model (its outputs and its
+reference policy), where and in which precision it runs, the advantage function, the run's generators, the
+process group for reductions, the prompts and the reward, and the clock (epochs, optimiser steps). An
+algorithm decides
 
 - ``reference_defaults``: the config values its authors' code and published runs use where they differ
   from DDPO's (the config's own defaults); they apply to every key the user leaves unset;
@@ -21,9 +25,49 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything an algorithm may use of the training run; the trainer builds one (``Trainer.run``).
+
+    - ``model``: the ``DiffusionModel``: its outputs (``algos.common``: ``policy_outputs``, ``reference_logp``,
+      ``chunk_kl``), ``reference()`` (the reference policy), ``scheduler``, ``denoiser``, ``encode_prompts``;
+    - ``device``, ``autocast_dtype``: where the denoiser runs and its autocast precision (None: fp32);
+    - ``dist``: the process group for reductions (``rank``, ``world_size``, ``active``, ``all_gather_object``,
+      ``means``);
+    - ``prompts``: the run's prompts; ``reward_fn``: the training reward (critics embed with its encoder);
+    - ``advantages(prompts, rewards)``: the trainer's normalised advantages of this process's samples, from
+      statistics over every process's (per prompt with advantage.per_prompt_stat_tracking, else the batch's);
+    - ``generator(*key)``: an independent CPU generator of the run's seed for (epoch, purpose, ...): the same
+      draws on resume;
+    - ``step_groups(n_minibatches, n_chunks)``: the optimiser steps of an inner epoch, as (minibatch, chunk) units;
+    - ``engine``: the distributed engine ('none', 'ddp', 'fsdp' or 'deepspeed');
+    - ``epoch`` (epochs completed) and ``optimizer_steps`` (optimiser steps taken), read from ``clock``.
+    """
+
+    model: Any
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]
+    dist: Any
+    prompts: list
+    reward_fn: Callable
+    advantages: Callable[[list, torch.Tensor], torch.Tensor]
+    generator: Callable[..., torch.Generator]
+    step_groups: Callable[[int, int], list]
+    engine: str
+    clock: Callable[[], tuple[int, int]]
+
+    @property
+    def epoch(self) -> int:
+        return self.clock()[0]
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.clock()[1]
 
 
 @dataclass
@@ -42,10 +86,13 @@ class Algorithm:
     shares_initial_noise = False  # a prompt group's samples start from the same x_T
 
     def __init__(self, cfg) -> None:
-        from ..train.config import samples_per_prompt
-
         self.cfg = cfg
-        self.samples_per_prompt = samples_per_prompt(cfg)  # the one definition of G, shared with config validation
+        self.samples_per_prompt = self.group_size(cfg)  # the one definition of G, shared with config validation
+
+    @classmethod
+    def group_size(cls, cfg) -> int:
+        """G, the samples of one prompt trained together, under config ``cfg`` (1: no groups)."""
+        return 1
 
     @classmethod
     def reference_defaults(cls, n_prompts: int) -> dict[str, Any]:
@@ -53,7 +100,7 @@ class Algorithm:
         ``n_prompts`` is how many prompts the run has (some references switch settings on it)."""
         return {}
 
-    def setup(self, trainer) -> None:
+    def setup(self, run) -> None:
         """Build state that needs the loaded model and reward (critics); called once, before any resume."""
 
     def check_model(self, model) -> None:
@@ -67,9 +114,9 @@ class Algorithm:
         return trainable_steps(traj)
 
     def num_train_steps(self, stochastic_steps: int) -> int:
-        from ..train.config import num_train_steps
-
-        return num_train_steps(self.cfg, stochastic_steps)
+        """Steps trained per trajectory and inner epoch: int(train.timestep_fraction x T), floored as the
+        references floor it, at least 1."""
+        return max(1, int(self.cfg.train.timestep_fraction * stochastic_steps))
 
     def sample_order(self, n: int, data: EpochData, generator: torch.Generator) -> torch.Tensor:
         """The order in which samples are cut into minibatches; groups of ``samples_per_prompt`` adjacent
@@ -95,32 +142,32 @@ class Algorithm:
     deterministic_rollout = False  # roll out with the sampler's deterministic step (forward-process algorithms)
     trains_on_states = True  # False: the loss reads only the final latents x_T, so rollouts keep no other state
 
-    def rollout_weights(self, trainer) -> ContextManager:
+    def rollout_weights(self, run) -> ContextManager:
         """The weights that roll out, as a context around each rollout batch: the current policy, or the reference
         policy when ``sample_with_reference``; algorithms that sample with other weights (DiffusionNFT's old
         model) override it."""
-        return trainer.model.reference() if self.sample_with_reference else contextlib.nullcontext()
+        return run.model.reference() if self.sample_with_reference else contextlib.nullcontext()
 
-    def rollout_plan(self, trainer, epoch: int, batch: int, generator: torch.Generator) -> Optional[tuple[list[str], list[int]]]:
+    def rollout_plan(self, run, epoch: int, batch: int, generator: torch.Generator) -> Optional[tuple[list[str], list[int]]]:
         """(prompts, seeds) of rollout batch ``batch``, or None for the trainer's default (prompts drawn
         uniformly, ``samples_per_prompt`` adjacent samples each)."""
         return None
 
     # ---- losses --------------------------------------------------------------------------------
-    def prepare(self, trainer, traj, rewards: torch.Tensor) -> EpochData:
-        return EpochData(trainer.advantages(traj.prompts, rewards))
+    def prepare(self, run, traj, rewards: torch.Tensor) -> EpochData:
+        return EpochData(run.advantages(traj.prompts, rewards))
 
-    def begin_minibatch(self, trainer, traj, sample_idx: torch.Tensor, order: torch.Tensor, data: EpochData) -> Any:
+    def begin_minibatch(self, run, traj, sample_idx: torch.Tensor, order: torch.Tensor, data: EpochData) -> Any:
         """Called before a minibatch's chunks; its return value reaches ``chunk_loss`` as ``ctx``."""
         return None
 
-    def chunk_loss(self, trainer, chunk, data: EpochData, ctx: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def chunk_loss(self, run, chunk, data: EpochData, ctx: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def after_optimizer_step(self, trainer, finite: bool) -> None:
+    def after_optimizer_step(self, run, finite: bool) -> None:
         """Called after every optimiser step of the policy (``finite``: the step was taken, not skipped)."""
 
-    def after_epoch(self, trainer, epoch: int) -> dict[str, float]:
+    def after_epoch(self, run, epoch: int) -> dict[str, float]:
         """Called once an epoch's updates are done; returns extra metrics to log."""
         return {}
 

@@ -14,21 +14,21 @@ from ..ops import step_kl
 KL_FORMS = ("exact", "eps_mse", "flow_grpo")
 
 
-def policy_outputs(trainer, chunk: Chunk, detach_uncond: bool = False):
+def policy_outputs(run, chunk: Chunk, detach_uncond: bool = False):
     """(eps_u, eps_c) of the current policy on the chunk, differentiable (eps_u detached on request)."""
-    eps_u, eps_c = chunk_outputs(trainer.model, chunk, trainer.autocast_dtype)
+    eps_u, eps_c = chunk_outputs(run.model, chunk, run.autocast_dtype)
     if detach_uncond and eps_c is not None:
         eps_u = eps_u.detach()
     return eps_u, eps_c
 
 
-def reference_logp(trainer, chunk: Chunk) -> torch.Tensor:
+def reference_logp(run, chunk: Chunk) -> torch.Tensor:
     """log p_ref of the chunk's actions, [n, K], no gradient."""
-    ref_u, ref_c = reference_outputs(trainer.model, chunk, trainer.autocast_dtype)
+    ref_u, ref_c = reference_outputs(run.model, chunk, run.autocast_dtype)
     return step_logprob_of(chunk, ref_u, ref_c)
 
 
-def chunk_kl(trainer, chunk: Chunk, eps_u, eps_c, form: str = "exact") -> torch.Tensor:
+def chunk_kl(run, chunk: Chunk, eps_u, eps_c, form: str = "exact") -> torch.Tensor:
     """Per-step divergence of the policy from the reference on the chunk's steps, [n, K], each averaged
     over the latent elements, in one of the forms the references use (all through the fused ``step_kl``,
     which computes |a x + b eps_hat - (a x + b eps_hat_ref)|^2 / (2 s^2) without materialising a mean):
@@ -42,7 +42,7 @@ def chunk_kl(trainer, chunk: Chunk, eps_u, eps_c, form: str = "exact") -> torch.
     """
     if form not in KL_FORMS:
         raise ValueError(f"KL form must be one of {KL_FORMS}, got {form!r}")
-    ref_u, ref_c = reference_outputs(trainer.model, chunk, trainer.autocast_dtype)
+    ref_u, ref_c = reference_outputs(run.model, chunk, run.autocast_dtype)
     c = chunk.coef
     g = chunk.guidance_scale if eps_c is not None else 1.0
     if form == "eps_mse":

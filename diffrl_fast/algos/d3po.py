@@ -67,6 +67,10 @@ class D3PO(Algorithm):
     needs_reference = True
 
     @classmethod
+    def group_size(cls, cfg):
+        return 2 if cfg.d3po.preferences else cfg.d3po.samples_per_prompt
+
+    @classmethod
     def reference_defaults(cls, n_prompts):
         # 10 pairs per rollout batch, 2 batches per epoch, one optimiser step per pair over all 20 steps
         return {"train.learning_rate": 3e-5, "sample.num_steps": 20, "sample.batch_size": 20, "sample.num_batches_per_epoch": 2,
@@ -89,20 +93,20 @@ class D3PO(Algorithm):
                                  f"(file, config): {differ}; the images would not be the ones judged")
             self.sample_with_reference = True  # the human saw the pretrained model's images: regenerate exactly those
 
-    def rollout_plan(self, trainer, epoch, batch, generator):
+    def rollout_plan(self, run, epoch, batch, generator):
         if self.labels is None:
             return None
         items = self.labels["items"]
         per_batch = self.cfg.sample.batch_size // 2
         # one permutation per epoch, the same on every process; each process takes its own slice of it
-        order = torch.randperm(len(items), generator=trainer.generator(epoch, 12)).tolist()
-        start = (batch * trainer.ctx.world_size + trainer.ctx.rank) * per_batch
+        order = torch.randperm(len(items), generator=run.generator(epoch, 12)).tolist()
+        start = (batch * run.dist.world_size + run.dist.rank) * per_batch
         chosen = [items[order[(start + i) % len(items)]] for i in range(per_batch)]
         prompts = [it["prompt"] for it in chosen for _ in range(2)]
         seeds = [int(s) for it in chosen for s in it["seeds"]]
         return prompts, seeds
 
-    def prepare(self, trainer, traj, rewards):
+    def prepare(self, run, traj, rewards):
         B = len(traj)
         if self.labels is not None:  # the preferred sample of each adjacent pair wins, whatever the reward says
             choice = torch.tensor([it["choice"] for it in self._batch_items(traj)])
@@ -112,7 +116,7 @@ class D3PO(Algorithm):
             pairs = pairs_from_ranking(group_ranking(rewards, self.samples_per_prompt), rewards, self.cfg.d3po.pairs)
         # pairs per sample over all processes: each chunk's loss is scaled by its own pair density over this,
         # so the optimiser step's gradient is the mean over its (pair, step) terms
-        counts = trainer.ctx.all_gather_object((int(pairs.shape[0]), B)) if trainer.ctx.active else [(int(pairs.shape[0]), B)]
+        counts = run.dist.all_gather_object((int(pairs.shape[0]), B)) if run.dist.active else [(int(pairs.shape[0]), B)]
         density = sum(p for p, _ in counts) / max(1, sum(n for _, n in counts))
         return EpochData(None, {"pairs": pairs, "density": density, "log": {"pairs": int(pairs.shape[0])}})
 
@@ -121,8 +125,8 @@ class D3PO(Algorithm):
         per prompt from the reward, with d3po.step_per_pair."""
         return self.cfg.d3po.step_per_pair and self.labels is None and self.samples_per_prompt > 2
 
-    def setup(self, trainer) -> None:
-        if self.per_pair() and trainer.ctx.active:
+    def setup(self, run) -> None:
+        if self.per_pair() and run.dist.active:
             raise ValueError("d3po.step_per_pair takes one optimiser step per non-tied pair, and the pairs per process "
                              "differ with the ties: with several processes set d3po.step_per_pair=false")
 
@@ -142,10 +146,10 @@ class D3PO(Algorithm):
         seeds = traj.seeds.tolist()
         return [lookup[(traj.prompts[i], seeds[i], seeds[i + 1])] for i in range(0, len(traj), 2)]
 
-    def chunk_loss(self, trainer, chunk, data, ctx=None):
-        eps_u, eps_c = policy_outputs(trainer, chunk)
+    def chunk_loss(self, run, chunk, data, ctx=None):
+        eps_u, eps_c = policy_outputs(run, chunk)
         logp = step_logprob_of(chunk, eps_u, eps_c)
-        ref = reference_logp(trainer, chunk)
+        ref = reference_logp(run, chunk)
         pos = {s: i for i, s in enumerate(chunk.sample_idx.tolist())}
         inside = [(pos[int(w)], pos[int(l)]) for w, l in data.extra["pairs"].tolist() if int(w) in pos and int(l) in pos]
         if not inside or data.extra["density"] == 0:  # no pair in this chunk (ties): contributes nothing

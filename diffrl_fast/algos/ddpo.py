@@ -39,8 +39,8 @@ class DDPO(Algorithm):
         return ppo_clip_loss(logp, chunk.old_log_probs, adv, clip_range=self.cfg.train.clip_range if self.clipped else None,
                              adv_clip=self.adv_clip, clip_mode=self.clip_mode)
 
-    def chunk_loss(self, trainer, chunk, data, ctx=None):
-        logp = chunk_log_probs(trainer.model, chunk, autocast_dtype=trainer.autocast_dtype)
+    def chunk_loss(self, run, chunk, data, ctx=None):
+        logp = chunk_log_probs(run.model, chunk, autocast_dtype=run.autocast_dtype)
         out = self.pg_loss(logp, chunk, data.advantages)
         return out.loss, {"clipfrac": out.clipfrac, "approx_kl": out.approx_kl, "ratio": out.ratio_mean}
 
@@ -69,14 +69,14 @@ class PolicyGradientWithKL(DDPO):
     kl_form = "exact"
     detach_uncond = False
 
-    def chunk_loss(self, trainer, chunk, data, ctx=None):
-        eps_u, eps_c = policy_outputs(trainer, chunk, self.detach_uncond)
+    def chunk_loss(self, run, chunk, data, ctx=None):
+        eps_u, eps_c = policy_outputs(run, chunk, self.detach_uncond)
         logp = step_logprob_of(chunk, eps_u, eps_c)
         out = self.pg_loss(logp, chunk, data.advantages)
         stats = {"clipfrac": out.clipfrac, "approx_kl": out.approx_kl, "ratio": out.ratio_mean}
         loss = self.alpha * out.loss
         if self.beta > 0:
-            kl = chunk_kl(trainer, chunk, eps_u, eps_c, self.kl_form).mean()
+            kl = chunk_kl(run, chunk, eps_u, eps_c, self.kl_form).mean()
             loss = loss + self.beta * kl
             stats["kl"] = kl.detach()
         return loss, stats

@@ -41,6 +41,15 @@ class Dense(Algorithm):
     needs_reference = True
 
     @classmethod
+    def group_size(cls, cfg):
+        return cfg.dense.samples_per_prompt
+
+    def num_train_steps(self, stochastic_steps):
+        # the reference's draws per pair (with replacement), or int(fraction x T) distinct steps when unset
+        n = self.cfg.dense.num_timesteps
+        return n if n is not None else super().num_train_steps(stochastic_steps)
+
+    @classmethod
     def reference_defaults(cls, n_prompts):
         common = {"sample.guidance_scale": 7.5, "train.gradient_accumulation_steps": 1}
         if n_prompts <= 1:  # parse_args.py defaults (single_flag = 1): 4 pairs per optimiser step
@@ -64,7 +73,7 @@ class Dense(Algorithm):
             return per_group.repeat_interleave(G, dim=0)
         return super().step_order(n, steps, n_train, generator)
 
-    def prepare(self, trainer, traj, rewards):
+    def prepare(self, run, traj, rewards):
         return EpochData(None, {"ranking": group_ranking(rewards, self.samples_per_prompt)})
 
     def _row_weights(self, order: torch.Tensor) -> torch.Tensor:
@@ -76,7 +85,7 @@ class Dense(Algorithm):
             w = self._step_weights(order)
         return w / w.sum(1, keepdim=True)
 
-    def begin_minibatch(self, trainer, traj, sample_idx, order, data):
+    def begin_minibatch(self, run, traj, sample_idx, order, data):
         """First pass: h for every (sample, drawn step) of the minibatch, the loss (ops.trajectory_dpo_loss), and
         dL/dh = dL/dlog pi_theta."""
         K = self.cfg.train.chunk_size
@@ -84,9 +93,9 @@ class Dense(Algorithm):
         ref = torch.empty(order.shape, dtype=torch.float64)
         with torch.no_grad():
             for k0 in range(0, order.shape[1], K):
-                chunk = pack_chunk(traj, sample_idx, order[:, k0:k0 + K], trainer.device)
-                r = reference_logp(trainer, chunk)
-                eps_u, eps_c = policy_outputs(trainer, chunk)
+                chunk = pack_chunk(traj, sample_idx, order[:, k0:k0 + K], run.device)
+                r = reference_logp(run, chunk)
+                eps_u, eps_c = policy_outputs(run, chunk)
                 logp[:, k0:k0 + K] = step_logprob_of(chunk, eps_u, eps_c).float().double().cpu()
                 ref[:, k0:k0 + K] = r.float().double().cpu()
         G = self.samples_per_prompt
@@ -108,8 +117,8 @@ class Dense(Algorithm):
         return {"dh": leaf.grad.float(), "ref": ref.float(), "pos": pos, "loss": loss.detach().float(), "rows": logp.numel(),
                 "accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
 
-    def chunk_loss(self, trainer, chunk, data, ctx):
-        eps_u, eps_c = policy_outputs(trainer, chunk)
+    def chunk_loss(self, run, chunk, data, ctx):
+        eps_u, eps_c = policy_outputs(run, chunk)
         logp = step_logprob_of(chunk, eps_u, eps_c)
         rows = torch.tensor([ctx["pos"][int(s)] for s in chunk.sample_idx])
         cols = slice(chunk.col0, chunk.col0 + chunk.shape[1])  # the chunk's columns of the minibatch's step order
@@ -121,7 +130,7 @@ class Dense(Algorithm):
         stats = {"loss": ctx["loss"], "accuracy": ctx["accuracy"], "margin": ctx["margin"]}
         loss = surrogate * scale
         if self.cfg.dense.kl_coef > 0:  # explicit per-step KL to the initial policy on the trained steps
-            kl = chunk_kl(trainer, chunk, eps_u, eps_c)
+            kl = chunk_kl(run, chunk, eps_u, eps_c)
             loss = loss + self.cfg.dense.kl_coef * kl.mean()
             stats["kl"] = kl.mean().detach()
         return loss, stats

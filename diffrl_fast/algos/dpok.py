@@ -53,24 +53,24 @@ class DPOK(PolicyGradientWithKL):
     def adv_clip(self):
         return self.cfg.train.adv_clip_max if self.cfg.dpok.advantage == "normalized" else None
 
-    def setup(self, trainer) -> None:
+    def setup(self, run) -> None:
         c = self.cfg
         if not c.dpok.value_baseline:
             return
-        shape = trainer.model.latent_shape_for(c.sample.height, c.sample.width)
-        cond = prompt_embedding(trainer.model.encode_prompts([trainer.prompts[0]]))
+        shape = run.model.latent_shape_for(c.sample.height, c.sample.width)
+        cond = prompt_embedding(run.model.encode_prompts([run.prompts[0]]))
         with torch.random.fork_rng(devices=[]):  # the same initial value function on every process
             torch.manual_seed(c.seed)
-            self.value = StepValueNet(int(torch.Size(shape).numel()), int(cond.shape[-1]), c.sample.num_steps).to(trainer.device)
+            self.value = StepValueNet(int(torch.Size(shape).numel()), int(cond.shape[-1]), c.sample.num_steps).to(run.device)
         self.value_opt = CriticOptimizer(self.value, lr=c.dpok.value_lr, weight_decay=c.dpok.value_weight_decay)
 
     def _value_inputs(self, traj, b, j, device):
         x = traj.latents_at(b, j).to(device)
         return x, prompt_embedding(traj.cond.index(b.to(traj.cond.hidden.device))).to(device), j.to(device)
 
-    def prepare(self, trainer, traj, rewards):
+    def prepare(self, run, traj, rewards):
         c = self.cfg.dpok
-        r = rewards.float() if c.advantage == "raw" else trainer.advantages(traj.prompts, rewards).float()
+        r = rewards.float() if c.advantage == "raw" else run.advantages(traj.prompts, rewards).float()
         if self.value is None:
             return EpochData(r)
         steps = trainable_steps(traj)
@@ -78,24 +78,24 @@ class DPOK(PolicyGradientWithKL):
         b_all = torch.arange(B).repeat_interleave(steps.numel())
         j_all = steps.repeat(B)
         # fit: value_steps micro-batches of transitions drawn uniformly, one optimiser step
-        g = trainer.generator(trainer.epoch, 13, trainer.ctx.rank)
+        g = run.generator(run.epoch, 13, run.dist.rank)
         self.value.train()
         total = 0.0
         for _ in range(c.value_steps):
             pick = torch.randperm(b_all.numel(), generator=g)[: c.value_batch_size]
             b, j = b_all[pick], j_all[pick]
-            pred = self.value(*self._value_inputs(traj, b, j, trainer.device))
+            pred = self.value(*self._value_inputs(traj, b, j, run.device))
             loss = torch.nn.functional.mse_loss(pred, r[b].to(pred.device)) / c.value_steps
             loss.backward()
             total += float(loss.detach())
-        self.value_opt.step(trainer.ctx)
+        self.value_opt.step(run.dist)
         # advantages with the updated value function
         self.value.eval()
         adv = torch.zeros(B, T)
         with torch.no_grad():
             for i in range(0, b_all.numel(), 1024):
                 b, j = b_all[i:i + 1024], j_all[i:i + 1024]
-                adv[b, j] = r[b] - self.value(*self._value_inputs(traj, b, j, trainer.device)).float().cpu()
+                adv[b, j] = r[b] - self.value(*self._value_inputs(traj, b, j, run.device)).float().cpu()
         return EpochData(adv, {"log": {"value_loss": total}})
 
     def state_dict(self):

@@ -32,29 +32,29 @@ class ForwardProcessAlgorithm(GRPO):
     def check_model(self, model) -> None:
         pass
 
-    def setup(self, trainer) -> None:
-        if trainer.engine.kind in ("deepspeed", "fsdp"):
-            raise ValueError(f"algo={self.name} keeps a copy of the trainable weights, which dist.engine={trainer.engine.kind} "
+    def setup(self, run) -> None:
+        if run.engine in ("deepspeed", "fsdp"):
+            raise ValueError(f"algo={self.name} keeps a copy of the trainable weights, which dist.engine={run.engine} "
                              "shards: use dist.engine=ddp (or none)")
-        self.params = [p for p in trainer.model.denoiser.parameters() if p.requires_grad]
+        self.params = [p for p in run.model.denoiser.parameters() if p.requires_grad]
         self.old = [p.detach().clone() for p in self.params]
 
     def train_steps(self, traj) -> torch.Tensor:
         """Every rollout step: the forward-process losses train on the rollout's timesteps, not its log-probs."""
         return torch.arange(traj.num_steps)
 
-    def noise(self, trainer, chunk, x0: torch.Tensor) -> torch.Tensor:
+    def noise(self, run, chunk, x0: torch.Tensor) -> torch.Tensor:
         """Fresh forward-process noise for the chunk's rows, reproducible from (seed, epoch, chunk)."""
-        key = (trainer.epoch, self.noise_stream, chunk.col0, int(chunk.sample_idx[0]), int(chunk.step_idx[0, 0]))
-        return torch.randn(x0.shape, generator=trainer.generator(*key), dtype=x0.dtype).to(x0.device)
+        key = (run.epoch, self.noise_stream, chunk.col0, int(chunk.sample_idx[0]), int(chunk.step_idx[0, 0]))
+        return torch.randn(x0.shape, generator=run.generator(*key), dtype=x0.dtype).to(x0.device)
 
-    def noised(self, trainer, chunk, traj):
+    def noised(self, run, chunk, traj):
         """(x0, z, x_t, alpha, sigma, cx, ce) of the chunk's rows: x0 = x_T of each row's sample, x_t = alpha x0 +
         sigma z at the row's timestep; alpha .. ce are [N] float64 on the CPU (``forward_process``)."""
         K = chunk.shape[1]
-        x0 = traj.final_latents[chunk.sample_idx.to(traj.latents.device)].to(trainer.device).repeat_interleave(K, dim=0)
-        z = self.noise(trainer, chunk, x0)
-        alpha, sigma, cx, ce = forward_process(trainer.model.scheduler, chunk.t.cpu())
+        x0 = traj.final_latents[chunk.sample_idx.to(traj.latents.device)].to(run.device).repeat_interleave(K, dim=0)
+        z = self.noise(run, chunk, x0)
+        alpha, sigma, cx, ce = forward_process(run.model.scheduler, chunk.t.cpu())
         shape = (-1,) + (1,) * (x0.dim() - 1)
         xt = alpha.reshape(shape).to(x0) * x0 + sigma.reshape(shape).to(x0) * z
         return x0, z, xt, alpha, sigma, cx, ce
@@ -63,16 +63,16 @@ class ForwardProcessAlgorithm(GRPO):
         """Decay d of the old copy after an epoch ending at optimiser step ``step``: old <- d old + (1 - d) theta."""
         raise NotImplementedError
 
-    def after_epoch(self, trainer, epoch):
-        d = self.old_decay(trainer.engine.steps)
+    def after_epoch(self, run, epoch):
+        d = self.old_decay(run.optimizer_steps)
         with torch.no_grad():
             for o, p in zip(self.old, self.params):
                 o.mul_(d).add_(p.detach(), alpha=1.0 - d)
         return {"old_decay": d}
 
-    def prepare(self, trainer, traj, rewards):
+    def prepare(self, run, traj, rewards):
         # GRPO's group advantages; every sample is trained on (flow_grpo's zero-advantage filter is not in their references)
-        return EpochData(self.group_advantages(trainer, traj, rewards), {"traj": traj})
+        return EpochData(self.group_advantages(run, traj, rewards), {"traj": traj})
 
     def state_dict(self):
         return {f"old.{i}": o for i, o in enumerate(self.old or [])}

@@ -38,6 +38,10 @@ class GRPO(PolicyGradientWithKL):
     reference = "yifan123/flow_grpo: scripts/train_sd3.py, config/grpo.py (general_ocr_sd3, geneval_sd3), flow_grpo/stat_tracking.py"
 
     @classmethod
+    def group_size(cls, cfg):
+        return cfg.grpo.group_size
+
+    @classmethod
     def reference_defaults(cls, n_prompts):
         # SD3.5 configs (config/grpo.py, 32 GPUs): 10 SDE steps (noise level 0.7), g = 4.5, 48 prompts x 24 images =
         # 1152 per epoch, 576 per optimiser step (2 per epoch). Here on one process: 48 rollout batches of one group,
@@ -65,22 +69,22 @@ class GRPO(PolicyGradientWithKL):
             return steps[:n_train].repeat(n, 1)
         return super().step_order(n, steps, n_train, generator)
 
-    def group_advantages(self, trainer, traj, rewards) -> torch.Tensor:
+    def group_advantages(self, run, traj, rewards) -> torch.Tensor:
         """This process's samples' advantages, from the statistics of every process's rewards."""
         c = self.cfg.grpo
-        if not trainer.ctx.active:
+        if not run.dist.active:
             return grpo_advantages(traj.prompts, rewards, c.std, c.eps)
-        parts = trainer.ctx.all_gather_object((list(traj.prompts), rewards.tolist()))
+        parts = run.dist.all_gather_object((list(traj.prompts), rewards.tolist()))
         adv = grpo_advantages([p for ps, _ in parts for p in ps], torch.tensor([r for _, rs in parts for r in rs]), c.std, c.eps)
-        start = sum(len(ps) for ps, _ in parts[: trainer.ctx.rank])
+        start = sum(len(ps) for ps, _ in parts[: run.dist.rank])
         return adv[start:start + len(traj)]
 
-    def prepare(self, trainer, traj, rewards):
-        adv = self.group_advantages(trainer, traj, rewards)
+    def prepare(self, run, traj, rewards):
+        adv = self.group_advantages(run, traj, rewards)
         if not self.cfg.grpo.drop_zero_advantage:
             return EpochData(adv)
         n_minibatches = -(-len(traj) // self.cfg.train.batch_size)
-        keep = zero_advantage_mask(adv, n_minibatches, trainer.generator(trainer.epoch, 40, trainer.ctx.rank))
+        keep = zero_advantage_mask(adv, n_minibatches, run.generator(run.epoch, 40, run.dist.rank))
         return EpochData(adv, {"keep": keep, "log": {"zero_adv_dropped": int((~keep).sum())}})
 
     def minibatches(self, order, data):

@@ -72,6 +72,10 @@ class NFT(ForwardProcessAlgorithm):
     reference = "NVlabs/DiffusionNFT: scripts/train_nft_sd3.py, config/nft.py (_get_config, sd3_*), config/base.py"
 
     @classmethod
+    def group_size(cls, cfg):
+        return cfg.nft.group_size
+
+    @classmethod
     def reference_defaults(cls, n_prompts):
         # SD3.5 configs (config/nft.py, 8 GPUs): 10 deterministic steps without guidance, 48 prompts x 24 images = 1152
         # per epoch, one optimiser step per epoch (gradient_step_per_epoch=1: 1152 images per step), timestep_fraction
@@ -87,11 +91,11 @@ class NFT(ForwardProcessAlgorithm):
         self.beta_nft, self.kl_beta, self.decay_type = c.beta, c.kl_beta, c.decay_type
         self.needs_reference = self.kl_beta > 0
 
-    def rollout_weights(self, trainer):
+    def rollout_weights(self, run):
         # the reference rolls out with the old model (set_adapter("old") around pipeline_with_logprob)
         if self.cfg.nft.sample_with == "old" and self.old is not None:
             return swapped_weights(self.params, self.old)
-        return super().rollout_weights(trainer)
+        return super().rollout_weights(run)
 
     def step_order(self, n, steps, n_train, generator):
         # a random subset of the timesteps per sample (the reference permutes them per sample)
@@ -100,20 +104,20 @@ class NFT(ForwardProcessAlgorithm):
     def old_decay(self, step: int) -> float:
         return old_decay(step, self.decay_type)
 
-    def chunk_loss(self, trainer, chunk, data, ctx=None):
+    def chunk_loss(self, run, chunk, data, ctx=None):
         traj = data.extra["traj"]
-        model = trainer.model
-        x0, _, xt, _, _, cx, ce = self.noised(trainer, chunk, traj)
+        model = run.model
+        x0, _, xt, _, _, cx, ce = self.noised(run, chunk, traj)
         with torch.no_grad(), swapped_weights(self.params, self.old):
-            v_old, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)
-        v, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)
+            v_old, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, run.autocast_dtype)
+        v, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, run.autocast_dtype)
         adv = rows_of(data.advantages.to(v.device), chunk).reshape(-1)
         per_row = nft_loss(x0, xt, v, v_old, cx.to(v.device), ce.to(v.device), adv, self.beta_nft, self.cfg.train.adv_clip_max)
         loss = per_row.mean()
         stats = {"policy_loss": loss.detach(), "old_deviate": (v.detach() - v_old).square().mean()}
         if self.kl_beta > 0:
             with torch.no_grad(), model.reference():
-                v_ref, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, trainer.autocast_dtype)
+                v_ref, _ = guided_outputs(model, xt, chunk.t, chunk.cond, None, run.autocast_dtype)
             kl = (v - v_ref).square().mean()
             loss = loss + self.kl_beta * kl
             stats["kl"] = kl.detach()

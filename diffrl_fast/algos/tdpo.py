@@ -47,16 +47,16 @@ def gather_normalize(values: torch.Tensor, ctx, eps: float = 1e-8) -> torch.Tens
 class TemporalCritic:
     """The critic of TDPO (or DPOK's value network with ``tdpo.critic=latent``), its inputs and its optimiser."""
 
-    def __init__(self, cfg, trainer) -> None:
+    def __init__(self, cfg, run) -> None:
         c = cfg.tdpo
-        self.kind, self.device, self.model = c.critic, trainer.device, trainer.model
+        self.kind, self.device, self.model = c.critic, run.device, run.model
         self.embed = None
         if self.kind == "embedding":
             name = c.critic_encoder or cfg.reward.name
             if not isinstance(name, str):
                 raise ValueError("tdpo.critic=embedding with a weighted sum of rewards: set tdpo.critic_encoder to the "
                                  "reward whose image encoder the critic reads (digit_confidence, aesthetic, clip_score)")
-            fn = trainer.reward_fn if name == cfg.reward.name else get_reward(name)
+            fn = run.reward_fn if name == cfg.reward.name else get_reward(name)
             self.embed = getattr(fn, "embed", None)
             if self.embed is None:
                 raise ValueError(f"tdpo.critic=embedding needs an image encoder, and reward {name!r} provides none: set "
@@ -70,7 +70,7 @@ class TemporalCritic:
                 self.net = EmbeddingCritic(int(self.embed(probe).shape[-1]))
             else:
                 shape = self.model.latent_shape_for(cfg.sample.height, cfg.sample.width)
-                cond = prompt_embedding(self.model.encode_prompts([trainer.prompts[0]]))
+                cond = prompt_embedding(self.model.encode_prompts([run.prompts[0]]))
                 self.net = StepValueNet(int(torch.Size(shape).numel()), int(cond.shape[-1]), cfg.sample.num_steps)
         self.net.to(self.device)
         self.opt = CriticOptimizer(self.net, lr=c.critic_lr, weight_decay=c.critic_weight_decay, max_grad_norm=c.critic_max_grad_norm)
@@ -125,11 +125,11 @@ class TDPO(DDPO):
     def adv_clip(self):
         return self.cfg.tdpo.adv_clip_max
 
-    def setup(self, trainer) -> None:
-        self.critic = TemporalCritic(self.cfg, trainer)
+    def setup(self, run) -> None:
+        self.critic = TemporalCritic(self.cfg, run)
 
-    def prepare(self, trainer, traj, rewards):
-        returns = trainer.advantages(traj.prompts, rewards).float()  # per-prompt normalised: the critic's target
+    def prepare(self, run, traj, rewards):
+        returns = run.advantages(traj.prompts, rewards).float()  # per-prompt normalised: the critic's target
         steps = trainable_steps(traj)
         B, T = len(traj), traj.num_steps
         b = torch.arange(B).repeat_interleave(steps.numel())
@@ -137,18 +137,18 @@ class TDPO(DDPO):
         feats = self.critic.features(traj, steps)
         v_old = torch.zeros(B, T)
         v_old[b, j] = self.critic.predict(traj, feats, b, j)  # before any update on this epoch's data: out-of-sample
-        temporal = gather_normalize(returns[b] - v_old[b, j], trainer.ctx)
+        temporal = gather_normalize(returns[b] - v_old[b, j], run.dist)
         adv = torch.zeros(B, T)
         adv[b, j] = temporal
         residual = returns[b] - v_old[b, j]
         log = {"critic_mse": float(residual.square().mean()),
                "critic_explained_var": float(1 - residual.var(unbiased=False) / returns[b].var(unbiased=False).clamp(min=1e-12))}
-        keep = torch.randperm(b.numel(), generator=trainer.generator(trainer.epoch, 10))[: self.cfg.sample.batch_size]
+        keep = torch.randperm(b.numel(), generator=run.generator(run.epoch, 10))[: self.cfg.sample.batch_size]
         self.recent = (traj, feats, b[keep], j[keep])
         return EpochData(adv, {"returns": returns, "v_old": v_old, "features": feats, "traj": traj, "log": log})
 
-    def chunk_loss(self, trainer, chunk, data, ctx=None):
-        logp = chunk_log_probs(trainer.model, chunk, autocast_dtype=trainer.autocast_dtype)
+    def chunk_loss(self, run, chunk, data, ctx=None):
+        logp = chunk_log_probs(run.model, chunk, autocast_dtype=run.autocast_dtype)
         out = self.pg_loss(logp, chunk, data.advantages)
         # the critic's update on the same rows, backpropagated here (its graph is separate from the policy's)
         n, K = chunk.shape
@@ -162,8 +162,8 @@ class TDPO(DDPO):
         return out.loss, {"clipfrac": out.clipfrac, "approx_kl": out.approx_kl, "ratio": out.ratio_mean,
                           "value_loss": value_loss.detach()}
 
-    def after_optimizer_step(self, trainer, finite):
-        self.critic.opt.step(trainer.ctx)
+    def after_optimizer_step(self, run, finite):
+        self.critic.opt.step(run.dist)
 
     def state_dict(self):
         return {"critic": self.critic.opt.state_dict()} if self.critic is not None else {}
@@ -176,15 +176,15 @@ class TDPO(DDPO):
 class TDPO_R(TDPO):
     name = "tdpo_r"
 
-    def after_epoch(self, trainer, epoch):
+    def after_epoch(self, run, epoch):
         if self.recent is None or (epoch + 1) % self.cfg.tdpo.reset_every:
             return {}
         traj, feats, b, j = self.recent
         acts = hidden_activations(self.critic.net, *self.critic.inputs(traj, feats, b, j))
-        if trainer.ctx.active:  # every process decides on the activations of all processes' rows
-            parts = trainer.ctx.all_gather_object([a.cpu() for a in acts])
+        if run.dist.active:  # every process decides on the activations of all processes' rows
+            parts = run.dist.all_gather_object([a.cpu() for a in acts])
             acts = [torch.cat([p[i] for p in parts]) for i in range(len(acts))]
         masks = reset_active_neurons(self.critic.net, self.critic.opt.optimizer, acts, self.cfg.tdpo.reset_threshold,
-                                     trainer.generator(epoch, 11))
+                                     run.generator(epoch, 11))
         self.recent = None
         return {"critic_reset_neurons": int(sum(int(m.sum()) for m in masks))}

@@ -4,6 +4,7 @@ serve a registered or dotted-path reward over HTTP (protocol: diffrl_fast/reward
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 from ..cli import ArgumentParser, UsageError
 
@@ -27,7 +28,6 @@ def main(argv: list[str]) -> int:
     if args.reward.startswith(("http://", "https://")):
         raise UsageError("--reward names the reward to serve (a registered name or package.module:function), not a URL")
     from ..rewards import RewardError
-    from ..rewards.remote import serve
 
     try:
         serve(args.reward, kwargs=kwargs, host=args.host, port=args.port, max_batch=args.max_batch,
@@ -37,3 +37,36 @@ def main(argv: list[str]) -> int:
     except OSError as exc:  # the port is taken, or the address is not this machine's
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; pick another --port") from None
     return 0
+
+
+def serve(reward: str, *, kwargs: Optional[dict] = None, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
+          print_fn=print) -> None:
+    """Serve the registered or dotted-path reward ``reward`` (rewards.remote.make_app) on http://host:port until
+    interrupted (port 0: a free port, printed)."""
+    import asyncio
+    import signal
+
+    from .._extras import require
+    from ..rewards import get_reward
+    from ..rewards.remote import make_app
+
+    web = require("aiohttp.web", "the reward server")
+    fn = get_reward(reward, **(kwargs or {}))
+    app = make_app(fn, reward, max_batch)
+
+    async def main():
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1] if port == 0 else port
+        print_fn(f"serving reward {reward!r} on http://{host}:{bound} (max batch {max_batch}); stop with Ctrl-C")
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())

@@ -26,14 +26,12 @@ from typing import Callable, Optional
 
 import torch
 
+from .values import RewardError, check_rewards, reward_values  # noqa: F401  (re-exported)
+
 RewardFn = Callable[[torch.Tensor, list, list], "tuple[torch.Tensor, dict]"]
 
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
 _BUILTIN_MODULES = ("jpeg", "digits", "clip", "hps", "image_reward")
-
-
-class RewardError(ValueError):
-    """A reward function returned something unusable, or could not be found."""
 
 
 def register(name: str):
@@ -112,37 +110,6 @@ def _call_factory(spec: str, factory, *args, **kwargs):
     except ValueError:  # no signature to check (a builtin): call it and let it complain
         pass
     return factory(*args, **kwargs)
-
-
-def reward_values(name: str, out, batch: int, allow_nonfinite: bool = False) -> torch.Tensor:
-    """The rewards of a reward function's output ``(rewards, info)`` as a float CPU tensor [batch], validated
-    (``check_rewards``); with ``allow_nonfinite`` NaN/inf are kept (reward.drop_nonfinite drops those samples).
-    Raises RewardError naming ``name``."""
-    if not isinstance(out, tuple) or len(out) != 2:
-        raise RewardError(f"reward {name!r} must return (rewards, info), got {type(out).__name__}")
-    rewards = out[0]
-    if allow_nonfinite and isinstance(rewards, (torch.Tensor, list, tuple)):
-        r = torch.as_tensor(rewards).detach().float().cpu()
-        if r.shape == (batch,):
-            return r
-    return check_rewards(name, rewards, batch).cpu()
-
-
-def check_rewards(name: str, rewards, batch: int) -> torch.Tensor:
-    """Validate a reward function's output: a finite float tensor of shape [batch]. Raises RewardError."""
-    if isinstance(rewards, (list, tuple)):
-        rewards = torch.as_tensor(rewards)
-    if not isinstance(rewards, torch.Tensor):
-        raise RewardError(f"reward {name!r} returned {type(rewards).__name__}; expected a tensor of shape [{batch}]")
-    if rewards.shape != (batch,):
-        raise RewardError(f"reward {name!r} returned shape {tuple(rewards.shape)}; expected [{batch}] (one reward per image)")
-    rewards = rewards.detach().float()
-    bad = ~torch.isfinite(rewards)
-    if bool(bad.any()):
-        raise RewardError(
-            f"reward {name!r} returned {int(bad.sum())} non-finite values (at indices {bad.nonzero().flatten().tolist()[:8]})"
-        )
-    return rewards
 
 
 COMPONENT_KEYS = ("name", "weight", "kwargs", "label")

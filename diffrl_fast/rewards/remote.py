@@ -30,11 +30,10 @@ import base64
 import io
 import json
 import math
-from typing import Optional
 
 import torch
 
-from . import RewardError, get_reward, reward_values
+from .values import RewardError, reward_values
 
 PROTOCOL = 1
 IMAGE_FORMATS = ("uint8", "png", "float32")
@@ -173,37 +172,6 @@ def make_app(reward_fn, name: str, max_batch: int = 64):
     app.router.add_post("/score", score)
     app.on_cleanup.append(close_worker)
     return app
-
-
-def serve(reward: str, *, kwargs: Optional[dict] = None, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
-          print_fn=print) -> None:
-    """Serve the registered or dotted-path reward ``reward`` on http://host:port until interrupted (port 0: a free
-    port, printed)."""
-    import asyncio
-    import signal
-
-    from .._extras import require
-
-    web = require("aiohttp.web", "the reward server")
-    fn = get_reward(reward, **(kwargs or {}))
-    app = make_app(fn, reward, max_batch)
-
-    async def main():
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()[1] if port == 0 else port
-        print_fn(f"serving reward {reward!r} on http://{host}:{bound} (max batch {max_batch}); stop with Ctrl-C")
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(main())
 
 
 # ---- the client -------------------------------------------------------------------------------------------------

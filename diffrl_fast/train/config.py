@@ -302,14 +302,6 @@ def count_prompts(data: dict) -> int:
     return len(set(prompts)) if isinstance(prompts, (list, tuple)) else 2
 
 
-def samples_per_prompt(cfg: Config) -> int:
-    """Group size G of the chosen algorithm (samples of one prompt trained together)."""
-    if cfg.algo == "d3po":
-        return 2 if cfg.d3po.preferences else cfg.d3po.samples_per_prompt
-    return {"dense": cfg.dense.samples_per_prompt, "grpo": cfg.grpo.group_size, "nft": cfg.nft.group_size,
-            "awm": cfg.awm.group_size}.get(cfg.algo, 1)
-
-
 def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
     """[sample.num_steps] bool mask of the stochastic (trained) rollout steps at ``epoch``, or None for all.
 
@@ -323,14 +315,6 @@ def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
     mask = torch.zeros(T, dtype=torch.bool)
     mask[start:start + t.window_size] = True
     return mask
-
-
-def num_train_steps(cfg: Config, stochastic_steps: int) -> int:
-    """Steps trained per trajectory and inner epoch: int(timestep_fraction x T) as the references floor it
-    (at least 1), or the dense-reward view's own draw count."""
-    if cfg.algo == "dense" and cfg.dense.num_timesteps is not None:
-        return cfg.dense.num_timesteps
-    return max(1, int(cfg.train.timestep_fraction * stochastic_steps))
 
 
 def validate(cfg: Config) -> Config:
@@ -386,7 +370,7 @@ def validate(cfg: Config) -> Config:
     choice("log.wandb_mode", cfg.log.wandb_mode, ("", "online", "offline", "disabled"))
     choice("dist.engine", cfg.dist.engine, ("auto", "none", "ddp", "fsdp", "deepspeed"))
     need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
-    G = samples_per_prompt(cfg)
+    G = ALGORITHMS[cfg.algo].group_size(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
     from ..rewards import COMPONENT_KEYS, COMPONENT_NORMS
     from ..rewards.remote import IMAGE_FORMATS

@@ -28,6 +28,7 @@ import torch
 
 from .._extras import install_command, require
 from ..algos import make_algorithm
+from ..algos.base import RunContext
 from ..diffusion.coefficients import make_schedule
 from ..diffusion.recompute import pack_chunk, trainable_steps
 from ..diffusion.rollout import Trajectory, sample_trajectories
@@ -157,7 +158,11 @@ class Trainer:
         # (benchmarks/results/e2e.md).
         self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward", initializer=torch.set_num_threads, initargs=(1,))
                       if cfg.reward.overlap else None)
-        self.algo.setup(self)
+        self.run_context = RunContext(
+            model=self.model, device=self.device, autocast_dtype=self.autocast_dtype, dist=self.ctx, prompts=self.prompts,
+            reward_fn=self.reward_fn, advantages=self.advantages, generator=self.generator, step_groups=self.step_groups,
+            engine=self.engine.kind, clock=lambda: (self.epoch, self.engine.steps))
+        self.algo.setup(self.run_context)
 
     @property
     def skipped_steps(self) -> int:
@@ -306,7 +311,7 @@ class Trainer:
         pending: list[Future | torch.Tensor] = []
         G = self.algo.samples_per_prompt
         for b in range(s.num_batches_per_epoch):
-            plan = self.algo.rollout_plan(self, epoch, b, g)
+            plan = self.algo.rollout_plan(self.run_context, epoch, b, g)
             if plan is None:
                 idx = torch.randint(len(self.prompts), (s.batch_size // G,), generator=g).repeat_interleave(G)
                 seeds = torch.randint(0, 2**31 - 1, (s.batch_size,), generator=g).tolist()
@@ -314,7 +319,7 @@ class Trainer:
             prompts, seeds = plan
             # a group sharing x_0 starts from its first member's initial noise
             init = [seeds[i - i % G] for i in range(len(seeds))] if self.algo.shares_initial_noise else None
-            with self.algo.rollout_weights(self):
+            with self.algo.rollout_weights(self.run_context):
                 traj = self._sample(prompts, seeds, init_seeds=init, progress=bar, epoch=epoch)
             trajs.append(traj)
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
@@ -373,7 +378,7 @@ class Trainer:
     # ---- optimisation --------------------------------------------------------------------------
     def _optimizer_step(self) -> float:
         norm = self.engine.step()
-        self.algo.after_optimizer_step(self, math.isfinite(norm))
+        self.algo.after_optimizer_step(self.run_context, math.isfinite(norm))
         if not math.isfinite(norm):
             self.nonfinite_in_row += 1
             if self.nonfinite_in_row >= self.max_nonfinite_in_row:
@@ -419,13 +424,13 @@ class Trainer:
                 for ui, (m, c) in enumerate(group):
                     mb = minibatches[m]
                     if c == 0:  # the algorithm's optional first pass over a minibatch
-                        ctxs = {m: self.algo.begin_minibatch(self, traj, mb, order[mb], data)}
+                        ctxs = {m: self.algo.begin_minibatch(self.run_context, traj, mb, order[mb], data)}
                     k0 = c * K
                     with self.engine.micro_step(ui == len(group) - 1):
                         chunk = pack_chunk(traj, mb, order[mb, k0:k0 + K], self.device, with_states=self.algo.trains_on_states)
                         rows = chunk.step_idx.numel()
                         chunk.col0, chunk.weight = k0, rows / group_rows
-                        loss, stats = self.algo.chunk_loss(self, chunk, data, ctxs[m])
+                        loss, stats = self.algo.chunk_loss(self.run_context, chunk, data, ctxs[m])
                         self.engine.backward(loss * chunk.weight)
                     rows_seen += rows
                     for k, v in {"loss": loss, **stats}.items():  # summed on the device: no host sync per chunk
@@ -532,7 +537,7 @@ class Trainer:
             with bars.sampling(epoch) as bar:
                 traj, rewards = self.sample_epoch(epoch, bar)
             t1 = time.perf_counter()
-            data = self.algo.prepare(self, traj, rewards)
+            data = self.algo.prepare(self.run_context, traj, rewards)
             try:
                 with bars.training(epoch, len(traj) * self.algo.num_train_steps(self.algo.train_steps(traj).numel())
                                    * cfg.train.num_inner_epochs) as bar:
@@ -543,7 +548,7 @@ class Trainer:
             stats.update(data.extra.get("log", {}) if data is not None else {})
             stats.update(self.tracked_means)
             stats.update(self.component_means)
-            stats.update(self.algo.after_epoch(self, epoch))
+            stats.update(self.algo.after_epoch(self.run_context, epoch))
             self.epoch += 1
             all_rewards = self._gather_rewards(self.logged_rewards)  # not the normalised components' sum
             n_global = len(traj) * self.ctx.world_size

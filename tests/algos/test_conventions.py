@@ -72,12 +72,12 @@ def test_ddpo_sf_takes_one_step_per_round(tmp_path):
     t = trainer(tmp_path, "ddpo_sf", "train.batch_size=2")
     assert t.cfg.train.optimizer_step_every == "round"
     traj, rewards = t.sample_epoch(0)
-    stats = t.train_epoch(0, traj, t.algo.prepare(t, traj, rewards))
+    stats = t.train_epoch(0, traj, t.algo.prepare(t.run_context, traj, rewards))
     assert stats["optimizer_steps"] == 1  # 4 minibatches, 1 step
     t2 = trainer(tmp_path, "ddpo_sf", "train.batch_size=2", "train.optimizer_step_every=minibatches",
                  "train.gradient_accumulation_steps=1", name="biased")
     traj, rewards = t2.sample_epoch(0)
-    assert t2.train_epoch(0, traj, t2.algo.prepare(t2, traj, rewards))["optimizer_steps"] == 4
+    assert t2.train_epoch(0, traj, t2.algo.prepare(t2.run_context, traj, rewards))["optimizer_steps"] == 4
 
 
 def test_tdpo_critic_target_is_per_prompt_normalised_and_temporal_rewards_out_of_sample(tmp_path):
@@ -86,7 +86,7 @@ def test_tdpo_critic_target_is_per_prompt_normalised_and_temporal_rewards_out_of
     traj, rewards = t.sample_epoch(0)
     tracker = PerPromptStatTracker(t.cfg.advantage.buffer_size, t.cfg.advantage.min_count)
     before = {n: p.detach().clone() for n, p in critic.net.named_parameters()}
-    data = t.algo.prepare(t, traj, rewards)
+    data = t.algo.prepare(t.run_context, traj, rewards)
     assert torch.allclose(data.extra["returns"], tracker.update(traj.prompts, rewards))
     # T = normalise(r~ - V_old(x_t)) with the critic as it was before it saw this epoch's data
     assert all(torch.equal(p, before[n]) for n, p in critic.net.named_parameters())
@@ -101,7 +101,7 @@ def test_tdpo_critic_target_is_per_prompt_normalised_and_temporal_rewards_out_of
     t.epoch = 1
     traj2, rewards2 = t.sample_epoch(1)
     after = {n: p.detach().clone() for n, p in critic.net.named_parameters()}
-    data2 = t.algo.prepare(t, traj2, rewards2)
+    data2 = t.algo.prepare(t.run_context, traj2, rewards2)
     assert all(torch.equal(p, after[n]) for n, p in critic.net.named_parameters())
     assert torch.allclose(data2.extra["v_old"][b, j], critic.predict(traj2, data2.extra["features"], b, j))
 
@@ -169,7 +169,7 @@ def test_grpo_global_std_first_steps_and_flow_kl(tmp_path):
     # Flow-GRPO's KL is the exact KL x |dt|, through the same fused op
     chunk, eu, ec = _moved_policy_chunk(t, [0, 3, 6])
     dt = (t.model.scheduler.sigmas[1:] - t.model.scheduler.sigmas[:-1]).double()[chunk.step_idx]
-    exact, flow = chunk_kl(t, chunk, eu, ec, "exact"), chunk_kl(t, chunk, eu, ec, "flow_grpo")
+    exact, flow = chunk_kl(t.run_context, chunk, eu, ec, "exact"), chunk_kl(t.run_context, chunk, eu, ec, "flow_grpo")
     assert torch.allclose(flow, exact * dt.abs(), rtol=1e-6)
     with pytest.raises(ValueError, match="grpo.kl_form=exact"):
         trainer(tmp_path, "grpo", "grpo.group_size=2", name="ddim")  # DDIM model with Flow-GRPO's KL
@@ -182,7 +182,7 @@ def _moved_policy_chunk(t, steps):
         for q in t.model.denoiser.parameters():
             q.add_(0.01)
     chunk = pack_chunk(traj, torch.arange(4), torch.tensor([steps] * 4), "cpu")
-    return (chunk, *policy_outputs(t, chunk))
+    return (chunk, *policy_outputs(t.run_context, chunk))
 
 
 def test_kl_forms_and_ratio_clip_options_reuse_the_same_losses(tmp_path):
@@ -190,7 +190,7 @@ def test_kl_forms_and_ratio_clip_options_reuse_the_same_losses(tmp_path):
     normalised advantages and no value function is DDPO-IS (same loss function)."""
     t = trainer(tmp_path, "dpok", "dpok.beta=0.0")
     chunk, eu, ec = _moved_policy_chunk(t, [0, 1, 3])
-    exact, mse = chunk_kl(t, chunk, eu, ec, "exact"), chunk_kl(t, chunk, eu, ec, "eps_mse")
+    exact, mse = chunk_kl(t.run_context, chunk, eu, ec, "exact"), chunk_kl(t.run_context, chunk, eu, ec, "eps_mse")
     c = chunk.coef
     assert torch.allclose(mse, exact * (2 * c.s**2 / c.b**2).reshape(chunk.shape), rtol=1e-6)
 
@@ -202,7 +202,7 @@ def test_kl_forms_and_ratio_clip_options_reuse_the_same_losses(tmp_path):
                 q.add_(0.003)
         got = []
         tr.engine.step = lambda: got.append(torch.cat([q.grad.flatten() for q in tr.model.denoiser.parameters()])) or 1.0
-        tr.train_epoch(0, traj, tr.algo.prepare(tr, traj, rewards))
+        tr.train_epoch(0, traj, tr.algo.prepare(tr.run_context, traj, rewards))
         return got[0]
 
     dpok = grad("dpok", "dpok.ratio_clip=ppo", "dpok.alpha=1.0", "dpok.beta=0.0", "dpok.advantage=normalized",
@@ -267,7 +267,7 @@ def test_dense_loss_is_the_public_trajectory_dpo_loss(tmp_path, monkeypatch):
     with torch.no_grad():
         for q in t.model.denoiser.parameters():
             q.add_(0.003)
-    stats = t.train_epoch(0, traj, t.algo.prepare(t, traj, rewards))
+    stats = t.train_epoch(0, traj, t.algo.prepare(t.run_context, traj, rewards))
     assert calls and calls[0][2]["log_ratio_clip"] == 1e-3 and calls[0][2]["temperature"] == t.cfg.dense.temperature
     logp, ref, kw, out = calls[0]
     h = (logp - ref).clamp(-1e-3, 1e-3)
@@ -286,7 +286,7 @@ def test_grpo_detach_uncond_stops_the_gradient_through_the_unconditional_branch(
     params = [q for q in t.model.denoiser.parameters() if q.requires_grad]
 
     def grad(detach):
-        eu, ec = policy_outputs(t, chunk, detach)
+        eu, ec = policy_outputs(t.run_context, chunk, detach)
         g = t.cfg.sample.guidance_scale
         (eu + g * (ec - eu)).sum().backward()
         out = torch.cat([q.grad.flatten().clone() for q in params])
@@ -297,7 +297,7 @@ def test_grpo_detach_uncond_stops_the_gradient_through_the_unconditional_branch(
     both, u_grad, _ = grad(False)
     cond_only, u_detached, c_grad = grad(True)
     assert u_grad and not u_detached and c_grad
-    eu, ec = policy_outputs(t, chunk)
+    eu, ec = policy_outputs(t.run_context, chunk)
     (t.cfg.sample.guidance_scale * ec).sum().backward()
     want = torch.cat([q.grad.flatten() for q in params])
     assert torch.allclose(cond_only, want, rtol=1e-5, atol=1e-7) and not torch.allclose(both, want, rtol=1e-3)

@@ -30,7 +30,7 @@ def test_label_then_train_d3po_on_the_choices(tmp_path):
     items = {(it["prompt"], tuple(it["seeds"])): it for it in data["items"]}
     assert all((traj.prompts[i], (int(traj.seeds[i]), int(traj.seeds[i + 1]))) in items for i in range(0, 4, 2))
     assert torch.equal(traj.latents[0, 0], traj.latents[1, 0])  # the pair shares x_T, as labelled
-    data_ = trainer.algo.prepare(trainer, traj, rewards)
+    data_ = trainer.algo.prepare(trainer.run_context, traj, rewards)
     winners = {int(w) for w, _ in data_.extra["pairs"].tolist()}
     for i in range(0, 4, 2):  # the human's choice wins, whatever the reward says
         it = items[(traj.prompts[i], (int(traj.seeds[i]), int(traj.seeds[i + 1])))]

@@ -25,11 +25,11 @@ def test_two_pass_gradient_equals_direct_gradient():
     rewards = torch.tensor([0.3, -1.0, 0.7, 2.0, 1.0, -3.0])
     algo = make_algorithm(cfg)
 
-    class T:
-        autocast_dtype = None
-        device = "cpu"
+    from diffrl_fast.algos.base import RunContext
 
-    T.model = model
+    # the loss sees only what RunContext names: a hand-made one drives it
+    T = RunContext(model=model, device=torch.device("cpu"), autocast_dtype=None, dist=None, prompts=[], reward_fn=None,
+                   advantages=None, generator=None, step_groups=None, engine="none", clock=lambda: (0, 0))
     data = algo.prepare(T, traj, rewards)
     mb = torch.arange(6)
     order = torch.tensor([[0, 2, 4], [0, 2, 4], [0, 2, 4], [1, 3, 4], [1, 3, 4], [1, 3, 4]])

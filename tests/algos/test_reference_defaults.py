@@ -34,7 +34,7 @@ def test_grpo_trains_only_on_non_zero_advantages_with_as_many_steps(tmp_path):
                     "train.gradient_accumulation_steps=2", "prompts=[a, b]", scheduler="flow", name=drop)
         t.reward_fn = tied_reward
         traj, rewards = t.sample_epoch(0)
-        data = t.algo.prepare(t, traj, rewards)
+        data = t.algo.prepare(t.run_context, traj, rewards)
         seen = []
         pack = t.algo.chunk_loss
         t.algo.chunk_loss = lambda tr, chunk, d, ctx=None: (seen.append(chunk.sample_idx.tolist()), pack(tr, chunk, d, ctx))[1]

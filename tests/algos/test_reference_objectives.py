@@ -66,7 +66,7 @@ class Step:
         step_order, minibatches = t.algo.step_order, t.algo.minibatches
         t.algo.step_order = lambda *a: self.orders.append(step_order(*a)) or self.orders[-1]
         t.algo.minibatches = lambda *a: self.minibatches.extend(minibatches(*a)) or self.minibatches
-        self.data = t.algo.prepare(t, self.traj, self.rewards)
+        self.data = t.algo.prepare(t.run_context, self.traj, self.rewards)
         self.losses, self.grads, self.critic_grads = [], [], []
         backward = t.engine.backward
         t.engine.backward = lambda loss: (self.losses.append(loss.detach()), backward(loss))

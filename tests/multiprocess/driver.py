@@ -109,7 +109,7 @@ def main() -> None:
         n = len(prompts) // W
         mine = torch.arange(rank * n, (rank + 1) * n)
         traj = full.index(mine)
-        data = trainer.algo.prepare(trainer, traj, rewards[mine])
+        data = trainer.algo.prepare(trainer.run_context, traj, rewards[mine])
         grads, seen = {}, {}  # seen: the dtypes a block's weights (during forward) and the gradients have
         step = trainer.engine.step
 

@@ -123,7 +123,7 @@ def test_timestep_window_and_eval_overrides(tiny_sd_path, tmp_path):
     assert torch.equal(full.latents_at(torch.arange(len(traj)), torch.tensor(3)), traj.latents_at(torch.arange(len(traj)), torch.tensor(3)))
     with pytest.raises(ValueError, match="not stored"):
         traj.latents_at(torch.tensor([0]), torch.tensor([0]))
-    stats = trainer.train_epoch(5, traj, trainer.algo.prepare(trainer, traj, rewards))
+    stats = trainer.train_epoch(5, traj, trainer.algo.prepare(trainer.run_context, traj, rewards))
     assert math.isfinite(stats["loss"])
     ev = trainer._sample(["a cat"], [0])
     assert ev.num_steps == 3 and ev.guidance_scale == 4.0 and bool(ev.schedule.stochastic.all())
