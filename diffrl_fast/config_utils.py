@@ -300,7 +300,7 @@ def provenance_lines(cfg) -> list[str]:
         if key not in sources and value == _get_dotted(default, key):
             continue
         shown = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6).strip()[1:-1]
-        lines.append(f"{shown}  # {sources.get(key, 'default')}")
+        lines.append(f"{shown}  # {sources.get(key, 'set in code')}")
     return lines
 
 

@@ -150,3 +150,14 @@ def test_deepspeed_scheduler_section_is_rejected(tmp_path):
     path.write_text('{"zero_optimization": {"stage": 3}}')
     ds = deepspeed_config(cfg, str(path))
     assert ds["zero_optimization"]["stage"] == 3 and ds["optimizer"]["params"]["lr"] == cfg.train.learning_rate
+
+
+def test_d3po_step_per_pair_needs_a_constant_schedule_and_one_process(monkeypatch):
+    base = ["algo=d3po", "d3po.samples_per_prompt=4", "sample.batch_size=8", "train.batch_size=8"]
+    validate(load_config(Config, None, base))
+    with pytest.raises(ConfigError, match="lr_schedule=constant"):
+        validate(load_config(Config, None, [*base, "train.lr_schedule=cosine"]))
+    validate(load_config(Config, None, [*base, "train.lr_schedule=cosine", "d3po.step_per_pair=false"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="several processes set d3po.step_per_pair=false"):
+        validate(load_config(Config, None, base))

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from diffrl_fast.config_utils import config_sources, load_config, provenance_lines, resolve_config
-from diffrl_fast.train.config import PRESETS, Config, preset_key, validate
+from diffrl_fast.algos import ALGORITHMS
+from diffrl_fast.train.config import PRESETS, Config, count_prompts, preset_key, validate
 
 ALGOS = Config.algorithm_names()
 PRESET_FILES = sorted(PRESETS.glob("*.yaml"))
@@ -48,10 +49,14 @@ def test_preset_keeps_each_algorithms_reference_values(preset):
         for key, value in ref.items():
             if not preset_key(key) and ours[key] != value and key not in named:
                 bad.append(f"{algo}: {key} = {ours[key]!r}, reference {value!r}")
-        if ref["train.optimizer_step_every"] == "chunks":  # the minibatch, chunk and accumulation are the step's rows
-            step = ("train.batch_size", "train.chunk_size", "train.gradient_accumulation_steps")
-            if any(ours[k] != ref[k] for k in step) and not named & set(step):
-                bad.append(f"{algo}: rows per optimiser step {[ours[k] for k in step]}, reference {[ref[k] for k in step]}")
+        # the minibatch, accumulation (and for chunk-stepping algorithms the chunk) make the optimiser step: where the
+        # reference sets them, a preset's sizes for memory do not silently apply
+        ref_sets = set(ALGORITHMS[algo].reference_defaults(count_prompts(raw)))
+        step = {"train.batch_size", "train.gradient_accumulation_steps"} | (
+            {"train.chunk_size"} if ref["train.optimizer_step_every"] == "chunks" else set())
+        for key in sorted(step & ref_sets - named):
+            if ours[key] != ref[key]:
+                bad.append(f"{algo}: {key} = {ours[key]!r} (the optimiser step's size), reference {ref[key]!r}")
     assert not bad, f"{preset.name} silently replaces reference values:\n" + "\n".join(bad)
 
 

@@ -32,7 +32,7 @@ import torch
 
 @dataclass(frozen=True)
 class RunContext:
-    """Everything an algorithm may use of the training run; the trainer builds one (``Trainer.run``).
+    """Everything an algorithm may use of the training run; the trainer builds one (``Trainer.run_context``).
 
     - ``model``: the ``DiffusionModel``: its outputs (``algos.common``: ``policy_outputs``, ``reference_logp``,
       ``chunk_kl``), ``reference()`` (the reference policy), ``scheduler``, ``denoiser``, ``encode_prompts``;

@@ -45,10 +45,10 @@ class GRPO(PolicyGradientWithKL):
     def reference_defaults(cls, n_prompts):
         # SD3.5 configs (config/grpo.py, 32 GPUs): 10 SDE steps (noise level 0.7), g = 4.5, 48 prompts x 24 images =
         # 1152 per epoch, 576 per optimiser step (2 per epoch). Here on one process: 48 rollout batches of one group,
-        # minibatches of a group, 12 per step; with N processes divide sample.num_batches_per_epoch and
+        # minibatches of a group, 24 per step; with N processes divide sample.num_batches_per_epoch and
         # train.gradient_accumulation_steps by N (configs/sd3.yaml does for 8)
         return {"sample.num_steps": 10, "sample.guidance_scale": 4.5, "sample.batch_size": 24, "sample.num_batches_per_epoch": 48,
-                "train.batch_size": 24, "train.gradient_accumulation_steps": 12, "train.timestep_fraction": 0.99}
+                "train.batch_size": 24, "train.gradient_accumulation_steps": 24, "train.timestep_fraction": 0.99}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

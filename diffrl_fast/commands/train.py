@@ -37,6 +37,15 @@ def _check_writable(run_dir: Path) -> None:
         raise UsageError(f"the output folder {parent} cannot be written ({exc.strerror}); set output_dir=... to a writable folder") from None
 
 
+def check_flags(argv: list[str]) -> set[str]:
+    """The command's flags, or UsageError naming an unknown one."""
+    flags = {a for a in argv if a.startswith("--")}
+    unknown = flags - {"--resume", "--overwrite", "--print-config"}
+    if unknown:
+        raise UsageError(f"unknown option {sorted(unknown)[0]}; options: --resume, --overwrite, --print-config, --help")
+    return flags
+
+
 def parse_config(argv: list[str]) -> Config:
     """The validated config of ``[CONFIG.yaml] [key=value ...]`` (flags ignored; no file: the digits preset)."""
     rest = [a for a in argv if not a.startswith("--")]
@@ -49,10 +58,7 @@ def parse_config(argv: list[str]) -> Config:
 
 def prepare_run(argv: list[str]) -> tuple[Config, Path, bool]:
     """Parse arguments into (config, run folder, resume) and settle the run folder; raises UsageError."""
-    flags = {a for a in argv if a.startswith("--")}
-    unknown = flags - {"--resume", "--overwrite", "--print-config"}
-    if unknown:
-        raise UsageError(f"unknown option {sorted(unknown)[0]}; options: --resume, --overwrite, --print-config, --help")
+    flags = check_flags(argv)
     resume, overwrite = "--resume" in flags, "--overwrite" in flags
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
@@ -73,6 +79,7 @@ def main(argv: list[str]) -> int:
         print(_usage())
         return 0
     if "--print-config" in argv:
+        check_flags(argv)
         print("\n".join(provenance_lines(parse_config(argv))))
         return 0
     cfg, run_dir, resume = prepare_run(argv)

@@ -21,6 +21,7 @@ reason, or its ``model_facts`` state it as a property of the model, for every al
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,6 +418,12 @@ def validate(cfg: Config) -> Config:
     need(cfg.d3po.beta > 0 and d.temperature > 0, "d3po.beta and dense.temperature must be > 0")
     need(cfg.d3po.ratio_clip is None or 0 < cfg.d3po.ratio_clip < 1, "d3po.ratio_clip must be in (0, 1) or null")
     choice("d3po.pairs", cfg.d3po.pairs, ("all", "disjoint"))
+    if cfg.algo == "d3po" and cfg.d3po.step_per_pair and not cfg.d3po.preferences and cfg.d3po.samples_per_prompt > 2:
+        # one optimiser step per non-tied pair: the steps per epoch vary with the ties
+        need(t.lr_schedule == "constant", "d3po.step_per_pair takes one optimiser step per non-tied pair, so the steps per "
+             "epoch vary with the ties: use train.lr_schedule=constant, or d3po.step_per_pair=false")
+        need(int(os.environ.get("WORLD_SIZE", "1")) == 1, "d3po.step_per_pair takes one optimiser step per non-tied pair, "
+             "and the pairs per process differ with the ties: with several processes set d3po.step_per_pair=false")
     need(d.kl_coef >= 0, "dense.kl_coef must be >= 0")
     p = cfg.dpok
     need(p.beta >= 0 and p.alpha >= 0, "dpok.alpha and dpok.beta must be >= 0")

@@ -189,7 +189,7 @@ def test_dpok(tmp_path, value):
 
 
 def test_d3po_steps_once_per_pair_with_more_than_two_samples(tmp_path):
-    """scripts/train.py: K = 7 samples per prompt, one optimiser step per non-tied pair over all its steps."""
+    """scripts/train.py (K = 7 there, 4 here): one optimiser step per non-tied pair, over all its steps."""
     s = Step(tmp_path, "d3po", "d3po.samples_per_prompt=4", "sample.batch_size=8", "train.batch_size=8", "sample.num_steps=4",
              "train.gradient_accumulation_steps=1", perturb=0.05, one_step=False)
     pairs = [tuple(mb.tolist()) for mb in s.minibatches]
@@ -253,6 +253,7 @@ def test_tdpo(tmp_path):
 def test_grpo_flow(tmp_path):
     s = Step(tmp_path, "grpo", "grpo.group_size=2", "train.timestep_fraction=0.99", scheduler="flow", perturb=0.003)
     assert 0 < s.stats["clipfrac"] < 1 and s.stats["kl"] > 0
+    assert bool((s.data.advantages != 0).all())  # no tied group: the zero-advantage filter keeps every sample
     leaves, eps, ref_eps = s.eps_fns()
     n_train = int(0.99 * 4)
     loss = ref.grpo_flow(s.batch(), s.sampler(), eps, ref_eps, n_train, clip_range=1e-4, adv_clip=5.0, beta=0.04)
