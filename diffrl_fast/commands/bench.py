@@ -8,7 +8,8 @@ from pathlib import Path
 from ..cli import EXIT_USAGE, UsageError
 
 BENCHES = {"ops": "benchmarks.bench_ops", "memory": "benchmarks.bench_memory", "e2e": "benchmarks.bench_e2e",
-           "gpu": "benchmarks.gpu.suite", "time-to-reward": "benchmarks.bench_time_to_reward"}
+           "gpu": "benchmarks.gpu.suite", "time-to-reward": "benchmarks.bench_time_to_reward",
+           "fsdp-units": "benchmarks.estimate_fsdp_units"}
 
 
 def _repo_root() -> Path:

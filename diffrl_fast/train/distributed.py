@@ -13,8 +13,8 @@ diffrl_fast train ...``; the environment (RANK, WORLD_SIZE, LOCAL_RANK) says how
 - "none": torch AdamW, gradient clipping, non-finite steps skipped and counted.
 - "ddp": the denoiser wrapped in DistributedDataParallel; gradients are averaged across processes only at
   the boundary (``no_sync`` for the other micro-steps).
-- "fsdp": PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``): every block of the denoiser (and of a
-  full fine-tune's frozen reference copy) is its own FSDP unit, then the root; parameters, gradients and
+- "fsdp": PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``): every transformer block and resnet of the
+  denoiser (and of a full fine-tune's frozen reference copy) is its own FSDP unit, then the root; parameters, gradients and
   AdamW state are sharded over the processes and all-gathered block by block for each forward (sampling
   included). ``dist.fsdp_mixed_precision`` computes in the autocast dtype with fp32 gradient reduction,
   ``dist.fsdp_cpu_offload`` keeps the shards and the optimiser step on the CPU. Checkpoints are
@@ -211,29 +211,41 @@ class DDPEngine(Engine):
             yield
 
 
-# the block containers of diffusers' denoisers (UNets, SD3's MMDiT, FLUX): each element becomes an FSDP unit
-FSDP_BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+# diffusers' transformer blocks (SD 1.x/SDXL's BasicTransformerBlock, SD3's JointTransformerBlock, FLUX's double
+# and single blocks) and resnets: each becomes its own FSDP unit, as torchtitan wraps each transformer block. A whole
+# down/up block would not do: SDXL's up_blocks[0] holds 1,207M of its 2,567M parameters.
+FSDP_UNIT_CLASSES = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                     "ResnetBlock2D")
+
+
+def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units of ``module`` in the order ``fully_shard`` is applied: every module of a class in
+    FSDP_UNIT_CLASSES (the outermost where they nest), then ``module`` itself, the root, which keeps the rest
+    (embeddings, input and output projections, norms, down- and upsamplers)."""
+    units: list[torch.nn.Module] = []
+
+    def visit(m: torch.nn.Module) -> None:
+        for child in m.children():
+            if type(child).__name__ in FSDP_UNIT_CLASSES:
+                units.append(child)
+            else:
+                visit(child)
+
+    visit(module)
+    return units + [module]
 
 
 def fsdp_shard(module: torch.nn.Module, mesh, mp_policy, offload_policy) -> list[torch.nn.Module]:
-    """``fully_shard`` every block of ``module`` (the elements of FSDP_BLOCK_LISTS and ``mid_block``), then the
-    module itself; returns the FSDP units, root last."""
+    """``fully_shard`` every unit of ``fsdp_units(module)``, the root last; returns the units."""
     from torch.distributed.fsdp import fully_shard
 
-    units = []
-    for name in FSDP_BLOCK_LISTS:
-        blocks = getattr(module, name, None)
-        if isinstance(blocks, torch.nn.ModuleList):
-            units += list(blocks)
-    mid = getattr(module, "mid_block", None)
-    if isinstance(mid, torch.nn.Module):
-        units.append(mid)
-    for unit in units:
+    units = fsdp_units(module)
+    for unit in units[:-1]:
         fully_shard(unit, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
     # the root's inputs stay as given (timesteps of 999 would round to 1000 in bf16); autocast covers the ops
     root_mp = dataclasses.replace(mp_policy, cast_forward_inputs=False)
     fully_shard(module, mesh=mesh, mp_policy=root_mp, offload_policy=offload_policy)
-    return units + [module]
+    return units
 
 
 class FSDPEngine(Engine):
