@@ -9,7 +9,7 @@ from ..cli import EXIT_USAGE, UsageError
 
 BENCHES = {"ops": "benchmarks.bench_ops", "memory": "benchmarks.bench_memory", "e2e": "benchmarks.bench_e2e",
            "gpu": "benchmarks.gpu.suite", "time-to-reward": "benchmarks.bench_time_to_reward",
-           "fsdp-units": "benchmarks.estimate_fsdp_units"}
+           "fsdp-units": "benchmarks.estimate_fsdp_units", "main-job": "benchmarks.bench_main_job"}
 
 
 def _repo_root() -> Path:
