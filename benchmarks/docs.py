@@ -1,0 +1,140 @@
+"""Figures in README.md and docs/*.md generated from the committed result files, never typed.
+
+A generated block in a markdown file sits between two markers,
+
+    <!-- generated: NAME from benchmarks/results/FILE -->
+    ...
+    <!-- end generated: NAME -->
+
+and ``BLOCKS[NAME]`` renders it from that result file (which records the commit, date, machine and command of its
+run). ``python -m benchmarks.docs --rewrite`` rewrites every block from its file; ``--check`` (the default) lists the
+blocks that disagree with their files and exits 1; tests/test_docs_figures.py runs the check on every commit. A
+result file measured on uncommitted code (its commit ends in -dirty) is refused: rerun it on a clean commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(r"<!-- generated: (?P<name>[\w-]+) from (?P<file>[\w./-]+) -->\n(?P<body>.*?)<!-- end generated: (?P=name) -->",
+                    re.S)
+
+
+class ResultError(ValueError):
+    """A generated block whose result file is missing, unknown or measured on uncommitted code."""
+
+
+def _provenance(data: dict, command: str) -> str:
+    m = data["machine"]
+    if str(m.get("commit", "")).endswith("-dirty") or not m.get("commit"):
+        raise ResultError(f"measured on uncommitted code (commit {m.get('commit')!r}): rerun `{command}` on a clean commit")
+    return f"commit {m['commit']}, {m['date'][:10]}, {m['cpu']} ({m['cores']} cores), `{command}`"
+
+
+def _mean_sd(v: list[float]) -> str:
+    return f"{statistics.mean(v):+.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
+
+
+def main_job(data: dict) -> str:
+    r = data["run"]
+    return (f"On the project's 2-core CPU machine it moves the reward over the same {r['eval_samples']} fixed-seed samples "
+            f"from {r['before']:.2f} to {r['after']:.2f} (mean log-probability of the prompted digit; "
+            f"{r['after'] - r['before']:+.2f}), {r['epochs']} epochs, {r['samples']} trajectories, peak resident memory "
+            f"{r['peak_rss_mb']:.0f} MB, in {r['process_wall_s']:.0f} s ({r['train_wall_s']:.0f} s of it in the trainer's "
+            f"loop, summary.json's wall_s): benchmarks/results/main_job.md ({_provenance(data, data['command'])}).\n")
+
+
+def algos_table(data: dict) -> str:
+    rows = []
+    for algo, runs in data["results"].items():
+        st = runs[0].get("settings", {})
+        steps = f"{st.get('steps_per_epoch', 'n/a')} ({st.get('step_every', '')})"
+        rows.append((algo, _mean_sd([r["after"]["mean"] - r["before"]["mean"] for r in runs]), steps))
+    half = (len(rows) + 1) // 2
+    lines = ["| algo | change | optimiser steps / epoch | | algo | change | optimiser steps / epoch |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for i in range(half):
+        right = rows[half + i] if half + i < len(rows) else ("", "", "")
+        lines.append(f"| {' | '.join(rows[i])} | | {' | '.join(right)} |")
+    walls = [r["wall_s"] for runs in data["results"].values() for r in runs]
+    lines += ["", f"Mean ± sd over seeds {', '.join(map(str, data['seeds']))}; {min(walls):.0f}-{max(walls):.0f} s per run "
+              f"({_provenance(data, 'diffrl-fast experiment algos')}).", ""]
+    return "\n".join(lines)
+
+
+def fsdp_units(data: dict) -> str:
+    lines = ["| model | units | largest unit (share, bf16) | root share | shards per process, full / LoRA | all-gathered bf16, bound |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    by_model: dict[str, dict] = {}
+    for r in data["rows"]:
+        by_model.setdefault(r["model"], {})[r["mode"]] = r
+    for model, modes in by_model.items():
+        f, lo = modes["full"], modes["lora"]
+        lines.append(f"| {model} ({f['params'] / 1e6:,.0f}M) | {f['units']} | `{f['largest_unit']}` ({100 * f['largest_unit_share']:.2f}%, "
+                     f"{f['largest_unit_bf16_gib']:.3f} GiB) | {100 * f['root_share']:.2f}% | {f['shard_gib_per_process']:.2f} / "
+                     f"{lo['shard_gib_per_process']:.2f} GiB (LoRA r={lo['lora_rank']}) | {f['gathered_bf16_gib_upper_bound']:.2f} GiB |")
+    lines += ["", f"Counted, not measured; per process at {data['world']} processes ({_provenance(data, data['command'])}).", ""]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[dict], str]] = {"main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units}
+DOCS = ("README.md", "docs/*.md")
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    return sorted({p for pattern in DOCS for p in root.glob(pattern)})
+
+
+def render(name: str, file: str, root: Path = ROOT) -> str:
+    """The block ``name`` rendered from the result file ``file`` (relative to the repository root)."""
+    if name not in BLOCKS:
+        raise ResultError(f"unknown generated block {name!r}; known: {sorted(BLOCKS)}")
+    path = root / file
+    if not path.is_file():
+        raise ResultError(f"its result file {file} is missing: run the benchmark that writes it")
+    return BLOCKS[name](json.loads(path.read_text()))
+
+
+def check(root: Path = ROOT, rewrite: bool = False) -> list[str]:
+    """Problems of every generated block of the docs ([] when all agree); with ``rewrite`` the blocks whose file
+    renders are rewritten in place."""
+    problems = []
+    for doc in doc_files(root):
+        text = doc.read_text()
+
+        def replace(m: re.Match) -> str:
+            where = f"{doc.relative_to(root)}: block {m['name']}"
+            try:
+                body = render(m["name"], m["file"], root)
+            except (ResultError, KeyError, json.JSONDecodeError) as exc:
+                problems.append(f"{where}: {exc}")
+                return m.group(0)
+            if body != m["body"]:
+                problems.append(f"{where} disagrees with {m['file']}" + (" (rewritten)" if rewrite else ""))
+            return m.group(0).replace(m["body"], body, 1) if rewrite else m.group(0)
+
+        new = MARKER.sub(replace, text)
+        if rewrite and new != text:
+            doc.write_text(new)
+    return problems
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.docs", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rewrite", action="store_true", help="rewrite every generated block from its result file")
+    args = ap.parse_args(argv)
+    problems = check(rewrite=args.rewrite)
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems and not (args.rewrite and all(p.endswith("(rewritten)") for p in problems)) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
