@@ -84,7 +84,36 @@ def fsdp_units(data: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCKS: dict[str, Callable[[dict], str]] = {"main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units}
+def ops_table(data: dict) -> str:
+    full = {(r["provider"], tuple(r["shape"])): r for r in data["rows"] if r["mode"] == "full"}
+    shapes = list(dict.fromkeys(shape for _, shape in full))
+    lines = ["| full, median ms | eager | compile | cpp | cpp, recompute | cpp vs compile | cpp vs eager | MB held after forward (compile / cpp / recompute) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for shape in shapes:
+        e, c, f, rc = (full[(p, shape)] for p in ("eager", "compile", "cpp", "cpp-recompute"))
+        lines.append(f"| {list(shape)} | {e['median_ms']:.3f} | {c['median_ms']:.3f} | {f['median_ms']:.3f} | {rc['median_ms']:.3f} | "
+                     f"{c['median_ms'] / f['median_ms']:.2f}x | {e['median_ms'] / f['median_ms']:.1f}x | "
+                     f"{c['held_fwd_mb']:.1f} / {f['held_fwd_mb']:.1f} / {rc['held_fwd_mb']:.1f} |")
+    m = data["machine"]
+    faults = max(r.get("page_faults_per_call", 0.0) for r in data["rows"])
+    bw = m.get("bandwidth_check_cpp")
+    lines.append("")
+    if bw:
+        lines.append(f"The fused step at [32, 4, 128, 128] ran at {100 * bw['fraction']:.1f}% of a copy of the same "
+                     f"{bw['traffic_bytes'] / 2**20:.0f} MiB timed in alternation with it ({100 * bw['fraction_min']:.1f}-"
+                     f"{100 * bw['fraction_max']:.1f}% over {bw['rounds']} rounds), the C++ kernel call alone at "
+                     f"{100 * bw['kernel_fraction']:.1f}%.")
+    met = [t for t in m.get("targets", [])]
+    if met:
+        lines.append("Targets (issue 16): " + "; ".join(
+            f"{t['metric'].replace('_', ' ')} at {t['shape']}: {t['measured']:g} against {t['target']:g} "
+            f"({'met' if t['met'] else '**missed**'})" for t in met) + ".")
+    lines += [f"Most page faults per call of any row: {faults:.3f} ({_provenance(data, 'diffrl-fast bench ops --min-time 2')}).", ""]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[dict], str]] = {"main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
+                                            "ops_table": ops_table}
 DOCS = ("README.md", "docs/*.md")
 
 
