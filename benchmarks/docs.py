@@ -112,8 +112,27 @@ def ops_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+MEMORY_VARIANTS = {"pack all T": "all T packed in one forward", "pack all T + ckpt": "all T packed + gradient checkpointing",
+                   "K = 5": "K = 5, each chunk backpropagated at once (the trainer)", "K = 5 + ckpt": "K = 5 + gradient checkpointing"}
+
+
+def memory_table(data: dict) -> str:
+    rows = data["rows"]
+    steps = sorted({r["T"] for r in rows})
+    cell = {(r["variant"], r["T"]): r for r in rows}
+    lines = ["| variant | " + " | ".join(f"T = {T}" for T in steps) + f" | T = {steps[-1]} / T = {steps[0]} |",
+             "| --- | " + " | ".join("---" for _ in steps) + " | --- |"]
+    for name, label in MEMORY_VARIANTS.items():
+        peaks = [cell[(name, T)]["peak_mb"] for T in steps]
+        lines.append(f"| {label} | " + " | ".join(f"{p:.0f} MB" for p in peaks) + f" | {peaks[-1] / peaks[0]:.2f}x |")
+    times = ", ".join(f"{cell[('K = 5 + ckpt', T)]['step_s']:.1f} s" for T in steps)
+    lines += ["", f"Step time of K = 5 + gradient checkpointing at T = {', '.join(map(str, steps))}: {times} "
+              f"({_provenance(data, 'diffrl-fast bench memory')}).", ""]
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[dict], str]] = {"main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
-                                            "ops_table": ops_table}
+                                            "ops_table": ops_table, "memory_table": memory_table}
 DOCS = ("README.md", "docs/*.md")
 
 
