@@ -11,7 +11,8 @@ For two trajectories of the same prompt, sampled from the same initial noise x_T
 with log-probs averaged over latent elements. K >= 2 samples of a prompt share x_T; every non-tied pair
 is used (the reference's human-feedback script; ``d3po.pairs=disjoint`` pairs best with worst, second with
 second-worst, ...), each with its own optimiser step over all its trained steps, as the reference's loop takes
-them (``d3po.step_per_pair=false``: a minibatch's pairs averaged into one step). Tied pairs carry no gradient and are skipped. Preferences come from the reward
+them (``d3po.step_per_pair=false``: a minibatch's pairs averaged into one step). Tied pairs carry no gradient and
+are skipped. Preferences come from the reward
 ("AI feedback"), or from a JSON file of human choices written by ``diffrl-fast label``: then the labelled
 images are regenerated from their seeds with the reference policy each epoch, and the choices decide.
 """
