@@ -121,7 +121,7 @@ def machine_info(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "commit": git_commit(),
+        "commit": START_COMMIT,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     try:
@@ -147,6 +147,7 @@ def _cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's short commit, with ``-dirty`` when tracked files differ from it."""
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
@@ -154,6 +155,11 @@ def git_commit() -> str:
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# The commit as it was when the benchmark started (this module is imported first): the code a run measures is
+# the code it imported then, so editing documentation during a long run does not mislabel its result.
+START_COMMIT = git_commit()
 
 
 def write_rows(stem: str, rows: Iterable[dict], meta: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:
