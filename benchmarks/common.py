@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from diffrl_fast.utils.provenance import git_commit, machine_info as _machine_info  # noqa: F401  (git_commit: re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,48 +112,8 @@ def keep_freed_memory() -> str | None:
 
 
 def machine_info(device: str) -> dict:
-    info = {
-        "device": device,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "commit": START_COMMIT,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def git_commit() -> str:
-    """The checkout's short commit, with ``-dirty`` when tracked files differ from it."""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """``diffrl_fast.utils.provenance.machine_info`` with the commit the benchmark started at."""
+    return _machine_info(device, commit=START_COMMIT)
 
 
 # The commit as it was when the benchmark started (this module is imported first): the code a run measures is

@@ -131,9 +131,93 @@ def memory_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCKS: dict[str, Callable[[dict], str]] = {"main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
-                                            "ops_table": ops_table, "memory_table": memory_table}
-DOCS = ("README.md", "docs/*.md")
+def flow_main_job(data: dict) -> str:
+    r = data["run"]
+    m = r["metrics"]["layout_correct"]
+    return (f"On the project's 2-core CPU machine it moves the layout-correct rate (every asked-for digit in its slot, as "
+            f"the classifier reads it) over the same {r['eval_samples']} fixed-seed samples from {100 * m['before']:.1f}% "
+            f"± {100 * m['before_se']:.1f} to {100 * m['after']:.1f}% ± {100 * m['after_se']:.1f} (paired change "
+            f"{100 * m['change']:+.1f} ± {100 * m['change_se']:.1f} points; mean ± standard error) and the digit_layout reward "
+            f"from {r['before']:.2f} to {r['after']:.2f}, {r['epochs']} epochs, {r['samples']} trajectories, peak resident "
+            f"memory {r['peak_rss_mb']:.0f} MB, in {r['process_wall_s']:.0f} s ({r['train_wall_s']:.0f} s of it in the "
+            f"trainer's loop): benchmarks/results/main_job_flow_digits.md ({_provenance(data, data['command'])}).\n")
+
+
+def flow_digits_quality(data: dict) -> str:
+    q = data["quality"]
+    pct = lambda row: f"{100 * row['layout_correct']:.1f}% ± {100 * row['layout_correct_se']:.1f}"  # noqa: E731
+    lines = ["| guidance g | " + " | ".join(f"{r['guidance_scale']:g}" for r in q["by_guidance"]) + " |",
+             "| --- | " + " | ".join("---" for _ in q["by_guidance"]) + " |",
+             "| layout correct, training prompts | " + " | ".join(pct(r) for r in q["by_guidance"]) + " |",
+             "| mean digit_layout reward | " + " | ".join(f"{r['reward']:.2f}" for r in q["by_guidance"]) + " |",
+             "", f"At g = {q['eval_guidance']:g}: held-out prompts {pct(q['heldout'])} layout correct. When only the first k "
+             f"of the {q['num_steps']} steps see the prompt (the rest another prompt's): "
+             + ", ".join(f"k = {r['k']}: {pct(r)}" for r in q["early_steps"]) + ".",
+             "", f"{q['num_samples']} samples per figure, {q['num_steps']} SDE steps at noise level {q['noise_level']:g}, "
+             f"mean ± standard error; the transformer trained {data['transformer']['steps']} steps in "
+             f"{data['transformer']['wall_time_s'] / 60:.1f} min ({_provenance(data, data['command'])}).", ""]
+    return "\n".join(lines)
+
+
+E2E_SIZES = {"tiny": "tiny (overhead-bound, 4x16x16)", "small": "small (compute-bound, 4x32x32)"}
+
+
+def e2e_table(data: dict) -> str:
+    s, r, pack = data["summary"], data["ratios"], data["pack"]
+    lines = ["| pipeline | trl overall samples/s | diffrl_fast | speed (per seed) | peak memory trl / ours |",
+             "| --- | --- | --- | --- | --- |"]
+    for size, label in E2E_SIZES.items():
+        if size not in s:
+            continue
+        trl, ours, q = s[size]["trl"], s[size]["diffrl_fast"], r[size]
+        per_seed = ", ".join(f"{v:.2f}x" for v in q["overall_speedup_per_seed"])
+        lines.append(f"| {label} | {trl['overall_samples_per_s']['median']:.3g} | {ours['overall_samples_per_s']['median']:.3g} "
+                     f"(K = {pack.get(size, '1')}) | {q['overall_speedup']:.2f}x ({per_seed}) | "
+                     f"{trl['peak_mem_mb']['median']:.0f} / {ours['peak_mem_mb']['median']:.0f} MB ({q['peak_mem_ratio']:.2f}x) |")
+    bf16 = [f"{size} {s[size]['diffrl_fast_bf16']['overall_samples_per_s']['median']:.3g} samples/s "
+            f"({s[size]['diffrl_fast_bf16']['overall_samples_per_s']['median'] / s[size]['trl']['overall_samples_per_s']['median']:.2f}x trl) "
+            f"at {s[size]['diffrl_fast_bf16']['peak_mem_mb']['median']:.0f} MB"
+            for size in E2E_SIZES if size in s and "diffrl_fast_bf16" in s[size]]
+    if bf16:
+        lines += ["", "bf16 autocast, a separate contender never part of the fp32 comparison: " + "; ".join(bf16) + "."]
+    n = len(next(iter(s.values()))["trl"]["overall_samples_per_s"]["all"])
+    rw = r.get("small", r.get("tiny"))["reward"]
+    lines += ["", f"Medians of {n} seeds; the reward curves' {data['settings']['num_epochs']}-epoch means differ by "
+              f"{abs(rw['difference_in_se']):.1f} standard errors on the small pipeline ({_provenance(data, 'diffrl-fast bench e2e --seeds 0,1,2')}, "
+              f"trl 0.23.1, the bench extra).", ""]
+    return "\n".join(lines)
+
+
+E2E_CONTENDERS = {"trl": "trl", "diffrl_fast": "diffrl_fast (K = {K})", "diffrl_fast_unfused": "diffrl_fast_unfused (torch backend, K = 1)",
+                  "diffrl_fast_bf16": "diffrl_fast_bf16 (bf16 autocast, K = {K}; not part of the fp32 comparison)"}
+
+
+def e2e_detail(data: dict) -> str:
+    s, pack = data["summary"], data["pack"]
+    lines = ["| pipeline | contender | overall [range] | rollout | train | peak MB | vs trl: speed, memory |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for size, label in E2E_SIZES.items():
+        if size not in s:
+            continue
+        trl = s[size]["trl"]
+        for i, (c, name) in enumerate(E2E_CONTENDERS.items()):
+            if c not in s[size]:
+                continue
+            row = s[size][c]
+            o = row["overall_samples_per_s"]
+            vs = "" if c == "trl" else (f"{o['median'] / trl['overall_samples_per_s']['median']:.2f}x, "
+                                        f"{row['peak_mem_mb']['median'] / trl['peak_mem_mb']['median']:.2f}x")
+            lines.append(f"| {label if i == 0 else ''} | {name.format(K=pack.get(size, '1'))} | {o['median']:.3g} "
+                         f"[{min(o['all']):.3g}-{max(o['all']):.3g}] | {row['rollout_samples_per_s']['median']:.3g} | "
+                         f"{row['train_samples_per_s']['median']:.3g} | {row['peak_mem_mb']['median']:.0f} | {vs} |")
+    lines += ["", f"Medians over the seeds, samples/s ({_provenance(data, 'diffrl-fast bench e2e --seeds 0,1,2')}).", ""]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[dict], str]] = {"e2e_detail": e2e_detail, "main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
+                                            "ops_table": ops_table, "memory_table": memory_table, "e2e_table": e2e_table,
+                                            "flow_main_job": flow_main_job, "flow_digits_quality": flow_digits_quality}
+DOCS = ("README.md", "docs/*.md", "benchmarks/results/*.md")
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:
@@ -166,7 +250,9 @@ def check(root: Path = ROOT, rewrite: bool = False) -> list[str]:
                 return m.group(0)
             if body != m["body"]:
                 problems.append(f"{where} disagrees with {m['file']}" + (" (rewritten)" if rewrite else ""))
-            return m.group(0).replace(m["body"], body, 1) if rewrite else m.group(0)
+            if not rewrite:
+                return m.group(0)
+            return f"<!-- generated: {m['name']} from {m['file']} -->\n{body}<!-- end generated: {m['name']} -->"
 
         new = MARKER.sub(replace, text)
         if rewrite and new != text:
