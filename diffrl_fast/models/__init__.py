@@ -1,4 +1,4 @@
-"""Models: diffusers pipelines (SD 1.x/2.x, SDXL, SD3) and the digits world behind one interface."""
+"""Models: diffusers pipelines (SD 1.x/2.x, SDXL, SD3, FLUX.1) and the built-in worlds behind one interface."""
 from __future__ import annotations
 
 from .._extras import require_train
@@ -14,9 +14,14 @@ __all__ = ["Conditioning", "DiffusionModel", "load_model", "load_pipeline"]
 
 
 def load_model(spec: str, *, device="cpu", dtype: torch.dtype = torch.float32, sampler: str = "auto") -> DiffusionModel:
-    """A ``DiffusionModel`` from a spec: "digits" (the built-in digits world) or a diffusers pipeline folder / hub id."""
+    """A ``DiffusionModel`` from a spec: "digits" or "flow-digits" (the built-in worlds) or a diffusers pipeline folder /
+    hub id."""
     if spec == "digits":
         from .digits_model import load_digits_model
 
         return load_digits_model(device=device, dtype=dtype)
+    if spec == "flow-digits":
+        from .flow_digits_model import load_flow_digits_model
+
+        return load_flow_digits_model(device=device, dtype=dtype)
     return load_pipeline(spec, device=device, dtype=dtype, sampler=sampler)

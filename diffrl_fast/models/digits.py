@@ -246,13 +246,10 @@ class DigitsWorld:
     null_class: int = NULL_CLASS
 
 
-def _asset(directory: Path, name: str) -> Path:
+def _asset(directory: Path, name: str, world: str = "digits") -> Path:
     path = directory / name
     if not path.is_file():
-        raise FileNotFoundError(
-            f"digits world asset {path} is missing; run `diffrl-fast pretrain digits` "
-            "(or python -m diffrl_fast.models.digits) to train and write it"
-        )
+        raise FileNotFoundError(f"{world} world asset {path} is missing; run `diffrl-fast pretrain {world}` to train and write it")
     return path
 
 

@@ -42,9 +42,15 @@ class DigitsModel(DiffusionModel):
         return self.net(x, t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
 
     @torch.no_grad()
+    def verdicts(self, images: torch.Tensor, metadata: Sequence[dict]) -> list[list[tuple[int, int]]]:
+        """Per image, [(prompted digit, the classifier's top class)], or [] for the unconditional prompt: what the
+        before/after grids mark with a check or a cross, whatever reward the run optimises."""
+        top = self.top_class(images).tolist()
+        return [[(int(m["class_id"]), p)] if 0 <= int(m.get("class_id", -1)) < 10 else [] for m, p in zip(metadata, top)]
+
+    @torch.no_grad()
     def top_class(self, images: torch.Tensor) -> torch.Tensor:
-        """The digit classifier's most likely class [B] (int64, CPU) of images [B, 1 or 3, H, W] in [0, 1]: what the
-        before/after grids compare with the prompted digit, whatever reward the run optimises."""
+        """The digit classifier's most likely class [B] (int64, CPU) of images [B, 1 or 3, H, W] in [0, 1]."""
         clf = self.world.classifier
         p = next(clf.parameters())
         x = images.to(p.device, torch.float32)

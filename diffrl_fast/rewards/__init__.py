@@ -3,7 +3,10 @@
 - images:   float tensor [B, C, H, W] in [0, 1] (C = 1 or 3), on any device
 - prompts:  list of B strings
 - metadata: list of B dicts (e.g. {"class_id": 7} in the digits world)
-- returns:  rewards, a float tensor [B] (any device), and a dict of extra per-batch statistics to log
+- returns:  rewards, a float tensor [B] (any device), and a dict of extra statistics; its optional
+            "per_sample" entry, {name: tensor [B]}, holds per-sample metrics the trainer logs beside the
+            reward (epoch means, and the before/after evaluation's mean and standard error), e.g. the
+            flow-digits world's layout_correct
 
 Built-in rewards register a *factory* with ``@register("name")``; ``get_reward("name", **kwargs)``
 calls it. A user's reward is named by an explicit dotted path "package.module:function" (never
@@ -26,12 +29,12 @@ from typing import Callable, Optional
 
 import torch
 
-from .values import RewardError, check_rewards, reward_values  # noqa: F401  (re-exported)
+from .values import RewardError, check_rewards, reward_metrics, reward_values  # noqa: F401  (re-exported)
 
 RewardFn = Callable[[torch.Tensor, list, list], "tuple[torch.Tensor, dict]"]
 
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
-_BUILTIN_MODULES = ("jpeg", "digits", "clip", "hps", "image_reward")
+_BUILTIN_MODULES = ("jpeg", "digits", "layout", "clip", "hps", "image_reward")
 
 
 def register(name: str):

@@ -39,3 +39,16 @@ def check_rewards(name: str, rewards, batch: int) -> torch.Tensor:
             f"reward {name!r} returned {int(bad.sum())} non-finite values (at indices {bad.nonzero().flatten().tolist()[:8]})"
         )
     return rewards
+
+
+def reward_metrics(name: str, info, batch: int) -> dict[str, torch.Tensor]:
+    """The per-sample metrics a reward reports beside its rewards, ``info["per_sample"]`` ({metric: [batch]}), as
+    float CPU tensors; {} when it reports none. Raises RewardError naming the reward and the metric when one is
+    not a finite [batch] sequence of numbers."""
+    per_sample = info.get("per_sample") if isinstance(info, dict) else None
+    if per_sample is None:
+        return {}
+    if not isinstance(per_sample, dict):
+        raise RewardError(f"reward {name!r}: info['per_sample'] must be a dict of per-sample metrics, got {type(per_sample).__name__}")
+    return {str(k): check_rewards(f"{name}'s metric {k}", v.float() if torch.is_tensor(v) else v, batch).cpu()
+            for k, v in per_sample.items()}

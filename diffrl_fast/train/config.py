@@ -37,7 +37,7 @@ DEFAULT_PRESET = PRESETS / "digits.yaml"  # what `diffrl-fast train` runs withou
 
 @dataclass
 class ModelConfig:
-    path: str = option("digits", "The policy: 'digits' (the built-in digits world) or a diffusers pipeline folder / hub id (SD 1.x/2.x, SDXL, SD3, FLUX.1).")
+    path: str = option("digits", "The policy: 'digits' or 'flow-digits' (the built-in worlds: configs/digits.yaml, configs/flow_digits.yaml) or a diffusers pipeline folder / hub id (SD 1.x/2.x, SDXL, SD3, FLUX.1).")
     sampler: str = option("auto", "Scheduler run as the policy: 'auto' keeps DDIM/DDPM/flow matching and converts others to DDIM; or 'ddim', 'ddpm'.")
     lora: bool = option(False, "Train LoRA adapters (true; reference policy = adapter off) or all denoiser weights (false; reference = frozen copy). The 0.25M-parameter digits UNet learns faster fully fine-tuned; SD-size models use LoRA (configs/sd15.yaml).")
     lora_rank: int = option(8, "LoRA rank r; 4-64 is usual.")
@@ -231,7 +231,7 @@ class Config:
     algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r, grpo, nft or awm (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
     num_epochs: int = option(100, "Epochs (rollout + training rounds). Default: ddpo-pytorch's 100.")
     prompts: list[str] = option([str(d) for d in range(10)], "Prompts, drawn uniformly per sample (for the digits world: '7', 'a handwritten 7', ...).")
-    prompt_file: str = option("", "A text file with one prompt per line; replaces `prompts` when set.")
+    prompt_file: str = option("", "A text file with one prompt per line, or a built-in set: 'builtin:flow_digits_train' (the flow-digits world's 308 training prompts), 'builtin:flow_digits_heldout' (its 72 held-out ones); replaces `prompts` when set.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The policy model."})
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "Rollouts."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
@@ -291,12 +291,45 @@ def default_run_name(model_path: str, algo: str) -> str:
     return f"{model}_{'ddpo' if algo == 'ddpo_is' else algo}"
 
 
+BUILTIN_PROMPTS = "builtin:"  # prompt_file's prefix naming a built-in prompt set
+
+
+def prompt_file_lines(path: str) -> list[str]:
+    """The prompts of ``prompt_file``: a text file's non-empty lines, or the built-in set ``builtin:NAME``
+    (``models.flow_digits.PROMPT_SETS``: flow_digits_train, flow_digits_heldout)."""
+    if path.startswith(BUILTIN_PROMPTS):
+        from ..models.flow_digits import PROMPT_SETS
+
+        name = path[len(BUILTIN_PROMPTS):]
+        if name not in PROMPT_SETS:
+            raise ConfigError(f"prompt_file {path!r}: there is no built-in prompt set {name!r}; the built-in sets are "
+                              + ", ".join(BUILTIN_PROMPTS + k for k in PROMPT_SETS))
+        return list(PROMPT_SETS[name])
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt_file {p} does not exist")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt_file {p} holds no prompts (one per line expected)")
+    return prompts
+
+
+def read_prompts(cfg: Config) -> list[str]:
+    """The run's prompts: ``prompt_file``'s (``prompt_file_lines``) when set, else ``prompts``."""
+    return prompt_file_lines(cfg.prompt_file) if cfg.prompt_file else list(cfg.prompts)
+
+
 def count_prompts(data: dict) -> int:
     """How many prompts a (partial) config dict names: its prompt_file's lines, or its prompts list."""
     path = data.get("prompt_file")
     if path:
-        p = Path(str(path))
-        return sum(1 for line in p.read_text().splitlines() if line.strip()) if p.is_file() else 2
+        path = str(path)
+        if path.startswith(BUILTIN_PROMPTS) or Path(path).is_file():
+            try:
+                return len(set(prompt_file_lines(path)))
+            except (ConfigError, ValueError):
+                return 2
+        return 2
     prompts = data.get("prompts", Config.__dataclass_fields__["prompts"].default_factory())
     if isinstance(prompts, str):
         prompts = [x for x in prompts.split(",") if x.strip()]
@@ -318,6 +351,24 @@ def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
     return mask
 
 
+def check_world_prompts(cfg: Config) -> None:
+    """The built-in worlds read a fixed grammar: a prompt they cannot read is a ConfigError naming the grammar,
+    raised before any model loads."""
+    if cfg.model.path == "digits":
+        from ..models.digits import DigitPromptEncoder
+
+        parse = DigitPromptEncoder.parse_prompt
+    elif cfg.model.path == "flow-digits":
+        from ..models.flow_digits import parse_layout as parse
+    else:
+        return
+    for p in read_prompts(cfg):
+        try:
+            parse(p)
+        except ValueError as exc:
+            raise ConfigError(f"prompts: {exc}") from None
+
+
 def validate(cfg: Config) -> Config:
     """Reject impossible combinations before any model is loaded (ConfigError names the keys)."""
     def need(cond: bool, msg: str) -> None:
@@ -330,6 +381,7 @@ def validate(cfg: Config) -> Config:
     from ..algos import ALGORITHMS
 
     need(cfg.algo in ALGORITHMS, f"algo: {cfg.algo!r} is not one of {sorted(ALGORITHMS)}")
+    check_world_prompts(cfg)
     need(cfg.num_epochs >= 1, "num_epochs must be >= 1")
     s, t = cfg.sample, cfg.train
     need(s.num_steps >= 1, "sample.num_steps must be >= 1")

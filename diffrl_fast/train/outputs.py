@@ -63,9 +63,9 @@ def _fit(draw, text: str, font, width: int) -> str:
 def labelled_grid(images: torch.Tensor, captions: list[dict], cols: Optional[int] = None, title: str = ""):
     """A PIL image: images [N, C, H, W] in [0, 1] in a grid, each above its caption.
 
-    ``captions[i]`` holds "prompt" and "reward", and where the digit classifier judged the image "target" (the
-    prompted digit) and "predicted" (its top class): a green check when they agree, a red cross and the digit it
-    saw when not. Small images (the 16x16 digits) are enlarged with nearest-neighbour sampling to at least 96
+    ``captions[i]`` holds "prompt" and "reward", and where the digit classifier judged the image "slots": a
+    (prompted digit, its top class) pair per digit the prompt asks for, each drawn as a green check when they agree
+    and a red cross with the digit it saw when not, left to right in the prompt's slot order. Small images (the 16x16 digits) are enlarged with nearest-neighbour sampling to at least 96
     pixels, so every pixel stays visible and the captions fit. ``title``: lines (split at newlines) above the grid.
     """
     from PIL import Image, ImageDraw
@@ -103,29 +103,35 @@ def labelled_grid(images: torch.Tensor, captions: list[dict], cols: Optional[int
         reward = cap.get("reward")
         text = "" if reward is None else f"r {reward:+.4g}"
         draw.text((x, ty + line), text, fill=(60, 60, 60), font=font)
-        if "predicted" in cap and "target" in cap:
-            ok = int(cap["predicted"]) == int(cap["target"])
+        m = size * 0.7  # each mark, drawn (fonts may lack the glyphs), then the digit the classifier saw
+        gap = size * 0.3
+        marks = [(int(t) == int(p), int(p)) for t, p in cap.get("slots", [])]
+        mx = x + cw - sum(m + (0 if ok else draw.textlength(f" {p}", font=font)) for ok, p in marks) - gap * max(0, len(marks) - 1)
+        my = ty + line + (line - m) / 2
+        width = max(2, size // 7)
+        for ok, pred in marks:
             colour = green if ok else red
-            m = size * 0.7  # the mark, drawn (fonts may lack the glyphs), then the digit the classifier saw
-            mx = x + cw - m - (0 if ok else draw.textlength(f" {cap['predicted']}", font=font))
-            my = ty + line + (line - m) / 2
-            width = max(2, size // 7)
             if ok:
                 draw.line([(mx, my + m * 0.55), (mx + m * 0.35, my + m), (mx + m, my)], fill=colour, width=width)
+                mx += m + gap
             else:
                 draw.line([(mx, my), (mx + m, my + m)], fill=colour, width=width)
                 draw.line([(mx, my + m), (mx + m, my)], fill=colour, width=width)
-                draw.text((mx + m, ty + line), f" {cap['predicted']}", fill=colour, font=font)
+                draw.text((mx + m, ty + line), f" {pred}", fill=colour, font=font)
+                mx += m + draw.textlength(f" {pred}", font=font) + gap
     return canvas
 
 
 def caption_summary(captions: list[dict]) -> str:
-    """ "k/n top class = prompt" for captions that carry the digit classifier's verdict, else ""."""
-    judged = [c for c in captions if "predicted" in c and "target" in c]
+    """ "k/n top class = prompt" for captions that carry the digit classifier's verdicts ("slots"; with several digits
+    per prompt, "k/n layouts correct": every slot right), else ""."""
+    judged = [c for c in captions if c.get("slots")]
     if not judged:
         return ""
-    hits = sum(int(c["predicted"]) == int(c["target"]) for c in judged)
-    return f"{hits}/{len(judged)} top class = prompt"
+    hits = sum(all(int(t) == int(p) for t, p in c["slots"]) for c in judged)
+    if all(len(c["slots"]) == 1 for c in judged):
+        return f"{hits}/{len(judged)} top class = prompt"
+    return f"{hits}/{len(judged)} layouts correct (every slot's top class = prompt)"
 
 
 class _Bars:
@@ -296,12 +302,16 @@ class RunLogger:
         fig.savefig(self.run_dir / "reward_curve.png", dpi=110)
 
     def save_eval(self, tag: str, rewards: torch.Tensor, images: torch.Tensor, captions: Optional[list[dict]] = None,
-                  step: int = 0) -> dict:
-        """Write eval_<tag>.json (the rewards of the fixed seeds, their mean and std) and grid_<tag>.png of ``images``:
-        with ``captions`` (one per image, see ``labelled_grid``) each image is labelled with its prompt and reward,
-        and the grid also goes to TensorBoard and W&B as grid_<tag> at ``step``."""
+                  step: int = 0, metrics: Optional[dict[str, torch.Tensor]] = None) -> dict:
+        """Write eval_<tag>.json (the rewards of the fixed seeds, their mean and std; the reward's per-sample
+        ``metrics`` with their mean and standard error std / sqrt(n)) and grid_<tag>.png of ``images``: with
+        ``captions`` (one per image, see ``labelled_grid``) each image is labelled with its prompt and reward, and the
+        grid also goes to TensorBoard and W&B as grid_<tag> at ``step``."""
         stats = {"n": int(rewards.numel()), "mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),
                  "rewards": [round(float(r), 6) for r in rewards]}
+        if metrics:
+            stats["metrics"] = {k: {"mean": float(v.mean()), "se": float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan"),
+                                    "values": [round(float(x), 6) for x in v]} for k, v in metrics.items()}
         (self.run_dir / f"eval_{tag}.json").write_text(json.dumps(stats))
         if images.numel() and captions is not None:
             verdict = caption_summary(captions)
@@ -333,15 +343,16 @@ def save_final_weights(model, run_dir: Path, state_dict: Optional[dict] = None) 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.denoiser, state_dict=state_dict))
         out = run_dir / "lora"
         out.mkdir(parents=True, exist_ok=True)
-        if model.kind == "sd3":
+        family = getattr(model, "lora_family", model.kind)  # the flow-digits world saves as SD3's transformer
+        if family == "sd3":
             from diffusers import StableDiffusion3Pipeline
 
             StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers)
-        elif model.kind == "flux":
+        elif family == "flux":
             from diffusers import FluxPipeline
 
             FluxPipeline.save_lora_weights(out, transformer_lora_layers=layers)
-        elif model.kind == "sdxl":
+        elif family == "sdxl":
             from diffusers import StableDiffusionXLPipeline
 
             StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=layers)
@@ -379,7 +390,13 @@ def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict
                   weights: Path, wall_s: float) -> dict:
     run_dir = Path(run_dir)
     train_time = sum(r["sample_time_s"] + r["train_time_s"] for r in records)
-    brief = lambda e: None if e is None else {k: v for k, v in e.items() if k != "rewards"}  # noqa: E731
+    def brief(e):
+        if e is None:
+            return None
+        out = {k: v for k, v in e.items() if k not in ("rewards", "metrics")}
+        out.update({k: {"mean": m["mean"], "se": m["se"]} for k, m in e.get("metrics", {}).items()})
+        return out
+
     summary = {"name": cfg.name, "algo": cfg.algo, "model": cfg.model.path, "reward": cfg.reward.name,
                "epochs": len(records), "samples": sum(r["samples"] for r in records), "training_wall_s": round(train_time, 1),
                "wall_s": round(wall_s, 1), "before": brief(before), "after": brief(after), "weights": str(weights)}
@@ -392,8 +409,16 @@ def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict
                   "| | mean | std |", "| --- | --- | --- |",
                   f"| before | {before['mean']:+.4f} | {before['std']:.4f} |",
                   f"| after | {after['mean']:+.4f} | {after['std']:.4f} |",
-                  "", _paired_change(before, after),
-                  "", "![before](grid_before.png) ![after](grid_after.png)", "", "![reward curve](reward_curve.png)"]
+                  "", _paired_change(before, after)]
+        shared = [k for k in before.get("metrics", {}) if k in after.get("metrics", {})]
+        if shared:
+            lines += ["", "The reward's metrics over the same samples (mean ± standard error; the change is paired per seed):", "",
+                      "| metric | before | after | change |", "| --- | --- | --- | --- |"]
+            for k in shared:
+                b, a = before["metrics"][k], after["metrics"][k]
+                d, se = paired_change({"rewards": b["values"]}, {"rewards": a["values"]})
+                lines.append(f"| {k} | {b['mean']:.3f} ± {b['se']:.3f} | {a['mean']:.3f} ± {a['se']:.3f} | {d:+.3f} ± {se:.3f} |")
+        lines += ["", "![before](grid_before.png) ![after](grid_after.png)", "", "![reward curve](reward_curve.png)"]
     lines += ["", f"Weights: `{weights}`"]
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -33,12 +33,12 @@ from ..diffusion.coefficients import make_schedule
 from ..diffusion.recompute import pack_chunk, trainable_steps
 from ..diffusion.rollout import Trajectory, sample_trajectories
 from ..models import load_model
-from ..rewards import RewardError, WeightedReward, build_one, build_reward, close_reward, reward_values
+from ..rewards import RewardError, WeightedReward, build_one, build_reward, close_reward, reward_metrics, reward_values
 from ..rewards.remote import RewardServiceError
 from ..utils.memory import PeakMemory
 from .advantages import PerPromptStatTracker, normalize
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, reward_label, timestep_window
+from .config import Config, read_prompts, reward_label, timestep_window
 from .distributed import DistContext, init_distributed, make_engine
 from .outputs import RunLogger, save_final_weights, write_summary
 
@@ -60,18 +60,6 @@ def _generator(*key: int) -> torch.Generator:
     for k in key:
         h = ((h ^ (int(k) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
     return torch.Generator().manual_seed(h)
-
-
-def read_prompts(cfg: Config) -> list[str]:
-    if cfg.prompt_file:
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt_file {path} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt_file {path} holds no prompts (one per line expected)")
-        return prompts
-    return list(cfg.prompts)
 
 
 def configure_attention(model, choice: str, device: torch.device) -> str:
@@ -122,6 +110,8 @@ class Trainer:
         self.phase = "setup"  # what the run is doing, for the message of a reward server that stops it
         self.tracked_means: dict[str, float] = {}
         self.component_means: dict[str, float] = {}
+        self.metric_means: dict[str, float] = {}
+        self.eval_metrics: dict[str, torch.Tensor] = {}
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
         self.algo.check_model(self.model)
         m = cfg.model
@@ -274,12 +264,13 @@ class Trainer:
             storage_device=s.trajectory_device or None, keep_latents=keep,
         )
 
-    def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict]:
-        """(rewards [B] on the CPU, components {label: [B]} of a weighted sum, else {}); validated."""
+    def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict, dict]:
+        """(rewards [B] on the CPU, components {label: [B]} of a weighted sum else {}, the reward's per-sample
+        metrics {name: [B]} (``reward_metrics``)); validated."""
         out = self.reward_fn(traj.images, traj.prompts, traj.metadata)
         rewards = reward_values(reward_label(self.cfg), out, len(traj), self.cfg.reward.drop_nonfinite)
         components = out[1].get("components", {}) if isinstance(self.reward_fn, WeightedReward) else {}
-        return rewards, components
+        return rewards, components, reward_metrics(reward_label(self.cfg), out[1], len(traj))
 
     def _agree(self, error: Optional[BaseException]) -> None:
         """Raise ``error`` here, and on every process when any process has one (a reward server that failed one
@@ -324,12 +315,16 @@ class Trainer:
             trajs.append(traj)
             pending.append(self._pool.submit(self._score, traj) if self._pool else self._score(traj))
         scored = self._collect(pending)
-        rewards = torch.cat([r for r, _ in scored])
+        rewards = torch.cat([r for r, _, _ in scored])
         self.logged_rewards = rewards  # what the records show: the reward, or the plain weighted sum of components
         traj = Trajectory.cat(trajs)
         if scored[0][1]:  # a weighted sum: log each component; recombine the epoch's components if normalised
-            parts = {k: torch.cat([c[k] for _, c in scored]) for k in scored[0][1]}
+            parts = {k: torch.cat([c[k] for _, c, _ in scored]) for k in scored[0][1]}
             rewards = self._combine_components(traj.prompts, parts, rewards)
+        self.metric_means = {}
+        if scored[0][2]:  # the reward's per-sample metrics (the flow-digits world's layout_correct): global means
+            _, metrics, _ = self._gather_global(traj.prompts, {k: torch.cat([m[k] for _, _, m in scored]) for k in scored[0][2]})
+            self.metric_means = {k: float(v.mean()) for k, v in metrics.items()}
         self.tracked_means = {}
         for name, fn in self.tracked.items():
             local = reward_values(name, fn(traj.images, traj.prompts, traj.metadata), len(traj))
@@ -449,22 +444,23 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
     def grid_captions(self, traj: Trajectory, rewards: torch.Tensor, k: int) -> list[dict]:
         """Captions of the first ``k`` samples of ``traj`` for a labelled grid (``outputs.labelled_grid``): prompt and
-        reward, and where the model has a classifier of its prompts' classes (the digits world's ``top_class``) the
-        prompted class ("target", from the metadata) and the classifier's top class ("predicted")."""
+        reward, and where the model has a classifier of what its prompts ask for (the built-in worlds' ``verdicts``)
+        "slots": a (prompted digit, the classifier's top class) pair per digit the prompt asks for."""
         k = min(k, len(traj))
         caps = [{"prompt": p, "reward": float(v)} for p, v in zip(traj.prompts[:k], rewards[:k].tolist())]
-        top_class = getattr(self.model, "top_class", None)
-        if top_class is not None and k:
-            for cap, meta, pred in zip(caps, traj.metadata[:k] or [{}] * k, top_class(traj.images[:k]).tolist()):
-                if "class_id" in meta and 0 <= int(meta["class_id"]) < 10:  # not the unconditional prompt ""
-                    cap["target"], cap["predicted"] = int(meta["class_id"]), int(pred)
+        verdicts = getattr(self.model, "verdicts", None)
+        if verdicts is not None and k:
+            for cap, slots in zip(caps, verdicts(traj.images[:k], traj.metadata[:k] or [{}] * k)):
+                if slots:  # not the unconditional prompt ""
+                    cap["slots"] = [[int(t), int(p)] for t, p in slots]
         return caps
 
     @torch.no_grad()
     def evaluate(self, n: int, *, captions: bool = False):
         """Rewards and images of n fixed-seed samples (prompts round-robin), the same before and after training:
         (rewards [n], images [<= log.grid_samples, C, H, W]), and with ``captions=True`` also the images' captions
-        (``grid_captions``: prompt, reward, the digits world's classifier verdict) as a third element.
+        (``grid_captions``: prompt, reward, the built-in worlds' classifier verdicts) as a third element. The reward's
+        per-sample metrics of the n samples (``reward_metrics``) are left in ``self.eval_metrics`` ({name: [n]}).
 
         With several processes each takes every world_size-th sample (all run the same number of
         forwards, as ZeRO-3 requires); the images (and captions) returned are the main process's.
@@ -473,21 +469,30 @@ class Trainer:
         W, r = self.ctx.world_size, self.ctx.rank
         per_rank = math.ceil(n / W)
         ids = [r + W * i for i in range(per_rank)]  # ids >= n are padding, dropped below
-        rewards, images, caps = [], [], []
+        rewards, images, caps, metrics = [], [], [], []
         bs = self.cfg.sample.batch_size
         for start in range(0, per_rank, bs):
             chunk = ids[start:start + bs]
             traj = self._sample([self.prompts[i % len(self.prompts)] for i in chunk], [EVAL_SEED_BASE + i for i in chunk])
-            rewards.append(self._collect([self._score(traj)])[0][0])
+            scored, _, mets = self._collect([self._score(traj)])[0]
+            rewards.append(scored)
+            metrics.append(mets)
             keep = max(0, self.cfg.log.grid_samples - start)
             images.append(traj.images[:keep].cpu())
             if captions and self.ctx.is_main:
                 caps += self.grid_captions(traj, rewards[-1], keep)
         local = torch.cat(rewards)
+        self.eval_metrics = {k: torch.cat([m[k] for m in metrics]) for k in (metrics[0] if metrics else {})}
         if W > 1:
-            gathered = self.ctx.all_gather_object(local.tolist())
-            by_id = {rank + W * i: v for rank, vals in enumerate(gathered) for i, v in enumerate(vals)}
-            local = torch.tensor([by_id[i] for i in range(n)])
+            def in_sample_order(values: torch.Tensor) -> torch.Tensor:
+                gathered = self.ctx.all_gather_object(values.tolist())
+                by_id = {rank + W * i: v for rank, vals in enumerate(gathered) for i, v in enumerate(vals)}
+                return torch.tensor([by_id[i] for i in range(n)])
+
+            local = in_sample_order(local)
+            self.eval_metrics = {k: in_sample_order(v) for k, v in self.eval_metrics.items()}
+        else:
+            self.eval_metrics = {k: v[:n] for k, v in self.eval_metrics.items()}
         return (local, torch.cat(images), caps) if captions else (local, torch.cat(images))
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -524,7 +529,7 @@ class Trainer:
         if before is None and cfg.log.eval_samples:
             self.phase = "in the evaluation before training"
             rewards, images, caps = self.evaluate(cfg.log.eval_samples, captions=True)
-            before = self.logger.save_eval("before", rewards, images, caps, step=self.epoch) if main else None
+            before = self.logger.save_eval("before", rewards, images, caps, step=self.epoch, metrics=self.eval_metrics) if main else None
         bars = self.logger.bars(enabled=main)
         while self.epoch < cfg.num_epochs:
             if stop_flag():
@@ -548,6 +553,7 @@ class Trainer:
             stats.update(data.extra.get("log", {}) if data is not None else {})
             stats.update(self.tracked_means)
             stats.update(self.component_means)
+            stats.update(self.metric_means)
             stats.update(self.algo.after_epoch(self.run_context, epoch))
             self.epoch += 1
             all_rewards = self._gather_rewards(self.logged_rewards)  # not the normalised components' sum
@@ -573,7 +579,7 @@ class Trainer:
         if cfg.log.eval_samples:
             self.phase = "in the evaluation after training"
             rewards, images, caps = self.evaluate(cfg.log.eval_samples, captions=True)
-            after = self.logger.save_eval("after", rewards, images, caps, step=self.epoch) if main else None
+            after = self.logger.save_eval("after", rewards, images, caps, step=self.epoch, metrics=self.eval_metrics) if main else None
         if self.engine.kind == "fsdp":  # whole weights gathered onto rank 0 (collective)
             full = self.engine.full_state(trainable_only=self.model.lora)
             weights_path = save_final_weights(self.model, self.run_dir, state_dict=full) if main else None

@@ -61,3 +61,19 @@ def test_out_of_range_values_saturate_and_bad_shapes_raise():
     assert inside.shape == outside.shape
     with pytest.raises(ValueError, match="1 or 3"):
         get_reward("jpeg_compressibility")(torch.rand(2, 4, 8, 8), [""] * 2, [{}] * 2)
+
+
+def test_reward_metrics_are_checked_like_rewards():
+    """A reward's per-sample metrics (info["per_sample"]) come back as float CPU tensors, or a RewardError naming the
+    reward and the metric."""
+    from diffrl_fast.rewards import RewardError, reward_metrics
+
+    assert reward_metrics("r", {}, 2) == {}
+    got = reward_metrics("r", {"per_sample": {"ok": torch.tensor([True, False]), "score": [0.5, 1.5]}}, 2)
+    assert got["ok"].dtype == torch.float32 and got["ok"].tolist() == [1.0, 0.0] and got["score"].tolist() == [0.5, 1.5]
+    with pytest.raises(RewardError, match="r's metric ok.*shape"):
+        reward_metrics("r", {"per_sample": {"ok": torch.ones(3)}}, 2)
+    with pytest.raises(RewardError, match="r's metric ok.*non-finite"):
+        reward_metrics("r", {"per_sample": {"ok": torch.tensor([1.0, float("nan")])}}, 2)
+    with pytest.raises(RewardError, match="must be a dict"):
+        reward_metrics("r", {"per_sample": [1, 2]}, 2)

@@ -25,8 +25,8 @@ def test_labelled_grid_marks_each_image():
     from diffrl_fast.train.outputs import labelled_grid
 
     images = torch.rand(2, 1, 16, 16)
-    ok = labelled_grid(images[:1], [{"prompt": "3", "reward": -0.1, "target": 3, "predicted": 3}], title="t")
-    bad = labelled_grid(images[1:], [{"prompt": "4", "reward": -5.0, "target": 4, "predicted": 9}])
+    ok = labelled_grid(images[:1], [{"prompt": "3", "reward": -0.1, "slots": [[3, 3]]}], title="t")
+    bad = labelled_grid(images[1:], [{"prompt": "4", "reward": -5.0, "slots": [[4, 9]]}])
     assert _colour_count(ok, GREEN) > 10 and _colour_count(ok, RED) == 0
     assert _colour_count(bad, RED) > 10 and _colour_count(bad, GREEN) == 0
     assert ok.width >= 96 and ok.height > 96 + 20  # the tile is 96 px wide (6x), with two caption lines below
@@ -34,6 +34,11 @@ def test_labelled_grid_marks_each_image():
     tile = torch.from_numpy(__import__("numpy").asarray(bad.convert("L"))[4:100, 4:100].copy())
     expected = (images[1, 0] * 255).round().to(torch.uint8).repeat_interleave(6, 0).repeat_interleave(6, 1)
     assert torch.equal(tile, expected)
+    # a layout prompt gets a mark per slot: one right (check), one wrong (cross), on a 32x32 canvas
+    both = labelled_grid(torch.rand(1, 1, 32, 32), [{"prompt": "3 left of 8", "reward": -4.0, "slots": [[3, 3], [8, 1]]}])
+    assert _colour_count(both, GREEN) > 10 and _colour_count(both, RED) > 10
+    one = labelled_grid(torch.rand(1, 1, 32, 32), [{"prompt": "3 left of 8", "reward": -4.0, "slots": [[3, 3], [8, 8]]}])
+    assert _colour_count(one, GREEN) > _colour_count(ok, GREEN) and _colour_count(one, RED) == 0
     plain = labelled_grid(torch.rand(3, 3, 8, 8), [{"prompt": "a cat", "reward": 1.5}] * 3)
     assert _colour_count(plain, GREEN) == 0 and _colour_count(plain, RED) == 0
     with pytest.raises(ValueError, match="2 images but 1 captions"):
@@ -56,8 +61,9 @@ def test_digits_run_labels_grids_and_logs_images_to_tensorboard(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run", log_fn=lambda s: None)
     rewards, images, caps = trainer.evaluate(8, captions=True)
     assert rewards.shape == (8,) and images.shape == (4, 1, 16, 16) and len(caps) == 4
-    assert [c["prompt"] for c in caps] == ["0", "1", "2", "3"] and [c["target"] for c in caps] == [0, 1, 2, 3]
-    assert all(0 <= c["predicted"] <= 9 for c in caps) and [c["reward"] for c in caps] == pytest.approx(rewards[:4].tolist())
+    assert [c["prompt"] for c in caps] == ["0", "1", "2", "3"] and [c["slots"][0][0] for c in caps] == [0, 1, 2, 3]
+    assert all(len(c["slots"]) == 1 and 0 <= c["slots"][0][1] <= 9 for c in caps)
+    assert [c["reward"] for c in caps] == pytest.approx(rewards[:4].tolist())
     assert len(trainer.evaluate(8)) == 2  # callers without captions get (rewards, images) as before
     trainer.run()
     run = tmp_path / "run"
