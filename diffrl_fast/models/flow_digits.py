@@ -491,13 +491,17 @@ def pretrain_flow_digits(
     log_every: int = 250,
     time_budget_s: Optional[float] = None,
     eval_every: int = 0,
+    timestep_density: str = "uniform",
     transformer_overrides: Optional[dict] = None,
 ) -> dict:
     """Train the flow-digits transformer + prompt encoder from scratch by flow matching and write them to ``out_dir``.
 
     Loss (rectified flow / conditional flow matching, Liu et al. 2023, Lipman et al. 2023, as SD3 trains):
         E |v_theta(x_sigma, 1000 sigma, e(c')) - (noise - x_0)|^2,  x_sigma = (1 - sigma) x_0 + sigma noise,
-    sigma ~ logit-normal(0, 1) (SD3's timestep density, Esser et al. 2024). x_0 = ``render`` of a prompt from
+    sigma ~ U(0, 1) (``timestep_density="uniform"``, rectified flow's) or logit-normal(0, 1) ("logit_normal", SD3's,
+    Esser et al. 2024). Uniform is the default: the sampler's first steps, which decide the layout, run at
+    sigma >= 0.9, where logit-normal(0, 1) puts 1.4% of its mass; a run with it (stopped at step 4000) drew 26% of
+    layouts right without guidance against 69% at g = 3. x_0 = ``render`` of a prompt from
     ``sample_training_prompts`` (the held-out pairs never appear). c' = "" with probability ``cond_dropout`` (for
     classifier-free guidance); with probability ``caption_noise`` the image is drawn for a random other training
     prompt (noisy captions). AdamW, linear warm-up then cosine decay, gradient norm clipped to 1, EMA weights saved.
@@ -508,6 +512,8 @@ def pretrain_flow_digits(
     """
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
+    if timestep_density not in ("uniform", "logit_normal"):
+        raise ValueError(f"timestep_density must be 'uniform' or 'logit_normal', got {timestep_density!r}")
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -554,7 +560,10 @@ def pretrain_flow_digits(
         x0 = render([parse_layout(p) for p in drawn], gen) * 2 - 1
         dropped = (torch.rand(batch_size, generator=gen) < cond_dropout).tolist()
         hidden, pooled = encoder.encode(["" if d else p for p, d in zip(prompts, dropped)])
-        sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))
+        if timestep_density == "uniform":
+            sigma = torch.rand(batch_size, generator=gen)
+        else:
+            sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
@@ -591,7 +600,7 @@ def pretrain_flow_digits(
         scheduler=_public_config(make_scheduler().config),
         training=dict(steps=steps, steps_done=done, batch_size=batch_size, lr=lr, seed=seed, cond_dropout=cond_dropout,
                       caption_noise=caption_noise, ema_decay=ema_decay, warmup_steps=warmup_steps, time_budget_s=time_budget_s,
-                      timestep_density="logit-normal(0, 1)",
+                      timestep_density=timestep_density,
                       data="sklearn load_digits (digits_split train part) rendered into layouts of the training prompts"),
         metrics=metrics,
     )
@@ -652,9 +661,9 @@ def pretrain_main(out_dir: Union[str, Path, None] = None, *, quick: bool = False
     machine = machine_info("cpu")  # the commit as the run starts: the code it imports
     out = Path(out_dir) if out_dir is not None else ASSETS_DIR
     print(f"[flow-digits] writing to {out}", flush=True)
-    # the schedule is sized to end with the budget: about 0.115 s per step of 64 on the project's 2 cores
+    # the schedule is sized to end with the budget: about 0.14 s per step of 64 on the project's 2 cores
     train_kw = dict(steps=20, log_every=10, warmup_steps=5) if quick else dict(
-        time_budget_s=time_budget_s, steps=int(time_budget_s / 0.115), eval_every=2000)
+        time_budget_s=time_budget_s, steps=int(time_budget_s / 0.14), eval_every=2000)
     metrics = pretrain_flow_digits(out, **train_kw)
     print(f"[flow-digits] loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f} in {metrics['steps']} steps, "
           f"{metrics['wall_time_s']:.0f}s", flush=True)
