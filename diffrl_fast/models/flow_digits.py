@@ -491,17 +491,16 @@ def pretrain_flow_digits(
     log_every: int = 250,
     time_budget_s: Optional[float] = None,
     eval_every: int = 0,
-    timestep_density: str = "uniform",
+    timestep_density: str = "logit_normal",
     transformer_overrides: Optional[dict] = None,
 ) -> dict:
     """Train the flow-digits transformer + prompt encoder from scratch by flow matching and write them to ``out_dir``.
 
     Loss (rectified flow / conditional flow matching, Liu et al. 2023, Lipman et al. 2023, as SD3 trains):
         E |v_theta(x_sigma, 1000 sigma, e(c')) - (noise - x_0)|^2,  x_sigma = (1 - sigma) x_0 + sigma noise,
-    sigma ~ U(0, 1) (``timestep_density="uniform"``, rectified flow's) or logit-normal(0, 1) ("logit_normal", SD3's,
-    Esser et al. 2024). Uniform is the default: the sampler's first steps, which decide the layout, run at
-    sigma >= 0.9, where logit-normal(0, 1) puts 1.4% of its mass; a run with it (stopped at step 4000) drew 26% of
-    layouts right without guidance against 69% at g = 3. x_0 = ``render`` of a prompt from
+    sigma ~ logit-normal(0, 1) (``timestep_density="logit_normal"``, SD3's, Esser et al. 2024) or U(0, 1)
+    ("uniform", rectified flow's). Uniform trains the sampler's first steps (sigma >= 0.9, 1.4% of logit-normal's
+    mass) more, but measured worse at the same step, with and without guidance (docs/worlds.md). x_0 = ``render`` of a prompt from
     ``sample_training_prompts`` (the held-out pairs never appear). c' = "" with probability ``cond_dropout`` (for
     classifier-free guidance); with probability ``caption_noise`` the image is drawn for a random other training
     prompt (noisy captions). AdamW, linear warm-up then cosine decay, gradient norm clipped to 1, EMA weights saved.
