@@ -159,6 +159,26 @@ def flow_digits_quality(data: dict) -> str:
     return "\n".join(lines)
 
 
+def sdxl_memory_table(data: dict) -> str:
+    commit = str(data["versions"].get("commit", ""))
+    if not commit or commit.endswith("-dirty") or commit == "unknown":
+        raise ResultError(f"counted on uncommitted code (commit {commit!r}): rerun `python benchmarks/estimate_sdxl_memory.py` on a clean commit")
+    rows = {}
+    for r in data["table"]:
+        rows.setdefault(r["config"], {})[r["checkpointing"]] = r
+    lines = [f"| configuration | static, GiB | activations, GiB/row (no ckpt / ckpt) | peak at {data['default_rows']} rows with ckpt, GiB | max rows with ckpt |",
+             "| --- | --- | --- | --- | --- |"]
+    per_row = lambda r: max(r["forward_peak_gib"]["per_row"], r["backward_peak_gib"]["per_row"])  # noqa: E731
+    for config, by_ckpt in rows.items():
+        off, on = by_ckpt[False], by_ckpt[True]
+        lines.append(f"| {config} | {on['static_gib']:.1f} | {per_row(off):.1f} / {per_row(on):.2f} | "
+                     f"{on['peak_gib_at_16_rows']:.1f} | {on['max_rows']} |")
+    v = data["versions"]
+    lines += ["", f"Counted on the meta device, not measured (commit {commit}, torch {v['torch']}, diffusers {v['diffusers']}, "
+              f"`python benchmarks/estimate_sdxl_memory.py`, {data['seconds']:.0f} s).", ""]
+    return "\n".join(lines)
+
+
 E2E_SIZES = {"tiny": "tiny (overhead-bound, 4x16x16)", "small": "small (compute-bound, 4x32x32)"}
 
 
@@ -216,7 +236,8 @@ def e2e_detail(data: dict) -> str:
 
 BLOCKS: dict[str, Callable[[dict], str]] = {"e2e_detail": e2e_detail, "main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
                                             "ops_table": ops_table, "memory_table": memory_table, "e2e_table": e2e_table,
-                                            "flow_main_job": flow_main_job, "flow_digits_quality": flow_digits_quality}
+                                            "flow_main_job": flow_main_job, "flow_digits_quality": flow_digits_quality,
+                                            "sdxl_memory_table": sdxl_memory_table}
 DOCS = ("README.md", "docs/*.md", "benchmarks/results/*.md")
 
 
