@@ -153,6 +153,9 @@ def flow_digits_quality(data: dict) -> str:
              "", f"At g = {q['eval_guidance']:g}: held-out prompts {pct(q['heldout'])} layout correct. When only the first k "
              f"of the {q['num_steps']} steps see the prompt (the rest another prompt's): "
              + ", ".join(f"k = {r['k']}: {pct(r)}" for r in q["early_steps"]) + ".",
+             *([f"", "During training (EMA weights, 200 samples each, g = 1 / g = 3): " + ", ".join(
+                 f"step {r['step']}: {100 * r['layout_correct_g1']:.1f}% / {100 * r['layout_correct_g3']:.1f}%"
+                 for r in data["transformer"]["quality_curve"]) + "."] if data["transformer"].get("quality_curve") else []),
              "", f"{q['num_samples']} samples per figure, {q['num_steps']} SDE steps at noise level {q['noise_level']:g}, "
              f"mean ± standard error; the transformer trained {data['transformer']['steps']} steps in "
              f"{data['transformer']['wall_time_s'] / 60:.1f} min ({_provenance(data, data['command'])}).", ""]
