@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..cli import UsageError
 from ..config_utils import ConfigError, describe, load_config, provenance_lines
-from ..train.config import DEFAULT_PRESET, Config, validate
+from ..train.config import DEFAULT_PRESET, Config, check_world_prompts, validate
 
 
 def _usage() -> str:
@@ -63,6 +63,7 @@ def prepare_run(argv: list[str]) -> tuple[Config, Path, bool]:
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
     cfg = parse_config(argv)
+    check_world_prompts(cfg)
     run_dir = Path(cfg.output_dir) / cfg.name
     _check_writable(run_dir)
     exists = run_dir.exists() and any(run_dir.iterdir())

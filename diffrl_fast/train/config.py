@@ -352,8 +352,9 @@ def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
 
 
 def check_world_prompts(cfg: Config) -> None:
-    """The built-in worlds read a fixed grammar: a prompt they cannot read is a ConfigError naming the grammar,
-    raised before any model loads."""
+    """The built-in worlds read a fixed grammar: a prompt of ``model.path``'s world it cannot read is a ConfigError
+    naming the grammar. The train command and the Trainer (when it loads the model itself) call it before any
+    model loads."""
     if cfg.model.path == "digits":
         from ..models.digits import DigitPromptEncoder
 
@@ -381,7 +382,6 @@ def validate(cfg: Config) -> Config:
     from ..algos import ALGORITHMS
 
     need(cfg.algo in ALGORITHMS, f"algo: {cfg.algo!r} is not one of {sorted(ALGORITHMS)}")
-    check_world_prompts(cfg)
     need(cfg.num_epochs >= 1, "num_epochs must be >= 1")
     s, t = cfg.sample, cfg.train
     need(s.num_steps >= 1, "sample.num_steps must be >= 1")

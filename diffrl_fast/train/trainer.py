@@ -38,7 +38,7 @@ from ..rewards.remote import RewardServiceError
 from ..utils.memory import PeakMemory
 from .advantages import PerPromptStatTracker, normalize
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, read_prompts, reward_label, timestep_window
+from .config import Config, check_world_prompts, read_prompts, reward_label, timestep_window
 from .distributed import DistContext, init_distributed, make_engine
 from .outputs import RunLogger, save_final_weights, write_summary
 
@@ -91,6 +91,8 @@ class Trainer:
         self.device = torch.device(device)
         self.log_fn = log_fn if self.ctx.is_main else (lambda s: None)
         self.prompts = read_prompts(cfg)
+        if model is None:  # the built-in worlds read a fixed grammar: a bad prompt fails before anything loads
+            check_world_prompts(cfg)
         if self.ctx.active and cfg.reward.drop_nonfinite:
             raise ValueError("reward.drop_nonfinite changes the samples per process, which several processes cannot do "
                              "in lockstep; fix the reward or run with one process")
