@@ -43,7 +43,7 @@ def pair_image(images: torch.Tensor, path: Path, scale: int) -> Path:
 
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="diffrl-fast label", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="digits", help="'digits' or a diffusers pipeline folder / hub id")
+    ap.add_argument("--model", default="digits", help="'digits', 'flow-digits' or a diffusers pipeline folder / hub id")
     ap.add_argument("--prompt", action="append", required=True, help="prompt (repeatable; used round-robin)")
     ap.add_argument("--pairs", type=int, default=8, help="number of pairs to label")
     ap.add_argument("--out", default="labels.json", help="the preferences file (appended to if it exists)")

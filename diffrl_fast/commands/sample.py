@@ -25,7 +25,7 @@ def load_policy(args):
 
 def add_policy_args(ap) -> None:
     ap.add_argument("--run", help="a run folder written by `diffrl-fast train` (its latest checkpoint)")
-    ap.add_argument("--model", help="a base model instead: 'digits' or a diffusers pipeline folder / hub id")
+    ap.add_argument("--model", help="a base model instead: 'digits', 'flow-digits' or a diffusers pipeline folder / hub id")
     ap.add_argument("--prompt", action="append", help="prompt (repeatable); default: the run's prompts")
     ap.add_argument("--n", type=int, default=16, help="number of samples (prompts are used round-robin)")
     ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
