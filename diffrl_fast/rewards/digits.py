@@ -38,6 +38,15 @@ def _class_ids(prompts: list, metadata: Optional[list], batch: int) -> torch.Ten
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def frozen_classifier(classifier=None, device="cpu"):
+    """``classifier`` (default: the shipped ``DigitClassifier``) in eval mode without gradients, and its first
+    parameter (where inputs go, in which dtype): the set-up of every digit-classifier reward."""
+    if classifier is None:
+        classifier = load_digit_classifier(device=device)
+    classifier = classifier.eval().requires_grad_(False)
+    return classifier, next(classifier.parameters())
+
+
 @register("digit_confidence")
 def digit_confidence(device="cpu", classifier=None):
     """Reward r(x, c) = log softmax(f(x))[c]: the digit classifier's log-probability of the conditioned class.
@@ -46,10 +55,7 @@ def digit_confidence(device="cpu", classifier=None):
     metadata[i]["class_id"] if present, else from ``DigitPromptEncoder.parse_prompt(prompts[i])``.
     Rewards lie in (-inf, 0]; 0 means certain. Info: accuracy (argmax f = c) and mean class probability.
     """
-    if classifier is None:
-        classifier = load_digit_classifier(device=device)
-    classifier = classifier.eval().requires_grad_(False)
-    param = next(classifier.parameters())
+    classifier, param = frozen_classifier(classifier, device)
 
     @torch.no_grad()
     def fn(images: torch.Tensor, prompts: list, metadata: Optional[list] = None):

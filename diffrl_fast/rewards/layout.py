@@ -12,6 +12,7 @@ import torch
 from ..models.digits import load_digit_classifier
 from ..models.flow_digits import DIGIT_SIZE, SLOTS, Layout, canvas_input, layout_scores, parse_layout
 from . import register
+from .digits import frozen_classifier
 
 
 def _layouts(prompts: list, metadata: Optional[list], batch: int) -> list[Layout]:
@@ -32,10 +33,7 @@ def digit_layout(device="cpu", classifier=None):
     constrained slot's top class is right; per sample in info["per_sample"], which the trainer logs beside the
     reward) and slot_accuracy.
     """
-    if classifier is None:
-        classifier = load_digit_classifier(device=device)
-    classifier = classifier.eval().requires_grad_(False)
-    param = next(classifier.parameters())
+    classifier, param = frozen_classifier(classifier, device)
 
     @torch.no_grad()
     def fn(images: torch.Tensor, prompts: list, metadata: Optional[list] = None):
