@@ -323,13 +323,10 @@ def count_prompts(data: dict) -> int:
     """How many prompts a (partial) config dict names: its prompt_file's lines, or its prompts list."""
     path = data.get("prompt_file")
     if path:
-        path = str(path)
-        if path.startswith(BUILTIN_PROMPTS) or Path(path).is_file():
-            try:
-                return len(set(prompt_file_lines(path)))
-            except (ConfigError, ValueError):
-                return 2
-        return 2
+        try:
+            return len(set(prompt_file_lines(str(path))))
+        except (ConfigError, OSError, ValueError):  # a missing or empty file fails later, with its own message
+            return 2
     prompts = data.get("prompts", Config.__dataclass_fields__["prompts"].default_factory())
     if isinstance(prompts, str):
         prompts = [x for x in prompts.split(",") if x.strip()]
