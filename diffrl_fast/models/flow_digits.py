@@ -35,6 +35,7 @@ quality figures, is assets/flow_digits_pretrain_report.json).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -490,9 +491,12 @@ def pretrain_flow_digits(
     warmup_steps: int = 200,
     log_every: int = 250,
     time_budget_s: Optional[float] = None,
+    stop_after: Optional[int] = None,
     eval_every: int = 0,
     timestep_density: str = "logit_normal",
     transformer_overrides: Optional[dict] = None,
+    teacher: Optional["FlowDigitsWorld"] = None,
+    teacher_guidance: float = 1.0,
 ) -> dict:
     """Train the flow-digits transformer + prompt encoder from scratch by flow matching and write them to ``out_dir``.
 
@@ -504,21 +508,38 @@ def pretrain_flow_digits(
     ``sample_training_prompts`` (the held-out pairs never appear). c' = "" with probability ``cond_dropout`` (for
     classifier-free guidance); with probability ``caption_noise`` the image is drawn for a random other training
     prompt (noisy captions). AdamW, linear warm-up then cosine decay, gradient norm clipped to 1, EMA weights saved.
-    ``time_budget_s`` stops early (the schedule is set for ``steps``). With ``eval_every`` the EMA weights are
+    ``stop_after`` (a step count) and ``time_budget_s`` stop early (the schedule is set for ``steps``). With ``eval_every`` the EMA weights are
     evaluated every that many steps (200 samples of the training prompts, 10 SDE steps, g = 1 and 3; off the
     clock): the metrics' quality_curve, what a shorter budget would have given. Writes the safetensors and
     flow_digits.json.
+
+    With ``teacher`` (a ``FlowDigitsWorld``) this is guidance distillation instead (Meng et al. 2023, "On
+    Distillation of Guided Diffusion Models", stage 1; FLUX.1-dev is a guidance-distilled model): the student
+    starts from the teacher's transformer, keeps its frozen prompt encoder, and regresses the teacher's guided
+    velocity at scale w = ``teacher_guidance`` on the same noised data:
+        E |v_s(x_sigma, t, e(c')) - [v_T(x_sigma, t, e("")) + w (v_T(x_sigma, t, e(c')) - v_T(x_sigma, t, e("")))]|^2,
+    so that the student's unguided sample is the teacher's guided one. For a dropped caption (c' = "") the target
+    is the teacher's unconditional velocity, so the student keeps an unconditional branch and classifier-free
+    guidance still works on it (a scale g on the student acts about as g x w on the teacher).
     """
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     if timestep_density not in ("uniform", "logit_normal"):
         raise ValueError(f"timestep_density must be 'uniform' or 'logit_normal', got {timestep_density!r}")
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = build_transformer(**(transformer_overrides or {}))
-        encoder = LayoutPromptEncoder(dim=transformer.config.joint_attention_dim)
-    params = list(transformer.parameters()) + list(encoder.parameters())
+    if teacher is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = build_transformer(**(transformer_overrides or {}))
+            encoder = LayoutPromptEncoder(dim=transformer.config.joint_attention_dim)
+        params = list(transformer.parameters()) + list(encoder.parameters())
+    else:
+        if transformer_overrides:
+            raise ValueError("transformer_overrides cannot change a distilled student: it is a copy of the teacher")
+        teacher.transformer.eval().requires_grad_(False)
+        transformer = copy.deepcopy(teacher.transformer).requires_grad_(True)
+        encoder = teacher.prompt_encoder
+        params = list(transformer.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     lr_schedule = get_cosine_schedule_with_warmup(opt, warmup_steps, steps)
     ema = [p.detach().clone() for p in params]
@@ -566,9 +587,17 @@ def pretrain_flow_digits(
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
+        target = noise - x0
+        if teacher is not None:
+            with torch.no_grad():
+                h_u, p_u = encoder.encode([""] * batch_size)
+                v_u, v_c = teacher.transformer(hidden_states=torch.cat([x_t, x_t]), timestep=torch.cat([sigma, sigma]) * 1000,
+                                               encoder_hidden_states=torch.cat([h_u, hidden]),
+                                               pooled_projections=torch.cat([p_u, pooled]), return_dict=False)[0].chunk(2)
+                target = v_u + teacher_guidance * (v_c - v_u)
         v = transformer(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=hidden, pooled_projections=pooled,
                         return_dict=False)[0]
-        loss = F.mse_loss(v, noise - x0)
+        loss = F.mse_loss(v, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -584,7 +613,7 @@ def pretrain_flow_digits(
             print(f"[flow-digits] step {done}/{steps}  loss {sum(recent) / len(recent):.4f}  {clock:.0f}s", flush=True)
         if eval_every and done % eval_every == 0:
             evaluate_ema(done)
-        if time_budget_s is not None and clock > time_budget_s:
+        if (time_budget_s is not None and clock > time_budget_s) or (stop_after is not None and done >= stop_after):
             break
     with torch.no_grad():
         for p, e in zip(params, ema):
@@ -599,7 +628,7 @@ def pretrain_flow_digits(
         scheduler=_public_config(make_scheduler().config),
         training=dict(steps=steps, steps_done=done, batch_size=batch_size, lr=lr, seed=seed, cond_dropout=cond_dropout,
                       caption_noise=caption_noise, ema_decay=ema_decay, warmup_steps=warmup_steps, time_budget_s=time_budget_s,
-                      timestep_density=timestep_density,
+                      stop_after=stop_after, timestep_density=timestep_density, distilled_at_guidance=teacher_guidance if teacher is not None else None,
                       data="sklearn load_digits (digits_split train part) rendered into layouts of the training prompts"),
         metrics=metrics,
     )
@@ -649,23 +678,54 @@ def quality_report(world: FlowDigitsWorld, *, num_samples: int = 1000, num_steps
     return out
 
 
+TEACHER_SCHEDULE_STEPS = 10000  # the teacher's cosine schedule is set for this many steps ...
+TEACHER_STEPS = 4000            # ... and stopped here, where it draws about two layouts in three at its best guidance
+DISTILL_GUIDANCE = 3.0          # the teacher's guidance scale the student learns to draw at g = 1
+DISTILL_STEPS = 600
+
+
 def pretrain_main(out_dir: Union[str, Path, None] = None, *, quick: bool = False, time_budget_s: float = 1500.0,
                   report_samples: int = 1000) -> dict:
-    """Build the flow-digits world: pretrain the transformer (within ``time_budget_s``), then measure its quality
-    (``quality_report``) and write everything, with flow_digits_pretrain_report.json, into ``diffrl_fast/assets/``
-    unless ``out_dir`` is given. The digits world's classifiers (the reward) must exist: ``diffrl-fast pretrain
-    digits`` builds them. ``quick=True``: a few steps and samples (a smoke test, not a usable model)."""
+    """Build the flow-digits world and write it, with flow_digits_pretrain_report.json, into ``diffrl_fast/assets/``
+    unless ``out_dir`` is given:
+
+    1. the teacher: ``pretrain_flow_digits`` from scratch, a cosine schedule of ``TEACHER_SCHEDULE_STEPS`` steps
+       stopped after ``TEACHER_STEPS`` (or ``time_budget_s`` seconds, whichever comes first): a model that follows
+       its prompt well only with guidance (its quality_curve in the report);
+    2. the shipped model: the teacher guidance-distilled at w = ``DISTILL_GUIDANCE`` for ``DISTILL_STEPS`` steps
+       (``pretrain_flow_digits(teacher=...)``), so that it draws at g = 1 what the teacher draws at g = 3, and
+       guidance adds little on top (FLUX.1-dev's situation);
+    3. its quality (``quality_report``).
+
+    The teacher is stopped early on purpose: trained to the end it draws nearly every layout right, which leaves RL
+    nothing to do. The digits world's classifiers (the reward) must exist: ``diffrl-fast pretrain digits`` builds
+    them. ``quick=True``: a few steps and samples (a smoke test, not a usable model).
+    """
+    import tempfile
+
     from ..utils.provenance import machine_info
 
     machine = machine_info("cpu")  # the commit as the run starts: the code it imports
     out = Path(out_dir) if out_dir is not None else ASSETS_DIR
     print(f"[flow-digits] writing to {out}", flush=True)
-    # the schedule is sized to end with the budget: about 0.14 s per step of 64 on the project's 2 cores
-    train_kw = dict(steps=20, log_every=10, warmup_steps=5) if quick else dict(
-        time_budget_s=time_budget_s, steps=int(time_budget_s / 0.14), eval_every=2000)
-    metrics = pretrain_flow_digits(out, **train_kw)
-    print(f"[flow-digits] loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f} in {metrics['steps']} steps, "
-          f"{metrics['wall_time_s']:.0f}s", flush=True)
+    if quick:
+        teacher_kw = dict(steps=20, log_every=10, warmup_steps=5)
+        student_kw = dict(steps=10, log_every=10, warmup_steps=2)
+    else:
+        teacher_kw = dict(steps=TEACHER_SCHEDULE_STEPS, stop_after=TEACHER_STEPS, time_budget_s=time_budget_s, eval_every=1000)
+        student_kw = dict(steps=DISTILL_STEPS, lr=3e-4, warmup_steps=50, eval_every=200)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_metrics = pretrain_flow_digits(tmp, **teacher_kw)
+        print(f"[flow-digits] teacher: loss {teacher_metrics['loss_first']:.4f} -> {teacher_metrics['loss_last']:.4f} in "
+              f"{teacher_metrics['steps']} steps, {teacher_metrics['wall_time_s']:.0f}s", flush=True)
+        teacher = load_pretrained_flow_digits(directory=tmp)
+        teacher_training = json.loads((Path(tmp) / CONFIG).read_text())["training"]
+    metrics = pretrain_flow_digits(out, teacher=teacher, teacher_guidance=DISTILL_GUIDANCE, **student_kw)
+    print(f"[flow-digits] distilled at guidance {DISTILL_GUIDANCE:g}: loss {metrics['loss_first']:.4f} -> "
+          f"{metrics['loss_last']:.4f} in {metrics['steps']} steps, {metrics['wall_time_s']:.0f}s", flush=True)
+    config = json.loads((out / CONFIG).read_text())
+    config["teacher_training"] = teacher_training
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     world = load_pretrained_flow_digits(directory=out)
     quality = quality_report(world, num_samples=20 if quick else report_samples)
     for row in quality["by_guidance"]:
@@ -676,8 +736,9 @@ def pretrain_main(out_dir: Union[str, Path, None] = None, *, quick: bool = False
         print(f"[flow-digits] first {row['k']} of {quality['num_steps']} steps see the prompt: layout correct "
               f"{row['layout_correct']:.3f}", flush=True)
     command = "diffrl-fast pretrain flow-digits" + (" --quick" if quick else f" --budget-s {time_budget_s:g}")
-    report = dict(machine=machine, command=command, transformer=metrics, quality=quality,
-                  prompts=dict(train=len(FLOW_DIGITS_TRAIN_PROMPTS), heldout=len(FLOW_DIGITS_HELDOUT_PROMPTS),
-                               heldout_pairs=[list(p) for p in HELDOUT_PAIRS], grammar=GRAMMAR))
+    report = dict(machine=machine, command=command, teacher=teacher_metrics,
+                  distillation=dict(guidance_scale=DISTILL_GUIDANCE, steps=metrics["steps"]), transformer=metrics,
+                  quality=quality, prompts=dict(train=len(FLOW_DIGITS_TRAIN_PROMPTS), heldout=len(FLOW_DIGITS_HELDOUT_PROMPTS),
+                                                heldout_pairs=[list(p) for p in HELDOUT_PAIRS], grammar=GRAMMAR))
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -179,6 +179,38 @@ def test_pretrain_quick_writes_a_loadable_world_and_report(tmp_path):
     q = saved["quality"]
     assert [r["guidance_scale"] for r in q["by_guidance"]] == list(fd.REPORT_GUIDANCE)
     assert [r["k"] for r in q["early_steps"]] == [1, 2, 5, 10] and q["heldout"]["n"] == 20
-    assert report["transformer"]["steps"] == 20
+    assert report["teacher"]["steps"] == 20 and report["transformer"]["steps"] == 10
+    assert report["distillation"]["guidance_scale"] == fd.DISTILL_GUIDANCE
+    config = json.loads((tmp_path / fd.CONFIG).read_text())
+    assert config["training"]["distilled_at_guidance"] == fd.DISTILL_GUIDANCE and config["teacher_training"]["steps_done"] == 20
     with pytest.raises(FileNotFoundError, match="pretrain flow-digits"):
         fd.load_pretrained_flow_digits(directory=tmp_path / "missing")
+
+
+def test_guidance_distillation_learns_the_teachers_guided_velocity(model, tmp_path):
+    """The student regresses v_u + w (v_c - v_u) of the teacher: after a few steps its unguided velocity is much
+    closer to the teacher's guided one than the teacher's own unguided velocity is."""
+    teacher = model.world
+    w = 3.0
+    gen = torch.Generator().manual_seed(0)
+    prompts = fd.sample_training_prompts(16, gen)
+    x0 = fd.render([fd.parse_layout(p) for p in prompts], gen) * 2 - 1
+    sigma = torch.full((16,), 0.6)
+    x_t = 0.4 * x0 + 0.6 * torch.randn(x0.shape, generator=gen)
+
+    def velocity(transformer, texts):
+        hidden, pooled = teacher.prompt_encoder.encode(texts)
+        with torch.no_grad():
+            return transformer(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=hidden,
+                               pooled_projections=pooled, return_dict=False)[0]
+
+    v_c, v_u = velocity(teacher.transformer, prompts), velocity(teacher.transformer, [""] * 16)
+    guided = v_u + w * (v_c - v_u)
+    fd.pretrain_flow_digits(tmp_path, teacher=teacher, teacher_guidance=w, steps=40, batch_size=32, lr=1e-3, warmup_steps=2, ema_decay=0.0,
+                            log_every=0, seed=1)
+    student = fd.load_pretrained_flow_digits(directory=tmp_path)
+    before = (v_c - guided).pow(2).mean()
+    after = (velocity(student.transformer, prompts) - guided).pow(2).mean()
+    assert after < 0.5 * before, (float(before), float(after))
+    # the teacher itself is left as it was, frozen
+    assert torch.equal(velocity(teacher.transformer, prompts), v_c) and not any(p.requires_grad for p in teacher.transformer.parameters())
