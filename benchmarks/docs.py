@@ -153,13 +153,28 @@ def flow_digits_quality(data: dict) -> str:
              "", f"At g = {q['eval_guidance']:g}: held-out prompts {pct(q['heldout'])} layout correct. When only the first k "
              f"of the {q['num_steps']} steps see the prompt (the rest another prompt's): "
              + ", ".join(f"k = {r['k']}: {pct(r)}" for r in q["early_steps"]) + ".",
-             *([f"", "During training (EMA weights, 200 samples each, g = 1 / g = 3): " + ", ".join(
-                 f"step {r['step']}: {100 * r['layout_correct_g1']:.1f}% / {100 * r['layout_correct_g3']:.1f}%"
-                 for r in data["transformer"]["quality_curve"]) + "."] if data["transformer"].get("quality_curve") else []),
+             *(_training_curve("The teacher during its training", data["teacher"].get("quality_curve"))
+               + _training_curve("The shipped model during distillation", data["transformer"].get("quality_curve"))
+               if "teacher" in data else _training_curve("During training", data["transformer"].get("quality_curve"))),
              "", f"{q['num_samples']} samples per figure, {q['num_steps']} SDE steps at noise level {q['noise_level']:g}, "
-             f"mean ± standard error; the transformer trained {data['transformer']['steps']} steps in "
-             f"{data['transformer']['wall_time_s'] / 60:.1f} min ({_provenance(data, data['command'])}).", ""]
+             f"mean ± standard error; {_training_time(data)} ({_provenance(data, data['command'])}).", ""]
     return "\n".join(lines)
+
+
+def _training_curve(title: str, curve) -> list[str]:
+    if not curve:
+        return []
+    return ["", f"{title} (EMA weights, 200 samples each, g = 1 / g = 3): " + ", ".join(
+        f"step {r['step']}: {100 * r['layout_correct_g1']:.1f}% / {100 * r['layout_correct_g3']:.1f}%" for r in curve) + "."]
+
+
+def _training_time(data: dict) -> str:
+    t = data["transformer"]
+    if "teacher" not in data:
+        return f"the transformer trained {t['steps']} steps in {t['wall_time_s'] / 60:.1f} min"
+    return (f"the teacher trained {data['teacher']['steps']} steps in {data['teacher']['wall_time_s'] / 60:.1f} min, the shipped "
+            f"model was distilled from it at g = {data['distillation']['guidance_scale']:g} in {t['steps']} steps, "
+            f"{t['wall_time_s'] / 60:.1f} min")
 
 
 def sdxl_memory_table(data: dict) -> str:
