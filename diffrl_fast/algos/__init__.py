@@ -6,6 +6,7 @@ from .._extras import require_train
 require_train("diffrl_fast.algos")
 
 from .awm import AWM
+from .dgpo import DGPO
 from .base import Algorithm, EpochData
 from .d3po import D3PO
 from .ddpo import DDPO, DDPO_SF
@@ -15,7 +16,7 @@ from .grpo import GRPO
 from .nft import NFT
 from .tdpo import TDPO, TDPO_R
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, DDPO_SF, DPOK, D3PO, Dense, TDPO, TDPO_R, GRPO, NFT, AWM)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DDPO, DDPO_SF, DPOK, D3PO, Dense, TDPO, TDPO_R, GRPO, NFT, AWM, DGPO)}
 
 
 def make_algorithm(cfg) -> Algorithm:

@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=10, help="sampling steps")
     ap.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
     ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0)")
+    ap.add_argument("--sde-type", default="sde", choices=["sde", "cps"], help="flow models: the rollout SDE (Flow-GRPO's, or coefficients-preserving sampling)")
     ap.add_argument("--train-batch", type=int, default=3, help="samples per training batch in the recompute")
     ap.add_argument("--chunk", type=int, default=4, help="timesteps packed per denoiser forward (K)")
     ap.add_argument("--threshold", type=float, default=1e-5, help="fail when the worst |ratio - 1| exceeds this")
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
     autocast = DTYPES[args.autocast]
     with use_backend(args.backend):
         traj = sample_trajectories(model, prompts, num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
-                                   seeds=[args.seed + i for i in range(args.samples)], autocast_dtype=autocast)
+                                   sde_type=args.sde_type, seeds=[args.seed + i for i in range(args.samples)], autocast_dtype=autocast)
         rep = parity_report(model, traj, batch_size=args.train_batch, chunk_size=args.chunk, autocast_dtype=autocast, seed=args.seed)
     print(f"model {args.model} ({model.kind}, {traj.schedule.kind}), {args.samples} samples x {args.steps} steps, "
           f"train batch {args.train_batch}, K = {args.chunk}")

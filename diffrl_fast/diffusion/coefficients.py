@@ -13,6 +13,7 @@ accumulation dtype (float32, or float64 for float64 latents).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Union
 
@@ -49,7 +50,8 @@ class StepSchedule:
     s: torch.Tensor
     clip: Optional[torch.Tensor] = None
     clip_limit: float = 1.0
-    sde_std: Optional[torch.Tensor] = None  # [T] flow SDE only: Flow-GRPO's std_dev_t, i.e. s / sqrt(|dt|)
+    sde_std: Optional[torch.Tensor] = None  # [T] flow SDE only: Flow-GRPO's std_dev_t (s / sqrt(|dt|); CPS: s itself)
+    residual_logprob: bool = False  # CPS: a step's log-prob is -mean (y - mean)^2, the squared residual only
 
     @property
     def num_steps(self) -> int:
@@ -208,8 +210,11 @@ def ddpm_schedule(scheduler, num_steps: int) -> StepSchedule:
     return _schedule("ddpm", scheduler.timesteps, a, b, s, clip, float(cfg.clip_sample_range))
 
 
+SDE_TYPES = ("sde", "cps")
+
+
 def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu: Optional[float] = None,
-                      sigma_grid: Optional[str] = None) -> StepSchedule:
+                      sigma_grid: Optional[str] = None, sde_type: str = "sde") -> StepSchedule:
     """A flow-matching model (velocity v, sigma from 1 to 0) sampled as the SDE of Flow-GRPO (Liu et al. 2025).
 
     With sigma the current and sigma' the next sigma, dt = sigma' - sigma < 0, and
@@ -217,12 +222,27 @@ def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu
 
         mean = x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt,    s = std sqrt(-dt)
 
+    ``sde_type="cps"``: coefficients-preserving sampling (Wang & Yu 2025, "Coefficients-Preserving Sampling for
+    Reinforcement Learning with Flow Matching"; flow_grpo's ``sde_type == "cps"``), which keeps x' at the
+    noise level sigma' of the forward process: std = sigma' sin(noise_level pi / 2), s = std, and
+
+        mean = (x - sigma v)(1 - sigma') + (x + (1 - sigma) v) sqrt(sigma'^2 - std^2)
+
+    (the predicted x_0 and noise recombined at sigma'), whose log-prob is the squared residual only,
+    -mean (x' - mean)^2 (``residual_logprob``: no 1/(2 s^2) scale, no constants, as the authors compute it).
+    Its last step (sigma' = 0) has std 0: deterministic, with no log-prob, so it is never trained on (flow_grpo
+    trains it with a zero gradient, which only scales its averaged update by (T - 1) / T).
+
     ``mu`` is passed to ``set_timesteps`` for schedulers with dynamic shifting (SD3 and FLUX compute it from
     the image size). ``sigma_grid="flux"`` starts from FluxPipeline's unshifted sigmas linspace(1, 1/N, N)
     instead of the scheduler's own grid.
     """
     if not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 for a stochastic step with a log-prob, got {noise_level}")
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+    if sde_type == "cps" and not noise_level < 2:
+        raise ValueError(f"CPS needs noise_level in (0, 2) (std = sigma' sin(noise_level pi / 2) > 0), got {noise_level}")
     kwargs = {"mu": mu} if mu is not None else {}
     if sigma_grid == "flux":
         import numpy as np
@@ -236,6 +256,12 @@ def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu
     sig = scheduler.sigmas.to(torch.float64).cpu()
     sigma, sigma_next = sig[:-1], sig[1:]
     dt = sigma_next - sigma
+    if sde_type == "cps":
+        std = sigma_next * math.sin(noise_level * math.pi / 2)
+        c = (sigma_next * sigma_next - std * std).clamp_min(0).sqrt()
+        a = (1 - sigma_next) + c
+        b = -sigma * (1 - sigma_next) + (1 - sigma) * c
+        return _schedule("flow_cps", scheduler.timesteps, a, b, std, None, 1.0, sde_std=std, residual_logprob=True)
     sigma_max = sig[1] if sig.numel() > 1 else sig[0]
     denom = 1 - torch.where(sigma == 1, sigma_max, sigma)
     std = noise_level * (sigma / denom).sqrt()
@@ -245,20 +271,21 @@ def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu
     return _schedule("flow_sde", scheduler.timesteps, a, b, s, None, 1.0, sde_std=std)
 
 
-def _schedule(kind, timesteps, a, b, s, clip, limit, sde_std=None) -> StepSchedule:
+def _schedule(kind, timesteps, a, b, s, clip, limit, sde_std=None, residual_logprob=False) -> StepSchedule:
     f64 = dict(dtype=torch.float64, device="cpu")
     for name, v in (("a", a), ("b", b), ("s", s)):
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"the {kind} schedule has non-finite {name} coefficients: {v.tolist()}")
     return StepSchedule(
         kind, timesteps.detach().cpu(), a.to(**f64), b.to(**f64), s.to(**f64),
-        None if clip is None else clip.to(**f64), limit, None if sde_std is None else sde_std.to(**f64),
+        None if clip is None else clip.to(**f64), limit, None if sde_std is None else sde_std.to(**f64), residual_logprob,
     )
 
 
 def make_schedule(scheduler, num_steps: int, *, eta: float = 1.0, noise_level: float = 0.7, mu: Optional[float] = None,
-                  window: Optional[torch.Tensor] = None, sigma_grid: Optional[str] = None) -> StepSchedule:
-    """The ``StepSchedule`` of ``scheduler`` for ``num_steps`` steps, chosen by the scheduler's class.
+                  window: Optional[torch.Tensor] = None, sigma_grid: Optional[str] = None, sde_type: str = "sde") -> StepSchedule:
+    """The ``StepSchedule`` of ``scheduler`` for ``num_steps`` steps, chosen by the scheduler's class
+    (``sde_type``: the flow-matching SDE, ``flow_sde_schedule``; only "sde" for DDIM and DDPM).
 
     ``window`` ([num_steps] bool, optional) keeps only those steps stochastic: the others become the
     sampler's deterministic step (``deterministic_steps``), with no noise and no log-prob, so they are
@@ -269,12 +296,15 @@ def make_schedule(scheduler, num_steps: int, *, eta: float = 1.0, noise_level: f
     FlowMatchEulerDiscreteScheduler = diffusers.FlowMatchEulerDiscreteScheduler
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if sde_type != "sde" and not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(f"sde_type={sde_type!r} applies to flow-matching models only (FlowMatchEulerDiscreteScheduler); "
+                         f"this model samples with {type(scheduler).__name__}: use sde_type='sde'")
     if isinstance(scheduler, DDIMScheduler):
         sched = ddim_schedule(scheduler, num_steps, eta)
     elif isinstance(scheduler, DDPMScheduler):
         sched = ddpm_schedule(scheduler, num_steps)
     elif isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        sched = flow_sde_schedule(scheduler, num_steps, noise_level, mu=mu, sigma_grid=sigma_grid)
+        sched = flow_sde_schedule(scheduler, num_steps, noise_level, mu=mu, sigma_grid=sigma_grid, sde_type=sde_type)
     else:
         raise ValueError(
             f"unsupported scheduler type {type(scheduler).__name__}: the rollout supports DDIMScheduler, DDPMScheduler "
@@ -336,12 +366,12 @@ def denoising_target(scheduler, alpha: torch.Tensor, sigma: torch.Tensor, x0: to
 def deterministic_steps(scheduler, sched: StepSchedule) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(a, b, clip) of the deterministic sampler at ``sched``'s timesteps: DDIM with eta = 0 (Song et al. 2021,
     eq. 12 with sigma = 0) for a DDIM run, the probability-flow ODE's Euler step x + v dt for a flow-matching
-    run (Flow-GRPO's SDE at noise level 0). DDPM has no deterministic form of its own: use DDIM."""
+    run (Flow-GRPO's SDE, and CPS, at noise level 0). DDPM has no deterministic form of its own: use DDIM."""
     if sched.kind == "ddim":
         t = sched.timesteps.to(torch.int64).cpu()
         a, b, _, clip, _ = _ddim_tables(scheduler, t, 0.0, False, False)
         return a, b, clip
-    if sched.kind == "flow_sde":
+    if sched.kind in ("flow_sde", "flow_cps"):
         sig = scheduler.sigmas.to(torch.float64).cpu()
         return torch.ones_like(sched.a), sig[1:] - sig[:-1], None
     raise ValueError(f"timestep windows need a sampler with a deterministic form (DDIM or flow matching); "

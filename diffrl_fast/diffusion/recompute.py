@@ -17,9 +17,8 @@ from typing import Optional
 import torch
 
 from ..models.conditioning import Conditioning
-from ..ops import step_logprob
 from .coefficients import StepCoefficients
-from .rollout import Trajectory, guided_outputs
+from .rollout import Trajectory, action_logprob, guided_outputs
 
 
 @dataclass
@@ -39,6 +38,7 @@ class Chunk:
     sde_std: Optional[torch.Tensor] = None  # [n*K] Flow-GRPO's std_dev_t of each row (flow SDE schedules only)
     col0: int = 0  # position of the chunk's first step in its minibatch's step order (set by the trainer)
     weight: float = 1.0  # the chunk's share of the rows of its optimiser step (set by the trainer)
+    residual_logprob: bool = False  # CPS: log-probs are the squared residual only (``rollout.action_logprob``)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,7 +73,7 @@ def pack_chunk(traj: Trajectory, sample_idx: torch.Tensor, step_idx: torch.Tenso
     old = traj.log_probs[sample_idx.to(traj.log_probs.device)[:, None], step_idx.to(traj.log_probs.device)].to(device)
     sde_std = None if traj.schedule.sde_std is None else traj.schedule.sde_std[flat_j].to(device)
     return Chunk(sample_idx, step_idx, x, y, t, cond, uncond, traj.schedule.at(flat_j, device=device), old, traj.guidance_scale,
-                 sde_std)
+                 sde_std, residual_logprob=traj.schedule.residual_logprob)
 
 
 def chunk_outputs(model, chunk: Chunk, autocast_dtype: Optional[torch.dtype] = None):
@@ -83,9 +83,8 @@ def chunk_outputs(model, chunk: Chunk, autocast_dtype: Optional[torch.dtype] = N
 
 def step_logprob_of(chunk: Chunk, eps_u: torch.Tensor, eps_c: Optional[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """log p of the chunk's actions given model outputs for its rows; [n, K]."""
-    c = chunk.coef
     g = chunk.guidance_scale if eps_c is not None else 1.0
-    logp = step_logprob(chunk.x, chunk.y, eps_u, eps_c, c.a, c.b, g, c.s, clip_x0=c.clip_x0, reduction=reduction)
+    logp = action_logprob(chunk.residual_logprob, chunk.x, chunk.y, eps_u, eps_c, chunk.coef, g, reduction)
     return logp.reshape(chunk.shape)
 
 

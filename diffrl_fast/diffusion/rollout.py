@@ -10,6 +10,7 @@ two agree exactly before any update.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
@@ -133,8 +134,17 @@ def guided_outputs(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, 
     Without guidance (uncond None) returns (out, None). Outputs are float32 (float64 for a float64 model) and contiguous whatever the
     denoiser runs in (a channels_last denoiser returns NHWC-strided outputs; the fused step reads rows in
     place and needs NCHW).
+
+    Adds the call's cost to ``model.denoiser_passes``: one per row forwarded (both guidance branches count),
+    and two more per row when the forward records a graph for a backward (gradient enabled and trainable
+    weights). Recomputed forwards of activation checkpointing are not counted: they are a memory setting, not
+    the algorithm's work.
     """
     dtype = model.dtype
+    rows = x.shape[0] * (1 if uncond is None else 2)
+    if hasattr(model, "denoiser_passes"):
+        backward = torch.is_grad_enabled() and any(p.requires_grad for p in model.denoiser.parameters())
+        model.denoiser_passes += rows * (3 if backward else 1)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with ctx:
@@ -143,6 +153,26 @@ def guided_outputs(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, 
         out = model.predict(torch.cat([x, x]).to(dtype), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
     eps_u, eps_c = out.to(out_dtype).contiguous().chunk(2)
     return eps_u, eps_c
+
+
+RESIDUAL_STD = math.sqrt(0.5)
+RESIDUAL_SHIFT = math.log(RESIDUAL_STD) + 0.5 * math.log(2 * math.pi)
+
+
+def action_logprob(residual: bool, x, y, eps_u, eps_c, coef, guidance_scale: float, reduction: str = "mean") -> torch.Tensor:
+    """log p(y | x) of a step with coefficients ``coef`` (``StepSchedule.at``), through the fused ``step_logprob``:
+
+        log N(y; a x + b eps_hat, s^2 I), averaged (reduction "mean") or summed over the latent elements,
+
+    or, with ``residual`` (a schedule's ``residual_logprob``: CPS), -(y - mean)^2 over the elements, the squared residual only.
+    That is the Gaussian log-density at std 1/sqrt(2), -(y - mean)^2 - log(1/sqrt 2) - log(2 pi)/2 per element,
+    with its constant added back, so both forms share one op and its backward.
+    """
+    if not residual:
+        return step_logprob(x, y, eps_u, eps_c, coef.a, coef.b, guidance_scale, coef.s, clip_x0=coef.clip_x0, reduction=reduction)
+    std = torch.full_like(coef.s, RESIDUAL_STD)
+    logp = step_logprob(x, y, eps_u, eps_c, coef.a, coef.b, guidance_scale, std, clip_x0=coef.clip_x0, reduction=reduction)
+    return logp + (RESIDUAL_SHIFT if reduction == "mean" else RESIDUAL_SHIFT * x[0].numel())
 
 
 @torch.no_grad()
@@ -154,6 +184,7 @@ def sample_trajectories(
     guidance_scale: float = 5.0,
     eta: float = 1.0,
     noise_level: float = 0.7,
+    sde_type: str = "sde",
     negative_prompts: Optional[Sequence[str]] = None,
     seeds: Optional[Sequence[int]] = None,
     init_seeds: Optional[Sequence[int]] = None,
@@ -172,7 +203,8 @@ def sample_trajectories(
     Args:
         guidance_scale: classifier-free guidance g (eps_hat = eps_u + g (eps_c - eps_u)); g = 1 disables it
             (one denoiser pass per step instead of two).
-        eta: DDIM's noise scale (> 0); noise_level: the flow-matching SDE's (Flow-GRPO).
+        eta: DDIM's noise scale (> 0); noise_level: the flow-matching SDE's (Flow-GRPO); sde_type: that SDE,
+            "sde" (Flow-GRPO's) or "cps" (coefficients-preserving sampling, ``flow_sde_schedule``).
         seeds: one int per prompt; sample i's initial noise and every step noise come from a generator
             seeded with seeds[i], so any single trajectory can be regenerated from its seed.
         init_seeds: one int per prompt, optional: sample i's initial noise x_0 is then drawn from a generator
@@ -197,7 +229,8 @@ def sample_trajectories(
     if seeds_t.shape != (B,):
         raise ValueError(f"got {seeds_t.numel()} seeds for {B} prompts")
     if schedule is None:
-        schedule = make_schedule(model.scheduler, num_steps, eta=eta, noise_level=noise_level, **model.sampling_kwargs())
+        schedule = make_schedule(model.scheduler, num_steps, eta=eta, noise_level=noise_level, sde_type=sde_type,
+                                 **model.sampling_kwargs())
     T = schedule.num_steps
     shape = model.latent_shape_for(height, width)
     storage = torch.device(storage_device) if storage_device is not None else device
@@ -243,7 +276,7 @@ def sample_trajectories(
         if bool(schedule.stochastic[j]):
             noise = _randn(gens, shape, device, fdt)
             x_next = mean + c.s.to(fdt).reshape(B, 1, 1, 1) * noise
-            log_probs[:, j] = step_logprob(x, x_next, eps_u, eps_c, c.a, c.b, g, c.s, clip_x0=c.clip_x0).to(storage)
+            log_probs[:, j] = action_logprob(schedule.residual_logprob, x, x_next, eps_u, eps_c, c, g).to(storage)
         else:
             x_next = mean
         if slot[j + 1] >= 0:

@@ -45,6 +45,9 @@ class DiffusionModel:
         # what forward calls go through: the denoiser itself, or its DDP / DeepSpeed wrapper
         self.forward_module: Optional[nn.Module] = None
         self._in_frozen_reference = False
+        # denoiser passes run through ``rollout.guided_outputs`` (a forward of one row = 1, its backward = 2):
+        # the trainer's cost in units that do not depend on the machine
+        self.denoiser_passes = 0
 
     @property
     def net(self) -> nn.Module:

@@ -57,6 +57,7 @@ class SampleConfig:
     guidance_scale: float = option(5.0, "Classifier-free guidance g; 1 disables guidance (one denoiser pass per step). Default: DDPO's 5.0.")
     eta: float = option(1.0, "DDIM eta in (0, 1]: the policy's noise level (every reference uses 1).")
     noise_level: float = option(0.7, "Flow-matching SDE noise level (Flow-GRPO's a), used for SD3-style models.")
+    sde_type: str = option("sde", "Flow models' rollout SDE: 'sde' (Flow-GRPO's) or 'cps' (coefficients-preserving sampling, Wang & Yu 2025: std = sigma' sin(noise_level pi/2), the log-prob the squared residual only). Rollouts, the training recompute and the KL all use it.")
     batch_size: int = option(8, "Trajectories per rollout batch (per process). Default: ddpo-pytorch's 8 per GPU.")
     num_batches_per_epoch: int = option(4, "Rollout batches per epoch; samples per epoch = batch_size x this x processes.")
     negative_prompt: str = option("", "Negative prompt for the unconditional branch of guidance.")
@@ -211,6 +212,20 @@ class AWMConfig:
 
 
 @dataclass
+class DGPOConfig:
+    group_size: int = option(16, "G samples per prompt (the reference's num_image_per_prompt: 16); advantages as GRPO's (grpo.std, grpo.eps; the reference's GenEval config: group std).")
+    beta: float = option(101.0, "Sharpness of the group preference: S_g = beta / G sum A_i (l_theta - l_ref) inside the sigmoid (reference beta_dpo: 101 GenEval, 100 OCR).")
+    kl_beta: float = option(0.02, "Weight of the mean squared difference of the policy's and the base model's velocities (reference train.beta: 0.02; 0: none).")
+    kl_cfg: float = option(1.0, "Guidance scale of the base model's velocity in the KL term and as the preference reference (reference: 1; its CFG-free configs 4.5).")
+    clip_range: float = option(1e-2, "Clip band of rho = exp(l_ema - l_theta): outside it, on the advantage's side, a row's loss is detached (reference: 1e-2 GenEval, 1e-3 CFG-free).")
+    train_timesteps: int = option(4, "Distinct rollout steps trained per inner epoch, shared by all samples (reference num_train_timesteps: 4).")
+    max_step: int = option(4, "Timesteps are drawn from rollout steps 0 .. max_step, the noisiest (reference trunc_steps: 4 of 10 steps).")
+    use_ema_ref: bool = option(False, "The preference's reference is the EMA copy instead of the frozen base model (the reference's emaref config).")
+    ema_decay: float = option(0.3, "The EMA copy after each epoch: ema <- d ema + (1 - d) theta, d = min(ema_decay, 0.001 x optimiser step) (reference: 0.3).")
+    switch_ema_ref: int = option(500, "After this many optimiser steps the rollouts use the EMA copy (reference: 500 GenEval, 200 OCR).")
+
+
+@dataclass
 class LogConfig:
     eval_samples: int = option(256, "Fixed-seed samples scored before and after training for summary.md (0 disables).")
     grid_samples: int = option(32, "Images in the before/after grids (same seeds), and of each epoch's samples in the grid sent to TensorBoard / W&B.")
@@ -228,7 +243,7 @@ class Config:
     name: str = option("digits_ddpo", "Run name; outputs go to output_dir/name. Unset: <model>_<algo> from the last part of model.path ('digits' for the digits world) and the algorithm, ddpo_is written ddpo: digits_ddpo, sd3-medium_grpo, ...")
     output_dir: str = option("runs", "Folder holding the run folders.")
     seed: int = option(0, "Seed of everything: prompts, rollouts, shuffles, initialisation.")
-    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r, grpo, nft or awm (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
+    algo: str = option("ddpo_is", "Algorithm: ddpo_is, ddpo_sf, dpok, d3po, dense, tdpo, tdpo_r, grpo, nft, awm or dgpo (diffrl_fast/algos/, docs/algorithms.md). Unset keys take the algorithm's reference values.")
     num_epochs: int = option(100, "Epochs (rollout + training rounds). Default: ddpo-pytorch's 100.")
     prompts: list[str] = option([str(d) for d in range(10)], "Prompts, drawn uniformly per sample (for the digits world: '7', 'a handwritten 7', ...).")
     prompt_file: str = option("", "A text file with one prompt per line, or a built-in set: 'builtin:flow_digits_train' (the flow-digits world's 308 training prompts), 'builtin:flow_digits_heldout' (its 72 held-out ones); replaces `prompts` when set.")
@@ -244,6 +259,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Group-relative advantages (algo=grpo)."})
     nft: NFTConfig = field(default_factory=NFTConfig, metadata={"help": "DiffusionNFT, forward-process fine-tuning (algo=nft)."})
     awm: AWMConfig = field(default_factory=AWMConfig, metadata={"help": "Advantage Weighted Matching, forward-process fine-tuning (algo=awm)."})
+    dgpo: DGPOConfig = field(default_factory=DGPOConfig, metadata={"help": "Direct Group Preference Optimization on deterministic rollouts (algo=dgpo)."})
     dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "Distributed training (torchrun / deepspeed launchers)."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging, evaluation and outputs."})
 
@@ -384,6 +400,8 @@ def validate(cfg: Config) -> Config:
     need(s.num_steps >= 1, "sample.num_steps must be >= 1")
     need(0 < s.eta <= 1, f"sample.eta must be in (0, 1], got {s.eta}")
     need(s.noise_level > 0, f"sample.noise_level must be > 0, got {s.noise_level}")
+    need(s.sde_type in ("sde", "cps"), f"sample.sde_type must be 'sde' or 'cps', got {s.sde_type!r}")
+    need(s.sde_type != "cps" or s.noise_level < 2, f"sample.sde_type=cps needs sample.noise_level in (0, 2), got {s.noise_level}")
     need(s.guidance_scale >= 1, f"sample.guidance_scale must be >= 1 (1 = no guidance), got {s.guidance_scale}")
     need(s.batch_size >= 1 and s.num_batches_per_epoch >= 1, "sample.batch_size and sample.num_batches_per_epoch must be >= 1")
     need(t.batch_size >= 1, "train.batch_size must be >= 1")
@@ -508,6 +526,14 @@ def validate(cfg: Config) -> Config:
     need(a.ghuber_power > 0 and a.clip_range > 0 and a.beta >= 0 and a.ema_beta >= 0 and 0 <= a.ema_decay < 1,
          "awm.ghuber_power and awm.clip_range must be > 0, awm.beta and awm.ema_beta >= 0, awm.ema_decay in [0, 1)")
     need(a.advantage_max is None or a.advantage_max > 0, "awm.advantage_max must be > 0 or null")
+    d = cfg.dgpo
+    need(d.group_size >= 1 and d.beta > 0 and d.kl_beta >= 0 and d.kl_cfg >= 1 and d.clip_range > 0,
+         "dgpo.group_size must be >= 1, dgpo.beta and dgpo.clip_range > 0, dgpo.kl_beta >= 0 and dgpo.kl_cfg >= 1")
+    need(0 <= d.ema_decay < 1 and d.switch_ema_ref >= 0, "dgpo.ema_decay must be in [0, 1) and dgpo.switch_ema_ref >= 0")
+    if cfg.algo == "dgpo":
+        need(1 <= d.train_timesteps <= d.max_step + 1 <= s.num_steps,
+             f"algo=dgpo draws dgpo.train_timesteps={d.train_timesteps} distinct steps from steps 0..dgpo.max_step={d.max_step} of "
+             f"a sample.num_steps={s.num_steps} rollout: need 1 <= train_timesteps <= max_step + 1 <= num_steps")
     if cfg.algo == "awm" and a.loss_type == "sum_first":
         need(cfg.train.chunk_size >= a.train_timesteps, f"awm.loss_type=sum_first takes one ratio over all of a sample's "
              f"timesteps, so they must share a chunk: set train.chunk_size >= awm.train_timesteps ({a.train_timesteps})")

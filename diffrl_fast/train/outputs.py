@@ -269,7 +269,7 @@ class RunLogger:
             title = f"epoch {record['epoch']}: {len(captions)} of its samples" + (f"\n{verdict}" if verdict else "")
             self.log_grid("samples", labelled_grid(images, captions, title=title), record["epoch"], title)
         r = record
-        extra = f"clipfrac {r['clipfrac']:.3f}  approx_kl {r['approx_kl']:.2e}  " if "clipfrac" in r else ""
+        extra = (f"clipfrac {r['clipfrac']:.3f}  " if "clipfrac" in r else "") + (f"approx_kl {r['approx_kl']:.2e}  " if "approx_kl" in r else "")
         e = record["epoch"]
         if e <= 20 or e % 10 == 0 or e >= self.cfg.num_epochs:  # matplotlib grows slowly with every figure drawn
             self.plot_rewards()

@@ -116,6 +116,12 @@ class Trainer:
         self.eval_metrics: dict[str, torch.Tensor] = {}
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
         self.algo.check_model(self.model)
+        if cfg.sample.sde_type != "sde":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            if not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
+                raise ValueError(f"sample.sde_type={cfg.sample.sde_type} is a flow-matching SDE, but {self.model.kind} samples with "
+                                 f"{type(self.model.scheduler).__name__}: set sample.sde_type=sde")
         m = cfg.model
         if hasattr(self.model, "guidance"):  # FLUX: the embedded guidance of guidance-distilled models
             self.model.guidance = m.embedded_guidance
@@ -142,6 +148,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.max_nonfinite_in_row = 5
         self.dropped_samples = 0
+        self.denoiser_passes = 0  # of training (rollouts and updates, all processes), evaluations excluded
         self.skipped_before = 0  # skipped steps of earlier sessions (resumed)
         self.memory = PeakMemory(self.device)
         self.logger = RunLogger(self.run_dir, cfg, print_fn=self.log_fn)
@@ -177,7 +184,8 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Checkpoint the end of epoch ``self.epoch``; collective when there are several processes."""
         state = {"identity": self.identity(), "tracker": self.tracker.state_dict() if self.tracker else None,
-                 "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples, "optimizer_steps": self.engine.steps}
+                 "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples, "optimizer_steps": self.engine.steps,
+                 "denoiser_passes": self.denoiser_passes}
         kind = self.engine.kind
         sharded = kind in ("deepspeed", "fsdp")
         if kind == "fsdp":  # gathered shard by shard onto rank 0's CPU (collective)
@@ -228,6 +236,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.skipped_before = int(state.get("skipped_steps", 0))
         self.dropped_samples = int(state.get("dropped_samples", 0))
+        self.denoiser_passes = int(state.get("denoiser_passes", 0))
         self.engine.steps = int(state.get("optimizer_steps", 0))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -251,7 +260,7 @@ class Trainer:
                 window = torch.zeros(num_steps, dtype=torch.bool)
             if window is not None:
                 schedule = make_schedule(self.model.scheduler, num_steps, eta=s.eta, noise_level=s.noise_level,
-                                         window=window, **self.model.sampling_kwargs())
+                                         sde_type=s.sde_type, window=window, **self.model.sampling_kwargs())
                 # only the states training reads are stored: x_j, x_{j+1} of the stochastic steps (none for a
                 # forward-process algorithm), and x_T
                 keep = torch.zeros(num_steps + 1, dtype=torch.bool)
@@ -261,7 +270,7 @@ class Trainer:
                     keep[1:] |= stochastic
         return sample_trajectories(
             self.model, prompts, num_steps=num_steps, guidance_scale=guidance, eta=s.eta, schedule=schedule,
-            noise_level=s.noise_level, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
+            noise_level=s.noise_level, sde_type=s.sde_type, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
             storage_device=s.trajectory_device or None, keep_latents=keep,
         )
@@ -540,6 +549,7 @@ class Trainer:
             self.phase = f"during epoch {epoch + 1}"
             self.memory.reset()
             t0 = time.perf_counter()
+            passes0 = self.model.denoiser_passes
             self.model.denoiser.eval()
             with bars.sampling(epoch) as bar:
                 traj, rewards = self.sample_epoch(epoch, bar)
@@ -552,6 +562,8 @@ class Trainer:
             except Interrupted:
                 return {"interrupted": True, "epoch": self.epoch}
             t2 = time.perf_counter()
+            passes = self.model.denoiser_passes - passes0
+            self.denoiser_passes += sum(self.ctx.all_gather_object(passes)) if self.ctx.active else passes
             stats.update(data.extra.get("log", {}) if data is not None else {})
             stats.update(self.tracked_means)
             stats.update(self.component_means)
@@ -566,7 +578,7 @@ class Trainer:
                 "samples_per_s": n_global / (t2 - t0), "rollout_samples_per_s": n_global / (t1 - t0),
                 "train_samples_per_s": n_global * cfg.train.num_inner_epochs / max(t2 - t1, 1e-9),
                 "peak_mem_mb": self.memory.peak_mb(), "skipped_steps": self.skipped_steps,
-                "dropped_samples": self.dropped_samples,
+                "dropped_samples": self.dropped_samples, "denoiser_passes": self.denoiser_passes,
             }
             if main:
                 # a few of the epoch's samples as a labelled grid, only when TensorBoard or W&B takes it

@@ -316,3 +316,29 @@ def test_awm_second_optimiser_step_of_an_epoch(tmp_path):
             advantage_max=1.0, clip_range=1.0, power=0.25, beta=0.5, ema_beta=0.7).backward()
     with pytest.raises(AssertionError):
         assert_close(s.grads[1], {n: p.grad for n, p in leaves.items()}, "on-policy ratio")
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "flow"])
+def test_dgpo(tmp_path, scheduler):
+    """DGPO: deterministic rollouts, distinct timesteps shared by every sample, one noise per group and step, the
+    group preference weight sigmoid(S_g), the clip against the EMA copy, and the KL to the base model."""
+    from diffrl_fast.algos.dgpo import DGPO
+
+    with recorded_noise(DGPO) as rows:
+        s = Step(tmp_path, "dgpo", "dgpo.group_size=2", "sample.guidance_scale=1.0", "dgpo.kl_beta=0.5", "dgpo.beta=2000",
+                 "dgpo.train_timesteps=2", "dgpo.max_step=2", "dgpo.clip_range=0.02", scheduler=scheduler, perturb=0.003,
+                 distinct=True)
+    assert bool((s.traj.log_probs == 0).all()) and s.traj.latents.shape[1] == 1  # deterministic; only x_T kept
+    assert len(rows) == 8 * 2 and s.stats["kl"] > 0
+    order = s.orders[0]  # two distinct steps of 0..2, the same for every sample
+    assert bool((order == order[0]).all()) and len(set(order[0].tolist())) == 2 and int(order.max()) <= 2
+    noise = {}
+    for b, j, z in rows:  # one noise per (group, step), different across groups
+        noise.setdefault((b // 2, j), z)
+        assert torch.equal(noise[(b // 2, j)], z)
+    assert not torch.equal(noise[(0, int(order[0, 0]))], noise[(1, int(order[0, 0]))])
+    assert 0 < s.stats["clipfrac"] < 1 and 0.02 < s.stats["group_weight"] < 0.98  # both clip branches; the sigmoid unsaturated
+    leaves, eps, ref_eps = s.eps_fns()  # policy, base model and EMA copy: three different models
+    loss = ref.dgpo(s.batch(), s.sampler(), eps, ref_eps, s.fixed(s.old_w), rows, group_size=2, beta=2000, clip_range=0.02,
+                    kl_beta=0.5, adv_clip=5.0)
+    check(s, leaves, loss, s.loss())

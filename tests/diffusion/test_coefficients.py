@@ -72,6 +72,46 @@ def test_flow_sde_schedule_matches_flow_grpo_and_tends_to_euler(shift):
     assert torch.allclose(_apply(tiny, 2, x, v, torch.zeros_like(x)), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_cps_schedule_matches_flow_grpo_and_its_log_prob_is_the_squared_residual(shift):
+    """sde_type="cps": the rollout's tables and log-prob (``action_logprob``) against flow_grpo's CPS step in float64,
+    step by step; its last step (sigma' = 0) is deterministic; at noise level 0 it is the Euler ODE step."""
+    from diffrl_fast.diffusion.rollout import action_logprob
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    table = make_schedule(sched, 6, noise_level=0.7, sde_type="cps")
+    assert table.kind == "flow_cps" and table.residual_logprob
+    assert table.stochastic.tolist() == [True] * 5 + [False]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    for j in range(5):
+        v, prev = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        c = table.at(torch.tensor([j, j]))
+        v_leaf = v.clone().requires_grad_()
+        logp = action_logprob(True, x, prev, v_leaf, None, c, 1.0)
+        want_lp, want_mean, want_std = oracle.flow_grpo_step(sched.sigmas, [j, j], x, v, 0.7, prev, "cps")
+        assert torch.allclose(logp.double(), want_lp, rtol=1e-5, atol=1e-6), f"j={j}"
+        assert torch.allclose(step_mean(x, v, None, c.a, c.b, 1.0).double(), want_mean, atol=1e-5)
+        assert torch.allclose(c.s, want_std) and torch.allclose(table.sde_std[j], want_std[0])
+        v64 = v.double().requires_grad_()
+        oracle.flow_grpo_step(sched.sigmas, [j, j], x, v64, 0.7, prev, "cps")[0].sum().backward()
+        logp.sum().backward()
+        assert torch.allclose(v_leaf.grad.double(), v64.grad, rtol=1e-4, atol=1e-7)
+        x = prev
+    # the summed reduction is the mean's times the element count
+    lp_sum = action_logprob(True, x, prev, v, None, table.at(torch.tensor([1, 1])), 1.0, reduction="sum")
+    lp_mean = action_logprob(True, x, prev, v, None, table.at(torch.tensor([1, 1])), 1.0)
+    assert torch.allclose(lp_sum, lp_mean * x[0].numel(), rtol=1e-5)
+    ode = make_schedule(sched, 6, noise_level=1e-6, sde_type="cps")
+    sched.set_timesteps(6)
+    want = sched.step(v, sched.timesteps[2], x).prev_sample
+    assert torch.allclose(_apply(ode, 2, x, v, torch.zeros_like(x)), want, atol=1e-5)
+    with pytest.raises(ValueError, match="flow-matching models only"):
+        make_schedule(DDIMScheduler(), 6, sde_type="cps")
+    with pytest.raises(ValueError, match="noise_level in"):
+        make_schedule(sched, 6, noise_level=2.5, sde_type="cps")
+
+
 def test_unsupported_scheduler_and_bad_arguments():
     with pytest.raises(ValueError, match="unsupported scheduler type EulerDiscreteScheduler"):
         make_schedule(EulerDiscreteScheduler(), 10)

@@ -375,4 +375,54 @@ def awm(batch, sampler, eps, ref_eps, ema_eps, rows, *, adv_clip, advantage_max,
     return torch.stack(terms).mean() + beta * torch.stack(kls).mean() + ema_beta * torch.stack(ema_kls).mean()
 
 
+def dgpo(batch, sampler, eps, ref_eps, ema_eps, rows, *, group_size, beta, clip_range, kl_beta, adv_clip, std_eps=1e-4):
+    """Luo-Yihong/DGPO scripts/train_sd3_dgpo.py (compute_group_dgpo_loss_allreduce, config/dgpo.py: use_old,
+    clip_dsm, kl_cfg 1, the frozen base model as reference), written for any forward process: for each row
+    (sample b, step j, noise z), x0 = the final sample; flow: t = timestep / 1000, x_t = (1 - t) x0 + t z,
+    target z - x0; DDIM epsilon: x_t = sqrt(abar) x0 + sqrt(1 - abar) z, target z. dsm = mean (target - out)^2
+    for the policy, ref_dsm for the reference, old_dsm for the EMA copy. A = (r - prompt mean) / (prompt std +
+    eps) (population std, global_std False), clamped to +-adv_clip. A row is clipped when A > 0 and
+    exp(old_dsm - dsm) > 1 + clip_range, or A <= 0 and it is < 1 - clip_range: its dsm is then detached. Per
+    group (samples b // G, at one step j): group_sum = sum A beta (dsm.detach() - ref_dsm) / G, weight =
+    sigmoid(group_sum) detached; L = mean over rows of weight A dsm + kl_beta mean over rows of (out - out_ref)^2."""
+    r_all = batch.rewards.to(F64)
+    A = torch.empty_like(r_all)
+    for p in set(batch.prompts):
+        idx = [i for i, q in enumerate(batch.prompts) if q == p]
+        A[idx] = (r_all[idx] - r_all[idx].mean()) / (r_all[idx].std(unbiased=False) + std_eps)
+    A = A.clamp(-adv_clip, adv_clip)
+    per_row = []
+    for b, j, z in rows:
+        x0 = batch.latents[b, -1].to(F64)[None]
+        z = z.to(F64)[None]
+        tt = float(batch.timesteps[j])
+        if sampler.kind == "flow":
+            s = tt / 1000.0
+            xt, target = (1 - s) * x0 + s * z, z - x0
+        else:
+            abar = float(sampler.alphas_cumprod[int(tt)])
+            xt, target = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * z, z
+        h = batch.cond[b].to(F64)[None]
+        t1 = torch.tensor([tt], dtype=F64)
+        out = eps(xt, t1, h)
+        with torch.no_grad():
+            out_ref, out_old = ref_eps(xt, t1, h), ema_eps(xt, t1, h)
+        dsm = ((target - out) ** 2).mean()
+        ref_dsm = ((target - out_ref) ** 2).mean()
+        old_dsm = ((target - out_old) ** 2).mean()
+        ratio = float(torch.exp(old_dsm - dsm.detach()))
+        a = float(A[b])
+        if (a > 0 and ratio > 1 + clip_range) or (a <= 0 and ratio < 1 - clip_range):
+            dsm_used = dsm.detach()
+        else:
+            dsm_used = dsm
+        per_row.append(((b // group_size, j), a, dsm, dsm_used, ref_dsm, ((out - out_ref) ** 2).mean()))
+    group_sum = {}
+    for key, a, dsm, _, ref_dsm, _ in per_row:
+        group_sum[key] = group_sum.get(key, 0.0) + a * beta * (float(dsm.detach()) - float(ref_dsm)) / group_size
+    terms = [1.0 / (1.0 + math.exp(-group_sum[key])) * a * dsm_used for key, a, _, dsm_used, _, _ in per_row]
+    kls = [kl for *_, kl in per_row]
+    return torch.stack(terms).mean() + kl_beta * torch.stack(kls).mean()
+
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

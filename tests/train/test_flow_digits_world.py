@@ -17,7 +17,8 @@ TINY = ["num_epochs=1", "sample.num_steps=3", "sample.batch_size=8", "sample.num
 # groups must divide the 8-sample batches; the dense view draws 2 of the 3 steps per pair
 ALGOS = {"ddpo_is": [], "ddpo_sf": [], "dpok": ["train.chunk_size=3"], "d3po": [], "dense": ["dense.num_timesteps=2"],
          "tdpo": [], "tdpo_r": [], "grpo": ["grpo.group_size=4"], "nft": ["nft.group_size=4"],
-         "awm": ["awm.group_size=4", "awm.train_timesteps=2"]}
+         "awm": ["awm.group_size=4", "awm.train_timesteps=2"],
+         "dgpo": ["dgpo.group_size=4", "dgpo.train_timesteps=2", "dgpo.max_step=2"]}
 
 
 @pytest.mark.parametrize("algo", sorted(ALGOS))
@@ -44,6 +45,37 @@ def test_check_parity_on_flow_digits():
     assert len(steps) == 10 and max(float(s[2]) for s in steps) <= 1e-5
 
 
+def test_cps_rollouts_train_and_recompute_exactly(tmp_path):
+    """sample.sde_type=cps: the trainer's rollouts, recompute and KL use coefficients-preserving sampling; the
+    recompute agrees with the rollout (check-parity), and a grpo run with the flow_grpo KL trains."""
+    out = run_cli("check-parity", "--model", "flow-digits", "--samples", "2", "--steps", "6", "--guidance", "1", "--sde-type", "cps")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "flow_digits, flow_cps" in out.stdout and "PASS" in out.stdout
+    from diffrl_fast.train.trainer import Trainer
+
+    cfg = validate(load_config(Config, PRESET, ["algo=grpo", *TINY, "grpo.group_size=4", "grpo.beta=0.04", "sample.sde_type=cps",
+                                                f"output_dir={tmp_path}", "name=r"]))
+    seen = []
+    trainer = Trainer(cfg, tmp_path / "r", log_fn=lambda s: None)
+    sample = trainer._sample  # record the schedule of every rollout
+
+    def spy(*args, **kwargs):
+        traj = sample(*args, **kwargs)
+        seen.append(traj.schedule.kind)
+        return traj
+
+    trainer._sample = spy
+    trainer.run()
+    record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record["loss"]) and record.get("kl", 0.0) >= 0.0
+    assert seen and set(seen) == {"flow_cps"}
+
+
+def test_cps_on_a_model_without_flow_matching_exits_2(tmp_path):
+    out = run_cli("train", "configs/digits.yaml", "sample.sde_type=cps", "num_epochs=1", f"output_dir={tmp_path}")
+    assert out.returncode == 2 and "sample.sde_type=sde" in out.stderr
+
+
 @pytest.mark.parametrize("prompt", ["3 beside 8", "12", "3 left of 3"])
 def test_bad_prompt_exits_2_naming_the_grammar_before_loading(prompt, tmp_path):
     out = run_cli("train", str(PRESET), "prompt_file=", f"prompts=[{prompt}]", f"output_dir={tmp_path}")
@@ -64,3 +96,23 @@ def test_grids_mark_every_slot(tmp_path):
     assert all(0 <= p <= 9 for c in caps for _, p in c["slots"])
     assert trainer.eval_metrics["layout_correct"].shape == (4,)
     assert set(trainer.eval_metrics["layout_correct"].tolist()) <= {0.0, 1.0}
+
+
+def test_denoiser_passes_are_counted_by_the_trainer(tmp_path):
+    """Cost in denoiser passes (a forward of one row = 1, its backward = 2, both guidance branches count):
+    the rollout's B x T x 2 forwards and the update's B x n_train x 2 forwards with backward, evaluations
+    excluded, cumulative over epochs and kept in the checkpoint."""
+    from diffrl_fast.train.trainer import Trainer
+
+    over = ["algo=grpo", *TINY, "grpo.group_size=4", "grpo.beta=0", "sample.guidance_scale=2", "num_epochs=2",
+            f"output_dir={tmp_path}", "name=r"]
+    cfg = validate(load_config(Config, PRESET, over))
+    trainer = Trainer(cfg, tmp_path / "r", log_fn=lambda s: None)
+    trainer.run()
+    B, T = 8, 3
+    n_train = trainer.algo.num_train_steps(T)
+    per_epoch = 2 * B * T + 3 * 2 * B * n_train
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["denoiser_passes"] for r in records] == [per_epoch, 2 * per_epoch]
+    resumed = Trainer(validate(load_config(Config, PRESET, over + ["num_epochs=3"])), tmp_path / "r", log_fn=lambda s: None)
+    assert resumed.resume() and resumed.epoch == 2 and resumed.denoiser_passes == 2 * per_epoch

@@ -18,7 +18,8 @@ TINY = ["reward.name=jpeg_compressibility", "prompts=[a cat, a dog]", "sample.nu
 # groups of 2 fit the 4-sample batches; TDPO's reference critic reads the reward's image embedding, which
 # JPEG compressibility has none of: its latent critic runs here; sample.guidance_scale=1 for FLUX (distilled)
 ALGOS = {"ddpo_is": [], "grpo": ["grpo.group_size=2"], "dpok": [], "d3po": [], "dense": ["dense.num_timesteps=2"],
-         "tdpo": ["tdpo.critic=latent"], "nft": ["nft.group_size=2"], "awm": ["awm.group_size=2", "awm.train_timesteps=2"]}
+         "tdpo": ["tdpo.critic=latent"], "nft": ["nft.group_size=2"], "awm": ["awm.group_size=2", "awm.train_timesteps=2"],
+         "dgpo": ["dgpo.group_size=2", "dgpo.train_timesteps=2", "dgpo.max_step=2"]}
 
 
 @pytest.fixture(scope="module")
