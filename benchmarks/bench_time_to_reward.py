@@ -1,26 +1,36 @@
-"""Time to reward on the digits world: how soon each method reaches a reward level, and at what cost to the model.
+"""Time to reward: how soon each method reaches a reward level, at what cost to the model, on either world.
 
-Every contender fine-tunes the pretrained digits world for digit_confidence from the digits preset
-(configs/digits.yaml with its by_algo entries, each algorithm's reference conventions otherwise) plus its own
-overrides, for the same wall-clock budget of training (``--budget-s``: epochs continue until the clock passes
-it, so a contender with cheap epochs gets more of them), with seeds 0, 1, 2. After every epoch, off the clock:
+Worlds (``--world``): ``digits`` (the digits world, digit_confidence; baseline DDPO-IS) and ``flow-digits`` (the
+flow-digits world, digit_layout; baseline Flow-GRPO with flow_grpo's conventions). Every contender fine-tunes the
+world's pretrained model from the world's preset (its by_algo entries, each algorithm's reference conventions
+otherwise) plus its own overrides, for the same wall-clock budget of training (``--budget-s``: epochs continue
+until the clock passes it, so a contender with cheap epochs gets more of them). After every epoch, off the clock:
 
-- eval reward: digit_confidence of ``--eval-samples`` fixed-seed samples (the same seeds for everyone,
-  sampled as the contender evaluates: its log.eval_num_steps / log.eval_guidance_scale);
-- held-out reward: the same images scored by the held-out classifier (another seed and architecture,
-  ``digit_confidence_heldout``), a guard against fooling only the training classifier;
-- diversity: the mean pairwise L2 distance (per pixel, images in [0, 1]) between eval samples of the same digit.
+- eval reward: the world's reward on ``--eval-samples`` fixed-seed samples (the same seeds for everyone, sampled
+  as the contender evaluates: its log.eval_num_steps / log.eval_guidance_scale); on the flow world also the
+  layout-correct rate;
+- held-out reward: the same images scored by the held-out classifier (another seed and architecture), a guard
+  against fooling only the training classifier; on the flow world also the reward on the held-out prompts
+  (layouts never trained on);
+- diversity: the mean pairwise L2 distance (per pixel, images in [0, 1]) between eval samples of the same class
+  (digits) or prompt (flow world: each eval prompt is sampled 4 times).
 
-The clock is the run's own sampling + training time (the records' sample_time_s + train_time_s), so evaluation,
-checkpointing and start-up are excluded. The threshold is 75% of the way from the baseline's reward before
-training to the best level its seed-mean curve reaches; time and samples to the threshold are those of the
-first evaluation at or above it, per seed. The guards are read at that evaluation and compared with the
-baseline's at its own.
+Cost comes in two units: the run's own sampling + training time (the records' sample_time_s + train_time_s, so
+evaluation, checkpointing and start-up are excluded), and denoiser passes (counted by the trainer: a forward of
+one sample at one step = 1, its backward = 2, both guidance branches count), which do not depend on the machine.
+The threshold is 75% of the way from the baseline's reward before training to the best level its seed-mean curve
+reaches; time, passes and samples to the threshold are those of the first evaluation at or above it, per seed.
+The guards are read at that evaluation.
 
-Run: ``diffrl-fast bench time-to-reward [--contenders a,b] [--seeds 0,1,2] [--budget-s S] [--reuse FILE]``;
-writes benchmarks/results/time_to_reward.{json,md,png} (``--stem`` renames them: the sweep writes
-time_to_reward_sweep.*). ``--reuse`` takes runs of the same contender, settings and seed from an earlier
-JSON when they cover the budget (each keeps the commit it ran at). ``--smoke`` runs a tiny configuration (CI).
+``--sweep``: the same tuning budget for every contender, the baseline included, fixed before running: 3 learning
+rates (the contender's own x 1/3, 1, 3) on seed 0 each, the one with the best training reward over its last
+three epochs kept (never the eval reward that is reported), then ``--seeds`` fresh at it; the table reports
+only the fresh seeds.
+
+Run: ``diffrl-fast bench time-to-reward [--world W] [--contenders a,b] [--seeds 1,2,3] [--budget-s S] [--sweep]
+[--reuse FILE]``; writes benchmarks/results/time_to_reward[_flow].{json,md,png} (``--stem`` renames them).
+``--reuse`` takes runs of the same contender, settings and seed from an earlier JSON when they cover the budget
+(each keeps the commit it ran at). ``--smoke`` runs a tiny configuration (CI).
 """
 from __future__ import annotations
 
@@ -39,10 +49,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import RESULTS, machine_info  # noqa: E402
 
-BASELINE = "ddpo_is"
 # name -> overrides on top of the digits preset. The baseline is DDPO-IS at ddpo-pytorch's settings as the
 # preset adapts them to the digits world (docs/algorithms.md); the levers are named by what they add.
-CONTENDERS = {
+DIGITS_CONTENDERS = {
     "ddpo_is": ["algo=ddpo_is"],
     "ddpo_sf": ["algo=ddpo_sf"],
     "dpok": ["algo=dpok"],
@@ -69,7 +78,33 @@ CONTENDERS = {
     "awm+eval_g2+lr1e-3": ["algo=awm", "log.eval_guidance_scale=2.0", "train.learning_rate=1e-3"],
     "nft+eval_g2+8steps": ["algo=nft", "log.eval_guidance_scale=2.0", "train.optimizer_step_every=minibatches"],
     "ddpo_is+window4": ["algo=ddpo_is", "train.timestep_window=fixed", "train.window_size=4"],
+    "dgpo": ["algo=dgpo"],
 }
+# name -> overrides on top of the flow-digits preset (Flow-GRPO's conventions: 10 SDE steps at noise level 0.7,
+# global-std group advantages, its KL form; g = 1, the world's model fact)
+FLOW_CONTENDERS = {
+    "grpo": ["algo=grpo"],
+    "grpo+cps": ["algo=grpo", "sample.sde_type=cps"],
+    "grpo+window2": ["algo=grpo", "train.timestep_window=fixed", "train.window_size=2"],
+    "grpo+sliding4": ["algo=grpo", "train.timestep_window=sliding", "train.window_size=4", "train.window_stride=2"],
+    "nft": ["algo=nft"],
+    "awm": ["algo=awm"],
+    "dgpo": ["algo=dgpo"],
+    "ddpo_is": ["algo=ddpo_is"],
+}
+WORLDS = {
+    "digits": dict(preset="digits.yaml", baseline="ddpo_is", reward="digit_confidence", heldout="digit_confidence_heldout",
+                   contenders=DIGITS_CONTENDERS, stem="time_to_reward", repeats=1, heldout_prompts=None,
+                   smoke=["sample.num_steps=4", "sample.batch_size=8", "sample.num_batches_per_epoch=1", "train.batch_size=8",
+                          "grpo.group_size=4", "nft.group_size=4", "awm.group_size=4", "awm.train_timesteps=2"]),
+    "flow-digits": dict(preset="flow_digits.yaml", baseline="grpo", reward="digit_layout", heldout="digit_layout_heldout",
+                        contenders=FLOW_CONTENDERS, stem="time_to_reward_flow", repeats=4, heldout_prompts="builtin:flow_digits_heldout",
+                        smoke=["sample.num_steps=4", "sample.batch_size=8", "sample.num_batches_per_epoch=1", "train.batch_size=8",
+                               "grpo.group_size=4", "nft.group_size=4", "awm.group_size=4", "awm.train_timesteps=2",
+                               "dgpo.group_size=4", "dgpo.train_timesteps=2", "dgpo.max_step=2"]),
+}
+BASELINE = WORLDS["digits"]["baseline"]
+CONTENDERS = DIGITS_CONTENDERS
 THRESHOLD_FRACTION = 0.75
 
 
@@ -90,59 +125,94 @@ def diversity(images, class_ids) -> float:
 
 
 class Evaluator:
-    """Scores a trainer's policy on fixed seeds with the training and the held-out classifier."""
+    """Scores a trainer's policy on fixed seeds with the world's reward and its held-out classifier, on the
+    training prompts (each ``repeats`` times, for the within-prompt diversity) and, where the world has them,
+    the held-out prompts."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, world: dict) -> None:
         from diffrl_fast.rewards import get_reward
 
-        self.n = n
-        self.reward = get_reward("digit_confidence")
-        self.heldout = get_reward("digit_confidence_heldout")
+        self.n, self.world = n, world
+        self.reward = get_reward(world["reward"])
+        self.heldout = get_reward(world["heldout"])
+        self.heldout_prompts = None
+        if world["heldout_prompts"]:
+            from diffrl_fast.train.config import prompt_file_lines
 
-    def __call__(self, trainer) -> dict:
+            self.heldout_prompts = prompt_file_lines(world["heldout_prompts"])
+
+    def _images(self, trainer, prompts, seed0):
         import torch
 
         from diffrl_fast.train.trainer import EVAL_SEED_BASE
 
-        trainer.model.denoiser.eval()
-        prompts = [trainer.prompts[i % len(trainer.prompts)] for i in range(self.n)]
         images, meta = [], []
         with torch.no_grad():
-            for start in range(0, self.n, 64):
-                ids = list(range(start, min(self.n, start + 64)))
-                traj = trainer._sample([prompts[i] for i in ids], [EVAL_SEED_BASE + i for i in ids])
+            for start in range(0, len(prompts), 64):
+                ids = list(range(start, min(len(prompts), start + 64)))
+                traj = trainer._sample([prompts[i] for i in ids], [EVAL_SEED_BASE + seed0 + i for i in ids])
                 images.append(traj.images.cpu())
                 meta += traj.metadata
-        images = torch.cat(images)
-        r, _ = self.reward(images, prompts, meta)
-        h, _ = self.heldout(images, prompts, meta)
-        classes = [m["class_id"] for m in meta]
-        return {"reward": float(r.mean()), "heldout": float(h.mean()), "diversity": diversity(images, classes)}
+        return torch.cat(images), meta
+
+    def __call__(self, trainer) -> dict:
+        trainer.model.denoiser.eval()
+        r = self.world["repeats"]
+        pool = trainer.prompts
+        prompts = [pool[(i // r) % len(pool)] for i in range(self.n)] if r > 1 else [pool[i % len(pool)] for i in range(self.n)]
+        images, meta = self._images(trainer, prompts, 0)
+        rew, info = self.reward(images, prompts, meta)
+        held, _ = self.heldout(images, prompts, meta)
+        keys = [m["class_id"] for m in meta] if r == 1 else prompts
+        out = {"reward": float(rew.mean()), "heldout": float(held.mean()), "diversity": diversity(images, keys)}
+        metric = (info or {}).get("per_sample", {}).get("layout_correct")
+        if metric is not None:
+            out["layout_correct"] = float(metric.float().mean())
+        if self.heldout_prompts:
+            hp = [self.heldout_prompts[i % len(self.heldout_prompts)] for i in range(self.n)]
+            h_images, h_meta = self._images(trainer, hp, 100_000)
+            h_rew, h_info = self.reward(h_images, hp, h_meta)
+            out["heldout_prompts"] = float(h_rew.mean())
+            h_metric = (h_info or {}).get("per_sample", {}).get("layout_correct")
+            if h_metric is not None:
+                out["heldout_prompts_layout_correct"] = float(h_metric.float().mean())
+        return out
 
 
 def run_one(name: str, overrides: list[str], seed: int, budget_s: float, evaluator: Evaluator, workdir: Path, extra=(),
-            max_epochs: int = 10_000) -> dict:
+            max_epochs: int = 10_000, world: dict = None) -> dict:
     from diffrl_fast.config_utils import load_config
-    from diffrl_fast.train.config import DEFAULT_PRESET, Config, validate
+    from diffrl_fast.train.config import PRESETS, Config, validate
     from diffrl_fast.train.trainer import Trainer
 
-    cfg = validate(load_config(Config, DEFAULT_PRESET, [*overrides, f"seed={seed}", f"num_epochs={max_epochs}", *extra,
-                                                        f"output_dir={workdir}", f"name={name}_s{seed}", "log.eval_samples=0",
-                                                        "log.progress=false", "log.tensorboard=false", "log.grid_samples=0"]))
+    world = world or WORLDS["digits"]
+    cfg = validate(load_config(Config, PRESETS / world["preset"], [*overrides, f"seed={seed}", f"num_epochs={max_epochs}", *extra,
+                                                                  f"output_dir={workdir}", f"name={name}_s{seed}", "log.eval_samples=0",
+                                                                  "log.progress=false", "log.tensorboard=false", "log.grid_samples=0"]))
     trainer = Trainer(cfg, workdir / f"{name}_s{seed}", log_fn=lambda s: None)
     trainer.logger.print = lambda s: None
-    points = [{"epoch": 0, "clock_s": 0.0, "samples": 0, **evaluator(trainer)}]
+    points = [{"epoch": 0, "clock_s": 0.0, "samples": 0, "passes": 0, **evaluator(trainer)}]
     clock = {"s": 0.0, "samples": 0}
 
     def on_epoch(tr, record):
         clock["s"] += record["sample_time_s"] + record["train_time_s"]
         clock["samples"] += record["samples"]
-        points.append({"epoch": record["epoch"], "clock_s": round(clock["s"], 3), "samples": clock["samples"], **evaluator(tr)})
+        points.append({"epoch": record["epoch"], "clock_s": round(clock["s"], 3), "samples": clock["samples"],
+                       "passes": record["denoiser_passes"], "train_reward": record["reward_mean"], **evaluator(tr)})
 
     wall = time.perf_counter()
     trainer.run(on_epoch=on_epoch, stop_flag=lambda: clock["s"] >= budget_s)  # checked between epochs
     return {"points": points, "wall_s": round(time.perf_counter() - wall, 1), "overrides": overrides, "seed": seed,
-            "commit": _commit()}
+            "learning_rate": cfg.train.learning_rate, "commit": _commit()}
+
+
+def sweep_pick(runs: list[dict]) -> dict:
+    """The sweep's choice among one contender's learning-rate runs: the best mean training reward over each run's
+    last three epochs (the reward it optimises, as logged during training; never the reported eval reward)."""
+    def score(r):
+        tail = [p["train_reward"] for p in r["points"][1:]][-3:]
+        return statistics.mean(tail) if tail else float("-inf")
+    return max(runs, key=score)
 
 
 def _commit() -> str:
@@ -175,34 +245,44 @@ def reusable(path: Path, budget_s: float) -> dict:
     return out
 
 
-def summarize(runs: dict[str, list[dict]]) -> dict:
-    """Threshold from the baseline, then time and samples to it, speed-ups and guards per contender."""
-    base_runs = runs[BASELINE]
+GUARDS = ("heldout", "diversity", "heldout_prompts", "layout_correct", "heldout_prompts_layout_correct")
+
+
+def summarize(runs: dict[str, list[dict]], baseline: str = BASELINE) -> dict:
+    """Threshold from the baseline, then time, denoiser passes and samples to it, speed-ups in both units and the
+    guards at it, per contender."""
+    base_runs = runs[baseline]
     n_points = min(len(r["points"]) for r in base_runs)
     curve = [statistics.mean(r["points"][i]["reward"] for r in base_runs) for i in range(n_points)]
     start, best = curve[0], max(curve)
     threshold = start + THRESHOLD_FRACTION * (best - start)
     table = {}
     for name, rs in runs.items():
-        reached = []
-        for r in rs:
-            hit = next((p for p in r["points"] if p["epoch"] > 0 and p["reward"] >= threshold), None)
-            reached.append(hit)
+        reached = [next((p for p in r["points"] if p["epoch"] > 0 and p["reward"] >= threshold), None) for r in rs]
         times = [h["clock_s"] for h in reached if h is not None]
-        table[name] = {
+        passes = [h["passes"] for h in reached if h is not None and "passes" in h]
+        row = {
             "reached": sum(h is not None for h in reached), "seeds": len(rs),
             "time_s": [None if h is None else h["clock_s"] for h in reached],
+            "passes": [None if h is None else h.get("passes") for h in reached],
             "samples": [None if h is None else h["samples"] for h in reached],
             "median_time_s": statistics.median(times) if times else None,
-            "heldout_at_threshold": [None if h is None else h["heldout"] for h in reached],
-            "diversity_at_threshold": [None if h is None else h["diversity"] for h in reached],
+            "median_passes": statistics.median(passes) if passes and len(passes) == len(times) else None,
             "final_reward": [r["points"][-1]["reward"] for r in rs],
-            "overrides": rs[0]["overrides"],
+            "overrides": rs[0]["overrides"], "learning_rate": rs[0].get("learning_rate"),
         }
-    base_t = table[BASELINE]["median_time_s"]
+        for g in GUARDS:
+            if any(g in p for r in rs for p in r["points"]):
+                row[f"{g}_at_threshold"] = [None if h is None else h.get(g) for h in reached]
+                row[f"{g}_start"] = statistics.mean(r["points"][0][g] for r in rs)
+        table[name] = row
+    base = table[baseline]
     for row in table.values():
-        row["speedup"] = (base_t / row["median_time_s"]) if base_t and row["median_time_s"] and row["reached"] == row["seeds"] else None
-    return {"threshold": threshold, "baseline_start": start, "baseline_best": best, "table": table}
+        ok = row["reached"] == row["seeds"]
+        row["speedup"] = base["median_time_s"] / row["median_time_s"] if ok and base["median_time_s"] and row["median_time_s"] else None
+        row["speedup_passes"] = (base["median_passes"] / row["median_passes"]
+                                 if ok and base["median_passes"] and row["median_passes"] else None)
+    return {"threshold": threshold, "baseline": baseline, "baseline_start": start, "baseline_best": best, "table": table}
 
 
 def _fmt(values, spec="{:.1f}"):
@@ -213,23 +293,35 @@ def _fmt(values, spec="{:.1f}"):
     return s + ("" if len(vals) == len(values) else f" ({len(vals)}/{len(values)} seeds)")
 
 
+def _x(v):
+    return "—" if v is None else f"{v:.2f}x"
+
+
 def write_md(summary: dict, meta: dict, path: Path) -> None:
-    lines = ["# Time to reward on the digits world", "",
+    world, base = meta.get("world", "digits"), summary["baseline"]
+    guards = [g for g in GUARDS if any(f"{g}_at_threshold" in row for row in summary["table"].values())]
+    sweep = meta.get("sweep")
+    lines = [f"# Time to reward on the {world} world", "",
              f"Machine: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}.",
              f"Budget: {meta['budget_s']:.0f} s of training (sampling + updates) per run, seeds {meta['seeds']}, {meta['eval_samples']} "
              "fixed-seed eval samples per epoch (off the clock). Threshold: 75% of the way from the baseline's reward before training "
              f"({summary['baseline_start']:.3f}) to the best level of its seed-mean curve ({summary['baseline_best']:.3f}): "
-             f"**{summary['threshold']:.3f}**.", "",
-             "| contender | seeds reaching | time to threshold (s) | samples to threshold | speed-up vs ddpo_is | "
-             "held-out reward at threshold | diversity at threshold | final reward | settings |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"**{summary['threshold']:.3f}**."
+             + (f" Tuning: every contender, {base} included, had the same sweep: learning rates x {sweep} on seed 0, the best "
+                "training reward kept (the `learning_rate` column), then the seeds above." if sweep else ""), "",
+             "| contender | seeds reaching | time to threshold (s) | denoiser passes to threshold | samples to threshold | "
+             f"speed-up vs {base}, time / passes | " + " | ".join(f"{g.replace('_', ' ')} at threshold" for g in guards)
+             + " | final reward | learning rate | settings |",
+             "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in guards) + " | --- | --- | --- |"]
     for name, row in summary["table"].items():
-        sp = "—" if row["speedup"] is None else f"{row['speedup']:.2f}x"
-        lines.append(f"| {name} | {row['reached']}/{row['seeds']} | {_fmt(row['time_s'])} | {_fmt(row['samples'], '{:.0f}')} | {sp} | "
-                     f"{_fmt(row['heldout_at_threshold'], '{:.3f}')} | {_fmt(row['diversity_at_threshold'], '{:.4f}')} | "
-                     f"{_fmt(row['final_reward'], '{:.3f}')} | `{' '.join(row['overrides'])}` |")
-    lines += ["", "(mean ± std over the seeds that reached the threshold; speed-up = the baseline's median time over the "
-              "contender's, only when every seed reached it)", "", f"![eval reward against training time]({path.stem}.png)", ""]
+        lr = row.get("learning_rate")
+        lines.append(f"| {name} | {row['reached']}/{row['seeds']} | {_fmt(row['time_s'])} | {_fmt(row['passes'], '{:.0f}')} | "
+                     f"{_fmt(row['samples'], '{:.0f}')} | {_x(row['speedup'])} / {_x(row.get('speedup_passes'))} | "
+                     + " | ".join(_fmt(row[f'{g}_at_threshold'], '{:.3f}') if f"{g}_at_threshold" in row else "—" for g in guards)
+                     + f" | {_fmt(row['final_reward'], '{:.3f}')} | {'—' if lr is None else f'{lr:.2g}'} | `{' '.join(row['overrides'])}` |")
+    lines += ["", "(mean ± std over the seeds that reached the threshold; a speed-up is the baseline's median over the "
+              "contender's, only when every seed reached it; denoiser passes: a forward of one sample at one step = 1, its "
+              "backward = 2, both guidance branches count)", "", f"![eval reward against denoiser passes and training time]({path.stem}.png)", ""]
     reading = path.with_name(f"{path.stem}_reading.md")  # the hand-written analysis of the committed figures
     if reading.is_file():
         lines += [reading.read_text()]
@@ -237,82 +329,123 @@ def write_md(summary: dict, meta: dict, path: Path) -> None:
 
 
 def plot(runs: dict, summary: dict, path: Path) -> None:
+    """Eval reward against denoiser passes (left) and training time (right), seed means with min-max bands; the
+    baseline in black, the fastest contender thick; one row of panels per family (the name before "+") when
+    there are more than 8 contenders, each contender its own colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name, rs in runs.items():
-        n = min(len(r["points"]) for r in rs)
-        t = [statistics.mean(r["points"][i]["clock_s"] for r in rs) for i in range(n)]
-        ys = [[r["points"][i]["reward"] for r in rs] for i in range(n)]
-        mean = [statistics.mean(y) for y in ys]
-        lo = [min(y) for y in ys]
-        hi = [max(y) for y in ys]
-        line, = ax.plot(t, mean, marker=".", label=name, lw=2 if name == BASELINE else 1)
-        ax.fill_between(t, lo, hi, color=line.get_color(), alpha=0.15)
-    ax.axhline(summary["threshold"], color="k", ls="--", lw=1, label="threshold")
-    ax.set_xlabel("training wall time (s, evaluation excluded)")
-    ax.set_ylabel("eval reward (digit_confidence)")
-    ax.legend(fontsize=7, ncol=2)
+    base = summary["baseline"]
+    fastest = max((n for n, r in summary["table"].items() if r["speedup"] and n != base),
+                  key=lambda n: summary["table"][n]["speedup"], default=None)
+    names = list(runs)
+    families = {}
+    for n in names:
+        families.setdefault(n.split("+")[0] if len(names) > 8 else "all", []).append(n)
+    colours = plt.get_cmap("tab20").colors
+    colour = {n: colours[i % len(colours)] for i, n in enumerate(x for x in names if x != base)}
+    colour[base] = "black"
+    rows = list(families.items())
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.2 * len(rows)), squeeze=False)
+    for (family, members), (ax_p, ax_t) in zip(rows, axes):
+        shown = members if base in members else [base, *members]
+        for name in shown:
+            rs = runs[name]
+            n = min(len(r["points"]) for r in rs)
+            ys = [[r["points"][i]["reward"] for r in rs] for i in range(n)]
+            mean, lo, hi = [statistics.mean(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
+            lw = 2.6 if name in (base, fastest) else 1.2
+            for ax, key in ((ax_p, "passes"), (ax_t, "clock_s")):
+                x = [statistics.mean(r["points"][i].get(key, 0) for r in rs) for i in range(n)]
+                ax.plot(x, mean, marker=".", color=colour[name], lw=lw, label=name + (" (fastest)" if name == fastest else ""))
+                ax.fill_between(x, lo, hi, color=colour[name], alpha=0.12)
+        for ax in (ax_p, ax_t):
+            ax.axhline(summary["threshold"], color="grey", ls="--", lw=1)
+            ax.set_ylabel("eval reward")
+        ax_p.set_xlabel("denoiser passes (training)")
+        ax_t.set_xlabel("training wall time (s, evaluation excluded)")
+        ax_p.legend(fontsize=7, ncol=2, title=None if family == "all" else family, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+SWEEP_FACTORS = (1 / 3, 1.0, 3.0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="diffrl-fast bench time-to-reward", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated names (the baseline is always run)")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--world", default="digits", choices=list(WORLDS), help="the testbed (default: digits)")
+    ap.add_argument("--contenders", default=None, help="comma-separated names (default: all of the world's; the baseline is always run)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the reported runs (with --sweep: fresh ones, e.g. 1,2,3)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="seconds of training (sampling + updates) per run")
+    ap.add_argument("--sweep", action="store_true", help="tune every contender's learning rate (x 1/3, 1, 3 on seed 0) before the seeds")
     ap.add_argument("--reuse", type=Path, default=None, help="an earlier time_to_reward JSON whose covering runs are reused")
-    ap.add_argument("--stem", default="time_to_reward", help="name of the output files")
+    ap.add_argument("--stem", default=None, help="name of the output files (default: the world's)")
     ap.add_argument("--eval-samples", type=int, default=128)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="a tiny configuration that only checks the benchmark runs (CI)")
     args = ap.parse_args(argv)
-    names = [BASELINE] + [n for n in args.contenders.split(",") if n and n != BASELINE]
-    unknown = [n for n in names if n not in CONTENDERS]
+    world = WORLDS[args.world]
+    table, baseline = world["contenders"], world["baseline"]
+    chosen = args.contenders.split(",") if args.contenders else list(table)
+    names = [baseline] + [n for n in chosen if n and n != baseline]
+    unknown = [n for n in names if n not in table]
     if unknown:
-        print(f"unknown contenders {unknown}; choose from {list(CONTENDERS)}", file=sys.stderr)
+        print(f"unknown contenders {unknown} for the {args.world} world; choose from {list(table)}", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
-    extra = []
-    if args.smoke:
-        extra = ["sample.num_steps=4", "sample.batch_size=8", "sample.num_batches_per_epoch=1", "train.batch_size=8",
-                 "grpo.group_size=4", "nft.group_size=4", "awm.group_size=4", "awm.train_timesteps=2"]
-    evaluator = Evaluator(args.eval_samples)
-    runs = {}
-    stem = args.stem + ("_smoke" if args.smoke else "")
+    if args.sweep and 0 in seeds:
+        print("--sweep tunes on seed 0: report fresh seeds (--seeds 1,2,3)", file=sys.stderr)
+        return 2
+    extra = list(world["smoke"]) if args.smoke else []
+    evaluator = Evaluator(args.eval_samples, world)
+    runs, sweeps = {}, {}
+    stem = (args.stem or world["stem"]) + ("_smoke" if args.smoke else "")
     reuse = reusable(args.reuse, args.budget_s) if not args.smoke else {}
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / f"{stem}.partial.json"
+
+    def one(name, overrides, seed, workdir):
+        r = reuse.get((name, tuple(overrides), seed))
+        if r is None:
+            r = run_one(name, overrides, seed, args.budget_s, evaluator, workdir, extra, world=world)
+        else:
+            print(f"{name:>18} seed {seed}: reused from commit {r['commit']}", flush=True)
+        last = r["points"][-1]
+        print(f"{name:>18} seed {seed} lr {r.get('learning_rate', 0):.2g}: reward {r['points'][0]['reward']:+.3f} -> "
+              f"{last['reward']:+.3f} in {last['clock_s']:.0f} s, {last.get('passes', 0)} passes ({r['wall_s']:.0f} s wall)", flush=True)
+        return r
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         for name in names:
+            overrides = list(table[name])
+            if args.sweep:
+                from diffrl_fast.config_utils import load_config
+                from diffrl_fast.train.config import PRESETS, Config
+
+                lr0 = load_config(Config, PRESETS / world["preset"], [*overrides, *extra]).train.learning_rate
+                tried = [one(f"{name}@lr{f:.2g}", [*overrides, f"train.learning_rate={lr0 * f:.4g}"], 0, workdir) for f in SWEEP_FACTORS]
+                sweeps[name] = tried
+                overrides = list(sweep_pick(tried)["overrides"])
             for seed in seeds:
-                r = reuse.get((name, tuple(CONTENDERS[name]), seed))
-                if r is None:
-                    r = run_one(name, CONTENDERS[name], seed, args.budget_s, evaluator, workdir, extra)
-                else:
-                    print(f"{name:>18} seed {seed}: reused from commit {r['commit']}", flush=True)
-                runs.setdefault(name, []).append(r)
-                partial.write_text(json.dumps(runs) + "\n")  # what a cut-short run leaves behind
-                last = r["points"][-1]
-                print(f"{name:>18} seed {seed}: reward {r['points'][0]['reward']:+.3f} -> {last['reward']:+.3f} "
-                      f"in {last['clock_s']:.0f} s of training ({r['wall_s']:.0f} s wall)", flush=True)
-    summary = summarize(runs)
+                runs.setdefault(name, []).append(one(name, overrides, seed, workdir))
+                partial.write_text(json.dumps({"runs": runs, "sweep": sweeps}) + "\n")  # what a cut-short run leaves behind
+    summary = summarize(runs, baseline)
     meta = machine_info("cpu")
-    meta.update(budget_s=args.budget_s, seeds=seeds, eval_samples=args.eval_samples, smoke=args.smoke)
+    meta.update(world=args.world, budget_s=args.budget_s, seeds=seeds, eval_samples=args.eval_samples, smoke=args.smoke,
+                sweep=" / ".join(f"{f:.2g}" for f in SWEEP_FACTORS) if args.sweep else None)
     partial.unlink(missing_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "summary": summary, "runs": runs}, indent=1) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "summary": summary, "runs": runs, "sweep": sweeps}, indent=1) + "\n")
     write_md(summary, meta, args.out / f"{stem}.md")
     plot(runs, summary, args.out / f"{stem}.png")
     for name, row in summary["table"].items():
         print(f"{name:>18}: threshold reached by {row['reached']}/{row['seeds']} seeds, median {row['median_time_s']} s, "
-              f"speed-up {row['speedup']}", flush=True)
+              f"{row['median_passes']} passes, speed-up {row['speedup']} (time) {row['speedup_passes']} (passes)", flush=True)
     print(f"wrote {args.out / (stem + '.md')}")
     return 0
 

@@ -252,7 +252,42 @@ def e2e_detail(data: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCKS: dict[str, Callable[[dict], str]] = {"e2e_detail": e2e_detail, "main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
+def _ttr_cell(values, spec):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "not reached"
+    out = spec.format(statistics.mean(vals)) + (f" ± {spec.format(statistics.stdev(vals))}" if len(vals) > 1 else "")
+    return out + ("" if len(vals) == len(values) else f" ({len(vals)}/{len(values)} seeds)")
+
+
+def ttr_table(data: dict) -> str:
+    """The time-to-reward table (bench time-to-reward's JSON), in both cost units, with the guards at the threshold."""
+    m, s = data["machine"], data["summary"]
+    world, base = m.get("world", "digits"), s["baseline"]
+    sweep = m.get("sweep")
+    command = (f"diffrl-fast bench time-to-reward --world {world} --seeds {','.join(map(str, m['seeds']))} "
+               f"--budget-s {m['budget_s']:g}" + (" --sweep" if sweep else ""))
+    x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
+    guards = [g for g in ("heldout", "heldout_prompts", "diversity") if any(f"{g}_at_threshold" in r for r in s["table"].values())]
+    names = {"heldout": "held-out classifier", "heldout_prompts": "held-out prompts", "diversity": "diversity"}
+    lines = [f"| contender | seeds reaching | denoiser passes to threshold | time to threshold (s) | speed-up vs {base}: passes / time | "
+             + " | ".join(f"{names[g]} at threshold (start)" for g in guards) + " | final reward | learning rate |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in guards) + " | --- | --- |"]
+    for name, row in s["table"].items():
+        lr = row.get("learning_rate")
+        lines.append(f"| {name} | {row['reached']}/{row['seeds']} | {_ttr_cell(row['passes'], '{:.3g}')} | {_ttr_cell(row['time_s'], '{:.1f}')} | "
+                     f"{x(row.get('speedup_passes'))} / {x(row['speedup'])} | "
+                     + " | ".join(f"{_ttr_cell(row[f'{g}_at_threshold'], '{:.3f}')} ({row[f'{g}_start']:.3f})" for g in guards)
+                     + f" | {_ttr_cell(row['final_reward'], '{:.3f}')} | {'—' if lr is None else f'{lr:.2g}'} |")
+    lines += ["", f"Threshold {s['threshold']:.3f}: 75% of the way from {base}'s eval reward before training ({s['baseline_start']:.3f}) "
+              f"to the best of its seed-mean curve ({s['baseline_best']:.3f}); {m['budget_s']:g} s of training per run, "
+              f"{m['eval_samples']} fixed-seed eval samples per epoch; mean ± std over the seeds reaching it"
+              + (f"; every contender's learning rate swept (x {sweep}, seed 0, picked on the training reward) before these seeds" if sweep else "")
+              + f" ({_provenance(data, command)}).", ""]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[dict], str]] = {"ttr_table": ttr_table, "e2e_detail": e2e_detail, "main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
                                             "ops_table": ops_table, "memory_table": memory_table, "e2e_table": e2e_table,
                                             "flow_main_job": flow_main_job, "flow_digits_quality": flow_digits_quality,
                                             "sdxl_memory_table": sdxl_memory_table}

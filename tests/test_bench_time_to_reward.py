@@ -20,17 +20,41 @@ def test_time_to_reward_smoke(tmp_path):
     assert (tmp_path / "time_to_reward_smoke.png").stat().st_size > 0
 
 
-def test_summary_threshold_and_speedup():
-    def run(rewards, step=10.0):
-        return {"overrides": [], "points": [{"epoch": i, "clock_s": i * step, "samples": i * 100, "reward": r, "heldout": r,
-                                             "diversity": 0.1} for i, r in enumerate(rewards)]}
+def test_flow_world_smoke_with_passes_guards_and_sweep(tmp_path):
+    # the flow world: Flow-GRPO as the baseline, held-out prompts and layout-correct rates as guards, denoiser passes
+    # counted; --sweep runs three learning rates on seed 0 and reports the fresh seed
+    rc = b.main(["--world", "flow-digits", "--smoke", "--contenders", "dgpo", "--seeds", "1", "--budget-s", "0.001",
+                 "--eval-samples", "8", "--sweep", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "time_to_reward_flow_smoke.json").read_text())
+    assert set(data["runs"]) == {"grpo", "dgpo"} and data["summary"]["baseline"] == "grpo"
+    assert {len(v) for v in data["sweep"].values()} == {3}
+    lrs = sorted(r["learning_rate"] for r in data["sweep"]["grpo"])
+    assert abs(lrs[2] / lrs[0] - 9) < 1e-3  # x 1/3 and x 3 around the preset's
+    for runs in data["runs"].values():
+        assert runs[0]["seed"] == 1
+        p0, p1 = runs[0]["points"]
+        assert p0["passes"] == 0 and p1["passes"] > 0 and 0 <= p1["layout_correct"] <= 1
+        assert {"heldout", "heldout_prompts", "heldout_prompts_layout_correct", "diversity"} <= set(p1)
+    md = (tmp_path / "time_to_reward_flow_smoke.md").read_text()
+    assert "denoiser passes to threshold" in md and "heldout prompts at threshold" in md
+    assert b.main(["--world", "flow-digits", "--sweep", "--seeds", "0", "--out", str(tmp_path)]) == 2  # tuned on seed 0
 
-    runs = {"ddpo_is": [run([-4, -3, -2, -1]), run([-4, -3, -2, -1])], "fast": [run([-4, -1.5, -1], step=5.0)],
+
+def test_summary_threshold_and_speedup():
+    def run(rewards, step=10.0, passes=1000):
+        return {"overrides": [], "points": [{"epoch": i, "clock_s": i * step, "samples": i * 100, "passes": i * passes, "reward": r,
+                                             "heldout": r, "diversity": 0.1} for i, r in enumerate(rewards)]}
+
+    runs = {"ddpo_is": [run([-4, -3, -2, -1]), run([-4, -3, -2, -1])], "fast": [run([-4, -1.5, -1], step=5.0, passes=4000)],
             "slow": [run([-4, -3.9, -3.8])]}
     s = b.summarize(runs)
     assert s["threshold"] == -4 + 0.75 * 3  # 75% of the way from -4 to -1
     assert s["table"]["ddpo_is"]["time_s"] == [30.0, 30.0] and s["table"]["fast"]["time_s"] == [5.0]
     assert s["table"]["fast"]["speedup"] == 6.0 and s["table"]["slow"]["reached"] == 0 and s["table"]["slow"]["speedup"] is None
+    # in denoiser passes the fast contender's epochs cost 4x more: 3000 passes against 4000
+    assert s["table"]["fast"]["passes"] == [4000] and s["table"]["fast"]["speedup_passes"] == 0.75
+    assert s["table"]["fast"]["heldout_at_threshold"] == [-1.5]
 
 
 def test_budget_cut_and_reuse(tmp_path):
