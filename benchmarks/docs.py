@@ -134,8 +134,8 @@ def memory_table(data: dict) -> str:
 def flow_main_job(data: dict) -> str:
     r = data["run"]
     m = r["metrics"]["layout_correct"]
-    return (f"On the project's 2-core CPU machine it moves the layout-correct rate (every asked-for digit in its slot, as "
-            f"the classifier reads it) over the same {r['eval_samples']} fixed-seed samples from {100 * m['before']:.1f}% "
+    return (f"On the project's 2-core CPU machine, over the same {r['eval_samples']} fixed-seed samples, the layout-correct rate "
+            f"(every asked-for digit in its slot, as the classifier reads it) goes from {100 * m['before']:.1f}% "
             f"± {100 * m['before_se']:.1f} to {100 * m['after']:.1f}% ± {100 * m['after_se']:.1f} (paired change "
             f"{100 * m['change']:+.1f} ± {100 * m['change_se']:.1f} points; mean ± standard error) and the digit_layout reward "
             f"from {r['before']:.2f} to {r['after']:.2f}, {r['epochs']} epochs, {r['samples']} trajectories, peak resident "
