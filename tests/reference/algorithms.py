@@ -241,16 +241,40 @@ def tdpo(batch, sampler, eps, steps, features, critic_old, critic, *, clip_range
     return torch.stack(pg).mean() + value_coef * torch.stack(vl).mean()
 
 
+def prompt_advantages(batch, std_eps, group_std=False):
+    """Flow-GRPO's stat tracker: (r - mean over the prompt's samples) / (std + eps), the population std of the
+    whole batch (global_std) or of the prompt's samples."""
+    r_all = batch.rewards.to(F64)
+    A = torch.empty_like(r_all)
+    for p in set(batch.prompts):
+        idx = [i for i, q in enumerate(batch.prompts) if q == p]
+        std = r_all[idx].std(unbiased=False) if group_std else r_all.std(unbiased=False)
+        A[idx] = (r_all[idx] - r_all[idx].mean()) / (std + std_eps)
+    return A
+
+
+def forward_row(batch, sampler, b, j, z):
+    """(x_t, target, sigma, h, t) of a forward-process row: x0 = sample b's final latent re-noised at step j's
+    timestep; flow: sigma = t / 1000, x_t = (1 - sigma) x0 + sigma z, target z - x0; DDIM epsilon: x_t = sqrt(abar)
+    x0 + sqrt(1 - abar) z, target z, sigma = sqrt(1 - abar)."""
+    x0 = batch.latents[b, -1].to(F64)[None]
+    z = z.to(F64)[None]
+    tt = float(batch.timesteps[j])
+    if sampler.kind == "flow":
+        sigma = tt / 1000.0
+        xt, target = (1 - sigma) * x0 + sigma * z, z - x0
+    else:
+        abar = float(sampler.alphas_cumprod[int(tt)])
+        sigma = math.sqrt(1 - abar)
+        xt, target = math.sqrt(abar) * x0 + sigma * z, z
+    return xt, target, sigma, batch.cond[b].to(F64)[None], torch.tensor([tt], dtype=F64)
+
+
 def grpo_flow(batch, sampler, eps, ref_eps, n_train, *, clip_range, adv_clip, beta, std_eps=1e-4):
     """yifan123/flow_grpo scripts/train_sd3.py: A = (r - mean of the prompt's rewards) / (std of all rewards + 1e-4),
     clamped to +-adv_clip; steps 0 .. n_train-1; L = mean(max(-A rho, -A clamp(rho, 1 +- eps))) + beta * mean over
     rows of mean_elements(mean_theta - mean_ref)^2 / (2 std_dev_t^2)."""
-    r = batch.rewards.to(F64)
-    A = torch.empty_like(r)
-    for p in set(batch.prompts):
-        idx = [i for i, q in enumerate(batch.prompts) if q == p]
-        A[idx] = (r[idx] - r[idx].mean()) / (r.std(unbiased=False) + std_eps)
-    A = A.clamp(-adv_clip, adv_clip)
+    A = prompt_advantages(batch, std_eps).clamp(-adv_clip, adv_clip)
     pg, kl = [], []
     for b in range(len(batch.prompts)):
         for j in range(n_train):
@@ -270,11 +294,7 @@ def nft(batch, sampler, eps, old_eps, ref_eps, rows, *, beta, adv_clip, kl_beta,
     v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v; each term |x0(v+-) - x0|^2 / mean|x0(v+-) - x0|
     (element means, weights without gradient, clipped at 1e-5);
     L = mean over rows of c (r pos / beta + (1 - r) neg / beta) + kl_beta mean over rows of mean (v - v_ref)^2."""
-    r_all = batch.rewards.to(F64)
-    A = torch.empty_like(r_all)
-    for p in set(batch.prompts):
-        idx = [i for i, q in enumerate(batch.prompts) if q == p]
-        A[idx] = (r_all[idx] - r_all[idx].mean()) / (r_all.std(unbiased=False) + std_eps)
+    A = prompt_advantages(batch, std_eps)
     terms, kls = [], []
     for b, j, z in rows:
         x0 = batch.latents[b, -1].to(F64)[None]
@@ -339,26 +359,10 @@ def awm(batch, sampler, eps, ref_eps, ema_eps, rows, *, adv_clip, advantage_max,
     mean + 1e-10)^p - 1e-10^p) sigma / p; A = Flow-GRPO's group advantage clamped to +-adv_clip, then
     / adv_clip * advantage_max; L = surrogate + beta mean_rows (out - out_ref)^2 + ema_beta mean_rows (out - out_ema)^2.
     With ``old_eps`` (a later optimiser step of the epoch) the old log-probs are that model's, at the same x_t."""
-    r_all = batch.rewards.to(F64)
-    A = torch.empty_like(r_all)
-    for p in set(batch.prompts):
-        idx = [i for i, q in enumerate(batch.prompts) if q == p]
-        A[idx] = (r_all[idx] - r_all[idx].mean()) / (r_all.std(unbiased=False) + std_eps)
-    A = A.clamp(-adv_clip, adv_clip) / adv_clip * advantage_max
+    A = prompt_advantages(batch, std_eps).clamp(-adv_clip, adv_clip) / adv_clip * advantage_max
     terms, kls, ema_kls = [], [], []
     for b, j, z in rows:
-        x0 = batch.latents[b, -1].to(F64)[None]
-        z = z.to(F64)[None]
-        tt = float(batch.timesteps[j])
-        if sampler.kind == "flow":
-            sigma = tt / 1000.0
-            xt, target = (1 - sigma) * x0 + sigma * z, z - x0
-        else:
-            abar = float(sampler.alphas_cumprod[int(tt)])
-            sigma = math.sqrt(1 - abar)
-            xt, target = math.sqrt(abar) * x0 + sigma * z, z
-        h = batch.cond[b].to(F64)[None]
-        t1 = torch.tensor([tt], dtype=F64)
+        xt, target, sigma, h, t1 = forward_row(batch, sampler, b, j, z)
         out = eps(xt, t1, h)
         with torch.no_grad():
             out_ref, out_ema = ref_eps(xt, t1, h), ema_eps(xt, t1, h)
@@ -385,25 +389,10 @@ def dgpo(batch, sampler, eps, ref_eps, ema_eps, rows, *, group_size, beta, clip_
     exp(old_dsm - dsm) > 1 + clip_range, or A <= 0 and it is < 1 - clip_range: its dsm is then detached. Per
     group (samples b // G, at one step j): group_sum = sum A beta (dsm.detach() - ref_dsm) / G, weight =
     sigmoid(group_sum) detached; L = mean over rows of weight A dsm + kl_beta mean over rows of (out - out_ref)^2."""
-    r_all = batch.rewards.to(F64)
-    A = torch.empty_like(r_all)
-    for p in set(batch.prompts):
-        idx = [i for i, q in enumerate(batch.prompts) if q == p]
-        A[idx] = (r_all[idx] - r_all[idx].mean()) / (r_all[idx].std(unbiased=False) + std_eps)
-    A = A.clamp(-adv_clip, adv_clip)
+    A = prompt_advantages(batch, std_eps, group_std=True).clamp(-adv_clip, adv_clip)
     per_row = []
     for b, j, z in rows:
-        x0 = batch.latents[b, -1].to(F64)[None]
-        z = z.to(F64)[None]
-        tt = float(batch.timesteps[j])
-        if sampler.kind == "flow":
-            s = tt / 1000.0
-            xt, target = (1 - s) * x0 + s * z, z - x0
-        else:
-            abar = float(sampler.alphas_cumprod[int(tt)])
-            xt, target = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * z, z
-        h = batch.cond[b].to(F64)[None]
-        t1 = torch.tensor([tt], dtype=F64)
+        xt, target, _, h, t1 = forward_row(batch, sampler, b, j, z)
         out = eps(xt, t1, h)
         with torch.no_grad():
             out_ref, out_old = ref_eps(xt, t1, h), ema_eps(xt, t1, h)
