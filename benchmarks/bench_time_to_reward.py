@@ -344,7 +344,7 @@ def plot(runs: dict, summary: dict, path: Path) -> None:
     families = {}
     for n in names:
         families.setdefault(n.split("+")[0] if len(names) > 8 else "all", []).append(n)
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
     colour = {n: colours[i % len(colours)] for i, n in enumerate(x for x in names if x != base)}
     colour[base] = "black"
     rows = list(families.items())
