@@ -265,8 +265,8 @@ def ttr_table(data: dict) -> str:
     m, s = data["machine"], data["summary"]
     world, base = m.get("world", "digits"), s["baseline"]
     sweep = m.get("sweep")
-    command = (f"diffrl-fast bench time-to-reward --world {world} --seeds {','.join(map(str, m['seeds']))} "
-               f"--budget-s {m['budget_s']:g}" + (" --sweep" if sweep else ""))
+    command = (f"diffrl-fast bench time-to-reward --world {world} --contenders {','.join(s['table'])} "
+               f"--seeds {','.join(map(str, m['seeds']))} --budget-s {m['budget_s']:g}" + (" --sweep" if sweep else ""))
     x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
     guards = [g for g in ("heldout", "heldout_prompts", "diversity") if any(f"{g}_at_threshold" in r for r in s["table"].values())]
     names = {"heldout": "held-out classifier", "heldout_prompts": "held-out prompts", "diversity": "diversity"}
