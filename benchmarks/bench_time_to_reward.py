@@ -277,8 +277,8 @@ def summarize(runs: dict[str, list[dict]], baseline: str = BASELINE) -> dict:
                 row[f"{g}_start"] = statistics.mean(r["points"][0][g] for r in rs)
         table[name] = row
     base = table[baseline]
-    for row in table.values():
-        ok = row["reached"] == row["seeds"]
+    for row in table.values():  # a speed-up needs every seed of the contender and of the baseline at the threshold
+        ok = row["reached"] == row["seeds"] and base["reached"] == base["seeds"]
         row["speedup"] = base["median_time_s"] / row["median_time_s"] if ok and base["median_time_s"] and row["median_time_s"] else None
         row["speedup_passes"] = (base["median_passes"] / row["median_passes"]
                                  if ok and base["median_passes"] and row["median_passes"] else None)
