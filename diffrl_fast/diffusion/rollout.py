@@ -136,21 +136,22 @@ def guided_outputs(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, 
     place and needs NCHW).
 
     Adds the call's cost to ``model.denoiser_passes``: one per row forwarded (both guidance branches count),
-    and two more per row when the forward records a graph for a backward (gradient enabled and trainable
-    weights). Recomputed forwards of activation checkpointing are not counted: they are a memory setting, not
-    the algorithm's work.
+    and two more per row when the forward records a graph for a backward (the output requires grad).
+    Recomputed forwards of activation checkpointing are not counted: they are a memory setting, not the
+    algorithm's work.
     """
     dtype = model.dtype
-    rows = x.shape[0] * (1 if uncond is None else 2)
-    if hasattr(model, "denoiser_passes"):
-        backward = torch.is_grad_enabled() and any(p.requires_grad for p in model.denoiser.parameters())
-        model.denoiser_passes += rows * (3 if backward else 1)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with ctx:
         if uncond is None:
-            return model.predict(x.to(dtype), t, cond).to(out_dtype).contiguous(), None
-        out = model.predict(torch.cat([x, x]).to(dtype), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+            out = model.predict(x.to(dtype), t, cond)
+        else:
+            out = model.predict(torch.cat([x, x]).to(dtype), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+    if hasattr(model, "denoiser_passes"):  # a recorded graph (out.requires_grad) will be backpropagated
+        model.denoiser_passes += out.shape[0] * (3 if out.requires_grad else 1)
+    if uncond is None:
+        return out.to(out_dtype).contiguous(), None
     eps_u, eps_c = out.to(out_dtype).contiguous().chunk(2)
     return eps_u, eps_c
 
