@@ -91,6 +91,10 @@ FLOW_CONTENDERS = {
     "awm": ["algo=awm"],
     "dgpo": ["algo=dgpo"],
     "ddpo_is": ["algo=ddpo_is"],
+    # BranchGRPO's tree rollouts: the 8 samples of a prompt are one binary tree, split at steps 0, 2 and 4 (its FLUX
+    # script splits 20 steps at 0, 3, 6, 9); "mix": ODE after a 4-step SDE window holding three splits in a row
+    "grpo+tree": ["algo=grpo", "sample.tree_branch_steps=[0, 2, 4]"],
+    "grpo+tree+mix": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed", "train.window_size=4"],
 }
 WORLDS = {
     "digits": dict(preset="digits.yaml", baseline="ddpo_is", reward="digit_confidence", heldout="digit_confidence_heldout",

@@ -2,6 +2,8 @@
 finds thresholds, times and speed-ups as documented."""
 import json
 
+import pytest
+
 from benchmarks import bench_time_to_reward as b
 
 
@@ -67,3 +69,14 @@ def test_budget_cut_and_reuse(tmp_path):
     reused = b.reusable(path, 70)
     assert list(reused) == [("ddpo_is", ("algo=ddpo_is",), 0)] and reused[("ddpo_is", ("algo=ddpo_is",), 0)]["commit"] == "abc"
     assert b.reusable(path, 500) == {}
+
+
+@pytest.mark.parametrize("world", sorted(b.WORLDS))
+def test_every_contender_is_a_valid_config_of_its_world(world):
+    # a typo in a contender's overrides would otherwise surface an hour into a full run
+    from diffrl_fast.config_utils import load_config
+    from diffrl_fast.train.config import PRESETS, Config, validate
+
+    w = b.WORLDS[world]
+    for name, overrides in w["contenders"].items():
+        validate(load_config(Config, PRESETS / w["preset"], list(overrides)))

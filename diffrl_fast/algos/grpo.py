@@ -15,6 +15,11 @@ noise scale without sqrt(|dt|) (``grpo.kl_form=flow_grpo``, flow models only), o
 Samples with advantage 0 (a prompt whose samples all scored the same) are dropped before training, as
 flow_grpo's train_sd3.py does (``zero_advantage_mask``; ``grpo.drop_zero_advantage=false`` keeps them): with
 binary rewards they would otherwise scale the gradient by N_kept / N.
+
+Tree rollouts (``sample.tree_branch_steps``; BranchGRPO, Li et al. 2025): a group is one tree whose leaves share
+their trajectory up to each branch step; each distinct transition is trained once, with BranchGRPO's node advantage
+of the node it leads to (``diffusion.tree.node_advantages``: leaf rewards fused into node rewards, normalised per
+tree and level), in place of A_i above; grpo.std and the zero-advantage drop do not apply.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from ..diffusion.tree import node_advantages
 from .base import EpochData
 from ..train.advantages import group_normalize
 from .ddpo import PolicyGradientWithKL
@@ -80,6 +86,10 @@ class GRPO(PolicyGradientWithKL):
         return adv[start:start + len(traj)]
 
     def prepare(self, run, traj, rewards):
+        if traj.tree is not None:  # tree rollouts: BranchGRPO's node advantages, [B, T]; every leaf trains (its
+            s = self.cfg.sample     # owned transitions are other leaves' shared prefix)
+            return EpochData(node_advantages(traj.tree, rewards, traj.num_steps, fusion=s.tree_reward_fusion,
+                                             edge_logp=traj.log_probs))
         adv = self.group_advantages(run, traj, rewards)
         if not self.cfg.grpo.drop_zero_advantage:
             return EpochData(adv)

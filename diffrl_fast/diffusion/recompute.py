@@ -47,11 +47,18 @@ class Chunk:
 
 def pack_chunk(traj: Trajectory, sample_idx: torch.Tensor, step_idx: torch.Tensor, device, with_states: bool = True) -> Chunk:
     """Gather the chunk's states, actions, timesteps, conditioning and coefficients onto ``device``
-    (without the states x, y when ``with_states`` is False: forward-process algorithms train on x_T only)."""
+    (without the states x, y when ``with_states`` is False: forward-process algorithms train on x_T only).
+
+    A step index -1 is padding: a chunk with any is packed as its valid (sample, step) rows, shape [R, 1], a sample
+    repeated once per valid step (``tree.owned_order``)."""
     sample_idx = torch.as_tensor(sample_idx, dtype=torch.long)
     step_idx = torch.as_tensor(step_idx, dtype=torch.long)
     if step_idx.dim() != 2 or step_idx.shape[0] != sample_idx.numel():
         raise ValueError(f"step_idx must be [n={sample_idx.numel()}, K], got {tuple(step_idx.shape)}")
+    pad = step_idx < 0
+    if bool(pad.any()):  # -1 marks no row (a tree's transitions another leaf owns): the valid rows, one per line
+        sample_idx = sample_idx[:, None].expand_as(step_idx)[~pad]
+        step_idx = step_idx[~pad][:, None]
     T = traj.num_steps
     if step_idx.numel() and (int(step_idx.min()) < 0 or int(step_idx.max()) >= T):
         raise ValueError(f"step indices must lie in [0, {T}), got {step_idx.min().item()}..{step_idx.max().item()}")

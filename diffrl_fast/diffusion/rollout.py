@@ -19,6 +19,7 @@ import torch
 from ..models.conditioning import Conditioning
 from ..ops import step_logprob, step_mean
 from .coefficients import StepSchedule, make_schedule
+from .tree import TreeSpec
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Trajectory:
     eta: float = 1.0
     reduction: str = "mean"
     latent_steps: Optional[torch.Tensor] = None  # sorted positions in 0..T stored in ``latents``; None: all of them
+    tree: Optional[TreeSpec] = None  # tree rollouts: adjacent runs of tree.leaves samples are one prompt's tree (``tree.py``)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -78,8 +80,13 @@ class Trajectory:
         return self.latents[:, -1]
 
     def index(self, idx) -> "Trajectory":
-        """The sub-batch ``idx`` (a LongTensor of sample indices)."""
+        """The sub-batch ``idx`` (a LongTensor of sample indices); a tree rollout's only as whole trees, in order."""
         idx = torch.as_tensor(idx, dtype=torch.long)
+        if self.tree is not None:
+            L = self.tree.leaves
+            if idx.numel() % L or not bool((idx.reshape(-1, L) == idx.reshape(-1, L)[:, :1] + torch.arange(L)).all()) \
+                    or bool((idx.reshape(-1, L)[:, 0] % L).any()):
+                raise ValueError(f"a tree rollout's samples can only be taken as whole trees of {L} adjacent leaves")
         pick = idx.tolist()
         return replace(
             self,
@@ -198,6 +205,8 @@ def sample_trajectories(
     metadata: Optional[list[dict]] = None,
     progress=None,
     keep_latents: Optional[torch.Tensor] = None,
+    tree: Optional[TreeSpec] = None,
+    split_noise_scale: float = 1.0,
 ) -> Trajectory:
     """Sample one trajectory per prompt with the model's scheduler run as a stochastic policy.
 
@@ -220,6 +229,13 @@ def sample_trajectories(
         keep_latents: optional bool mask [T+1] of the states x_0 .. x_T to store (x_T is always stored); the
             others are computed and dropped, so a trajectory whose training touches few steps (a timestep
             window, a forward-process algorithm) holds [B, S] latents, not [B, T+1] (``Trajectory.latents_at``).
+        tree: tree rollouts (``tree.TreeSpec``; BranchGRPO, Li et al. 2025): every run of ``tree.leaves`` adjacent samples
+            (same prompt) is one tree. It starts from its first leaf's x_0, and at each step only its distinct states
+            x_j go through the denoiser (``model.denoiser_passes`` counts those); at a branch step each node splits into
+            ``tree.factor`` children. The noise of a transition comes from the generator of the leaf that owns it
+            (``TreeSpec.owner``). Every leaf stores its full trajectory (shared prefixes repeated).
+        split_noise_scale: tree rollouts: the noise of a branch step is drawn at ``split_noise_scale`` x s_j, while its
+            log-prob keeps the policy's s_j (BranchGRPO's tree_split_noise_scale; 1 = on-policy).
     """
     prompts = model.validate_prompts(prompts)
     B = len(prompts)
@@ -252,6 +268,13 @@ def sample_trajectories(
     if init_t is not None:                # so a sample's step noise does not depend on whether its x_0 is shared
         x = _randn(_generators(init_t, device), shape, device, fdt)
     x = x * float(getattr(model.scheduler, "init_noise_sigma", 1.0))
+    reps = owner = None
+    if tree is not None:
+        reps, owner = tree.batch(B, T)  # raises unless the batch is whole trees
+        if not bool(schedule.stochastic[list(tree.branch_steps)].all()):
+            raise ValueError(f"tree branch steps {list(tree.branch_steps)} must be stochastic steps of the schedule (a "
+                             f"deterministic step cannot split a node): keep them inside the timestep window")
+        x = x[reps[:, 0].to(device)]  # one x_0 per tree: its first leaf's
     latent_steps = None
     slot = list(range(T + 1))
     if keep_latents is not None:
@@ -268,18 +291,46 @@ def sample_trajectories(
     if slot[0] >= 0:
         latents[:, slot[0]] = x.to(storage)
     timesteps = schedule.timesteps.to(device)
+    g = guidance_scale if use_cfg else 1.0
+    branch = set(tree.branch_steps) if tree is not None else set()
     for j in range(T):
-        t = timesteps[j].expand(B)
-        eps_u, eps_c = guided_outputs(model, x, t, cond, uncond, autocast_dtype)
-        c = schedule.at(torch.full((B,), j), device=device)
-        g = guidance_scale if use_cfg else 1.0
-        mean = step_mean(x, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
+        # the distinct states x_j (all samples without a tree): rows ``act`` of the batch
+        act = None if tree is None else torch.nonzero(reps[:, j] == torch.arange(B)).flatten()
+        xa = x if act is None else x[act.to(device)]
+        n = xa.shape[0]
+        ca = cond if act is None else cond.index(act.to(cond.hidden.device))
+        ua = uncond if act is None or uncond is None else uncond.index(act.to(uncond.hidden.device))
+        eps_u, eps_c = guided_outputs(model, xa, timesteps[j].expand(n), ca, ua, autocast_dtype)
+        c = schedule.at(torch.full((n,), j), device=device)
+        mean = step_mean(xa, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
         if bool(schedule.stochastic[j]):
-            noise = _randn(gens, shape, device, fdt)
-            x_next = mean + c.s.to(fdt).reshape(B, 1, 1, 1) * noise
-            log_probs[:, j] = action_logprob(schedule.residual_logprob, x, x_next, eps_u, eps_c, c, g).to(storage)
-        else:
+            if act is None:
+                noise = _randn(gens, shape, device, fdt)
+                x_next = mean + c.s.to(fdt).reshape(n, 1, 1, 1) * noise
+                log_probs[:, j] = action_logprob(schedule.residual_logprob, x, x_next, eps_u, eps_c, c, g).to(storage)
+            else:  # one action per owner of transition j, from the node (active row) its leaf was in at x_j
+                own = torch.nonzero(owner[:, j]).flatten()
+                row_of = torch.full((B,), -1, dtype=torch.long)
+                row_of[act] = torch.arange(n)
+                src = row_of[reps[own, j]].to(device)
+                co = schedule.at(torch.full((own.numel(),), j), device=device)
+                scale = split_noise_scale if j in branch else 1.0
+                noise = _randn([gens[i] for i in own.tolist()], shape, device, fdt)
+                y = mean[src] + (co.s.to(fdt) * scale).reshape(-1, 1, 1, 1) * noise
+                eu = eps_u[src]
+                ec = None if eps_c is None else eps_c[src]
+                lp = action_logprob(schedule.residual_logprob, xa[src], y, eu, ec, co, g)
+                own_of = torch.full((B,), -1, dtype=torch.long)
+                own_of[own] = torch.arange(own.numel())
+                pick = own_of[reps[:, j + 1]]  # every leaf takes its node's action
+                x_next = y[pick.to(device)]
+                log_probs[:, j] = lp[pick.to(lp.device)].to(storage)
+        elif act is None:
             x_next = mean
+        else:
+            row_of = torch.full((B,), -1, dtype=torch.long)
+            row_of[act] = torch.arange(n)
+            x_next = mean[row_of[reps[:, j + 1]].to(device)]
         if slot[j + 1] >= 0:
             latents[:, slot[j + 1]] = x_next.to(storage)
         x = x_next
@@ -292,5 +343,5 @@ def sample_trajectories(
         cond=cond.to(storage), uncond=None if uncond is None else uncond.to(storage), images=images,
         prompts=prompts, negative_prompts=neg, seeds=seeds_t,
         metadata=metadata if metadata is not None else model.prompt_metadata(prompts), eta=eta, init_seeds=init_t,
-        latent_steps=latent_steps,
+        latent_steps=latent_steps, tree=tree,
     )

@@ -63,6 +63,10 @@ class SampleConfig:
     negative_prompt: str = option("", "Negative prompt for the unconditional branch of guidance.")
     height: Optional[int] = option(None, "Image height in pixels (null: the model's native size).")
     width: Optional[int] = option(None, "Image width in pixels (null: the model's native size).")
+    tree_branch_steps: list[int] = option([], "Tree rollouts (BranchGRPO, Li et al. 2025; algo=grpo): the steps j (0 = noisiest) at which every node of a prompt's tree splits into sample.tree_branch_factor children; [] = independent samples. A tree has factor^len(steps) leaves = grpo.group_size; shared prefixes are computed once, each distinct transition is trained once, advantages are BranchGRPO's node advantages (sample.tree_reward_fusion). BranchGRPO's FLUX script: [0, 3, 6, 9] of 20 steps.")
+    tree_branch_factor: int = option(2, "Tree rollouts: children per node at a branch step (BranchGRPO: 2).")
+    tree_reward_fusion: str = option("mean", "Tree rollouts: a node's reward from its leaves: 'mean' (BranchGRPO's default) or 'prob_weighted' (bottom-up, children weighted by softmax of the log-prob of the action into them: BranchGRPO's --tree_prob_weighted).")
+    tree_split_noise_scale: float = option(1.0, "Tree rollouts: branch steps draw their noise at this multiple of the policy's std, their log-prob keeping the policy's std (BranchGRPO's tree_split_noise_scale; its FLUX script uses 4.0, off-policy at branch steps). 1 = on-policy.")
     trajectory_device: str = option("", "Where rollout trajectories (latents at every step, log-probs, images) are kept: '' = the model's device; 'cpu' spares GPU memory for long chains (SDXL at 50 steps), each training chunk is copied over when used.")
 
 
@@ -353,7 +357,9 @@ def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
     """[sample.num_steps] bool mask of the stochastic (trained) rollout steps at ``epoch``, or None for all.
 
     fixed: steps [0, K); sliding: steps [o, o + K) with o = min(stride * (epoch // shift_every), T - K)
-    (MixGRPO's window moving from high to low noise; Li et al. 2025). K = train.window_size.
+    (MixGRPO's window moving from high to low noise; Li et al. 2025). K = train.window_size. Tree rollouts'
+    branch steps (sample.tree_branch_steps) are always in it: a node splits by its step's noise (BranchGRPO's mixed
+    variant keeps its split steps stochastic the same way).
     """
     t, T = cfg.train, cfg.sample.num_steps
     if t.timestep_window == "all":
@@ -361,7 +367,18 @@ def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
     start = 0 if t.timestep_window == "fixed" else min(t.window_stride * (epoch // t.window_shift_every), T - t.window_size)
     mask = torch.zeros(T, dtype=torch.bool)
     mask[start:start + t.window_size] = True
+    mask[list(cfg.sample.tree_branch_steps)] = True
     return mask
+
+
+def tree_spec(cfg: Config):
+    """The ``TreeSpec`` of tree rollouts (sample.tree_branch_steps, sample.tree_branch_factor), or None."""
+    s = cfg.sample
+    if not s.tree_branch_steps:
+        return None
+    from ..diffusion.tree import TreeSpec
+
+    return TreeSpec(tuple(s.tree_branch_steps), s.tree_branch_factor)
 
 
 def check_world_prompts(cfg: Config) -> None:
@@ -417,6 +434,21 @@ def validate(cfg: Config) -> Config:
     if t.timestep_window != "all":
         need(1 <= t.window_size <= s.num_steps, f"train.window_size must be in [1, sample.num_steps={s.num_steps}], got {t.window_size}")
         need(t.window_stride >= 1 and t.window_shift_every >= 1, "train.window_stride and train.window_shift_every must be >= 1")
+    if s.tree_branch_steps:
+        steps = s.tree_branch_steps
+        need(isinstance(steps, list) and all(isinstance(j, int) and not isinstance(j, bool) for j in steps),
+             f"sample.tree_branch_steps must be a list of step indices, got {steps!r}")
+        need(steps == sorted(set(steps)) and steps[0] >= 0 and steps[-1] < s.num_steps,
+             f"sample.tree_branch_steps must be distinct, sorted and in [0, sample.num_steps={s.num_steps}), got {steps}")
+        need(s.tree_branch_factor >= 2, f"sample.tree_branch_factor must be >= 2, got {s.tree_branch_factor}")
+        need(s.tree_split_noise_scale > 0, f"sample.tree_split_noise_scale must be > 0, got {s.tree_split_noise_scale}")
+        choice("sample.tree_reward_fusion", s.tree_reward_fusion, ("mean", "prob_weighted"))
+        leaves = s.tree_branch_factor ** len(steps)
+        need(cfg.algo == "grpo", f"tree rollouts (sample.tree_branch_steps) train with algo=grpo, not {cfg.algo}: their node "
+             "advantages are per transition, and the forward-process algorithms (nft, awm, dgpo) roll out deterministically, "
+             "where a tree cannot branch")
+        need(cfg.grpo.group_size == leaves, f"a tree of sample.tree_branch_factor={s.tree_branch_factor} over "
+             f"{len(steps)} branch steps has {leaves} leaves: set grpo.group_size={leaves} (one tree per prompt)")
     need(cfg.log.eval_num_steps is None or cfg.log.eval_num_steps >= 1, "log.eval_num_steps must be >= 1 or null")
     need(cfg.log.eval_guidance_scale is None or cfg.log.eval_guidance_scale >= 1, "log.eval_guidance_scale must be >= 1 or null")
     need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps must be >= 0")

@@ -32,13 +32,14 @@ from ..algos.base import RunContext
 from ..diffusion.coefficients import make_schedule
 from ..diffusion.recompute import pack_chunk, trainable_steps
 from ..diffusion.rollout import Trajectory, sample_trajectories
+from ..diffusion.tree import owned_order
 from ..models import load_model
 from ..rewards import RewardError, WeightedReward, build_one, build_reward, close_reward, reward_metrics, reward_values
 from ..rewards.remote import RewardServiceError
 from ..utils.memory import PeakMemory
 from .advantages import PerPromptStatTracker, normalize
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, check_world_prompts, read_prompts, reward_label, timestep_window
+from .config import Config, check_world_prompts, read_prompts, reward_label, timestep_window, tree_spec
 from .distributed import DistContext, init_distributed, make_engine
 from .outputs import RunLogger, save_final_weights, write_summary
 
@@ -250,12 +251,13 @@ class Trainer:
         """Rollouts of training epoch ``epoch`` (its timestep window), or with ``epoch=None`` the evaluation's
         samples (every step stochastic, log.eval_num_steps and log.eval_guidance_scale where set)."""
         s, log = self.cfg.sample, self.cfg.log
-        num_steps, guidance, schedule, keep = s.num_steps, s.guidance_scale, None, None
+        num_steps, guidance, schedule, keep, tree = s.num_steps, s.guidance_scale, None, None, None
         if epoch is None:
             num_steps = log.eval_num_steps or s.num_steps
             guidance = s.guidance_scale if log.eval_guidance_scale is None else log.eval_guidance_scale
         else:
             window = timestep_window(self.cfg, epoch)
+            tree = tree_spec(self.cfg)
             if self.algo.deterministic_rollout:
                 window = torch.zeros(num_steps, dtype=torch.bool)
             if window is not None:
@@ -272,7 +274,7 @@ class Trainer:
             self.model, prompts, num_steps=num_steps, guidance_scale=guidance, eta=s.eta, schedule=schedule,
             noise_level=s.noise_level, sde_type=s.sde_type, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
-            storage_device=s.trajectory_device or None, keep_latents=keep,
+            storage_device=s.trajectory_device or None, keep_latents=keep, tree=tree, split_noise_scale=s.tree_split_noise_scale,
         )
 
     def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict, dict]:
@@ -404,6 +406,17 @@ class Trainer:
         size = t.gradient_accumulation_steps * (n_chunks if t.optimizer_step_every == "minibatches" else 1)
         return [units[i:i + size] for i in range(0, len(units), size)]
 
+    def _rows_per_epoch(self, traj: Trajectory) -> int:
+        """The (sample, step) rows an epoch trains (the training bar's total): B x trained steps x inner epochs, a tree
+        rollout's owned transitions only (exact when its trained steps are the same for every tree, as Flow-GRPO's are)."""
+        steps = self.algo.train_steps(traj)
+        n_train = self.algo.num_train_steps(steps.numel())
+        rows = len(traj) * n_train
+        if traj.tree is not None:
+            owner = traj.tree.batch(len(traj), traj.num_steps)[1][:, steps]
+            rows = round(float(owner.sum()) * n_train / max(steps.numel(), 1))
+        return rows * self.cfg.train.num_inner_epochs
+
     def train_epoch(self, epoch: int, traj: Trajectory, data, bar=None, stop_flag: Callable[[], bool] = lambda: False) -> dict[str, float]:
         t = self.cfg.train
         self.model.denoiser.train()
@@ -421,12 +434,14 @@ class Trainer:
             g = _generator(self.cfg.seed, epoch, 2, inner, self.ctx.rank)
             perm = self.algo.sample_order(B, data, g)
             order = self.algo.step_order(B, steps, n_train, g)
+            if traj.tree is not None:  # each distinct transition of a tree once: the others become padding (-1)
+                order = owned_order(order, traj.tree.batch(B, traj.num_steps)[1])
             minibatches = self.algo.minibatches(perm, data)
             ctxs: dict[int, object] = {}
             for group in self.step_groups(len(minibatches), n_chunks):
                 if stop_flag():
                     raise Interrupted()
-                group_rows = sum(len(minibatches[m]) * min(K, n_train - c * K) for m, c in group)
+                group_rows = sum(int((order[minibatches[m], c * K:(c + 1) * K] >= 0).sum()) for m, c in group)
                 for ui, (m, c) in enumerate(group):
                     mb = minibatches[m]
                     if c == 0:  # the algorithm's optional first pass over a minibatch
@@ -556,8 +571,7 @@ class Trainer:
             t1 = time.perf_counter()
             data = self.algo.prepare(self.run_context, traj, rewards)
             try:
-                with bars.training(epoch, len(traj) * self.algo.num_train_steps(self.algo.train_steps(traj).numel())
-                                   * cfg.train.num_inner_epochs) as bar:
+                with bars.training(epoch, self._rows_per_epoch(traj)) as bar:
                     stats = self.train_epoch(epoch, traj, data, bar, stop_flag)
             except Interrupted:
                 return {"interrupted": True, "epoch": self.epoch}

@@ -415,3 +415,63 @@ def dgpo(batch, sampler, eps, ref_eps, ema_eps, rows, *, group_size, beta, clip_
 
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------- tree rollouts
+
+
+def branchgrpo_edges(rewards, branch_steps, num_steps, factor=2, fusion="mean", edge_logp=None, alpha=1.0):
+    """BranchGRPO's trained edges of one tree and their advantages (Fredreic1849/BranchGRPO,
+    fastvideo/train_branchgrpo_flux.py: run_tree_sample_step builds the tree, compute_node_rewards_from_leaves and
+    compute_hierarchical_advantages_by_depth score it, train_one_step_tree walks every parent -> child edge once).
+
+    The tree is built as the reference walks it: a root at step 0 holding all leaves; at step i every node gets
+    ``factor`` children (i a split point, the leaves dealt in consecutive blocks) or one; a child's depth is i + 1.
+    Node rewards: the mean of the node's leaves' rewards, or bottom-up sum_c softmax_c(alpha logp_c) R(c) with logp_c
+    the edge into c (``edge_logp[first leaf of c][i]``). Per depth: A = (R - mean) / (std + 1e-8), std with N - 1,
+    A = 0 for a single node or std < 1e-6. Returns {(first leaf of the child, step i): the child's advantage}.
+    """
+    nodes = []  # dicts: leaves, depth, children, step of the edge into it
+
+    def build(leaves, i, edge_step):
+        node = {"leaves": leaves, "depth": i, "children": [], "edge_step": edge_step}
+        nodes.append(node)
+        if i < num_steps:
+            k = factor if i in branch_steps else 1
+            size = len(leaves) // k
+            node["children"] = [build(leaves[c * size:(c + 1) * size], i + 1, i) for c in range(k)]
+        return node
+
+    root = build(list(range(len(rewards))), 0, None)
+
+    def reward(node):
+        if not node["children"]:
+            node["R"] = float(rewards[node["leaves"][0]])
+        elif fusion == "mean":
+            for c in node["children"]:
+                reward(c)
+            node["R"] = sum(float(rewards[l]) for l in node["leaves"]) / len(node["leaves"])
+        else:
+            for c in node["children"]:
+                reward(c)
+            z = [alpha * float(edge_logp[c["leaves"][0]][c["edge_step"]]) for c in node["children"]]
+            m = max(z)
+            w = [math.exp(v - m) for v in z]
+            node["R"] = sum(wi * c["R"] for wi, c in zip(w, node["children"])) / sum(w)
+        return node["R"]
+
+    reward(root)
+    by_depth = {}
+    for n in nodes:
+        by_depth.setdefault(n["depth"], []).append(n)
+    for group in by_depth.values():
+        vals = [n["R"] for n in group]
+        if len(vals) < 2:
+            for n in group:
+                n["A"] = 0.0
+            continue
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        for n in group:
+            n["A"] = 0.0 if std < 1e-6 else (n["R"] - mean) / (std + 1e-8)
+    return {(n["leaves"][0], n["edge_step"]): n["A"] for n in nodes if n["edge_step"] is not None}

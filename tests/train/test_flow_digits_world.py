@@ -116,3 +116,45 @@ def test_denoiser_passes_are_counted_by_the_trainer(tmp_path):
     assert [r["denoiser_passes"] for r in records] == [per_epoch, 2 * per_epoch]
     resumed = Trainer(validate(load_config(Config, PRESET, over + ["num_epochs=3"])), tmp_path / "r", log_fn=lambda s: None)
     assert resumed.resume() and resumed.epoch == 2 and resumed.denoiser_passes == 2 * per_epoch
+
+
+def test_tree_rollouts_train_each_transition_once(tmp_path, monkeypatch):
+    """sample.tree_branch_steps (BranchGRPO): rollouts compute each tree's distinct states once, training packs each
+    distinct transition of the trained steps exactly once, with the node advantages, and passes count both."""
+    import diffrl_fast.train.trainer as trainer_mod
+    from diffrl_fast.diffusion.tree import TreeSpec
+    from diffrl_fast.train.trainer import Trainer
+
+    over = ["algo=grpo", *TINY, "grpo.group_size=4", "grpo.beta=0.04", "sample.tree_branch_steps=[0, 1]", f"output_dir={tmp_path}", "name=r"]
+    cfg = validate(load_config(Config, PRESET, over))
+    rows, pack = [], trainer_mod.pack_chunk
+
+    def spy(traj, sample_idx, step_idx, *args, **kwargs):
+        chunk = pack(traj, sample_idx, step_idx, *args, **kwargs)
+        rows.extend(zip(chunk.sample_idx[:, None].expand(chunk.shape).reshape(-1).tolist(), chunk.step_idx.reshape(-1).tolist()))
+        return chunk
+
+    monkeypatch.setattr(trainer_mod, "pack_chunk", spy)
+    trainer = Trainer(cfg, tmp_path / "r", log_fn=lambda s: None)
+    trainer.run()
+    owner = TreeSpec((0, 1), 2).batch(8, 3)[1]
+    trained = trainer.algo.num_train_steps(3)  # Flow-GRPO trains the first int(0.99 T) = 2 steps
+    want = sorted((b, j) for b in range(8) for j in range(trained) if owner[b, j])
+    assert sorted(rows) == want and len(want) == 12  # 2 trees x (2 + 4) transitions, none twice
+    record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record["loss"]) and record["kl"] >= 0
+    # rollout states + forward and backward of each row + the KL's reference forward of each row
+    assert record["denoiser_passes"] == 2 * (1 + 2 + 4) + 3 * 12 + 12
+
+
+@pytest.mark.parametrize("over, match", [
+    (["algo=nft", "nft.group_size=4"], "algo=grpo"),
+    (["algo=grpo", "grpo.group_size=8"], "grpo.group_size=4"),
+    (["algo=grpo", "grpo.group_size=4", "sample.tree_branch_steps=[1, 0]"], "sorted"),
+])
+def test_tree_config_errors_name_the_fix(over, match):
+    from diffrl_fast.train.config import ConfigError
+
+    base = ["sample.tree_branch_steps=[0, 1]"] if not any("tree" in o for o in over) else []
+    with pytest.raises(ConfigError, match=match):
+        validate(load_config(Config, PRESET, [*TINY, *base, *over]))

@@ -1,0 +1,160 @@
+"""Tree rollouts: the samples of a prompt share their trajectory up to branch steps and split there
+(BranchGRPO, Li et al. 2025; TreeGRPO, 2025). A shared prefix is computed once.
+
+A tree has L = factor^D leaves, D = len(branch_steps). Step j is the transition x_j -> x_{j+1}
+(j = 0 the noisiest); at a branch step every node of the tree splits into ``factor`` children, each drawing
+its own noise; at any other step a node keeps one child. So leaf l's state x_p is shared by the leaves that
+agree with l on the first d(p) base-``factor`` digits (most significant first), d(p) = #{branch steps j < p}.
+
+A node is named by its *representative*, the first leaf that holds its state:
+
+    rep(l, p) = floor(l / f^(D - d(p))) * f^(D - d(p))
+
+and the transition j of leaf l is *owned* by l when l = rep(l, j + 1): each distinct action x_j -> x_{j+1} of the
+tree has exactly one owner, which is what training computes once (``owned_order``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """The shape of every prompt's tree: branch steps (sorted step indices j in [0, T)) and the branching factor."""
+
+    branch_steps: tuple[int, ...]
+    factor: int = 2
+
+    def __post_init__(self) -> None:
+        steps = tuple(int(j) for j in self.branch_steps)
+        if not steps:
+            raise ValueError("a tree needs at least one branch step (sample.tree_branch_steps)")
+        if list(steps) != sorted(set(steps)) or steps[0] < 0:
+            raise ValueError(f"tree branch steps must be distinct, sorted and >= 0, got {list(self.branch_steps)}")
+        if int(self.factor) < 2:
+            raise ValueError(f"the tree's branching factor must be >= 2, got {self.factor}")
+        object.__setattr__(self, "branch_steps", steps)
+        object.__setattr__(self, "factor", int(self.factor))
+
+    @property
+    def depth(self) -> int:
+        return len(self.branch_steps)
+
+    @property
+    def leaves(self) -> int:
+        return self.factor ** self.depth
+
+    def check(self, num_steps: int) -> None:
+        if self.branch_steps[-1] >= num_steps:
+            raise ValueError(f"tree branch steps {list(self.branch_steps)} must lie in [0, {num_steps}) "
+                             f"(sample.num_steps = {num_steps})")
+
+    def depth_at(self, num_steps: int) -> torch.Tensor:
+        """[T + 1] d(p): the branch steps a leaf's state x_p has passed."""
+        self.check(num_steps)
+        p = torch.arange(num_steps + 1)
+        return (torch.tensor(self.branch_steps)[None, :] < p[:, None]).sum(1)
+
+    def reps(self, num_steps: int) -> torch.Tensor:
+        """[L, T + 1] rep(l, p): the first leaf of the tree that shares leaf l's state x_p."""
+        width = self.factor ** (self.depth - self.depth_at(num_steps))  # leaves under one node at x_p
+        leaf = torch.arange(self.leaves)[:, None]
+        return leaf // width[None, :] * width[None, :]
+
+    def owner(self, num_steps: int) -> torch.Tensor:
+        """[L, T] bool: leaf l owns transition j (it is the first leaf of the node its action x_{j+1} leads to)."""
+        reps = self.reps(num_steps)
+        return reps[:, 1:] == torch.arange(self.leaves)[:, None]
+
+    def passes_per_tree(self, num_steps: int) -> int:
+        """Denoiser evaluations (one per distinct state x_j, j < T) of one tree's rollout: sum_j f^d(j)."""
+        return int((self.factor ** self.depth_at(num_steps)[:-1]).sum())
+
+    def batch(self, n: int, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reps [n, T + 1] as batch indices, owner [n, T]) of a batch of n samples made of adjacent trees."""
+        L = self.leaves
+        if n % L:
+            raise ValueError(f"a batch of tree rollouts holds whole trees: {n} samples is not a multiple of the "
+                             f"{L} leaves of a tree (sample.tree_branch_factor ^ len(sample.tree_branch_steps))")
+        start = torch.arange(0, n, L)[:, None, None]
+        reps = (self.reps(num_steps)[None] + start).reshape(n, num_steps + 1)
+        return reps, self.owner(num_steps).repeat(n // L, 1)
+
+
+def owned_order(order: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``order`` ([n, K] step indices per sample) with the steps a sample does not own replaced by -1 and the
+    owned ones moved to the front (in their order): training then computes each distinct transition once."""
+    own = owner.gather(1, order)
+    key = (~own).to(torch.int64)  # owned first; a stable sort keeps the order among each
+    perm = torch.sort(key, dim=1, stable=True).indices
+    out = order.gather(1, perm)
+    return torch.where(own.gather(1, perm), out, torch.full_like(out, -1))
+
+
+TREE_FUSIONS = ("mean", "prob_weighted")
+
+
+def node_advantages(spec: TreeSpec, rewards: torch.Tensor, num_steps: int, *, fusion: str = "mean",
+                    edge_logp: torch.Tensor | None = None, alpha: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
+    """BranchGRPO's per-transition advantages of a batch of adjacent trees, [B, T] (Li et al. 2025; reference:
+    Fredreic1849/BranchGRPO, fastvideo/train_branchgrpo_flux.py: compute_node_rewards_from_leaves,
+    compute_hierarchical_advantages_by_depth).
+
+    Node rewards come from the leaves' rewards r (``rewards`` [B]), per ``fusion``:
+
+        mean:          R(node) = mean of r over the node's leaves                          (the reference's default)
+        prob_weighted: R(node) = sum_c softmax_c(alpha log p_c) R(c), bottom-up over its children c, log p_c the
+                       log-prob of the action into c (``edge_logp`` [B, T], the rollout's); one child: R(c)
+
+    then normalised per tree and per level p (the state x_p; every step is a level), over the tree's N_p nodes there:
+
+        A(node) = (R(node) - mean_p R) / (std_p R + eps),   std unbiased (N_p - 1), eps = 1e-8;
+        A = 0 where N_p = 1 (the root) or std_p R < 1e-6.
+
+    Transition j of leaf l (x_j -> x_{j+1}) takes the advantage of the node its action leads to, the one at x_{j+1}:
+    the mean fusion makes a node's reward its subtree's mean outcome, and the level normalisation compares siblings
+    and cousins that share everything up to their last branch.
+    """
+    if fusion not in TREE_FUSIONS:
+        raise ValueError(f"tree reward fusion must be one of {TREE_FUSIONS}, got {fusion!r}")
+    B, T = rewards.numel(), num_steps
+    reps, owner = spec.batch(B, T)
+    r = rewards.to(torch.float64).reshape(B)
+    levels = torch.empty((B, T + 1), dtype=torch.float64)  # R of the node holding leaf l's state x_p
+    levels[:, T] = r
+    if fusion == "mean":
+        for p in range(T):
+            key = reps[:, p]
+            total = torch.zeros(B, dtype=torch.float64).index_add_(0, key, r)
+            count = torch.zeros(B, dtype=torch.float64).index_add_(0, key, torch.ones(B, dtype=torch.float64))
+            levels[:, p] = (total / count.clamp_min(1))[key]
+    else:
+        if edge_logp is None or tuple(edge_logp.shape) != (B, T):
+            raise ValueError(f"the prob_weighted fusion needs the rollout's log-probs, [B={B}, T={T}]")
+        lp = edge_logp.detach().to("cpu", torch.float64)
+        for p in range(T - 1, -1, -1):  # children of the nodes at x_p: the owners of transition p
+            own = torch.nonzero(owner[:, p]).flatten()
+            parent = reps[own, p]
+            z = alpha * lp[own, p]
+            zmax = torch.full((B,), -torch.inf, dtype=torch.float64).scatter_reduce_(0, parent, z, "amax")
+            w = torch.exp(z - zmax[parent])
+            norm = torch.zeros(B, dtype=torch.float64).index_add_(0, parent, w)
+            value = torch.zeros(B, dtype=torch.float64).index_add_(0, parent, w * levels[own, p + 1])
+            levels[:, p] = (value / norm.clamp_min(1e-300))[reps[:, p]]
+    adv = torch.zeros((B, T), dtype=torch.float64)
+    L = spec.leaves
+    for p in range(1, T + 1):
+        first = reps[:, p] == torch.arange(B)  # one row per node
+        vals = levels[:, p].reshape(-1, L)
+        mask = first.reshape(-1, L)
+        n = int(mask[0].sum())  # the same in every tree
+        if n < 2:
+            continue
+        node_vals = vals[mask].reshape(-1, n)
+        mean = node_vals.mean(1, keepdim=True)
+        std = node_vals.std(1, unbiased=True, keepdim=True)
+        a = torch.where(std < 1e-6, torch.zeros_like(vals), (vals - mean) / (std + eps))
+        adv[:, p - 1] = a.reshape(-1)
+    return adv.to(torch.float32)
