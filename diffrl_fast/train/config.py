@@ -308,7 +308,7 @@ class Config:
 PRESET_KEYS = ("name", "output_dir", "seed", "algo", "num_epochs", "prompts", "prompt_file", "model.", "sample.batch_size",
                "sample.num_batches_per_epoch", "sample.negative_prompt", "sample.height", "sample.width",
                "sample.trajectory_device", "train.batch_size", "train.chunk_size", "train.gradient_accumulation_steps",
-               "reward.", "log.", "dist.")
+               "reward.", "log.", "dist.", "guard.")
 
 
 def preset_key(key: str) -> bool:

@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-EVAL_SEED_OFFSET = 500_000  # guard seeds: EVAL_SEED_BASE + this + i, apart from the before/after evaluation's
+GUARD_SEED_BASE = 1_000_500_007  # guard seeds: this + i, 500000 past the before/after evaluation's (trainer.EVAL_SEED_BASE)
 
 
 def spec_label(spec: Any) -> str:
@@ -154,13 +154,11 @@ class Guard:
 
     def batch(self, prompts: list[str]) -> tuple[list[str], list[int]]:
         """The fixed (prompts, seeds) of every guard evaluation: samples_per_prompt seeds of evenly spread prompts."""
-        from .trainer import EVAL_SEED_BASE
-
         k = self.cfg.samples_per_prompt
         n_prompts = max(1, self.cfg.samples // k)
         picks = [prompts[(i * len(prompts)) // n_prompts] for i in range(n_prompts)] if len(prompts) >= n_prompts else \
             [prompts[i % len(prompts)] for i in range(n_prompts)]
-        return [p for p in picks for _ in range(k)], [EVAL_SEED_BASE + EVAL_SEED_OFFSET + i for i in range(n_prompts * k)]
+        return [p for p in picks for _ in range(k)], [GUARD_SEED_BASE + i for i in range(n_prompts * k)]
 
     def _score(self, label: str, fn, traj) -> Optional[torch.Tensor]:
         from ..rewards import reward_values
