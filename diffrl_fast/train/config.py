@@ -176,6 +176,7 @@ class GRPOConfig:
     train_steps: str = option("first", "'first': train the first int(train.timestep_fraction x T) steps of every trajectory (Flow-GRPO, timestep_fraction 0.99); 'random': a random subset per group.")
     detach_uncond: bool = option(False, "Detach the unconditional branch of guidance in training (Flow-GRPO before July 2025); current Flow-GRPO lets gradients flow through both.")
     same_initial_noise: bool = option(False, "A group's samples share their initial noise x_T (Flow-GRPO's sample.same_latent).")
+    guard: bool = option(False, "GRPO-Guard (flow_grpo's scripts/train_sd3_GRPO_Guard.py, config.rationorm): the log-ratio re-centred by the rollout's own mean, (log p - log p_old + |mean_theta - mean_old|^2 / (2 s^2)) x s, and each step's loss divided by its dt, so over-optimisation's bias in the clipped ratio goes and every step weighs alike; flow-matching SDE ('sde') only. Its SD3.5 configs clip at 2e-6 (train.clip_range), with 65536-element latents.")
     drop_zero_advantage: bool = option(True, "Train only on samples with a non-zero advantage (flow_grpo's train_sd3.py: a group whose rewards are all equal is dropped; dropped samples are put back at random until the kept count divides into the epoch's minibatches, which shrink); false trains on all (they still count in the means and the KL).")
 
 
@@ -570,6 +571,9 @@ def validate(cfg: Config) -> Config:
     choice("grpo.kl_form", g.kl_form, ("flow_grpo", "exact"))
     choice("grpo.std", g.std, ("global", "group"))
     choice("grpo.train_steps", g.train_steps, ("first", "random"))
+    need(not (cfg.algo == "grpo" and g.guard and s.sde_type != "sde"),
+         f"grpo.guard (GRPO-Guard) is written for Flow-GRPO's SDE, whose step std is std_t sqrt(dt); sample.sde_type="
+         f"{s.sde_type} has no dt to reweight by: set sample.sde_type=sde or grpo.guard=false")
     n = cfg.nft
     need(n.group_size >= 1 and n.beta > 0 and n.kl_beta >= 0, "nft.group_size must be >= 1, nft.beta > 0 and nft.kl_beta >= 0")
     choice("nft.decay_type", n.decay_type, (0, 1, 2))

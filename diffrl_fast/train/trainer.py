@@ -279,6 +279,7 @@ class Trainer:
             noise_level=s.noise_level, sde_type=s.sde_type, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
             storage_device=s.trajectory_device or None, keep_latents=keep, tree=tree, split_noise_scale=s.tree_split_noise_scale,
+            keep_means=epoch is not None and self.algo.needs_rollout_means,
         )
 
     def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict, dict]:
