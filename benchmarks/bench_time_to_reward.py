@@ -192,7 +192,8 @@ def run_one(name: str, overrides: list[str], seed: int, budget_s: float, evaluat
     world = world or WORLDS["digits"]
     cfg = validate(load_config(Config, PRESETS / world["preset"], [*overrides, f"seed={seed}", f"num_epochs={max_epochs}", *extra,
                                                                   f"output_dir={workdir}", f"name={name}_s{seed}", "log.eval_samples=0",
-                                                                  "log.progress=false", "log.tensorboard=false", "log.grid_samples=0"]))
+                                                                  "log.progress=false", "log.tensorboard=false", "log.grid_samples=0",
+                                                                  "guard.heldout_reward=[]"]))  # its own evaluator watches the guards
     trainer = Trainer(cfg, workdir / f"{name}_s{seed}", log_fn=lambda s: None)
     trainer.logger.print = lambda s: None
     points = [{"epoch": 0, "clock_s": 0.0, "samples": 0, "passes": 0, **evaluator(trainer)}]

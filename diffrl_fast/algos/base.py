@@ -141,6 +141,7 @@ class Algorithm:
     sample_with_reference = False  # roll out the reference policy (offline preference data), not the current one
     deterministic_rollout = False  # roll out with the sampler's deterministic step (forward-process algorithms)
     trains_on_states = True  # False: the loss reads only the final latents x_T, so rollouts keep no other state
+    needs_rollout_means = False  # True: rollouts also store each step's mean (``Trajectory.means``; GRPO-Guard)
 
     def rollout_weights(self, run) -> ContextManager:
         """The weights that roll out, as a context around each rollout batch: the current policy, or the reference

@@ -34,7 +34,9 @@ class DDPO(Algorithm):
     def adv_clip(self):
         return self.cfg.train.adv_clip_max
 
-    def pg_loss(self, logp, chunk, advantages):
+    def pg_loss(self, logp, chunk, advantages, outputs=None):
+        """The clipped (or score-function) policy-gradient loss of the chunk's rows; ``outputs``: the policy's (eps_u,
+        eps_c) on the chunk, for losses that read the step means (GRPO-Guard)."""
         adv = rows_of(advantages.to(logp.device), chunk)
         return ppo_clip_loss(logp, chunk.old_log_probs, adv, clip_range=self.cfg.train.clip_range if self.clipped else None,
                              adv_clip=self.adv_clip, clip_mode=self.clip_mode)
@@ -72,7 +74,7 @@ class PolicyGradientWithKL(DDPO):
     def chunk_loss(self, run, chunk, data, ctx=None):
         eps_u, eps_c = policy_outputs(run, chunk, self.detach_uncond)
         logp = step_logprob_of(chunk, eps_u, eps_c)
-        out = self.pg_loss(logp, chunk, data.advantages)
+        out = self.pg_loss(logp, chunk, data.advantages, outputs=(eps_u, eps_c))
         stats = {"clipfrac": out.clipfrac, "approx_kl": out.approx_kl, "ratio": out.ratio_mean}
         loss = self.alpha * out.loss
         if self.beta > 0:

@@ -20,6 +20,16 @@ Tree rollouts (``sample.tree_branch_steps``; BranchGRPO, Li et al. 2025): a grou
 their trajectory up to each branch step; each distinct transition is trained once, with BranchGRPO's node advantage
 of the node it leads to (``diffusion.tree.node_advantages``: leaf rewards fused into node rewards, normalised per
 tree and level), in place of A_i above; grpo.std and the zero-advantage drop do not apply.
+
+GRPO-Guard (``grpo.guard``; Wang et al. 2025, reference: yifan123/flow_grpo, scripts/train_sd3_GRPO_Guard.py,
+config/grpo_guard.py, ``config.rationorm``) replaces rho and weighs each step: with s_t = std_t sqrt(dt) the step's std,
+mean_old the rollout policy's step mean (``Trajectory.means``),
+
+    log rho~ = (log p_theta - log p_old + mean_elements |mean_theta - mean_old|^2 / (2 s_t^2)) x s_t      (RatioNorm)
+    L_t      = mean( max(-A rho~, -A clip(rho~, 1 - eps, 1 + eps)) ) / dt                        (reweighting)
+
+(the bias term cancels the quadratic part of the Gaussian log-ratio, which pushes the clipped ratio's mean below 1, and
+1/dt evens out the steps' gradient scales); the KL term is unchanged.
 """
 from __future__ import annotations
 
@@ -28,7 +38,9 @@ from typing import Sequence
 import torch
 
 from ..diffusion.tree import node_advantages
+from ..ops import ppo_clip_loss, step_mean
 from .base import EpochData
+from .common import rows_of
 from ..train.advantages import group_normalize
 from .ddpo import PolicyGradientWithKL
 
@@ -62,13 +74,26 @@ class GRPO(PolicyGradientWithKL):
         self.beta, self.kl_form, self.detach_uncond = c.beta, c.kl_form, c.detach_uncond
         self.needs_reference = self.beta > 0
         self.shares_initial_noise = c.same_initial_noise
+        self.guard = self.needs_rollout_means = c.guard
 
     def check_model(self, model) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        if self.guard and not isinstance(model.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(f"grpo.guard (GRPO-Guard) reweights Flow-GRPO's SDE steps by their dt, but {model.kind} samples "
+                             f"with {type(model.scheduler).__name__}: set grpo.guard=false")
+
         if self.beta > 0 and self.kl_form == "flow_grpo" and not isinstance(model.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"grpo.kl_form=flow_grpo is Flow-GRPO's KL of flow-matching SDE steps, but {model.kind} samples "
                              f"with {type(model.scheduler).__name__}: set grpo.kl_form=exact (or grpo.beta=0)")
+
+    def pg_loss(self, logp, chunk, advantages, outputs=None):
+        if not self.guard:
+            return super().pg_loss(logp, chunk, advantages, outputs)
+        log_ratio, dt = guard_log_ratio(logp, chunk, *outputs)
+        adv = rows_of(advantages.to(logp.device), chunk).clamp(-self.adv_clip, self.adv_clip) / dt.reshape(logp.shape)
+        old = chunk.old_log_probs.to(logp.dtype)
+        return ppo_clip_loss(old + log_ratio, old, adv, clip_range=self.cfg.train.clip_range, adv_clip=None)
 
     def step_order(self, n, steps, n_train, generator):
         if self.cfg.grpo.train_steps == "first":  # Flow-GRPO trains steps 0 .. int(0.99 T) - 1 of every trajectory
@@ -114,3 +139,23 @@ def zero_advantage_mask(adv: torch.Tensor, n_minibatches: int, generator: torch.
     dropped = torch.nonzero(~keep).flatten()
     keep[dropped[torch.randperm(len(dropped), generator=generator)[:short]]] = True
     return keep
+
+
+def guard_log_ratio(logp: torch.Tensor, chunk, eps_u: torch.Tensor, eps_c) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO-Guard's RatioNorm log-ratio of the chunk's rows and each row's dt (flow_grpo, train_sd3_GRPO_Guard.py):
+
+        log rho~ = (log p_theta - log p_old + mean_elements (mean_theta - mean_old)^2 / (2 s^2)) x s,   dt = (s / std_t)^2
+
+    s the step's std (``chunk.coef.s``), std_t Flow-GRPO's std_dev_t (``chunk.sde_std``), mean_old the rollout's step
+    mean (``chunk.old_mean``). Returns ([n, K], [n*K])."""
+    if chunk.old_mean is None or chunk.sde_std is None:
+        raise ValueError("GRPO-Guard needs the rollout's step means and Flow-GRPO's SDE (Trajectory.means, sde_std)")
+    c = chunk.coef
+    g = chunk.guidance_scale if eps_c is not None else 1.0
+    mean = step_mean(chunk.x, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
+    s = c.s.to(mean.dtype)
+    bias = (mean - chunk.old_mean.to(mean.dtype)).square().flatten(1).mean(1) / (2 * s.square())
+    old = chunk.old_log_probs.to(logp.dtype)
+    log_ratio = (logp - old + bias.reshape(logp.shape).to(logp.dtype)) * s.reshape(logp.shape).to(logp.dtype)
+    dt = (c.s / chunk.sde_std).square().to(logp.dtype)
+    return log_ratio, dt

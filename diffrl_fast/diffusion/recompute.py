@@ -39,6 +39,7 @@ class Chunk:
     col0: int = 0  # position of the chunk's first step in its minibatch's step order (set by the trainer)
     weight: float = 1.0  # the chunk's share of the rows of its optimiser step (set by the trainer)
     residual_logprob: bool = False  # CPS: log-probs are the squared residual only (``rollout.action_logprob``)
+    old_mean: Optional[torch.Tensor] = None  # [n*K, C, H, W] the rollout policy's step means (``Trajectory.means``)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,8 +80,11 @@ def pack_chunk(traj: Trajectory, sample_idx: torch.Tensor, step_idx: torch.Tenso
         uncond = traj.uncond.index(sample_idx.to(traj.uncond.hidden.device)).repeat_interleave(K).to(device)
     old = traj.log_probs[sample_idx.to(traj.log_probs.device)[:, None], step_idx.to(traj.log_probs.device)].to(device)
     sde_std = None if traj.schedule.sde_std is None else traj.schedule.sde_std[flat_j].to(device)
+    old_mean = None
+    if traj.means is not None:
+        old_mean = traj.means[rows_s, rows_j].reshape(n * K, *traj.means.shape[2:]).to(device, non_blocking=True)
     return Chunk(sample_idx, step_idx, x, y, t, cond, uncond, traj.schedule.at(flat_j, device=device), old, traj.guidance_scale,
-                 sde_std, residual_logprob=traj.schedule.residual_logprob)
+                 sde_std, residual_logprob=traj.schedule.residual_logprob, old_mean=old_mean)
 
 
 def chunk_outputs(model, chunk: Chunk, autocast_dtype: Optional[torch.dtype] = None):

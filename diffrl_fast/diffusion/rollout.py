@@ -50,6 +50,7 @@ class Trajectory:
     reduction: str = "mean"
     latent_steps: Optional[torch.Tensor] = None  # sorted positions in 0..T stored in ``latents``; None: all of them
     tree: Optional[TreeSpec] = None  # tree rollouts: adjacent runs of tree.leaves samples are one prompt's tree (``tree.py``)
+    means: Optional[torch.Tensor] = None  # [B, T, C, H, W] each step's mean a x + b eps_hat under the rollout policy (keep_means)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -100,6 +101,7 @@ class Trajectory:
             seeds=self.seeds[idx.to(self.seeds.device)],
             metadata=[self.metadata[i] for i in pick] if self.metadata else [],
             init_seeds=None if self.init_seeds is None else self.init_seeds[idx],
+            means=None if self.means is None else self.means[idx.to(self.means.device)],
         )
 
     @staticmethod
@@ -118,6 +120,7 @@ class Trajectory:
             metadata=[x for p in parts for x in p.metadata],
             init_seeds=(None if all(p.init_seeds is None for p in parts)
                         else torch.cat([p.seeds if p.init_seeds is None else p.init_seeds for p in parts])),
+            means=None if first.means is None else torch.cat([p.means for p in parts]),
         )
 
 
@@ -207,6 +210,7 @@ def sample_trajectories(
     keep_latents: Optional[torch.Tensor] = None,
     tree: Optional[TreeSpec] = None,
     split_noise_scale: float = 1.0,
+    keep_means: bool = False,
 ) -> Trajectory:
     """Sample one trajectory per prompt with the model's scheduler run as a stochastic policy.
 
@@ -236,6 +240,8 @@ def sample_trajectories(
             (``TreeSpec.owner``). Every leaf stores its full trajectory (shared prefixes repeated).
         split_noise_scale: tree rollouts: the noise of a branch step is drawn at ``split_noise_scale`` x s_j, while its
             log-prob keeps the policy's s_j (BranchGRPO's tree_split_noise_scale; 1 = on-policy).
+        keep_means: also store each step's mean under the rollout policy, ``Trajectory.means`` [B, T, ...] (GRPO-Guard
+            re-centres its ratio on it; 0 at deterministic steps).
     """
     prompts = model.validate_prompts(prompts)
     B = len(prompts)
@@ -288,6 +294,7 @@ def sample_trajectories(
             slot[pos] = i
     latents = torch.empty((B, T + 1 if latent_steps is None else latent_steps.numel(), *shape), dtype=fdt, device=storage)
     log_probs = torch.zeros((B, T), dtype=fdt, device=storage)
+    means = torch.zeros((B, T, *shape), dtype=fdt, device=storage) if keep_means else None
     if slot[0] >= 0:
         latents[:, slot[0]] = x.to(storage)
     timesteps = schedule.timesteps.to(device)
@@ -303,6 +310,13 @@ def sample_trajectories(
         eps_u, eps_c = guided_outputs(model, xa, timesteps[j].expand(n), ca, ua, autocast_dtype)
         c = schedule.at(torch.full((n,), j), device=device)
         mean = step_mean(xa, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
+        if means is not None and bool(schedule.stochastic[j]):
+            if act is None:
+                means[:, j] = mean.to(storage)
+            else:
+                row_of = torch.full((B,), -1, dtype=torch.long)
+                row_of[act] = torch.arange(n)
+                means[:, j] = mean[row_of[reps[:, j]].to(device)].to(storage)
         if bool(schedule.stochastic[j]):
             if act is None:
                 noise = _randn(gens, shape, device, fdt)
@@ -343,5 +357,5 @@ def sample_trajectories(
         cond=cond.to(storage), uncond=None if uncond is None else uncond.to(storage), images=images,
         prompts=prompts, negative_prompts=neg, seeds=seeds_t,
         metadata=metadata if metadata is not None else model.prompt_metadata(prompts), eta=eta, init_seeds=init_t,
-        latent_steps=latent_steps, tree=tree,
+        latent_steps=latent_steps, tree=tree, means=means,
     )

@@ -86,6 +86,29 @@ def save_checkpoint(run_dir: Path, epoch: int, weights: dict[str, torch.Tensor],
     return final
 
 
+def keep_best_checkpoint(path: Path) -> Path:
+    """Copy checkpoint ``path`` to ``checkpoints/best`` (the guard's best held-out reward; ``load_checkpoint`` reads it like
+    any other). Copied into a temporary folder, fsync'ed, then swapped in: a kill leaves the old best or the new one."""
+    path = Path(path)
+    root = path.parent
+    best, tmp, old = root / "best", root / f".best_tmp-{os.getpid()}", root / f".best_old-{os.getpid()}"
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    shutil.copytree(path, tmp)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if best.exists():
+        os.replace(best, old)
+    os.replace(tmp, best)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint of the run, or None."""
     root = Path(run_dir) / "checkpoints"

@@ -176,6 +176,7 @@ class GRPOConfig:
     train_steps: str = option("first", "'first': train the first int(train.timestep_fraction x T) steps of every trajectory (Flow-GRPO, timestep_fraction 0.99); 'random': a random subset per group.")
     detach_uncond: bool = option(False, "Detach the unconditional branch of guidance in training (Flow-GRPO before July 2025); current Flow-GRPO lets gradients flow through both.")
     same_initial_noise: bool = option(False, "A group's samples share their initial noise x_T (Flow-GRPO's sample.same_latent).")
+    guard: bool = option(False, "GRPO-Guard (flow_grpo's scripts/train_sd3_GRPO_Guard.py, config.rationorm): the log-ratio re-centred by the rollout's own mean, (log p - log p_old + |mean_theta - mean_old|^2 / (2 s^2)) x s, and each step's loss divided by its dt, so over-optimisation's bias in the clipped ratio goes and every step weighs alike; flow-matching SDE ('sde') only. Its SD3.5 configs clip at 2e-6 (train.clip_range), with 65536-element latents.")
     drop_zero_advantage: bool = option(True, "Train only on samples with a non-zero advantage (flow_grpo's train_sd3.py: a group whose rewards are all equal is dropped; dropped samples are put back at random until the kept count divides into the epoch's minibatches, which shrink); false trains on all (they still count in the means and the KL).")
 
 
@@ -230,6 +231,21 @@ class DGPOConfig:
 
 
 @dataclass
+class GuardConfig:
+    heldout_reward: list[Any] = option([], "Held-out rewards watched during the run, never optimised: each a reward name, dotted path, 'http://HOST:PORT' server or a weighted sum [{name: ..., weight: ...}, ...] (reward.name's forms); the first decides the stop and the best checkpoint. [] turns the guard off (the default for SD/SDXL/SD3/FLUX); the digits and flow-digits presets name their held-out classifiers.")
+    every: int = option(1, "Epochs between guard evaluations (the last epoch always has one; 0 turns the guard off).")
+    samples: int = option(32, "Images of each guard evaluation: the same prompts and seeds every time.")
+    samples_per_prompt: int = option(4, "Seeds per prompt in the guard's batch (>= 2: within-prompt diversity compares them).")
+    diversity: bool = option(True, "Log guard_diversity: mean pairwise L2 distance per pixel between a prompt's images (downsampled to <= 64 px a side).")
+    drift: bool = option(True, "Log guard_drift: the mean exact per-step KL to the reference policy on the guard batch's own states (full fine-tuning keeps a frozen copy of the weights for it).")
+    stop: bool = option(True, "Stop the run (cleanly: final checkpoint, summary, exit 0) when the held-out reward has fallen more than guard.tolerance standard errors below its best for guard.patience evaluations in a row, or diversity has fallen below guard.min_diversity x its value before training.")
+    tolerance: float = option(2.0, "Standard errors (of the per-seed differences from the best evaluation) a held-out evaluation must fall below the best to count as a fall.")
+    patience: int = option(2, "Falls in a row that stop the run.")
+    min_diversity: float = option(0.5, "Stop when diversity falls below this fraction of its value before training (0: never).")
+    keep_best: bool = option(True, "Keep the checkpoint with the best held-out reward in checkpoints/best/ (summary.md names its epoch and rewards).")
+
+
+@dataclass
 class LogConfig:
     eval_samples: int = option(256, "Fixed-seed samples scored before and after training for summary.md (0 disables).")
     grid_samples: int = option(32, "Images in the before/after grids (same seeds), and of each epoch's samples in the grid sent to TensorBoard / W&B.")
@@ -266,6 +282,7 @@ class Config:
     dgpo: DGPOConfig = field(default_factory=DGPOConfig, metadata={"help": "Direct Group Preference Optimization on deterministic rollouts (algo=dgpo)."})
     dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "Distributed training (torchrun / deepspeed launchers)."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging, evaluation and outputs."})
+    guard: GuardConfig = field(default_factory=GuardConfig, metadata={"help": "Guards against reward hacking: held-out reward, diversity and drift watched during the run, an early stop, the best checkpoint kept."})
 
     @staticmethod
     def algorithm_names() -> list[str]:
@@ -292,7 +309,7 @@ class Config:
 PRESET_KEYS = ("name", "output_dir", "seed", "algo", "num_epochs", "prompts", "prompt_file", "model.", "sample.batch_size",
                "sample.num_batches_per_epoch", "sample.negative_prompt", "sample.height", "sample.width",
                "sample.trajectory_device", "train.batch_size", "train.chunk_size", "train.gradient_accumulation_steps",
-               "reward.", "log.", "dist.")
+               "reward.", "log.", "dist.", "guard.")
 
 
 def preset_key(key: str) -> bool:
@@ -470,6 +487,17 @@ def validate(cfg: Config) -> Config:
     choice("log.wandb_mode", cfg.log.wandb_mode, ("", "online", "offline", "disabled"))
     choice("dist.engine", cfg.dist.engine, ("auto", "none", "ddp", "fsdp", "deepspeed"))
     need(cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0")
+    gd = cfg.guard
+    need(isinstance(gd.heldout_reward, list), f"guard.heldout_reward must be a list of reward specs, got {gd.heldout_reward!r}")
+    for i, spec in enumerate(gd.heldout_reward):
+        need((isinstance(spec, str) and bool(spec)) or (isinstance(spec, list) and bool(spec) and all(
+            isinstance(c, str) or (isinstance(c, dict) and isinstance(c.get("name"), str)) for c in spec)),
+            f"guard.heldout_reward[{i}] must be a reward name, dotted path, URL or a weighted sum [{{name: ..., weight: ...}}, ...], got {spec!r}")
+    need(gd.every >= 0 and gd.patience >= 1 and gd.tolerance >= 0, "guard.every must be >= 0, guard.patience >= 1, guard.tolerance >= 0")
+    need(gd.samples_per_prompt >= 2 and gd.samples >= gd.samples_per_prompt,
+         f"guard.samples_per_prompt must be >= 2 (diversity compares a prompt's images) and guard.samples >= it, got "
+         f"{gd.samples_per_prompt} and {gd.samples}")
+    need(0 <= gd.min_diversity < 1, f"guard.min_diversity must be in [0, 1), got {gd.min_diversity}")
     G = ALGORITHMS[cfg.algo].group_size(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
     from ..rewards import COMPONENT_KEYS, COMPONENT_NORMS
@@ -543,6 +571,9 @@ def validate(cfg: Config) -> Config:
     choice("grpo.kl_form", g.kl_form, ("flow_grpo", "exact"))
     choice("grpo.std", g.std, ("global", "group"))
     choice("grpo.train_steps", g.train_steps, ("first", "random"))
+    need(not (cfg.algo == "grpo" and g.guard and s.sde_type != "sde"),
+         f"grpo.guard (GRPO-Guard) is written for Flow-GRPO's SDE, whose step std is std_t sqrt(dt); sample.sde_type="
+         f"{s.sde_type} has no dt to reweight by: set sample.sde_type=sde or grpo.guard=false")
     n = cfg.nft
     need(n.group_size >= 1 and n.beta > 0 and n.kl_beta >= 0, "nft.group_size must be >= 1, nft.beta > 0 and nft.kl_beta >= 0")
     choice("nft.decay_type", n.decay_type, (0, 1, 2))

@@ -280,24 +280,59 @@ class RunLogger:
             + (f"  skipped {r['skipped_steps']}" if r["skipped_steps"] else "")
         )
 
+    def save_guard(self, state) -> None:
+        """Write guard.json: the guard's state (``guard.GuardState``: best evaluation, falls in a row, why it stopped) and
+        every guard evaluation's figures, the one before training (epoch 0) included; redraw the curves."""
+        (self.run_dir / "guard.json").write_text(json.dumps(state.to_dict(), indent=1))
+        self.plot_rewards()
+
     def plot_rewards(self) -> None:
+        """reward_curve.png: the training reward (mean ± its standard error std / sqrt(n), which stays inside the reward's
+        range where mean ± std would not), and where the guard runs, beside it the held-out reward (± standard error) and
+        the training reward on the guard's fixed batch, the within-prompt diversity and the drift from the base model,
+        the best held-out evaluation and the guard's stop marked: training reward up while the held-out reward turns
+        down is the picture of reward hacking."""
         # matplotlib's object API, not pyplot: pyplot keeps global state that grows a little with every
         # figure, which a run that redraws its curve every epoch for hours would notice
         Figure = require("matplotlib.figure", "the reward curve (reward_curve.png)").Figure
 
         recs = self.records()
-        if not recs:
+        guard_path = self.run_dir / "guard.json"
+        guard = json.loads(guard_path.read_text()) if guard_path.exists() else None
+        if not recs and not guard:
             return
         x = [r["epoch"] for r in recs]
         m = [r["reward_mean"] for r in recs]
-        s = [r["reward_std"] for r in recs]
-        fig = Figure(figsize=(5, 3.2))
-        ax = fig.subplots()
-        ax.plot(x, m, marker="o", ms=3)
-        ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
+        se = [r["reward_std"] / math.sqrt(max(r.get("samples", 1), 1)) for r in recs]
+        hist = (guard or {}).get("history", [])
+        panels = [("reward", True)] + [(k, True) for k in ("guard_heldout", "guard_diversity", "guard_drift") if any(k in h for h in hist)]
+        fig = Figure(figsize=(5 + 3.2 * (len(panels) - 1), 3.2))
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        ax = axes[0]
+        ax.plot(x, m, marker="o", ms=3, label="training batch")
+        ax.fill_between(x, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)], alpha=0.2)
+        gx = [h["epoch"] for h in hist if "guard_reward" in h]
+        if gx:
+            ax.plot(gx, [h["guard_reward"] for h in hist if "guard_reward" in h], marker="s", ms=3, label="guard's fixed batch")
+            ax.legend(fontsize=7)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"reward ({reward_label(self.cfg)})")
         ax.set_title(f"{self.cfg.name}: {self.cfg.algo}", fontsize=9)
+        titles = {"guard_heldout": "held-out reward (guard)", "guard_diversity": "within-prompt diversity", "guard_drift": "drift: mean step KL to base"}
+        for ax, (key, _) in zip(axes[1:], panels[1:]):
+            pts = [h for h in hist if key in h]
+            ex, ey = [h["epoch"] for h in pts], [h[key] for h in pts]
+            ax.plot(ex, ey, marker="o", ms=3, color="tab:red" if key == "guard_heldout" else "tab:green" if key == "guard_diversity" else "tab:purple")
+            if key == "guard_heldout":
+                es = [h.get("guard_heldout_se", 0.0) for h in pts]
+                ax.fill_between(ex, [a - b for a, b in zip(ey, es)], [a + b for a, b in zip(ey, es)], alpha=0.2, color="tab:red")
+                if guard.get("best_epoch") is not None:
+                    ax.axvline(guard["best_epoch"], color="black", ls=":", lw=1, label=f"best (epoch {guard['best_epoch']})")
+                    ax.legend(fontsize=7)
+            if guard.get("stopped_epoch") is not None:
+                ax.axvline(guard["stopped_epoch"], color="tab:red", ls="--", lw=1)
+            ax.set_xlabel("epoch")
+            ax.set_title(titles[key], fontsize=9)
         fig.tight_layout()
         fig.savefig(self.run_dir / "reward_curve.png", dpi=110)
 
@@ -386,8 +421,31 @@ def _paired_change(before: dict, after: dict) -> str:
     return f"Change: {mean:+.4f} ± {se:.4f} (mean of the per-seed differences ± its standard error)."
 
 
+def guard_lines(state) -> list[str]:
+    """summary.md's guard section: why the run stopped (or that it did not), the best held-out evaluation and its
+    checkpoint, and every held-out reward that was unavailable."""
+    lines = ["", "## Guard", ""]
+    if state.stopped:
+        lines.append(f"- **Stopped by the guard after epoch {state.stopped_epoch}**: {state.stopped}.")
+    else:
+        lines.append("- The guard did not stop the run.")
+    if state.best_epoch is not None:
+        where = "checkpoints/best/" + (" (the base model)" if state.best_epoch == 0 else "")
+        reward = "" if state.best_reward is None else f", training reward {state.best_reward:+.4f}"
+        lines.append(f"- Best held-out reward {state.best:+.4f} at epoch {state.best_epoch}{reward}: {where}.")
+    for label, err in state.unavailable.items():
+        lines.append(f"- Held-out reward `{label}` **unavailable** (last error: {err}).")
+    rows = [h for h in state.history]
+    if rows:
+        keys = [k for k in ("guard_heldout", "guard_reward", "guard_diversity", "guard_drift") if any(k in h for h in rows)]
+        lines += ["", "| epoch | " + " | ".join(keys) + " |", "| --- | " + " | ".join("---" for _ in keys) + " |"]
+        for h in rows:
+            lines.append(f"| {h['epoch']} | " + " | ".join(f"{h[k]:+.4f}" if k in h else "—" for k in keys) + " |")
+    return lines
+
+
 def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict], after: Optional[dict],
-                  weights: Path, wall_s: float) -> dict:
+                  weights: Path, wall_s: float, guard=None) -> dict:
     run_dir = Path(run_dir)
     train_time = sum(r["sample_time_s"] + r["train_time_s"] for r in records)
     def brief(e):
@@ -419,6 +477,10 @@ def write_summary(run_dir: Path, cfg, records: list[dict], before: Optional[dict
                 d, se = paired_change({"rewards": b["values"]}, {"rewards": a["values"]})
                 lines.append(f"| {k} | {b['mean']:.3f} ± {b['se']:.3f} | {a['mean']:.3f} ± {a['se']:.3f} | {d:+.3f} ± {se:.3f} |")
         lines += ["", "![before](grid_before.png) ![after](grid_after.png)", "", "![reward curve](reward_curve.png)"]
+    if guard is not None:
+        lines += guard_lines(guard)
+        summary["guard"] = {"stopped": guard.stopped, "stopped_epoch": guard.stopped_epoch, "best_epoch": guard.best_epoch,
+                            "best_heldout": guard.best, "best_train_reward": guard.best_reward, "unavailable": dict(guard.unavailable)}
     lines += ["", f"Weights: `{weights}`"]
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -38,9 +38,10 @@ from ..rewards import RewardError, WeightedReward, build_one, build_reward, clos
 from ..rewards.remote import RewardServiceError
 from ..utils.memory import PeakMemory
 from .advantages import PerPromptStatTracker, normalize
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import keep_best_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, check_world_prompts, read_prompts, reward_label, timestep_window, tree_spec
 from .distributed import DistContext, init_distributed, make_engine
+from .guard import Guard, GuardState
 from .outputs import RunLogger, save_final_weights, write_summary
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,11 +127,13 @@ class Trainer:
         m = cfg.model
         if hasattr(self.model, "guidance"):  # FLUX: the embedded guidance of guidance-distilled models
             self.model.guidance = m.embedded_guidance
+        self.guard = Guard(cfg.guard, cfg.reward, log_fn=self.log_fn)
+        self.has_reference = m.lora or self.algo.needs_reference or (self.guard.enabled and cfg.guard.drift)
         if m.lora:
             self.model.add_lora(m.lora_rank, m.lora_alpha, m.lora_targets)
         else:
             self.model.denoiser.requires_grad_(True)
-            if self.algo.needs_reference:
+            if self.has_reference:  # the algorithm's reference, or the guard's drift measure's
                 self.model.keep_reference_copy(m.reference_device or None)
         if m.gradient_checkpointing:
             self.model.denoiser.enable_gradient_checkpointing()
@@ -186,7 +189,7 @@ class Trainer:
         """Checkpoint the end of epoch ``self.epoch``; collective when there are several processes."""
         state = {"identity": self.identity(), "tracker": self.tracker.state_dict() if self.tracker else None,
                  "skipped_steps": self.skipped_steps, "dropped_samples": self.dropped_samples, "optimizer_steps": self.engine.steps,
-                 "denoiser_passes": self.denoiser_passes}
+                 "denoiser_passes": self.denoiser_passes, "guard": self.guard.state.to_dict()}
         kind = self.engine.kind
         sharded = kind in ("deepspeed", "fsdp")
         if kind == "fsdp":  # gathered shard by shard onto rank 0's CPU (collective)
@@ -238,6 +241,7 @@ class Trainer:
         self.skipped_before = int(state.get("skipped_steps", 0))
         self.dropped_samples = int(state.get("dropped_samples", 0))
         self.denoiser_passes = int(state.get("denoiser_passes", 0))
+        self.guard.state = GuardState.from_dict(state.get("guard"))
         self.engine.steps = int(state.get("optimizer_steps", 0))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -275,6 +279,7 @@ class Trainer:
             noise_level=s.noise_level, sde_type=s.sde_type, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
             storage_device=s.trajectory_device or None, keep_latents=keep, tree=tree, split_noise_scale=s.tree_split_noise_scale,
+            keep_means=epoch is not None and self.algo.needs_rollout_means,
         )
 
     def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict, dict]:
@@ -556,8 +561,15 @@ class Trainer:
             self.phase = "in the evaluation before training"
             rewards, images, caps = self.evaluate(cfg.log.eval_samples, captions=True)
             before = self.logger.save_eval("before", rewards, images, caps, step=self.epoch, metrics=self.eval_metrics) if main else None
+        if self.guard.enabled and not self.guard.state.history:  # the guard's starting point: best, diversity
+            self.phase = "in the guard's evaluation before training"
+            _, is_best, _ = self.guard.evaluate(self, 0)
+            if main:
+                if is_best and cfg.guard.keep_best and latest_checkpoint(self.run_dir) is not None:
+                    keep_best_checkpoint(latest_checkpoint(self.run_dir))  # the base model, until an epoch beats it
+                self.logger.save_guard(self.guard.state)
         bars = self.logger.bars(enabled=main)
-        while self.epoch < cfg.num_epochs:
+        while self.epoch < cfg.num_epochs and self.guard.state.stopped is None:
             if stop_flag():
                 return {"interrupted": True, "epoch": self.epoch}
             epoch = self.epoch
@@ -585,6 +597,11 @@ class Trainer:
             stats.update(self.algo.after_epoch(self.run_context, epoch))
             self.epoch += 1
             all_rewards = self._gather_rewards(self.logged_rewards)  # not the normalised components' sum
+            is_best = stop = False
+            if self.guard.due(self.epoch, self.epoch == cfg.num_epochs):  # off the clock, as the evaluations are
+                self.phase = f"in the guard's evaluation after epoch {self.epoch}"
+                guard_stats, is_best, stop = self.guard.evaluate(self, self.epoch, train_reward=float(all_rewards.mean()))
+                stats.update(guard_stats)
             n_global = len(traj) * self.ctx.world_size
             record = {
                 "epoch": self.epoch, "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std(unbiased=False)),
@@ -601,7 +618,13 @@ class Trainer:
                 self.logger.log_epoch(record, samples)
             if on_epoch is not None:
                 on_epoch(self, record)
-            self.save()
+            path = self.save()
+            if main and self.guard.enabled:
+                if is_best and cfg.guard.keep_best and path is not None:
+                    keep_best_checkpoint(path)
+                self.logger.save_guard(self.guard.state)
+            if stop:
+                self.log_fn(f"guard: stopping after epoch {self.epoch}: {self.guard.state.stopped}")
         wall = time.perf_counter() - start
         after = None
         if cfg.log.eval_samples:
@@ -614,8 +637,10 @@ class Trainer:
         else:
             with self.engine.gathered():
                 weights_path = save_final_weights(self.model, self.run_dir) if main else None
-        summary = write_summary(self.run_dir, cfg, self.logger.records(), before, after, weights_path, wall) if main else {}
+        summary = write_summary(self.run_dir, cfg, self.logger.records(), before, after, weights_path, wall,
+                                guard=self.guard.state if self.guard.enabled else None) if main else {}
         self.ctx.barrier()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self.guard.close()
         return summary

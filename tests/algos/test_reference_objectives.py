@@ -260,6 +260,18 @@ def test_grpo_flow(tmp_path):
     check(s, leaves, loss, s.loss())
 
 
+def test_grpo_guard(tmp_path):
+    """GRPO-Guard: the ratio re-centred on the rollout's stored step means and scaled by the step's std, each step's
+    loss divided by its dt; the rollout means come from the old weights (the transcription recomputes them)."""
+    s = Step(tmp_path, "grpo", "grpo.group_size=2", "train.timestep_fraction=0.99", "grpo.guard=true", "train.clip_range=1e-4",
+             scheduler="flow", perturb=0.003)
+    assert s.traj.means is not None and 0 < s.stats["clipfrac"] < 1 and s.stats["kl"] > 0
+    leaves, eps, ref_eps = s.eps_fns()
+    loss = ref.grpo_guard(s.batch(), s.sampler(), eps, s.fixed(s.old_w), ref_eps, int(0.99 * 4), clip_range=1e-4,
+                          adv_clip=5.0, beta=0.04)
+    check(s, leaves, loss, s.loss())
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "flow"])
 def test_nft(tmp_path, scheduler):
     """DiffusionNFT: deterministic rollouts, the forward process at the rollout's timesteps, the implicit

@@ -75,7 +75,7 @@ def test_tree_rollout_shares_prefixes_and_computes_them_once(flow_model):
     prompts = ["3 left of 8"] * 4 + ["7"] * 4
     seeds = list(range(100, 108))
     before = model.denoiser_passes
-    traj = sample_trajectories(model, prompts, num_steps=T, guidance_scale=1.0, seeds=seeds, tree=TREE)
+    traj = sample_trajectories(model, prompts, num_steps=T, guidance_scale=1.0, seeds=seeds, tree=TREE, keep_means=True)
     assert model.denoiser_passes - before == 2 * TREE.passes_per_tree(T)  # 28 rows, not 8 x 6 = 48
     lat = traj.latents
     reps = TREE.reps(T)
@@ -85,8 +85,12 @@ def test_tree_rollout_shares_prefixes_and_computes_them_once(flow_model):
             assert torch.equal(lat[b, p], lat[r, p])  # a shared state is the same tensor value
     assert not torch.equal(lat[0, 2], lat[2, 2]) and torch.equal(lat[0, 1], lat[3, 1])
     # the first leaf owns every transition: it is the ordinary rollout of its seed
-    plain = sample_trajectories(model, prompts[:1] + prompts[4:5], num_steps=T, guidance_scale=1.0, seeds=[100, 104])
+    plain = sample_trajectories(model, prompts[:1] + prompts[4:5], num_steps=T, guidance_scale=1.0, seeds=[100, 104], keep_means=True)
     assert torch.allclose(lat[[0, 4]], plain.latents, atol=1e-6) and torch.allclose(traj.log_probs[[0, 4]], plain.log_probs, atol=1e-6)
+    assert torch.allclose(traj.means[[0, 4]], plain.means, atol=1e-6)  # the step means GRPO-Guard re-centres on
+    for b in range(8):  # a leaf's step mean is its node's, from the state x_j it shares
+        for j in range(T):
+            assert torch.equal(traj.means[b, j], traj.means[4 * (b // 4) + int(reps[b % 4, j]), j])
     # training's recompute agrees with every leaf's recorded log-probs, the shared ones included
     assert parity_report(model, traj, batch_size=4, chunk_size=3)["worst"] <= 1e-5
     with pytest.raises(ValueError, match="whole trees"):

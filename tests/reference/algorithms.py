@@ -286,6 +286,29 @@ def grpo_flow(batch, sampler, eps, ref_eps, n_train, *, clip_range, adv_clip, be
     return torch.stack(pg).mean() + beta * torch.stack(kl).mean()
 
 
+def grpo_guard(batch, sampler, eps, old_eps, ref_eps, n_train, *, clip_range, adv_clip, beta, std_eps=1e-4):
+    """GRPO-Guard, yifan123/flow_grpo scripts/train_sd3_GRPO_Guard.py with config.rationorm (config/grpo_guard.py): the
+    advantages and KL of grpo_flow; per row (b, j), with the rollout's prev_sample_mean (the old weights' step mean),
+    std_dev_t and sqrt_dt of the step:
+        bias = mean((mean_theta - prev_sample_mean)^2) / (2 (sqrt_dt std_dev_t)^2)
+        log r = (log p_theta - old_logp + bias) * sqrt_dt * std_dev_t
+        row loss = max(-A r, -A clamp(r, 1 +- eps)) / sqrt_dt^2."""
+    A = prompt_advantages(batch, std_eps).clamp(-adv_clip, adv_clip)
+    pg, kl = [], []
+    for b in range(len(batch.prompts)):
+        for j in range(n_train):
+            lp, mean, std, std_t, _ = row_logp(batch, sampler, eps, b, j)
+            with torch.no_grad():
+                ref_mean = row_logp(batch, sampler, ref_eps, b, j)[1]
+                old_mean = row_logp(batch, sampler, old_eps, b, j)[1]
+            sqrt_dt = std / std_t
+            bias = ((mean - old_mean) ** 2).mean() / (2 * (sqrt_dt * std_t) ** 2)
+            log_r = (lp - batch.old_logp[b, j].to(F64) + bias) * sqrt_dt * std_t
+            pg.append(ppo_term(A[b], torch.exp(log_r), clip_range) / sqrt_dt**2)
+            kl.append(((mean - ref_mean) ** 2).mean() / (2 * std_t**2))
+    return torch.stack(pg).mean() + beta * torch.stack(kl).mean()
+
+
 def nft(batch, sampler, eps, old_eps, ref_eps, rows, *, beta, adv_clip, kl_beta, std_eps=1e-4):
     """NVlabs/DiffusionNFT scripts/train_nft_sd3.py (written for any forward process): for each trained row
     (sample b, step j, noise z), x0 = the final sample, x_t = alpha x0 + sigma z (flow: t = timestep / 1000,

@@ -1,0 +1,237 @@
+"""Guards against reward hacking, watched during every run: a held-out reward, within-prompt diversity and drift
+from the base model, on a fixed-seed evaluation batch every ``guard.every`` epochs; an early stop when the held-out
+reward turns down (or diversity collapses), and the checkpoint with the best held-out reward kept.
+
+Each guard evaluation samples ``guard.samples`` images (``guard.samples_per_prompt`` fixed seeds for each of
+``guard.samples // guard.samples_per_prompt`` fixed prompts spread over the run's prompts), with the evaluation's
+sampler settings (log.eval_num_steps, log.eval_guidance_scale), and computes:
+
+- ``guard_heldout`` (and ``guard_heldout_<label>`` per held-out reward): the mean of each guard.heldout_reward over the
+  batch, never optimised; its standard error std / sqrt(n) beside it;
+- ``guard_reward``: the training reward on the same batch (the fixed-seed view of what training optimises);
+- ``guard_diversity``: the mean pairwise L2 distance per pixel between the images of the same prompt, averaged over
+  prompts (images in [0, 1], downsampled to at most 64 pixels on a side so SD-size images compare layouts, not noise);
+- ``guard_drift``: the mean over the batch's rows (sample, stochastic step) of the exact KL between the policy's and
+  the reference policy's step Gaussians, |mean_theta - mean_ref|^2 / (2 s^2) averaged over latent elements, on the
+  batch's own states (no second rollout).
+
+The stop rule (``guard.stop``), with m_k the held-out mean of evaluation k and k* the best so far:
+
+    a fall:  m_k < m_{k*} - guard.tolerance x se_k,  se_k the standard error of the per-seed differences (paired:
+             the same seeds every evaluation) between evaluations k and k*;
+    stop when the last guard.patience evaluations were all falls, or when diversity < guard.min_diversity x its
+    value before training.
+
+A held-out reward that fails (raises, returns NaN or the wrong shape, its server is down) never stops training:
+each evaluation prints a warning naming it, and summary.md marks it unavailable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import torch
+
+GUARD_SEED_BASE = 1_000_500_007  # guard seeds: this + i, 500000 past the before/after evaluation's (trainer.EVAL_SEED_BASE)
+
+
+def spec_label(spec: Any) -> str:
+    """A held-out reward spec as a short label: its name, or "a+b" for a weighted sum."""
+    if isinstance(spec, str):
+        return spec.rstrip("/").split("/")[-1].split(":")[-1] or spec
+    return "+".join(str(c.get("label") or c["name"]) if isinstance(c, dict) else str(c) for c in spec)
+
+
+def within_prompt_diversity(images: torch.Tensor, prompts: list[str], max_side: int = 64) -> float:
+    """Mean pairwise L2 distance per pixel between the images of the same prompt, averaged over prompts with two or
+    more images; images [N, C, H, W] in [0, 1], area-downsampled so that no side exceeds ``max_side``."""
+    x = images.detach().float().cpu()
+    if max(x.shape[-2:]) > max_side:
+        f = max_side / max(x.shape[-2:])
+        x = torch.nn.functional.interpolate(x, size=(max(1, round(x.shape[-2] * f)), max(1, round(x.shape[-1] * f))), mode="area")
+    flat = x.flatten(1).double()
+    per_prompt = []
+    for p in dict.fromkeys(prompts):
+        idx = [i for i, q in enumerate(prompts) if q == p]
+        if len(idx) < 2:
+            continue
+        d = torch.cdist(flat[idx], flat[idx]) / math.sqrt(flat.shape[1])
+        per_prompt.append(float(d.sum()) / (len(idx) * (len(idx) - 1)))
+    return sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
+
+
+@dataclasses.dataclass
+class GuardState:
+    """What the guard remembers across evaluations (and checkpoints): the best held-out evaluation and its per-seed
+    values, the falls in a row, the diversity before training, and every evaluation's summary."""
+
+    best: Optional[float] = None
+    best_epoch: Optional[int] = None
+    best_values: Optional[list[float]] = None
+    best_reward: Optional[float] = None  # the training reward (the epoch's mean) at the best evaluation
+    falls: int = 0
+    diversity0: Optional[float] = None
+    stopped: Optional[str] = None  # why the guard stopped the run
+    stopped_epoch: Optional[int] = None
+    unavailable: dict = dataclasses.field(default_factory=dict)  # label -> the last error
+    history: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "GuardState":
+        return cls(**d) if d else cls()
+
+
+def decide(state: GuardState, epoch: int, values: Optional[torch.Tensor], diversity: float, *, tolerance: float, patience: int,
+           min_diversity: float, train_reward: Optional[float] = None) -> tuple[bool, bool]:
+    """Update ``state`` with evaluation ``epoch`` (``values``: the primary held-out reward per seed, None when it is
+    unavailable) and return (is_best, stop). See the module docstring for the rule."""
+    is_best = stop = False
+    if values is not None and values.numel():
+        m = float(values.mean())
+        if state.best is None or m > state.best:
+            state.best, state.best_epoch, state.best_values, state.best_reward = m, epoch, [float(v) for v in values], train_reward
+            state.falls, is_best = 0, True
+        else:
+            d = values.double() - torch.tensor(state.best_values, dtype=torch.float64)
+            se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else 0.0
+            state.falls = state.falls + 1 if m < state.best - tolerance * se else 0
+            if patience and state.falls >= patience:
+                stop = True
+                state.stopped = (f"the held-out reward fell below its best ({state.best:+.4f}, epoch {state.best_epoch}) by more "
+                                 f"than {tolerance:g} standard errors in {state.falls} evaluations in a row (now {m:+.4f})")
+    if math.isfinite(diversity):
+        if state.diversity0 is None:
+            state.diversity0 = diversity
+        elif min_diversity > 0 and diversity < min_diversity * state.diversity0 and not stop:
+            stop = True
+            state.stopped = (f"within-prompt diversity fell to {diversity:.4f}, below {min_diversity:g} x its value before "
+                             f"training ({state.diversity0:.4f})")
+    if stop:
+        state.stopped_epoch = epoch
+    return is_best, stop
+
+
+class Guard:
+    """The guard of one training run (``Trainer.guard``); ``evaluate`` runs one guard evaluation."""
+
+    def __init__(self, cfg, reward_cfg, log_fn=print) -> None:
+        from ..rewards import RewardError, build_reward
+
+        self.cfg, self.log = cfg, log_fn
+        self.state = GuardState()
+        self.rewards: dict[str, Any] = {}
+        for spec in cfg.heldout_reward:
+            label = spec_label(spec)
+            if isinstance(spec, list):  # a weighted sum: [a, b] means weights 1, as reward.name
+                spec = [{"name": c} if isinstance(c, str) else c for c in spec]
+            try:  # a broken held-out reward is a warning, never a stopped run
+                self.rewards[label] = build_reward(dataclasses.replace(reward_cfg, name=spec, kwargs={}))
+            except (RewardError, ValueError, ImportError, OSError) as exc:
+                self.rewards[label] = None
+                self.state.unavailable[label] = f"{type(exc).__name__}: {exc}"
+                log_fn(f"warning: guard held-out reward {label!r} is unavailable ({exc}); training goes on without it")
+        self.primary = spec_label(cfg.heldout_reward[0]) if cfg.heldout_reward else None
+
+    @property
+    def enabled(self) -> bool:
+        """On when a held-out reward is named and guard.every > 0 (diversity and drift come with it)."""
+        return self.cfg.every > 0 and bool(self.cfg.heldout_reward)
+
+    def close(self) -> None:
+        from ..rewards import close_reward
+
+        for fn in self.rewards.values():
+            if fn is not None:
+                close_reward(fn)
+
+    def due(self, epoch: int, last: bool) -> bool:
+        """Whether epoch ``epoch`` (1-based, completed) ends with a guard evaluation: every guard.every epochs and the last."""
+        return self.enabled and (epoch % self.cfg.every == 0 or last)
+
+    def batch(self, prompts: list[str]) -> tuple[list[str], list[int]]:
+        """The fixed (prompts, seeds) of every guard evaluation: samples_per_prompt seeds of evenly spread prompts."""
+        k = self.cfg.samples_per_prompt
+        n_prompts = max(1, self.cfg.samples // k)
+        picks = [prompts[(i * len(prompts)) // n_prompts] for i in range(n_prompts)] if len(prompts) >= n_prompts else \
+            [prompts[i % len(prompts)] for i in range(n_prompts)]
+        return [p for p in picks for _ in range(k)], [GUARD_SEED_BASE + i for i in range(n_prompts * k)]
+
+    def _score(self, label: str, fn, traj) -> Optional[torch.Tensor]:
+        from ..rewards import reward_values
+
+        try:
+            values = reward_values(label, fn(traj.images, traj.prompts, traj.metadata), len(traj))
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{int((~torch.isfinite(values)).sum())} of {len(traj)} values are not finite")
+            self.state.unavailable.pop(label, None)
+            return values.double().cpu()
+        except Exception as exc:  # noqa: BLE001 -- any failure of a guard reward is a warning, by design
+            self.state.unavailable[label] = f"{type(exc).__name__}: {exc}"
+            self.log(f"warning: guard held-out reward {label!r} failed this evaluation ({type(exc).__name__}: {exc}); "
+                     "training goes on, and summary.md marks it unavailable")
+            return None
+
+    @torch.no_grad()
+    def evaluate(self, trainer, epoch: int, train_reward: Optional[float] = None) -> tuple[dict[str, float], bool, bool]:
+        """One guard evaluation after ``epoch`` epochs (0: before training): (metrics for the epoch's record, is_best,
+        stop). Every process samples the same batch (a sharded model needs all of them in each forward); the main
+        process's figures decide, and every process receives its decision."""
+        prompts, seeds = self.batch(trainer.prompts)
+        trainer.model.denoiser.eval()
+        trajs, bs = [], trainer.cfg.sample.batch_size
+        for i in range(0, len(prompts), bs):
+            trajs.append(trainer._sample(prompts[i:i + bs], seeds[i:i + bs]))
+        out: dict[str, float] = {}
+        primary_values = None
+        images = torch.cat([t.images.cpu() for t in trajs])
+        for label, fn in self.rewards.items():
+            if fn is None:
+                continue
+            parts = [self._score(label, fn, t) for t in trajs]
+            if any(p is None for p in parts):
+                continue
+            v = torch.cat(parts)
+            out[f"guard_heldout_{label}"] = float(v.mean())
+            out[f"guard_heldout_{label}_se"] = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
+            if label == self.primary:
+                primary_values = v
+                out["guard_heldout"], out["guard_heldout_se"] = out[f"guard_heldout_{label}"], out[f"guard_heldout_{label}_se"]
+        train = [trainer._score(t)[0] for t in trajs]  # the training reward on the fixed batch
+        out["guard_reward"] = float(torch.cat(train).double().mean())
+        diversity = float("nan")
+        if self.cfg.diversity:
+            diversity = within_prompt_diversity(images, prompts)
+            out["guard_diversity"] = diversity
+        if self.cfg.drift and trainer.has_reference:
+            out["guard_drift"] = self._drift(trainer, trajs)
+        if trainer.ctx.active:  # the main process's figures and decision are every process's
+            out, primary_values = trainer.ctx.all_gather_object((out, primary_values))[0]
+            diversity = out.get("guard_diversity", float("nan"))
+        is_best, stop = decide(self.state, epoch, primary_values, diversity, tolerance=self.cfg.tolerance,
+                               patience=self.cfg.patience if self.cfg.stop else 0,
+                               min_diversity=self.cfg.min_diversity if self.cfg.stop else 0.0, train_reward=train_reward)
+        self.state.history.append({"epoch": epoch, **out})
+        return out, is_best, stop
+
+    @staticmethod
+    def _drift(trainer, trajs) -> float:
+        """Mean exact per-step KL(policy || reference) over the rows of the guard batch's stochastic steps."""
+        from ..algos.common import chunk_kl, policy_outputs
+        from ..diffusion.recompute import pack_chunk, trainable_steps
+
+        run, total, rows = trainer.run_context, 0.0, 0
+        K = max(1, trainer.cfg.train.chunk_size)
+        for traj in trajs:
+            steps = trainable_steps(traj)
+            idx = torch.arange(len(traj))
+            for k0 in range(0, steps.numel(), K):
+                chunk = pack_chunk(traj, idx, steps[k0:k0 + K].repeat(len(traj), 1), trainer.device)
+                eps_u, eps_c = policy_outputs(run, chunk)
+                kl = chunk_kl(run, chunk, eps_u, eps_c, "exact")
+                total += float(kl.double().sum())
+                rows += kl.numel()
+        return total / max(rows, 1)
