@@ -238,8 +238,10 @@ class GuardConfig:
     samples_per_prompt: int = option(4, "Seeds per prompt in the guard's batch (>= 2: within-prompt diversity compares them).")
     diversity: bool = option(True, "Log guard_diversity: mean pairwise L2 distance per pixel between a prompt's images (downsampled to <= 64 px a side).")
     drift: bool = option(True, "Log guard_drift: the mean exact per-step KL to the reference policy on the guard batch's own states (full fine-tuning keeps a frozen copy of the weights for it).")
+    drift_steps: int = option(4, "guard_drift reads this many evenly spaced steps of each guard sample (2 denoiser passes a row).")
     stop: bool = option(True, "Stop the run (cleanly: final checkpoint, summary, exit 0) when the held-out reward has fallen more than guard.tolerance standard errors below its best for guard.patience evaluations in a row, or diversity has fallen below guard.min_diversity x its value before training.")
-    tolerance: float = option(2.0, "Standard errors (of the per-seed differences from the best evaluation) a held-out evaluation must fall below the best to count as a fall.")
+    stop_from_start: bool = option(False, "Count falls below the pre-training evaluation too. By default falls count only once a trained epoch has beaten it: an early dip before any gain (D3PO on the digits world, every method on the flow world) is not hacking.")
+    tolerance: float = option(2.0, "Standard errors (the evaluation's own, std / sqrt(guard.samples)) a held-out evaluation must fall below the best to count as a fall.")
     patience: int = option(2, "Falls in a row that stop the run.")
     min_diversity: float = option(0.5, "Stop when diversity falls below this fraction of its value before training (0: never).")
     keep_best: bool = option(True, "Keep the checkpoint with the best held-out reward in checkpoints/best/ (summary.md names its epoch and rewards).")
@@ -493,7 +495,8 @@ def validate(cfg: Config) -> Config:
         need((isinstance(spec, str) and bool(spec)) or (isinstance(spec, list) and bool(spec) and all(
             isinstance(c, str) or (isinstance(c, dict) and isinstance(c.get("name"), str)) for c in spec)),
             f"guard.heldout_reward[{i}] must be a reward name, dotted path, URL or a weighted sum [{{name: ..., weight: ...}}, ...], got {spec!r}")
-    need(gd.every >= 0 and gd.patience >= 1 and gd.tolerance >= 0, "guard.every must be >= 0, guard.patience >= 1, guard.tolerance >= 0")
+    need(gd.every >= 0 and gd.patience >= 1 and gd.tolerance >= 0 and gd.drift_steps >= 1,
+         "guard.every must be >= 0, guard.patience and guard.drift_steps >= 1, guard.tolerance >= 0")
     need(gd.samples_per_prompt >= 2 and gd.samples >= gd.samples_per_prompt,
          f"guard.samples_per_prompt must be >= 2 (diversity compares a prompt's images) and guard.samples >= it, got "
          f"{gd.samples_per_prompt} and {gd.samples}")

@@ -11,16 +11,19 @@ sampler settings (log.eval_num_steps, log.eval_guidance_scale), and computes:
 - ``guard_reward``: the training reward on the same batch (the fixed-seed view of what training optimises);
 - ``guard_diversity``: the mean pairwise L2 distance per pixel between the images of the same prompt, averaged over
   prompts (images in [0, 1], downsampled to at most 64 pixels on a side so SD-size images compare layouts, not noise);
-- ``guard_drift``: the mean over the batch's rows (sample, stochastic step) of the exact KL between the policy's and
-  the reference policy's step Gaussians, |mean_theta - mean_ref|^2 / (2 s^2) averaged over latent elements, on the
-  batch's own states (no second rollout).
+- ``guard_drift``: the mean over the batch's rows (sample, stochastic step; up to ``guard.drift_steps`` evenly spaced
+  steps) of the exact KL between the policy's and the reference policy's step Gaussians, |mean_theta - mean_ref|^2 /
+  (2 s^2) averaged over latent elements, on the batch's own states (no second rollout).
 
 The stop rule (``guard.stop``), with m_k the held-out mean of evaluation k and k* the best so far:
 
-    a fall:  m_k < m_{k*} - guard.tolerance x se_k,  se_k the standard error of the per-seed differences (paired:
-             the same seeds every evaluation) between evaluations k and k*;
+    a fall:  m_k < m_{k*} - guard.tolerance x se_k,  se_k = std_k / sqrt(n) the evaluation's own standard error over
+             its n fixed-seed samples (not the paired one of the differences, which would call every real change of
+             the policy a fall);
     stop when the last guard.patience evaluations were all falls, or when diversity < guard.min_diversity x its
-    value before training.
+    value before training. Falls count only once a trained epoch has beaten the pre-training evaluation (a best at
+    epoch 1 or later): a dip below the start before any gain is not reward hacking, and D3PO on the digits world and
+    every method on the flow world dip first (guard.stop_from_start=true counts them too).
 
 A held-out reward that fails (raises, returns NaN or the wrong shape, its server is down) never stops training:
 each evaluation prints a warning naming it, and summary.md marks it unavailable.
@@ -86,7 +89,7 @@ class GuardState:
 
 
 def decide(state: GuardState, epoch: int, values: Optional[torch.Tensor], diversity: float, *, tolerance: float, patience: int,
-           min_diversity: float, train_reward: Optional[float] = None) -> tuple[bool, bool]:
+           min_diversity: float, train_reward: Optional[float] = None, from_start: bool = False) -> tuple[bool, bool]:
     """Update ``state`` with evaluation ``epoch`` (``values``: the primary held-out reward per seed, None when it is
     unavailable) and return (is_best, stop). See the module docstring for the rule."""
     is_best = stop = False
@@ -96,9 +99,10 @@ def decide(state: GuardState, epoch: int, values: Optional[torch.Tensor], divers
             state.best, state.best_epoch, state.best_values, state.best_reward = m, epoch, [float(v) for v in values], train_reward
             state.falls, is_best = 0, True
         else:
-            d = values.double() - torch.tensor(state.best_values, dtype=torch.float64)
-            se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else 0.0
-            state.falls = state.falls + 1 if m < state.best - tolerance * se else 0
+            v = values.double()
+            se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
+            counts = from_start or (state.best_epoch or 0) >= 1
+            state.falls = state.falls + 1 if counts and m < state.best - tolerance * se else 0
             if patience and state.falls >= patience:
                 stop = True
                 state.stopped = (f"the held-out reward fell below its best ({state.best:+.4f}, epoch {state.best_epoch}) by more "
@@ -213,13 +217,14 @@ class Guard:
             diversity = out.get("guard_diversity", float("nan"))
         is_best, stop = decide(self.state, epoch, primary_values, diversity, tolerance=self.cfg.tolerance,
                                patience=self.cfg.patience if self.cfg.stop else 0,
-                               min_diversity=self.cfg.min_diversity if self.cfg.stop else 0.0, train_reward=train_reward)
+                               min_diversity=self.cfg.min_diversity if self.cfg.stop else 0.0, train_reward=train_reward,
+                               from_start=self.cfg.stop_from_start)
         self.state.history.append({"epoch": epoch, **out})
         return out, is_best, stop
 
-    @staticmethod
-    def _drift(trainer, trajs) -> float:
-        """Mean exact per-step KL(policy || reference) over the rows of the guard batch's stochastic steps."""
+    def _drift(self, trainer, trajs) -> float:
+        """Mean exact per-step KL(policy || reference) over the guard batch's rows at up to guard.drift_steps evenly
+        spaced stochastic steps (two denoiser passes per row: the policy's and the reference's)."""
         from ..algos.common import chunk_kl, policy_outputs
         from ..diffusion.recompute import pack_chunk, trainable_steps
 
@@ -227,6 +232,8 @@ class Guard:
         K = max(1, trainer.cfg.train.chunk_size)
         for traj in trajs:
             steps = trainable_steps(traj)
+            if steps.numel() > self.cfg.drift_steps:
+                steps = steps[torch.linspace(0, steps.numel() - 1, self.cfg.drift_steps).round().long()]
             idx = torch.arange(len(traj))
             for k0 in range(0, steps.numel(), K):
                 chunk = pack_chunk(traj, idx, steps[k0:k0 + K].repeat(len(traj), 1), trainer.device)

@@ -36,8 +36,9 @@ def run_rule(values, *, tolerance=2.0, patience=2, diversities=None, min_diversi
 
 
 def test_stop_comes_within_patience_evaluations_after_the_peak():
-    # held-out reward rises to a peak at evaluation 4, then falls by 0.5 per evaluation
-    means = [0.0, 0.3, 0.6, 0.8, 1.0, 0.5, 0.0, -0.5, -1.0]
+    # held-out reward rises to a peak at evaluation 4, then falls by 1 per evaluation; the per-sample spread is ~1,
+    # so an evaluation's own standard error is ~1 / sqrt(16) = 0.25 and a fall needs > 0.5
+    means = [0.0, 0.3, 0.6, 0.8, 1.0, 0.0, -1.0, -2.0, -3.0]
     state, stop_at, best_at = run_rule(series(means))
     assert state.best_epoch == 4 and best_at[-1] == 4
     assert stop_at == 6  # two falls in a row: evaluations 5 and 6
@@ -48,9 +49,23 @@ def test_noise_below_the_tolerance_never_stops():
     flat = series([1.0] * 12, noise=0.05)
     state, stop_at, _ = run_rule(flat)
     assert stop_at is None and state.falls <= 1
+    # a real but small change of the policy (0.3, about one standard error) is not a fall
+    state, stop_at, _ = run_rule(series([1.0, 0.7, 0.7, 0.7, 0.7]))
+    assert stop_at is None and state.falls == 0
     # one fall, then a recovery: the count starts again
-    state, stop_at, _ = run_rule(series([1.0, 0.5, 1.0, 0.5, 1.0]), patience=2)
+    state, stop_at, _ = run_rule(series([1.0, 0.0, 1.0, 0.0, 1.0]), patience=2)
     assert stop_at is None
+
+
+def test_a_dip_before_any_gain_is_not_a_fall():
+    # the pre-training evaluation stays the best through a dip and a recovery: no stop by default
+    dip = series([1.0, -1.0, -2.0, 0.0, 1.5, 2.0])
+    state, stop_at, best_at = run_rule(dip)
+    assert stop_at is None and best_at == [0, 4, 5]
+    state = GuardState()
+    for k, v in enumerate(dip[:3]):  # counted from the start on request
+        _, stop = decide(state, k, v, 1.0, tolerance=2.0, patience=2, min_diversity=0.5, from_start=True)
+    assert stop and state.stopped_epoch == 2
 
 
 def test_diversity_collapse_stops():
@@ -73,9 +88,10 @@ CALLS = {"n": 0}
 
 
 def declining_reward(images, prompts, metadata):
-    """A held-out reward that falls by 1 at every call: a run that hacks, as the guard sees it."""
+    """A held-out reward that peaks at its second call (the first trained epoch), then falls faster and faster: a run
+    that hacks, as the guard sees it."""
     CALLS["n"] += 1
-    return -float(CALLS["n"]) + 1e-3 * images.flatten(1).mean(1).double(), {}
+    return -float((CALLS["n"] - 2) ** 2) + 1e-3 * images.flatten(1).mean(1).double(), {}
 
 
 def test_guarded_run_logs_keeps_best_and_resumes(tmp_path):
@@ -120,8 +136,8 @@ def test_guard_stop_is_a_clean_end(tmp_path):
     cfg = validate(load_config(Config, PRESETS / "digits.yaml", over))
     summary = Trainer(cfg, tmp_path / "s", log_fn=lambda s: None).run()
     guard = json.loads((tmp_path / "s" / "guard.json").read_text())
-    assert guard["stopped"] and summary["guard"]["stopped_epoch"] == guard["stopped_epoch"] == 2  # best at 0, falls at 1 and 2
-    assert guard["best_epoch"] == 0 and (tmp_path / "s" / "checkpoints" / "best").is_dir()  # the base model
+    assert guard["stopped"] and summary["guard"]["stopped_epoch"] == guard["stopped_epoch"] == 3  # best at 1, falls at 2 and 3
+    assert guard["best_epoch"] == 1 and (tmp_path / "s" / "checkpoints" / "best").is_dir()
     assert summary["epochs"] == guard["stopped_epoch"] and summary["after"]["n"] == 4  # final evaluation and weights
     assert "Stopped by the guard" in (tmp_path / "s" / "summary.md").read_text()
 
