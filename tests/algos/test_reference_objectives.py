@@ -267,8 +267,8 @@ def test_grpo_guard(tmp_path):
              scheduler="flow", perturb=0.003)
     assert s.traj.means is not None and 0 < s.stats["clipfrac"] < 1 and s.stats["kl"] > 0
     leaves, eps, ref_eps = s.eps_fns()
-    loss = ref.grpo_guard(s.batch(), s.sampler(), eps, s.fixed(s.old_w), ref_eps, int(0.99 * 4), clip_range=1e-4,
-                          adv_clip=5.0, beta=0.04)
+    loss = ref.grpo_flow(s.batch(), s.sampler(), eps, ref_eps, int(0.99 * 4), clip_range=1e-4, adv_clip=5.0, beta=0.04,
+                         old_eps=s.fixed(s.old_w))
     check(s, leaves, loss, s.loss())
 
 

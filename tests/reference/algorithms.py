@@ -270,25 +270,13 @@ def forward_row(batch, sampler, b, j, z):
     return xt, target, sigma, batch.cond[b].to(F64)[None], torch.tensor([tt], dtype=F64)
 
 
-def grpo_flow(batch, sampler, eps, ref_eps, n_train, *, clip_range, adv_clip, beta, std_eps=1e-4):
+def grpo_flow(batch, sampler, eps, ref_eps, n_train, *, clip_range, adv_clip, beta, std_eps=1e-4, old_eps=None):
     """yifan123/flow_grpo scripts/train_sd3.py: A = (r - mean of the prompt's rewards) / (std of all rewards + 1e-4),
     clamped to +-adv_clip; steps 0 .. n_train-1; L = mean(max(-A rho, -A clamp(rho, 1 +- eps))) + beta * mean over
-    rows of mean_elements(mean_theta - mean_ref)^2 / (2 std_dev_t^2)."""
-    A = prompt_advantages(batch, std_eps).clamp(-adv_clip, adv_clip)
-    pg, kl = [], []
-    for b in range(len(batch.prompts)):
-        for j in range(n_train):
-            lp, mean, _, std_t, _ = row_logp(batch, sampler, eps, b, j)
-            with torch.no_grad():
-                ref_mean = row_logp(batch, sampler, ref_eps, b, j)[1]
-            pg.append(ppo_term(A[b], torch.exp(lp - batch.old_logp[b, j].to(F64)), clip_range))
-            kl.append(((mean - ref_mean) ** 2).mean() / (2 * std_t**2))
-    return torch.stack(pg).mean() + beta * torch.stack(kl).mean()
+    rows of mean_elements(mean_theta - mean_ref)^2 / (2 std_dev_t^2).
 
-
-def grpo_guard(batch, sampler, eps, old_eps, ref_eps, n_train, *, clip_range, adv_clip, beta, std_eps=1e-4):
-    """GRPO-Guard, yifan123/flow_grpo scripts/train_sd3_GRPO_Guard.py with config.rationorm (config/grpo_guard.py): the
-    advantages and KL of grpo_flow; per row (b, j), with the rollout's prev_sample_mean (the old weights' step mean),
+    With ``old_eps`` (the rollout's weights), GRPO-Guard: scripts/train_sd3_GRPO_Guard.py with config.rationorm
+    (config/grpo_guard.py); per row (b, j), with the rollout's prev_sample_mean (the old weights' step mean),
     std_dev_t and sqrt_dt of the step:
         bias = mean((mean_theta - prev_sample_mean)^2) / (2 (sqrt_dt std_dev_t)^2)
         log r = (log p_theta - old_logp + bias) * sqrt_dt * std_dev_t
@@ -300,11 +288,14 @@ def grpo_guard(batch, sampler, eps, old_eps, ref_eps, n_train, *, clip_range, ad
             lp, mean, std, std_t, _ = row_logp(batch, sampler, eps, b, j)
             with torch.no_grad():
                 ref_mean = row_logp(batch, sampler, ref_eps, b, j)[1]
-                old_mean = row_logp(batch, sampler, old_eps, b, j)[1]
-            sqrt_dt = std / std_t
-            bias = ((mean - old_mean) ** 2).mean() / (2 * (sqrt_dt * std_t) ** 2)
-            log_r = (lp - batch.old_logp[b, j].to(F64) + bias) * sqrt_dt * std_t
-            pg.append(ppo_term(A[b], torch.exp(log_r), clip_range) / sqrt_dt**2)
+            log_r, weight = lp - batch.old_logp[b, j].to(F64), 1.0
+            if old_eps is not None:
+                with torch.no_grad():
+                    old_mean = row_logp(batch, sampler, old_eps, b, j)[1]
+                sqrt_dt = std / std_t
+                bias = ((mean - old_mean) ** 2).mean() / (2 * (sqrt_dt * std_t) ** 2)
+                log_r, weight = (log_r + bias) * sqrt_dt * std_t, 1.0 / sqrt_dt**2
+            pg.append(ppo_term(A[b], torch.exp(log_r), clip_range) * weight)
             kl.append(((mean - ref_mean) ** 2).mean() / (2 * std_t**2))
     return torch.stack(pg).mean() + beta * torch.stack(kl).mean()
 
