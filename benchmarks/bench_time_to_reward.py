@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, machine_info  # noqa: E402
+from diffrl_fast.train.guard import within_prompt_diversity  # noqa: E402  (the guards' diversity, the same formula)
 
 # name -> overrides on top of the digits preset. The baseline is DDPO-IS at ddpo-pytorch's settings as the
 # preset adapts them to the digits world (docs/algorithms.md); the levers are named by what they add.
@@ -112,22 +112,6 @@ CONTENDERS = DIGITS_CONTENDERS
 THRESHOLD_FRACTION = 0.75
 
 
-def diversity(images, class_ids) -> float:
-    """Mean pairwise L2 distance per pixel between samples of the same class (images [N, C, H, W] in [0, 1])."""
-    import torch
-
-    flat = images.flatten(1).double()
-    dists = []
-    for c in sorted(set(class_ids)):
-        idx = [i for i, k in enumerate(class_ids) if k == c]
-        if len(idx) < 2:
-            continue
-        d = torch.cdist(flat[idx], flat[idx]) / math.sqrt(flat.shape[1])
-        n = len(idx)
-        dists.append(float(d.sum() / (n * (n - 1))))
-    return statistics.mean(dists) if dists else float("nan")
-
-
 class Evaluator:
     """Scores a trainer's policy on fixed seeds with the world's reward and its held-out classifier, on the
     training prompts (each ``repeats`` times, for the within-prompt diversity) and, where the world has them,
@@ -168,7 +152,7 @@ class Evaluator:
         rew, info = self.reward(images, prompts, meta)
         held, _ = self.heldout(images, prompts, meta)
         keys = [m["class_id"] for m in meta] if r == 1 else prompts
-        out = {"reward": float(rew.mean()), "heldout": float(held.mean()), "diversity": diversity(images, keys)}
+        out = {"reward": float(rew.mean()), "heldout": float(held.mean()), "diversity": within_prompt_diversity(images, keys)}
         metric = (info or {}).get("per_sample", {}).get("layout_correct")
         if metric is not None:
             out["layout_correct"] = float(metric.float().mean())

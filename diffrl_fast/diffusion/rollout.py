@@ -83,10 +83,10 @@ class Trajectory:
     def index(self, idx) -> "Trajectory":
         """The sub-batch ``idx`` (a LongTensor of sample indices); a tree rollout's only as whole trees, in order."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        if self.tree is not None:
+        if self.tree is not None:  # whole trees: runs of L consecutive indices, each starting at a multiple of L
             L = self.tree.leaves
-            if idx.numel() % L or not bool((idx.reshape(-1, L) == idx.reshape(-1, L)[:, :1] + torch.arange(L)).all()) \
-                    or bool((idx.reshape(-1, L)[:, 0] % L).any()):
+            whole = idx.numel() % L == 0 and bool((idx.reshape(-1, L) == idx.reshape(-1, L)[:, :1] // L * L + torch.arange(L)).all())
+            if not whole:
                 raise ValueError(f"a tree rollout's samples can only be taken as whole trees of {L} adjacent leaves")
         pick = idx.tolist()
         return replace(
@@ -301,8 +301,13 @@ def sample_trajectories(
     g = guidance_scale if use_cfg else 1.0
     branch = set(tree.branch_steps) if tree is not None else set()
     for j in range(T):
-        # the distinct states x_j (all samples without a tree): rows ``act`` of the batch
-        act = None if tree is None else torch.nonzero(reps[:, j] == torch.arange(B)).flatten()
+        # the distinct states x_j (all samples without a tree): rows ``act`` of the batch; ``node[b]`` is sample b's row
+        act = node = None
+        if tree is not None:
+            act = torch.nonzero(reps[:, j] == torch.arange(B)).flatten()
+            row_of = torch.full((B,), -1, dtype=torch.long)
+            row_of[act] = torch.arange(act.numel())
+            node = row_of[reps[:, j]].to(device)
         xa = x if act is None else x[act.to(device)]
         n = xa.shape[0]
         ca = cond if act is None else cond.index(act.to(cond.hidden.device))
@@ -310,41 +315,28 @@ def sample_trajectories(
         eps_u, eps_c = guided_outputs(model, xa, timesteps[j].expand(n), ca, ua, autocast_dtype)
         c = schedule.at(torch.full((n,), j), device=device)
         mean = step_mean(xa, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
-        if means is not None and bool(schedule.stochastic[j]):
-            if act is None:
-                means[:, j] = mean.to(storage)
-            else:
-                row_of = torch.full((B,), -1, dtype=torch.long)
-                row_of[act] = torch.arange(n)
-                means[:, j] = mean[row_of[reps[:, j]].to(device)].to(storage)
-        if bool(schedule.stochastic[j]):
-            if act is None:
-                noise = _randn(gens, shape, device, fdt)
-                x_next = mean + c.s.to(fdt).reshape(n, 1, 1, 1) * noise
-                log_probs[:, j] = action_logprob(schedule.residual_logprob, x, x_next, eps_u, eps_c, c, g).to(storage)
-            else:  # one action per owner of transition j, from the node (active row) its leaf was in at x_j
-                own = torch.nonzero(owner[:, j]).flatten()
-                row_of = torch.full((B,), -1, dtype=torch.long)
-                row_of[act] = torch.arange(n)
-                src = row_of[reps[own, j]].to(device)
-                co = schedule.at(torch.full((own.numel(),), j), device=device)
-                scale = split_noise_scale if j in branch else 1.0
-                noise = _randn([gens[i] for i in own.tolist()], shape, device, fdt)
-                y = mean[src] + (co.s.to(fdt) * scale).reshape(-1, 1, 1, 1) * noise
-                eu = eps_u[src]
-                ec = None if eps_c is None else eps_c[src]
-                lp = action_logprob(schedule.residual_logprob, xa[src], y, eu, ec, co, g)
-                own_of = torch.full((B,), -1, dtype=torch.long)
-                own_of[own] = torch.arange(own.numel())
-                pick = own_of[reps[:, j + 1]]  # every leaf takes its node's action
-                x_next = y[pick.to(device)]
-                log_probs[:, j] = lp[pick.to(lp.device)].to(storage)
+        stochastic = bool(schedule.stochastic[j])
+        if means is not None and stochastic:
+            means[:, j] = (mean if node is None else mean[node]).to(storage)
+        if not stochastic:  # a tree does not branch here: every sample keeps its node's state
+            x_next = mean if node is None else mean[node]
         elif act is None:
-            x_next = mean
-        else:
-            row_of = torch.full((B,), -1, dtype=torch.long)
-            row_of[act] = torch.arange(n)
-            x_next = mean[row_of[reps[:, j + 1]].to(device)]
+            noise = _randn(gens, shape, device, fdt)
+            x_next = mean + c.s.to(fdt).reshape(n, 1, 1, 1) * noise
+            log_probs[:, j] = action_logprob(schedule.residual_logprob, x, x_next, eps_u, eps_c, c, g).to(storage)
+        else:  # one action per owner of transition j, from the node (active row) its leaf was in at x_j
+            own = torch.nonzero(owner[:, j]).flatten()
+            src = node[own.to(device)]
+            co = schedule.at(torch.full((own.numel(),), j), device=device)
+            scale = split_noise_scale if j in branch else 1.0
+            noise = _randn([gens[i] for i in own.tolist()], shape, device, fdt)
+            y = mean[src] + (co.s.to(fdt) * scale).reshape(-1, 1, 1, 1) * noise
+            lp = action_logprob(schedule.residual_logprob, xa[src], y, eps_u[src], None if eps_c is None else eps_c[src], co, g)
+            own_of = torch.full((B,), -1, dtype=torch.long)
+            own_of[own] = torch.arange(own.numel())
+            pick = own_of[reps[:, j + 1]]  # every leaf takes its node's action
+            x_next = y[pick.to(device)]
+            log_probs[:, j] = lp[pick.to(lp.device)].to(storage)
         if slot[j + 1] >= 0:
             latents[:, slot[j + 1]] = x_next.to(storage)
         x = x_next

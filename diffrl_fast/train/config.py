@@ -457,12 +457,13 @@ def validate(cfg: Config) -> Config:
         steps = s.tree_branch_steps
         need(isinstance(steps, list) and all(isinstance(j, int) and not isinstance(j, bool) for j in steps),
              f"sample.tree_branch_steps must be a list of step indices, got {steps!r}")
-        need(steps == sorted(set(steps)) and steps[0] >= 0 and steps[-1] < s.num_steps,
-             f"sample.tree_branch_steps must be distinct, sorted and in [0, sample.num_steps={s.num_steps}), got {steps}")
-        need(s.tree_branch_factor >= 2, f"sample.tree_branch_factor must be >= 2, got {s.tree_branch_factor}")
+        try:  # the tree's own checks (sorted, distinct, in range, factor >= 2), named by their keys
+            tree_spec(cfg).check(s.num_steps)
+        except ValueError as exc:
+            raise ConfigError(f"sample.tree_branch_steps / sample.tree_branch_factor: {exc}") from None
         need(s.tree_split_noise_scale > 0, f"sample.tree_split_noise_scale must be > 0, got {s.tree_split_noise_scale}")
         choice("sample.tree_reward_fusion", s.tree_reward_fusion, ("mean", "prob_weighted"))
-        leaves = s.tree_branch_factor ** len(steps)
+        leaves = tree_spec(cfg).leaves
         need(cfg.algo == "grpo", f"tree rollouts (sample.tree_branch_steps) train with algo=grpo, not {cfg.algo}: their node "
              "advantages are per transition, and the forward-process algorithms (nft, awm, dgpo) roll out deterministically, "
              "where a tree cannot branch")

@@ -46,9 +46,10 @@ def spec_label(spec: Any) -> str:
     return "+".join(str(c.get("label") or c["name"]) if isinstance(c, dict) else str(c) for c in spec)
 
 
-def within_prompt_diversity(images: torch.Tensor, prompts: list[str], max_side: int = 64) -> float:
-    """Mean pairwise L2 distance per pixel between the images of the same prompt, averaged over prompts with two or
-    more images; images [N, C, H, W] in [0, 1], area-downsampled so that no side exceeds ``max_side``."""
+def within_prompt_diversity(images: torch.Tensor, prompts: list, max_side: int = 64) -> float:
+    """Mean pairwise L2 distance per pixel between the images of the same prompt (or any other group key in
+    ``prompts``), averaged over groups with two or more images; images [N, C, H, W] in [0, 1], area-downsampled so that
+    no side exceeds ``max_side``: d(i, k) = |x_i - x_k|_2 / sqrt(pixels), mean over the n (n - 1) ordered pairs."""
     x = images.detach().float().cpu()
     if max(x.shape[-2:]) > max_side:
         f = max_side / max(x.shape[-2:])
@@ -66,12 +67,10 @@ def within_prompt_diversity(images: torch.Tensor, prompts: list[str], max_side: 
 
 @dataclasses.dataclass
 class GuardState:
-    """What the guard remembers across evaluations (and checkpoints): the best held-out evaluation and its per-seed
-    values, the falls in a row, the diversity before training, and every evaluation's summary."""
+    """What the guard remembers across evaluations (and checkpoints): the best held-out evaluation, the falls in a row, the diversity before training, and every evaluation's summary."""
 
     best: Optional[float] = None
     best_epoch: Optional[int] = None
-    best_values: Optional[list[float]] = None
     best_reward: Optional[float] = None  # the training reward (the epoch's mean) at the best evaluation
     falls: int = 0
     diversity0: Optional[float] = None
@@ -85,7 +84,8 @@ class GuardState:
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "GuardState":
-        return cls(**d) if d else cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
 def decide(state: GuardState, epoch: int, values: Optional[torch.Tensor], diversity: float, *, tolerance: float, patience: int,
@@ -96,7 +96,7 @@ def decide(state: GuardState, epoch: int, values: Optional[torch.Tensor], divers
     if values is not None and values.numel():
         m = float(values.mean())
         if state.best is None or m > state.best:
-            state.best, state.best_epoch, state.best_values, state.best_reward = m, epoch, [float(v) for v in values], train_reward
+            state.best, state.best_epoch, state.best_reward = m, epoch, train_reward
             state.falls, is_best = 0, True
         else:
             v = values.double()
@@ -168,9 +168,7 @@ class Guard:
         from ..rewards import reward_values
 
         try:
-            values = reward_values(label, fn(traj.images, traj.prompts, traj.metadata), len(traj))
-            if not bool(torch.isfinite(values).all()):
-                raise ValueError(f"{int((~torch.isfinite(values)).sum())} of {len(traj)} values are not finite")
+            values = reward_values(label, fn(traj.images, traj.prompts, traj.metadata), len(traj))  # finite, [B]
             self.state.unavailable.pop(label, None)
             return values.double().cpu()
         except Exception as exc:  # noqa: BLE001 -- any failure of a guard reward is a warning, by design

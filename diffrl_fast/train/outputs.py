@@ -305,9 +305,9 @@ class RunLogger:
         m = [r["reward_mean"] for r in recs]
         se = [r["reward_std"] / math.sqrt(max(r.get("samples", 1), 1)) for r in recs]
         hist = (guard or {}).get("history", [])
-        panels = [("reward", True)] + [(k, True) for k in ("guard_heldout", "guard_diversity", "guard_drift") if any(k in h for h in hist)]
-        fig = Figure(figsize=(5 + 3.2 * (len(panels) - 1), 3.2))
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        panels = [k for k in ("guard_heldout", "guard_diversity", "guard_drift") if any(k in h for h in hist)]
+        fig = Figure(figsize=(5 + 3.2 * len(panels), 3.2))
+        axes = fig.subplots(1, 1 + len(panels), squeeze=False)[0]
         ax = axes[0]
         ax.plot(x, m, marker="o", ms=3, label="training batch")
         ax.fill_between(x, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)], alpha=0.2)
@@ -319,7 +319,7 @@ class RunLogger:
         ax.set_ylabel(f"reward ({reward_label(self.cfg)})")
         ax.set_title(f"{self.cfg.name}: {self.cfg.algo}", fontsize=9)
         titles = {"guard_heldout": "held-out reward (guard)", "guard_diversity": "within-prompt diversity", "guard_drift": "drift: mean step KL to base"}
-        for ax, (key, _) in zip(axes[1:], panels[1:]):
+        for ax, key in zip(axes[1:], panels):
             pts = [h for h in hist if key in h]
             ex, ey = [h["epoch"] for h in pts], [h[key] for h in pts]
             ax.plot(ex, ey, marker="o", ms=3, color="tab:red" if key == "guard_heldout" else "tab:green" if key == "guard_diversity" else "tab:purple")

@@ -442,11 +442,14 @@ class Trainer:
             if traj.tree is not None:  # each distinct transition of a tree once: the others become padding (-1)
                 order = owned_order(order, traj.tree.batch(B, traj.num_steps)[1])
             minibatches = self.algo.minibatches(perm, data)
+            # rows of each (minibatch, chunk) unit, computed once per inner epoch: padding (-1) is no row
+            valid = torch.nn.functional.pad((order >= 0).int(), (0, n_chunks * K - order.shape[1])).reshape(B, n_chunks, K).sum(2)
+            unit_rows = [valid[mb].sum(0).tolist() for mb in minibatches]
             ctxs: dict[int, object] = {}
             for group in self.step_groups(len(minibatches), n_chunks):
                 if stop_flag():
                     raise Interrupted()
-                group_rows = sum(int((order[minibatches[m], c * K:(c + 1) * K] >= 0).sum()) for m, c in group)
+                group_rows = sum(unit_rows[m][c] for m, c in group)
                 for ui, (m, c) in enumerate(group):
                     mb = minibatches[m]
                     if c == 0:  # the algorithm's optional first pass over a minibatch
