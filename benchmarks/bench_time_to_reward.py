@@ -13,7 +13,7 @@ until the clock passes it, so a contender with cheap epochs gets more of them). 
   against fooling only the training classifier; on the flow world also the reward on the held-out prompts
   (layouts never trained on);
 - diversity: the mean pairwise L2 distance (per pixel, images in [0, 1]) between eval samples of the same class
-  (digits) or prompt (flow world: each eval prompt is sampled 4 times).
+  (digits) or prompt (flow world: 32 prompts spread evenly over the ordered training pool, each sampled 4 times).
 
 Cost comes in two units: the run's own sampling + training time (the records' sample_time_s + train_time_s, so
 evaluation, checkpointing and start-up are excluded), and denoiser passes (counted by the trainer: a forward of
@@ -25,7 +25,7 @@ The guards are read at that evaluation.
 ``--sweep``: the same tuning budget for every contender, the baseline included, fixed before running: 3 learning
 rates (the contender's own x 1/3, 1, 3) on seed 0 each, the one with the best training reward over its last
 three epochs kept (never the eval reward that is reported), then ``--seeds`` fresh at it; the table reports
-only the fresh seeds.
+only the fresh seeds. Sweep runs are evaluated only before their first and after their last epoch.
 
 Run: ``diffrl-fast bench time-to-reward [--world W] [--contenders a,b] [--seeds 1,2,3] [--budget-s S] [--sweep]
 [--reuse FILE]``; writes benchmarks/results/time_to_reward[_flow].{json,md,png} (``--stem`` renames them).
@@ -147,7 +147,7 @@ class Evaluator:
         trainer.model.denoiser.eval()
         r = self.world["repeats"]
         pool = trainer.prompts
-        prompts = [pool[(i // r) % len(pool)] for i in range(self.n)] if r > 1 else [pool[i % len(pool)] for i in range(self.n)]
+        prompts = eval_prompts(pool, self.n, r)
         images, meta = self._images(trainer, prompts, 0)
         rew, info = self.reward(images, prompts, meta)
         held, _ = self.heldout(images, prompts, meta)
@@ -167,8 +167,22 @@ class Evaluator:
         return out
 
 
+def eval_prompts(pool: list[str], n: int, repeats: int) -> list[str]:
+    """The n eval prompts: with ``repeats`` > 1, n // repeats prompts spread evenly over the whole pool (the
+    pool is ordered by kind: single digits, then pairs, ...; its first prompts alone would judge one kind), each
+    ``repeats`` times in a row; otherwise the pool round-robin."""
+    if repeats == 1:
+        return [pool[i % len(pool)] for i in range(n)]
+    m = max(1, n // repeats)
+    chosen = [pool[(k * len(pool)) // m] if m <= len(pool) else pool[k % len(pool)] for k in range(m)]
+    return [chosen[(i // repeats) % m] for i in range(n)]
+
+
 def run_one(name: str, overrides: list[str], seed: int, budget_s: float, evaluator: Evaluator, workdir: Path, extra=(),
-            max_epochs: int = 10_000, world: dict = None) -> dict:
+            max_epochs: int = 10_000, world: dict = None, eval_every_epoch: bool = True) -> dict:
+    """One contender's run for ``budget_s`` seconds of training, evaluated (off the clock) before training and after
+    every epoch; ``eval_every_epoch=False`` (a sweep run, picked on its training reward) evaluates only before the
+    first and after the last epoch."""
     from diffrl_fast.config_utils import load_config
     from diffrl_fast.train.config import PRESETS, Config, validate
     from diffrl_fast.train.trainer import Trainer
@@ -186,8 +200,10 @@ def run_one(name: str, overrides: list[str], seed: int, budget_s: float, evaluat
     def on_epoch(tr, record):
         clock["s"] += record["sample_time_s"] + record["train_time_s"]
         clock["samples"] += record["samples"]
+        last = clock["s"] >= budget_s or record["epoch"] >= max_epochs
         points.append({"epoch": record["epoch"], "clock_s": round(clock["s"], 3), "samples": clock["samples"],
-                       "passes": record["denoiser_passes"], "train_reward": record["reward_mean"], **evaluator(tr)})
+                       "passes": record["denoiser_passes"], "train_reward": record["reward_mean"],
+                       **(evaluator(tr) if eval_every_epoch or last else {})})
 
     wall = time.perf_counter()
     trainer.run(on_epoch=on_epoch, stop_flag=lambda: clock["s"] >= budget_s)  # checked between epochs
@@ -398,15 +414,15 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / f"{stem}.partial.json"
 
-    def one(name, overrides, seed, workdir):
+    def one(name, overrides, seed, workdir, eval_every_epoch=True):
         r = reuse.get((name, tuple(overrides), seed))
-        if r is None:
-            r = run_one(name, overrides, seed, args.budget_s, evaluator, workdir, extra, world=world)
+        if r is None or (eval_every_epoch and "reward" not in r["points"][-1]):
+            r = run_one(name, overrides, seed, args.budget_s, evaluator, workdir, extra, world=world, eval_every_epoch=eval_every_epoch)
         else:
             print(f"{name:>18} seed {seed}: reused from commit {r['commit']}", flush=True)
         last = r["points"][-1]
         print(f"{name:>18} seed {seed} lr {r.get('learning_rate', 0):.2g}: reward {r['points'][0]['reward']:+.3f} -> "
-              f"{last['reward']:+.3f} in {last['clock_s']:.0f} s, {last.get('passes', 0)} passes ({r['wall_s']:.0f} s wall)", flush=True)
+              f"{last.get('reward', float('nan')):+.3f} in {last['clock_s']:.0f} s, {last.get('passes', 0)} passes ({r['wall_s']:.0f} s wall)", flush=True)
         return r
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -418,7 +434,8 @@ def main(argv=None) -> int:
                 from diffrl_fast.train.config import PRESETS, Config
 
                 lr0 = load_config(Config, PRESETS / world["preset"], [*overrides, *extra]).train.learning_rate
-                tried = [one(f"{name}@lr{f:.2g}", [*overrides, f"train.learning_rate={lr0 * f:.4g}"], 0, workdir) for f in SWEEP_FACTORS]
+                tried = [one(f"{name}@lr{f:.2g}", [*overrides, f"train.learning_rate={lr0 * f:.4g}"], 0, workdir, eval_every_epoch=False)
+                         for f in SWEEP_FACTORS]
                 sweeps[name] = tried
                 overrides = list(sweep_pick(tried)["overrides"])
             for seed in seeds:

@@ -31,6 +31,7 @@ def test_flow_world_smoke_with_passes_guards_and_sweep(tmp_path):
     data = json.loads((tmp_path / "time_to_reward_flow_smoke.json").read_text())
     assert set(data["runs"]) == {"grpo", "dgpo"} and data["summary"]["baseline"] == "grpo"
     assert {len(v) for v in data["sweep"].values()} == {3}
+    assert all("reward" in r["points"][-1] and "train_reward" in r["points"][-1] for v in data["sweep"].values() for r in v)
     lrs = sorted(r["learning_rate"] for r in data["sweep"]["grpo"])
     assert abs(lrs[2] / lrs[0] - 9) < 1e-3  # x 1/3 and x 3 around the preset's
     for runs in data["runs"].values():
@@ -57,6 +58,14 @@ def test_summary_threshold_and_speedup():
     # in denoiser passes the fast contender's epochs cost 4x more: 3000 passes against 4000
     assert s["table"]["fast"]["passes"] == [4000] and s["table"]["fast"]["speedup_passes"] == 0.75
     assert s["table"]["fast"]["heldout_at_threshold"] == [-1.5]
+
+
+def test_eval_prompts_cover_the_pool():
+    pool = [f"p{i}" for i in range(308)]
+    got = b.eval_prompts(pool, 128, 4)
+    assert len(got) == 128 and got[:4] == ["p0"] * 4 and len(set(got)) == 32
+    assert max(int(p[1:]) for p in got) > 290  # the last kinds of prompt are judged too, not only the first 32
+    assert b.eval_prompts(pool[:10], 20, 1) == pool[:10] * 2
 
 
 def test_budget_cut_and_reuse(tmp_path):
