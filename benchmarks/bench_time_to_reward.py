@@ -95,6 +95,10 @@ FLOW_CONTENDERS = {
     # script splits 20 steps at 0, 3, 6, 9); "mix": ODE after a 4-step SDE window holding three splits in a row
     "grpo+tree": ["algo=grpo", "sample.tree_branch_steps=[0, 2, 4]"],
     "grpo+tree+mix": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed", "train.window_size=4"],
+    # MixGRPO-Flash's tail on top: DPM-Solver++(2M) over int(7 x 0.6) = 4 noise levels after the window (3 passes,
+    # not 6; the reference's 0.4 of 25 steps leaves 7 passes, 0.4 of our 10 would leave a single one)
+    "grpo+tree+mix+flash": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed", "train.window_size=4",
+                            "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.6"],
 }
 WORLDS = {
     "digits": dict(preset="digits.yaml", baseline="ddpo_is", reward="digit_confidence", heldout="digit_confidence_heldout",

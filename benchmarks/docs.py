@@ -287,7 +287,49 @@ def ttr_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCKS: dict[str, Callable[[dict], str]] = {"ttr_table": ttr_table, "e2e_detail": e2e_detail, "main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
+def overopt_table(data: dict) -> str:
+    """The over-optimisation experiment's findings (experiment overoptimisation's JSON): the held-out peak, the guard's
+    stop and kept checkpoint against their targets, and GRPO-Guard's peak and replayed stop."""
+    f, st = data["findings"], data["settings"]
+    command = (f"diffrl-fast experiment overoptimisation --epochs {st['epochs']} --weight {st['weight']:g} --seed {st['seed']}"
+               + (f" --lr {st['lr']:g}" if st.get("lr") else ""))
+    met = lambda ok: "met" if ok else "missed"  # noqa: E731
+    stop = (f"epoch {f['stop_epoch']}, {f['evaluations_after_peak']} evaluation(s) after the peak ({met(f['stop_within_2_evaluations'])})"
+            if f.get("stop_epoch") is not None else "no stop (missed)")
+    kept = (f"epoch {f['kept_epoch']}, {f['kept_heldout']:+.3f}: {f['kept_gap']:.3f} below the peak ({met(f['kept_within_se'])})"
+            if "kept_gap" in f else "—")
+    gstop = (f"epoch {f['guard_replayed_stop_epoch']}" if f["guard_replayed_stop_epoch"] is not None
+             else f"none in {f['grpo_guard_last_epoch']} epochs")
+    lines = ["| | target | Flow-GRPO | Flow-GRPO + GRPO-Guard |", "| --- | --- | --- | --- |",
+             f"| held-out peak | — | epoch {f['peak_epoch']}: {f['peak_heldout']:+.3f} ± {f['peak_se']:.3f} | "
+             f"epoch {f['guard_peak_epoch']}: {f['guard_peak_heldout']:+.3f} |",
+             f"| guard stop | within 2 evaluations after the peak | {stop} | {gstop} (the stop rule replayed on its evaluations) |",
+             f"| kept checkpoint | within the peak's standard error | {kept} | — |",
+             f"| held-out at the last epoch | — | {f['watch_last_heldout']:+.3f} (epoch {f['watch_last_epoch']}) | "
+             f"{f['grpo_guard_last_heldout']:+.3f} (epoch {f['grpo_guard_last_epoch']}) |",
+             "", f"Training reward digit_layout + {st['weight']:g} x brightness, held-out digit_layout_heldout on the guard's "
+             f"{st['guard_samples']} fixed samples every {st['guard_every']} epoch(s), learning rate {st['learning_rate']:g} "
+             f"({_provenance(data, command)}).", ""]
+    return "\n".join(lines)
+
+
+def reward_server_table(data: dict) -> str:
+    """The reward server's load benchmark (bench reward-server's JSON): images/s and latency with and without dynamic
+    batching, the ratio against the targets, the fuzz and the memory."""
+    s = data["summary"]
+    lines = ["| clients | mode | images/s | p50 / p99 latency (ms) | images per reward call |", "| --- | --- | --- | --- | --- |"]
+    for r in data["rows"]:
+        lines.append(f"| {r['clients']} | {r['mode']} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['mean_batch']:.1f} |")
+    top = max(r["clients"] for r in data["rows"])
+    command = f"diffrl-fast bench reward-server --seconds {data['seconds']:g}"
+    lines += ["", f"With {top} clients dynamic batching scores {s['speedup']:.2f}x the images per second of one request per reward "
+              f"call at {s['p99_ratio']:.2f}x its p99 latency; {s['mixed']} mixed replies, {s['errors']} errors; a fuzz of "
+              f"{s['fuzz_cases']} malformed requests got {s['fuzz_4xx']} expected 4xx answers and {s['fuzz_5xx']} 5xx; resident "
+              f"memory {s['rss_ratio']:.2f}x its after-warm-up value ({_provenance(data, command)}).", ""]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[dict], str]] = {"reward_server_table": reward_server_table, "overopt_table": overopt_table, "ttr_table": ttr_table, "e2e_detail": e2e_detail, "main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
                                             "ops_table": ops_table, "memory_table": memory_table, "e2e_table": e2e_table,
                                             "flow_main_job": flow_main_job, "flow_digits_quality": flow_digits_quality,
                                             "sdxl_memory_table": sdxl_memory_table}

@@ -1,9 +1,9 @@
-"""``diffrl-fast experiment NAME``: experiments of the source checkout (benchmarks/), e.g. ``algos``."""
+"""``diffrl-fast experiment NAME``: experiments of the source checkout (benchmarks/), e.g. ``algos``, ``overoptimisation``."""
 from __future__ import annotations
 
 from .bench import run_script
 
-EXPERIMENTS = {"algos": "benchmarks.bench_algos"}
+EXPERIMENTS = {"algos": "benchmarks.bench_algos", "overoptimisation": "benchmarks.bench_overoptimisation"}
 
 
 def main(argv: list[str]) -> int:

@@ -17,14 +17,16 @@ def load_policy(args):
     if bool(args.run) == bool(args.model):
         raise UsageError("give exactly one of --run RUN_FOLDER (a trained run) or --model MODEL (a base model)")
     if args.run:
-        model, cfg = load_run(args.run, device=args.device)
+        model, cfg = load_run(args.run, device=args.device, checkpoint=args.checkpoint)
         s = cfg.sample
         return model, {"steps": s.num_steps, "guidance": s.guidance_scale, "eta": s.eta, "prompts": cfg.prompts}
     return load_model(args.model, device=args.device), {"steps": 20, "guidance": 2.0, "eta": 1.0, "prompts": None}
 
 
 def add_policy_args(ap) -> None:
-    ap.add_argument("--run", help="a run folder written by `diffrl-fast train` (its latest checkpoint)")
+    ap.add_argument("--run", help="a run folder written by `diffrl-fast train` (its latest checkpoint, or --checkpoint)")
+    ap.add_argument("--checkpoint", default="latest",
+                    help="with --run: 'latest' (default), 'best' (the guard's best held-out reward) or a folder under checkpoints/, e.g. epoch_0012")
     ap.add_argument("--model", help="a base model instead: 'digits', 'flow-digits' or a diffusers pipeline folder / hub id")
     ap.add_argument("--prompt", action="append", help="prompt (repeatable); default: the run's prompts")
     ap.add_argument("--n", type=int, default=16, help="number of samples (prompts are used round-robin)")

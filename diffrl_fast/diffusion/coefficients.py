@@ -377,3 +377,106 @@ def deterministic_steps(scheduler, sched: StepSchedule) -> tuple[torch.Tensor, t
     raise ValueError(f"timestep windows need a sampler with a deterministic form (DDIM or flow matching); "
                      f"this model samples with {type(scheduler).__name__}: convert it with "
                      "DDIMScheduler.from_config(scheduler.config)")
+
+
+POST_WINDOW_SOLVERS = ("euler", "dpmsolver++")
+
+
+@dataclass(frozen=True)
+class PostWindowODE:
+    """How a flow-matching rollout integrates the deterministic steps after its last stochastic step (MixGRPO-Flash,
+    Li et al. 2025, "MixGRPO: Unlocking Flow-based GRPO Efficiency with Mixed ODE-SDE").
+
+    start: the first step after the window (L + 1, L the last stochastic step); sigmas: [n] float64, the noise levels
+    the tail visits, sigmas[0] = the schedule's sigma_{L+1} and sigmas[-1] = 0 (n - 1 denoiser passes per sample);
+    solver: "euler" (x' = x + (sigma' - sigma) v) or "dpmsolver++" (``dpm_solver_pp_2m``).
+    Steps 0..L are the schedule's own; only the final state x_T of the tail is stored (the tail is never trained on).
+    """
+
+    start: int
+    sigmas: torch.Tensor
+    solver: str
+
+
+def _shift(scheduler, u: torch.Tensor, mu: Optional[float]) -> torch.Tensor:
+    """A FlowMatchEulerDiscreteScheduler's sigma at unshifted time u (its static shift, or its exponential time shift
+    with ``mu`` under dynamic shifting)."""
+    cfg = scheduler.config
+    if cfg.use_dynamic_shifting:
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return cfg.shift * u / (1 + (cfg.shift - 1) * u)
+
+
+def _unshift(scheduler, sigma: float, mu: Optional[float]) -> float:
+    """The inverse of ``_shift``: the unshifted time u of a sigma in (0, 1]."""
+    cfg = scheduler.config
+    if cfg.use_dynamic_shifting:
+        return 1 / (1 + math.exp(mu) * (1 / sigma - 1))
+    return sigma / (cfg.shift - (cfg.shift - 1) * sigma)
+
+
+def post_window_ode(scheduler, schedule: StepSchedule, *, solver: str = "euler", compress: float = 1.0,
+                    mu: Optional[float] = None) -> Optional[PostWindowODE]:
+    """The ``PostWindowODE`` of a flow-matching ``schedule`` whose steps after the last stochastic one, L, are
+    deterministic (a timestep window); None when there are none, or with ``solver="euler"`` and ``compress=1``
+    (the schedule's own Euler steps: nothing changes).
+
+    ``compress`` < 1 re-grids the tail as MixGRPO-Flash does (its dpm_post_compress_ratio): with u the unshifted
+    time of sigma_{L+1} (the scheduler's shift inverted), n = max(2, int((T - L) x compress)) noise levels
+    shift(linspace(u, 0, n)), i.e. n - 1 steps instead of the schedule's T - L - 1. ``compress=1`` keeps the
+    schedule's own noise levels sigma_{L+1} .. sigma_T = 0. (MixGRPO takes max(1, ...): one level would never
+    reach sigma = 0, so we keep at least two.)
+    """
+    diffusers = require("diffusers", "post_window_ode (it reads a diffusers scheduler)")
+    if solver not in POST_WINDOW_SOLVERS:
+        raise ValueError(f"post-window solver must be one of {POST_WINDOW_SOLVERS}, got {solver!r}")
+    if not 0 < compress <= 1:
+        raise ValueError(f"post-window compress must be in (0, 1], got {compress}")
+    if not isinstance(scheduler, diffusers.FlowMatchEulerDiscreteScheduler) or schedule.kind not in ("flow_sde", "flow_cps"):
+        raise ValueError(f"a post-window ODE solver (MixGRPO-Flash) needs a flow-matching model; this one samples with "
+                         f"{type(scheduler).__name__}: set sample.post_window_solver=euler and sample.post_window_compress=1")
+    stochastic = schedule.stochastic.nonzero().flatten()
+    T = schedule.num_steps
+    if stochastic.numel() == 0 or int(stochastic[-1]) == T - 1 or (solver == "euler" and compress == 1):
+        return None
+    L = int(stochastic[-1])
+    n_train = scheduler.config.num_train_timesteps
+    own = torch.cat([schedule.timesteps.to(torch.float64).cpu() / n_train, torch.zeros(1, dtype=torch.float64)])[L + 1:]
+    if compress == 1:
+        return PostWindowODE(L + 1, own, solver)
+    cfg = scheduler.config
+    if cfg.shift_terminal or cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas or \
+            (cfg.use_dynamic_shifting and (mu is None or getattr(cfg, "time_shift_type", "exponential") != "exponential")):
+        raise ValueError("sample.post_window_compress < 1 re-grids the tail through the scheduler's shift, supported for a "
+                         "static shift or the exponential dynamic shift (SD3, FLUX); this scheduler's sigmas are made "
+                         "otherwise: set sample.post_window_compress=1")
+    n = max(2, int((T - L) * compress))
+    u = _unshift(scheduler, float(own[0]), mu)
+    grid = torch.linspace(u, 0.0, n, dtype=torch.float64)
+    sig = torch.tensor([_shift(scheduler, float(v), mu) if v > 0 else 0.0 for v in grid], dtype=torch.float64)
+    sig[0] = own[0]  # exactly the schedule's sigma_{L+1}, where the window's last step lands
+    return PostWindowODE(L + 1, sig, solver)
+
+
+def dpm_solver_pp_2m(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float,
+                     prev_x0: Optional[torch.Tensor], sigma_prev: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++(2M) step of a flow-matching model (Lu et al. 2022, "DPM-Solver++", multistep, midpoint form;
+    as MixGRPO-Flash runs it on the ODE steps after its window). With alpha = 1 - sigma, lambda = log(alpha / sigma),
+    the data prediction x0 = x - sigma v, h = lambda' - lambda:
+
+        first order (no previous x0, or sigma' = 0):  x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) x0
+        second order: r = (lambda - lambda_prev) / h, D1 = (x0 - x0_prev) / r,
+                      x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) (x0 + D1 / 2)
+
+    (sigma' = 0 gives x' = x0.) Returns (x', x0): x0 is the next step's ``prev_x0``.
+    """
+    x0 = x - sigma * v
+    if sigma_next == 0:
+        return x0, x0
+    lam = lambda s: math.log((1 - s) / s)  # noqa: E731
+    h = lam(sigma_next) - lam(sigma)
+    c = (1 - sigma_next) * math.expm1(-h)  # alpha' (e^{-h} - 1)
+    if prev_x0 is None or sigma_prev is None or sigma_prev >= 1:  # at sigma = 1, lambda = -inf: r = inf, D1 = 0
+        return (sigma_next / sigma) * x - c * x0, x0
+    r = (lam(sigma) - lam(sigma_prev)) / h
+    return (sigma_next / sigma) * x - c * (x0 + (x0 - prev_x0) / (2 * r)), x0

@@ -18,7 +18,7 @@ import torch
 
 from ..models.conditioning import Conditioning
 from ..ops import step_logprob, step_mean
-from .coefficients import StepSchedule, make_schedule
+from .coefficients import PostWindowODE, StepSchedule, dpm_solver_pp_2m, make_schedule
 from .tree import TreeSpec
 
 
@@ -211,6 +211,7 @@ def sample_trajectories(
     tree: Optional[TreeSpec] = None,
     split_noise_scale: float = 1.0,
     keep_means: bool = False,
+    post_window: Optional[PostWindowODE] = None,
 ) -> Trajectory:
     """Sample one trajectory per prompt with the model's scheduler run as a stochastic policy.
 
@@ -242,6 +243,10 @@ def sample_trajectories(
             log-prob keeps the policy's s_j (BranchGRPO's tree_split_noise_scale; 1 = on-policy).
         keep_means: also store each step's mean under the rollout policy, ``Trajectory.means`` [B, T, ...] (GRPO-Guard
             re-centres its ratio on it; 0 at deterministic steps).
+        post_window: MixGRPO-Flash (``coefficients.post_window_ode``): steps ``post_window.start`` .. T-1, all
+            deterministic, are replaced by an ODE over ``post_window.sigmas`` with its solver; x_T is its result (the
+            states in between are never stored: nothing trains on them). DPM-Solver++'s first tail step takes the
+            data prediction of the last window step as its previous one, as MixGRPO's solver history does.
     """
     prompts = model.validate_prompts(prompts)
     B = len(prompts)
@@ -283,8 +288,12 @@ def sample_trajectories(
         x = x[reps[:, 0].to(device)]  # one x_0 per tree: its first leaf's
     latent_steps = None
     slot = list(range(T + 1))
+    if post_window is not None and keep_latents is None:
+        keep_latents = torch.ones(T + 1, dtype=torch.bool)
     if keep_latents is not None:
         keep = torch.as_tensor(keep_latents, dtype=torch.bool).cpu().clone()
+        if post_window is not None:  # the tail's states are not the schedule's x_j: never stored
+            keep[post_window.start + 1:T] = False
         if keep.shape != (T + 1,):
             raise ValueError(f"keep_latents must be a bool mask of the T+1 = {T + 1} states, got shape {tuple(keep.shape)}")
         keep[T] = True
@@ -300,7 +309,11 @@ def sample_trajectories(
     timesteps = schedule.timesteps.to(device)
     g = guidance_scale if use_cfg else 1.0
     branch = set(tree.branch_steps) if tree is not None else set()
-    for j in range(T):
+    tail = post_window
+    if tail is not None and (tail.start < 1 or tail.start >= T or bool(schedule.stochastic[tail.start:].any())):
+        raise ValueError(f"post_window starts at step {tail.start}, which must follow the schedule's last stochastic step")
+    prev_x0 = None  # the data prediction x - sigma v of the step before the tail (DPM-Solver++'s history)
+    for j in range(T if tail is None else tail.start):
         # the distinct states x_j (all samples without a tree): rows ``act`` of the batch; ``node[b]`` is sample b's row
         act = node = None
         if tree is not None:
@@ -316,6 +329,10 @@ def sample_trajectories(
         c = schedule.at(torch.full((n,), j), device=device)
         mean = step_mean(xa, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
         stochastic = bool(schedule.stochastic[j])
+        if tail is not None and j == tail.start - 1 and tail.solver == "dpmsolver++":
+            v = eps_u if eps_c is None else eps_u + g * (eps_c - eps_u)
+            x0 = xa - float(timesteps[j]) / model.scheduler.config.num_train_timesteps * v
+            prev_x0 = x0 if node is None else x0[node]
         if means is not None and stochastic:
             means[:, j] = (mean if node is None else mean[node]).to(storage)
         if not stochastic:  # a tree does not branch here: every sample keeps its node's state
@@ -342,6 +359,21 @@ def sample_trajectories(
         x = x_next
         if progress is not None:
             progress(j + 1, T)
+    if tail is not None:  # every sample is its own state here (a tree's splits are inside the window)
+        n_train = model.scheduler.config.num_train_timesteps
+        sig = tail.sigmas.tolist()
+        for k in range(len(sig) - 1):
+            eps_u, eps_c = guided_outputs(model, x, torch.full((B,), sig[k] * n_train, device=device, dtype=timesteps.dtype),
+                                          cond, uncond, autocast_dtype)
+            v = eps_u if eps_c is None else eps_u + g * (eps_c - eps_u)
+            if tail.solver == "euler":
+                x = x + (sig[k + 1] - sig[k]) * v
+            else:
+                s_prev = float(timesteps[tail.start - 1]) / n_train if k == 0 else sig[k - 1]
+                x, prev_x0 = dpm_solver_pp_2m(x, v, sig[k], sig[k + 1], prev_x0, s_prev)
+        latents[:, slot[T]] = x.to(storage)
+        if progress is not None:
+            progress(T, T)
 
     images = torch.cat([model.decode(x[i:i + decode_batch_size]) for i in range(0, B, decode_batch_size)]).to(storage)
     return Trajectory(

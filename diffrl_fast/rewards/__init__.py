@@ -34,7 +34,7 @@ from .values import RewardError, check_rewards, reward_metrics, reward_values  #
 RewardFn = Callable[[torch.Tensor, list, list], "tuple[torch.Tensor, dict]"]
 
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
-_BUILTIN_MODULES = ("jpeg", "digits", "layout", "clip", "hps", "image_reward")
+_BUILTIN_MODULES = ("jpeg", "brightness", "digits", "layout", "clip", "hps", "image_reward")
 
 
 def register(name: str):
@@ -189,11 +189,26 @@ def close_reward(fn) -> None:
         close()
 
 
+def read_token(path: str) -> str:
+    """The shared token in file ``path`` (a reward server's --token-file, a client's reward.token_file), stripped;
+    RewardError naming the file when it is missing or empty."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RewardError(f"token file {path} does not exist: write the reward server's shared token into it (one line)")
+    token = p.read_text().strip()
+    if not token or any(c.isspace() for c in token):
+        raise RewardError(f"token file {path} must hold one token: a single line without spaces")
+    return token
+
+
 def remote_settings(reward_cfg) -> dict:
     """The reward.* client settings a reward server's client (RemoteReward) takes."""
     return {"timeout_s": reward_cfg.timeout_s, "retries": reward_cfg.retries, "backoff_s": reward_cfg.backoff_s,
             "image_format": reward_cfg.remote_format, "batch_size": reward_cfg.remote_batch_size,
-            "allow_nonfinite": reward_cfg.drop_nonfinite}
+            "allow_nonfinite": reward_cfg.drop_nonfinite,
+            "token": read_token(reward_cfg.token_file) if reward_cfg.token_file else None}
 
 
 def build_one(name: str, kwargs: dict, reward_cfg) -> RewardFn:

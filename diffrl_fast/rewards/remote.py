@@ -2,27 +2,33 @@
 
 Protocol (JSON over HTTP, version 1):
 
-    GET  /health  -> {"status": "ok", "reward": NAME, "max_batch": N, "protocol": 1}
-    POST /score   <- {"prompts": [B strings], "metadata": [B dicts],
+    GET  /health  -> {"status": "ok", "reward": NAME, "max_batch": N, "protocol": 1, ...}
+    GET  /metrics -> Prometheus text format: requests by endpoint and status, images, reward calls and their mean
+                     size, queue depth, /score latency quantiles
+    POST /score   <- {"prompts": [B strings], "metadata": [B objects],
                       "images": {"format": "uint8" | "float32", "shape": [B, C, H, W], "data": base64 of the raw array}
                                 | {"format": "png", "data": [B base64 PNG files]}}
-                  -> {"rewards": [B numbers], "info": {name: number}}
-                  errors: 400 (malformed request), 413 (more than max_batch images), 422 (the reward raised),
-                          each as {"error": message}
+                  -> {"rewards": [B numbers or null (a non-finite reward)], "info": {name: number}}
+                  errors, each as {"error": message}: 400 (malformed request: JSON, shapes, base64, NaN/inf or
+                  out-of-range floats, images over --max-side), 401 (no or wrong token), 413 (more than max_batch images,
+                  or a body over the size limit), 422 (the reward raised), 429 (the queue is full; Retry-After says when
+                  to come back), 503 (the request waited longer than --request-timeout-s)
 
-Images are the trainer's [B, C, H, W] floats in [0, 1]. ``uint8`` (the default) and ``png`` send round(255 x) as
-an 8-bit image would store it; ``float32`` sends the floats exactly (4x the bytes), so a remote reward equals the
-local one bit for bit.
+Images are the trainer's [B, C, H, W] floats in [0, 1], C = 1 or 3. ``uint8`` (the default) and ``png`` send
+round(255 x) as an 8-bit image would store it; ``float32`` sends the floats exactly (4x the bytes), so a remote reward
+equals the local one bit for bit.
+
+The server (``make_app``) is aiohttp's. Concurrent requests are merged into reward calls of up to max_batch images
+(dynamic batching: whole requests of the same image size, formed once full or --max-wait-ms after the oldest arrived),
+run one at a time in a worker thread so /health and /metrics answer meanwhile, and split back to their requests.
 
 The client (:class:`RemoteReward`) checks ``/health`` when it is built (before the trainer loads any model), sends
-batches of at most the server's ``max_batch``, and retries a failed request (connection refused or reset, timeout,
-HTTP 5xx, or 422: the reward raised on the server) ``retries`` times with exponential backoff. It never turns a failure into a reward: after the retries it
-raises :class:`RewardServiceError`, which the trainer turns into a clean stop at its last checkpoint. A reply that is
-not a valid answer (not JSON, wrong length, non-finite values) is a server bug, not a transient failure: it raises
-:class:`RewardError` at once, naming the server and what was wrong.
-
-The server is aiohttp's; the reward runs in a worker thread, one batch at a time, so ``/health`` answers while a
-batch is being scored.
+batches of at most the server's ``max_batch`` (with the bearer token of reward.token_file where the server needs one),
+and retries a failed request (connection refused or reset, timeout, HTTP 5xx, 429 after its Retry-After, or 422: the
+reward raised on the server) ``retries`` times with exponential backoff. It never turns a failure into a reward:
+after the retries it raises :class:`RewardServiceError`, which the trainer turns into a clean stop at its last
+checkpoint. A reply that is not a valid answer (not JSON, wrong length, values that are not numbers) is a server bug,
+not a transient failure: it raises :class:`RewardError` at once, naming the server and what was wrong.
 """
 from __future__ import annotations
 
@@ -65,31 +71,50 @@ def encode_images(images: torch.Tensor, fmt: str = "uint8") -> dict:
     return {"format": fmt, "data": files}
 
 
-def decode_images(field) -> torch.Tensor:
-    """The JSON ``images`` field back as [B, C, H, W] float32 in [0, 1]; ValueError names what is malformed."""
+def decode_images(field, max_side: int = 1 << 16) -> torch.Tensor:
+    """The JSON ``images`` field back as [B, C, H, W] float32 in [0, 1] (C = 1 or 3, H and W at most ``max_side``);
+    ValueError names what is malformed: the format, the shape, the base64, the byte count, a PNG that is not one or
+    not grayscale / RGB, float32 values that are not finite or outside [0, 1]."""
     import numpy as np
 
     if not isinstance(field, dict) or field.get("format") not in IMAGE_FORMATS:
         raise ValueError(f"'images' must be an object with 'format' one of {list(IMAGE_FORMATS)}")
     fmt, data = field["format"], field.get("data")
+
+    def check_size(c, h, w, what):
+        if c not in (1, 3):
+            raise ValueError(f"{what} has {c} channels; images are grayscale (1) or RGB (3)")
+        if max(h, w) > max_side:
+            raise ValueError(f"{what} is {h}x{w} pixels; this server takes at most {max_side} a side (--max-side)")
+
     if fmt == "png":
         from PIL import Image
 
-        if not isinstance(data, list) or not data:
+        if not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data):
             raise ValueError("'images.data' must be a non-empty list of base64 PNG files")
         arrays = []
         for i, item in enumerate(data):
             try:
-                arr = np.asarray(Image.open(io.BytesIO(base64.b64decode(item))))
+                im = Image.open(io.BytesIO(base64.b64decode(item, validate=True)), formats=["PNG"])
+                w, h = im.size
+                check_size(1, h, w, f"image {i}")
+                if im.mode not in ("L", "RGB"):
+                    raise ValueError(f"image {i} is a PNG of mode {im.mode}; send grayscale (L) or RGB")
+                arr = np.asarray(im)
+            except ValueError:
+                raise
             except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's malformed input
-                raise ValueError(f"image {i} is not a base64 PNG file ({exc})") from None
+                raise ValueError(f"image {i} is not a base64 PNG file ({type(exc).__name__})") from None
             arrays.append(arr[..., None] if arr.ndim == 2 else arr)
         if len({a.shape for a in arrays}) != 1:
-            raise ValueError("the PNG images have different sizes")
+            raise ValueError("the PNG images have different sizes or modes")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     shape = field.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(s, int) and s > 0 for s in shape)):
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
         raise ValueError("'images.shape' must be [B, C, H, W] of positive integers")
+    check_size(shape[1], shape[2], shape[3], f"'images.shape' {shape}")
+    if not isinstance(data, str):
+        raise ValueError("'images.data' must be a base64 string")
     try:
         raw = base64.b64decode(data, validate=True)
     except Exception:  # noqa: BLE001
@@ -99,78 +124,286 @@ def decode_images(field) -> torch.Tensor:
         raise ValueError(f"'images.data' holds {len(raw)} bytes; shape {shape} of {fmt} needs "
                          f"{math.prod(shape) * np.dtype(dtype).itemsize}")
     x = torch.from_numpy(np.frombuffer(raw, dtype=dtype).reshape(shape).copy())
-    return x.float() / 255 if fmt == "uint8" else x
+    if fmt == "uint8":
+        return x.float() / 255
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the float32 images hold NaN or infinite values")
+    if bool((x < 0).any() or (x > 1).any()):
+        raise ValueError(f"the float32 images hold values outside [0, 1] (min {float(x.min()):g}, max {float(x.max()):g})")
+    return x
 
 
 # ---- the server -------------------------------------------------------------------------------------------------
-def make_app(reward_fn, name: str, max_batch: int = 64):
-    """The aiohttp application serving ``reward_fn(images, prompts, metadata) -> (rewards, info)`` under ``name``."""
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def body_limit(max_batch: int, max_side: int) -> int:
+    """The largest /score body a server takes: ``max_batch`` float32 RGB images of ``max_side`` pixels a side in
+    base64 (4/3 of the bytes), and 64 KiB of prompt and metadata per image, plus 64 KiB."""
+    return int(max_batch * (3 * max_side * max_side * 4 * 4 / 3 + 65536)) + 65536
+
+
+class _Pending:
+    """One /score request waiting in the server's queue."""
+
+    __slots__ = ("images", "prompts", "metadata", "future", "t0", "deadline")
+
+    def __init__(self, images, prompts, metadata, future, t0, deadline) -> None:
+        self.images, self.prompts, self.metadata, self.future, self.t0, self.deadline = images, prompts, metadata, future, t0, deadline
+
+    @property
+    def key(self):
+        return tuple(self.images.shape[1:])
+
+
+class _Stats:
+    """The server's counters for /health and /metrics."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self.codes = collections.Counter()  # (path, status) -> requests
+        self.latency = collections.deque(maxlen=4096)  # seconds of the last answered /score requests
+        self.latency_sum, self.latency_count = 0.0, 0
+        self.images = self.batches = self.batch_requests = 0
+        self.call_s = 0.0  # moving average of a reward call's seconds (Retry-After's estimate)
+
+    def quantile(self, q: float) -> float:
+        vals = sorted(self.latency)
+        return vals[min(len(vals) - 1, int(q * len(vals)))] if vals else float("nan")
+
+
+def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 5.0, max_queue: int = 256,
+             request_timeout_s: float = 600.0, max_side: int = 2048, batching: bool = True, token: str | None = None):
+    """The aiohttp application serving ``reward_fn(images, prompts, metadata) -> (rewards, info)`` under ``name``.
+
+    Dynamic batching (``batching``): requests wait in one queue; a batcher forms a reward call from the oldest request
+    and the ones behind it with the same image size, whole requests only, up to ``max_batch`` images, once it has
+    them or ``max_wait_ms`` after the oldest arrived, then splits the rewards back (each request gets its own; the
+    ``info`` statistics are the formed batch's). A formed batch whose reward raises is scored again request by request,
+    so only a request that fails alone gets its 422. Without batching, one request per reward call (in arrival order).
+    Backpressure: more than ``max_queue`` waiting requests get 429 with Retry-After (seconds, estimated from the
+    queue and the recent reward calls); a request still queued ``request_timeout_s`` after it arrived gets 503.
+    Limits: bodies over ``body_limit(max_batch, max_side)`` bytes get 413; images over ``max_side`` pixels a side,
+    non-finite or out-of-range floats and malformed JSON get 400. ``token``: every endpoint then needs
+    ``Authorization: Bearer <token>`` (401 otherwise).
+    """
     import asyncio
+    import hmac
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from .._extras import require
 
     web = require("aiohttp.web", "the reward server")
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")  # one batch at a time
-    served = {"batches": 0, "images": 0}
+    if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or request_timeout_s <= 0 or max_side < 1:
+        raise ValueError("max_batch, max_queue and max_side must be >= 1, max_wait_ms >= 0 and request_timeout_s > 0")
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")  # one reward call at a time
+    stats, queue = _Stats(), []
+    limit = body_limit(max_batch, max_side)
+    state: dict = {}
 
-    def fail(status: int, message: str):
-        return web.json_response({"error": message}, status=status)
-
-    async def health(request):
-        return web.json_response({"status": "ok", "reward": name, "max_batch": max_batch, "protocol": PROTOCOL, **served})
+    def fail(status: int, message: str, **headers):
+        return web.json_response({"error": message}, status=status, headers=headers or None)
 
     def compute(images, prompts, metadata):
         with torch.no_grad():
             out = reward_fn(images, prompts, metadata)
-        # NaN/inf travel as they are: the client decides (reward.drop_nonfinite) what a non-finite reward means
+        # NaN/inf travel as null: the client decides (reward.drop_nonfinite) what a non-finite reward means
         rewards = reward_values(name, out, len(prompts), allow_nonfinite=True)
         scalars = {}
         for k, v in (out[1] or {}).items():
             try:
-                scalars[str(k)] = float(v)
+                f = float(v)
             except (TypeError, ValueError):
-                pass  # only scalar statistics travel
-        return rewards.tolist(), scalars
+                continue  # only scalar statistics travel
+            if math.isfinite(f):
+                scalars[str(k)] = f
+        return [v if math.isfinite(v) else None for v in rewards.tolist()], scalars
+
+    async def call(items):
+        """One reward call on the concatenated requests ``items``; each future gets ("ok", (rewards, info)) or
+        ("raised", message)."""
+        loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        images = torch.cat([p.images for p in items]) if len(items) > 1 else items[0].images
+        try:
+            rewards, info = await loop.run_in_executor(worker, compute, images, [x for p in items for x in p.prompts],
+                                                       [x for p in items for x in p.metadata])
+        except Exception as exc:  # noqa: BLE001 - the reward's own failure goes back to its request, named
+            if len(items) > 1:  # find the request that makes it fail: each alone
+                for p in items:
+                    await call([p])
+                return
+            if not items[0].future.done():
+                items[0].future.set_result(("raised", f"reward {name!r} raised {type(exc).__name__}: {exc}"))
+            return
+        dt = time.perf_counter() - t
+        stats.call_s = dt if stats.batches == 0 else 0.8 * stats.call_s + 0.2 * dt
+        stats.batches += 1
+        stats.batch_requests += len(items)
+        stats.images += images.shape[0]
+        start = 0
+        for p in items:
+            n = len(p.prompts)
+            if not p.future.done():
+                p.future.set_result(("ok", (rewards[start:start + n], info)))
+            start += n
+
+    async def batcher():
+        loop = asyncio.get_running_loop()
+        wake = state["wake"]
+        while True:
+            while not queue:
+                wake.clear()
+                await wake.wait()
+            now = loop.time()
+            for p in [p for p in queue if p.future.done() or now > p.deadline]:  # gone (client left) or too old
+                queue.remove(p)
+                if not p.future.done():
+                    p.future.set_result(("expired", None))
+            if not queue:
+                continue
+            key = queue[0].key
+            if batching:  # wait for a full batch, at most max_wait_ms after the oldest request arrived
+                until = queue[0].t0 + max_wait_ms / 1000
+                while sum(len(p.prompts) for p in queue if p.key == key) < max_batch and loop.time() < until:
+                    wake.clear()
+                    try:
+                        await asyncio.wait_for(wake.wait(), until - loop.time())
+                    except asyncio.TimeoutError:
+                        break
+            picked, n = [], 0
+            for p in list(queue):
+                if p.key != key or p.future.done():
+                    continue
+                if picked and (not batching or n + len(p.prompts) > max_batch):
+                    break
+                picked.append(p)
+                n += len(p.prompts)
+                queue.remove(p)
+            if picked:
+                await call(picked)
+
+    @web.middleware
+    async def middleware(request, handler):
+        t0 = time.perf_counter()
+        sent = request.headers.get("Authorization", "")
+        if token is not None and not hmac.compare_digest(sent.encode("utf-8", "replace"), f"Bearer {token}".encode()):
+            resp = fail(401, "this server needs its token: send 'Authorization: Bearer <token>' (the trainer's reward.token_file)")
+        else:
+            try:
+                resp = await handler(request)
+            except web.HTTPRequestEntityTooLarge:
+                resp = fail(413, f"the request body is larger than this server takes ({limit} bytes: --max-batch {max_batch} "
+                                 f"images of at most --max-side {max_side} pixels a side); send smaller batches or images")
+            except web.HTTPException as exc:  # aiohttp's own answers (404, 405, ...), as JSON like ours
+                resp = fail(exc.status, exc.reason)
+        stats.codes[(request.path if request.path in ("/score", "/health", "/metrics") else "other", resp.status)] += 1
+        if request.path == "/score" and resp.status == 200:
+            dt = time.perf_counter() - t0
+            stats.latency.append(dt)
+            stats.latency_sum += dt
+            stats.latency_count += 1
+        return resp
+
+    async def health(request):
+        return web.json_response({"status": "ok", "reward": name, "max_batch": max_batch, "protocol": PROTOCOL,
+                                  "batching": batching, "max_side": max_side, "queued": len(queue),
+                                  "batches": stats.batches, "images": stats.images})
+
+    async def metrics(request):
+        lines = ["# HELP reward_server_requests_total Requests answered, by endpoint and HTTP status.",
+                 "# TYPE reward_server_requests_total counter"]
+        lines += [f'reward_server_requests_total{{path="{path}",code="{code}"}} {n}' for (path, code), n in sorted(stats.codes.items())]
+        lines += ["# HELP reward_server_images_total Images scored.", "# TYPE reward_server_images_total counter",
+                  f"reward_server_images_total {stats.images}",
+                  "# HELP reward_server_batches_total Reward calls (batches formed).", "# TYPE reward_server_batches_total counter",
+                  f"reward_server_batches_total {stats.batches}",
+                  "# HELP reward_server_batch_images Images per reward call (mean: _sum / _count).",
+                  "# TYPE reward_server_batch_images summary",
+                  f"reward_server_batch_images_sum {stats.images}", f"reward_server_batch_images_count {stats.batches}",
+                  "# HELP reward_server_batch_requests Requests merged into a reward call (mean: _sum / _count).",
+                  "# TYPE reward_server_batch_requests summary",
+                  f"reward_server_batch_requests_sum {stats.batch_requests}", f"reward_server_batch_requests_count {stats.batches}",
+                  "# HELP reward_server_queue_depth Requests waiting for a reward call.", "# TYPE reward_server_queue_depth gauge",
+                  f"reward_server_queue_depth {len(queue)}",
+                  "# HELP reward_server_score_seconds Seconds from a /score request's arrival to its reply (quantiles over "
+                  "the last 4096 answered).", "# TYPE reward_server_score_seconds summary"]
+        for q in (0.5, 0.9, 0.99):
+            lines.append(f'reward_server_score_seconds{{quantile="{q}"}} {stats.quantile(q):.6f}')
+        lines += [f"reward_server_score_seconds_sum {stats.latency_sum:.6f}", f"reward_server_score_seconds_count {stats.latency_count}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    def reject_constant(value):
+        raise ValueError(f"{value} is not JSON")
 
     async def score(request):
+        loop = asyncio.get_running_loop()
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(await request.text(), parse_constant=reject_constant)
+        except (ValueError, UnicodeDecodeError):
             return fail(400, "the request body is not JSON")
+        except RecursionError:
+            return fail(400, "the request body nests too deeply")
         if not isinstance(body, dict):
             return fail(400, "the request body must be a JSON object")
         prompts, metadata = body.get("prompts"), body.get("metadata")
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            return fail(400, "'prompts' must be a list of strings")
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            return fail(400, "'prompts' must be a non-empty list of strings")
         metadata = [{} for _ in prompts] if metadata is None else metadata
-        if not isinstance(metadata, list) or len(metadata) != len(prompts):
+        if not isinstance(metadata, list) or len(metadata) != len(prompts) or not all(isinstance(m, dict) for m in metadata):
             return fail(400, f"'metadata' must be a list of {len(prompts)} objects")
         if len(prompts) > max_batch:
             return fail(413, f"{len(prompts)} images in one request; this server takes at most {max_batch} (send smaller batches)")
         try:
-            images = decode_images(body.get("images"))
+            images = decode_images(body.get("images"), max_side=max_side)
         except ValueError as exc:
             return fail(400, str(exc))
         if images.shape[0] != len(prompts):
             return fail(400, f"{images.shape[0]} images for {len(prompts)} prompts")
-        try:
-            rewards, info = await asyncio.get_running_loop().run_in_executor(worker, compute, images, prompts, metadata)
-        except Exception as exc:  # noqa: BLE001 - the reward's own failure goes back to the client, named
-            return fail(422, f"reward {name!r} raised {type(exc).__name__}: {exc}")
-        served["batches"] += 1
-        served["images"] += len(prompts)
+        if len(queue) >= max_queue:
+            waiting = sum(len(p.prompts) for p in queue)
+            wait = max(1, math.ceil((waiting / max_batch + 1) * max(stats.call_s, 1e-3)))
+            return fail(429, f"{len(queue)} requests are waiting (--max-queue {max_queue}); retry after {wait} s",
+                        **{"Retry-After": str(wait)})
+        t0 = loop.time()
+        pending = _Pending(images, prompts, metadata, loop.create_future(), t0, t0 + request_timeout_s)
+        queue.append(pending)
+        state["wake"].set()
+        kind, value = await pending.future
+        if kind == "expired":
+            return fail(503, f"the request waited more than {request_timeout_s:g} s (--request-timeout-s) in the queue: "
+                             "the server is overloaded")
+        if kind == "raised":
+            return fail(422, value)
+        rewards, info = value
         return web.json_response({"rewards": rewards, "info": info})
 
-    async def close_worker(app):
+    async def start(app):
+        state["wake"] = asyncio.Event()
+        state["task"] = asyncio.get_running_loop().create_task(batcher())
+
+    async def stop(app):
+        task = state.get("task")
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        for p in queue:
+            if not p.future.done():
+                p.future.set_result(("expired", None))
         worker.shutdown(wait=False)
 
-    app = web.Application(client_max_size=1 << 30)  # a batch of 64 1024-px float32 images is ~800 MB
+    app = web.Application(client_max_size=limit, middlewares=[middleware])
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/score", score)
-    app.on_cleanup.append(close_worker)
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
     return app
 
 
@@ -179,13 +412,14 @@ class RemoteReward:
     """A reward served by ``diffrl-fast reward-server``: ``fn(images, prompts, metadata) -> (rewards, info)``.
 
     Requests go in batches of ``min(batch_size, the server's max_batch)``; each may take ``timeout_s``; a failed request
-    (connection error, timeout, HTTP 5xx or 422) is retried ``retries`` times after backoff_s, 2 backoff_s, 4 backoff_s,
-    ...; ``close()`` stops it between attempts.
+    (connection error, timeout, HTTP 5xx, 429 or 422) is retried ``retries`` times after backoff_s, 2 backoff_s, 4 backoff_s,
+    ... (after a 429, at least its Retry-After); ``close()`` stops it between attempts. ``token``: sent as
+    ``Authorization: Bearer <token>`` (a server bound beyond loopback needs it).
     """
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 1.0,
                  image_format: str = "uint8", batch_size: int = 0, health_timeout_s: float = 10.0,
-                 allow_nonfinite: bool = False) -> None:
+                 allow_nonfinite: bool = False, token: str | None = None) -> None:
         import threading
 
         from .._extras import require
@@ -199,6 +433,8 @@ class RemoteReward:
         self.allow_nonfinite = allow_nonfinite  # reward.drop_nonfinite: NaN/inf rewards are kept, the trainer drops them
         self.closed = threading.Event()
         self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
         try:
             reply = self.session.get(f"{self.url}/health", timeout=health_timeout_s)
             reply.raise_for_status()
@@ -242,10 +478,11 @@ class RemoteReward:
 
         body = json.dumps({"prompts": prompts, "metadata": _jsonable(metadata),
                            "images": encode_images(images, self.image_format)})
-        last = ""
+        last, retry_after = "", 0.0
         for attempt in range(self.retries + 1):
-            if attempt and self.closed.wait(self.backoff_s * 2 ** (attempt - 1)):
+            if attempt and self.closed.wait(max(retry_after, self.backoff_s * 2 ** (attempt - 1))):
                 break
+            retry_after = 0.0
             if self.closed.is_set():
                 break
             try:
@@ -256,6 +493,13 @@ class RemoteReward:
                 continue
             except requests.RequestException as exc:
                 last = _cause(exc)
+                continue
+            if reply.status_code == 429:  # the server's queue is full: come back when it says
+                try:
+                    retry_after = min(float(reply.headers.get("Retry-After", 0)), self.timeout_s)
+                except ValueError:
+                    retry_after = 0.0
+                last = f"HTTP 429: {_error_text(reply)}"
                 continue
             if reply.status_code >= 500 or reply.status_code == 422:  # 422: the reward raised there (e.g. out of memory)
                 last = f"HTTP {reply.status_code}: {_error_text(reply)}"
@@ -278,8 +522,9 @@ class RemoteReward:
         if not isinstance(body, dict) or not isinstance(body.get("rewards"), list):
             raise RewardError(f"reward server {self.url} replied without a 'rewards' list: {str(body)[:200]!r}")
         values = body["rewards"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
             raise RewardError(f"reward server {self.url} replied with rewards that are not numbers: {str(values)[:200]}")
+        values = [math.nan if v is None else v for v in values]  # null: a non-finite reward (JSON has no NaN)
         rewards = reward_values(f"{self.name} at {self.url}", (torch.tensor(values, dtype=torch.float32), {}), n,
                                 self.allow_nonfinite)
         info = body.get("info") if isinstance(body.get("info"), dict) else {}

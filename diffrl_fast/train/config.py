@@ -63,6 +63,8 @@ class SampleConfig:
     negative_prompt: str = option("", "Negative prompt for the unconditional branch of guidance.")
     height: Optional[int] = option(None, "Image height in pixels (null: the model's native size).")
     width: Optional[int] = option(None, "Image width in pixels (null: the model's native size).")
+    post_window_solver: str = option("euler", "Flow models with a timestep window: the ODE solver of the deterministic steps after the window's last step: 'euler' (the flow ODE's Euler step, as the SDE at noise 0) or 'dpmsolver++' (DPM-Solver++(2M), MixGRPO-Flash's --dpm_algorithm_type dpmsolver++ with order 2, midpoint).")
+    post_window_compress: float = option(1.0, "Flow models with a timestep window: MixGRPO-Flash's dpm_post_compress_ratio: the steps after the window's last stochastic step L become max(2, int((T - L) x this)) noise levels, uniform in the scheduler's unshifted time (1: the schedule's own steps; MixGRPO-Flash: 0.4, Flash*: 0.2). Fewer denoiser passes per rollout; the trained steps are unchanged.")
     tree_branch_steps: list[int] = option([], "Tree rollouts (BranchGRPO, Li et al. 2025; algo=grpo): the steps j (0 = noisiest) at which every node of a prompt's tree splits into sample.tree_branch_factor children; [] = independent samples. A tree has factor^len(steps) leaves = grpo.group_size; shared prefixes are computed once, each distinct transition is trained once, advantages are BranchGRPO's node advantages (sample.tree_reward_fusion). BranchGRPO's FLUX script: [0, 3, 6, 9] of 20 steps.")
     tree_branch_factor: int = option(2, "Tree rollouts: children per node at a branch step (BranchGRPO: 2).")
     tree_reward_fusion: str = option("mean", "Tree rollouts: a node's reward from its leaves: 'mean' (BranchGRPO's default) or 'prob_weighted' (bottom-up, children weighted by softmax of the log-prob of the action into them: BranchGRPO's --tree_prob_weighted).")
@@ -96,13 +98,14 @@ class TrainConfig:
 
 @dataclass
 class RewardConfig:
-    name: Union[str, list[Any]] = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, aesthetic, clip_score (also PickScore), hpsv2, image_reward; docs/rewards.md), 'package.module:function', a reward server 'http://HOST:PORT' (diffrl-fast reward-server), or a weighted sum: [{name: clip_score, weight: 1.0}, {name: aesthetic, weight: 0.5, kwargs: {...}, label: aes}] ([a, b]: weights 1; local and remote mixed; each component logged as reward_<label or name>).")
+    name: Union[str, list[Any]] = option("digit_confidence", "Reward: a registered name (digit_confidence, jpeg_compressibility, jpeg_incompressibility, brightness, aesthetic, clip_score (also PickScore), hpsv2, image_reward; docs/rewards.md), 'package.module:function', a reward server 'http://HOST:PORT' (diffrl-fast reward-server), or a weighted sum: [{name: clip_score, weight: 1.0}, {name: aesthetic, weight: 0.5, kwargs: {...}, label: aes}] ([a, b]: weights 1; local and remote mixed; each component logged as reward_<label or name>).")
     kwargs: dict = option({}, "Keyword arguments of the reward factory (e.g. {clip_path: ..., mlp_path: ...} for aesthetic); a weighted sum's components take their own 'kwargs'.")
     component_norm: str = option("none", "Weighted sums: 'none' sums the raw rewards; 'batch' standardises each component over the epoch's samples before weighting, 'prompt' over each prompt's samples (DanceGRPO's per-reward group advantages), so no component dominates by its scale.")
     timeout_s: float = option(60.0, "Reward servers: seconds one request may take before it counts as failed.")
     retries: int = option(3, "Reward servers: retries of a failed request (connection error, timeout, HTTP 5xx), after backoff_s, 2 backoff_s, ...; then the run stops at its last checkpoint.")
     backoff_s: float = option(1.0, "Reward servers: the first retry's wait; each further retry waits twice as long.")
     remote_format: str = option("uint8", "Reward servers: images travel as 'uint8' (raw 8-bit arrays), 'png', or 'float32' (exact: remote rewards equal local ones bit for bit, 4x the bytes).")
+    token_file: str = option("", "Reward servers: a file holding the server's shared token (its --token-file), sent as 'Authorization: Bearer <token>'; a server bound beyond loopback requires it.")
     remote_batch_size: int = option(0, "Reward servers: images per request (0 = the server's --max-batch).")
     track: list[str] = option([], "Held-out rewards computed on every epoch's samples and logged as track_<name>, never optimised (over-optimisation studies).")
     drop_nonfinite: bool = option(False, "Drop samples whose reward is NaN/inf (counted in the logs) instead of stopping with an error.")
@@ -236,7 +239,8 @@ class GuardConfig:
     every: int = option(1, "Epochs between guard evaluations (the last epoch always has one; 0 turns the guard off).")
     samples: int = option(32, "Images of each guard evaluation: the same prompts and seeds every time.")
     samples_per_prompt: int = option(4, "Seeds per prompt in the guard's batch (>= 2: within-prompt diversity compares them).")
-    diversity: bool = option(True, "Log guard_diversity: mean pairwise L2 distance per pixel between a prompt's images (downsampled to <= 64 px a side).")
+    diversity: bool = option(True, "Log guard_diversity: the mean pairwise distance between a prompt's images (guard.diversity_encoder says in which space).")
+    diversity_encoder: str = option("auto", "Space of guard_diversity: 'pixels' (L2 per pixel, images downsampled to <= 64 px a side), a reward with an image encoder (aesthetic, clip_score, hpsv2, digit_confidence, digit_layout: cosine distance of its embeddings), or 'auto': pixels for images of <= 64 px a side (the embedded worlds), else the training reward's encoder or a held-out reward's where one has one (SD-size images), pixels otherwise.")
     drift: bool = option(True, "Log guard_drift: the mean exact per-step KL to the reference policy on the guard batch's own states (full fine-tuning keeps a frozen copy of the weights for it).")
     drift_steps: int = option(4, "guard_drift reads this many evenly spaced steps of each guard sample (2 denoiser passes a row).")
     stop: bool = option(True, "Stop the run (cleanly: final checkpoint, summary, exit 0) when the held-out reward has fallen more than guard.tolerance standard errors below its best for guard.patience evaluations in a row, or diversity has fallen below guard.min_diversity x its value before training.")
@@ -438,6 +442,11 @@ def validate(cfg: Config) -> Config:
     need(s.noise_level > 0, f"sample.noise_level must be > 0, got {s.noise_level}")
     need(s.sde_type in ("sde", "cps"), f"sample.sde_type must be 'sde' or 'cps', got {s.sde_type!r}")
     need(s.sde_type != "cps" or s.noise_level < 2, f"sample.sde_type=cps needs sample.noise_level in (0, 2), got {s.noise_level}")
+    need(s.post_window_solver in ("euler", "dpmsolver++"), f"sample.post_window_solver must be 'euler' or 'dpmsolver++', got {s.post_window_solver!r}")
+    need(0 < s.post_window_compress <= 1, f"sample.post_window_compress must be in (0, 1], got {s.post_window_compress}")
+    need((s.post_window_solver == "euler" and s.post_window_compress == 1) or cfg.train.timestep_window != "all",
+         "sample.post_window_solver / sample.post_window_compress act on the deterministic steps after a timestep window "
+         "(MixGRPO-Flash): set train.timestep_window=fixed or sliding, or leave them at euler / 1")
     need(s.guidance_scale >= 1, f"sample.guidance_scale must be >= 1 (1 = no guidance), got {s.guidance_scale}")
     need(s.batch_size >= 1 and s.num_batches_per_epoch >= 1, "sample.batch_size and sample.num_batches_per_epoch must be >= 1")
     need(t.batch_size >= 1, "train.batch_size must be >= 1")
@@ -502,6 +511,8 @@ def validate(cfg: Config) -> Config:
          f"guard.samples_per_prompt must be >= 2 (diversity compares a prompt's images) and guard.samples >= it, got "
          f"{gd.samples_per_prompt} and {gd.samples}")
     need(0 <= gd.min_diversity < 1, f"guard.min_diversity must be in [0, 1), got {gd.min_diversity}")
+    need(isinstance(gd.diversity_encoder, str) and bool(gd.diversity_encoder),
+         f"guard.diversity_encoder must be 'auto', 'pixels' or a reward name with an image encoder, got {gd.diversity_encoder!r}")
     G = ALGORITHMS[cfg.algo].group_size(cfg)
     need(G >= 1 and (cfg.algo not in ("d3po", "dense") or G >= 2), f"{cfg.algo} needs >= 2 samples per prompt, got {G}")
     from ..rewards import COMPONENT_KEYS, COMPONENT_NORMS

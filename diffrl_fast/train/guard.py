@@ -9,8 +9,12 @@ sampler settings (log.eval_num_steps, log.eval_guidance_scale), and computes:
 - ``guard_heldout`` (and ``guard_heldout_<label>`` per held-out reward): the mean of each guard.heldout_reward over the
   batch, never optimised; its standard error std / sqrt(n) beside it;
 - ``guard_reward``: the training reward on the same batch (the fixed-seed view of what training optimises);
-- ``guard_diversity``: the mean pairwise L2 distance per pixel between the images of the same prompt, averaged over
-  prompts (images in [0, 1], downsampled to at most 64 pixels on a side so SD-size images compare layouts, not noise);
+- ``guard_diversity``: the mean pairwise distance between the images of the same prompt, averaged over prompts. In
+  pixel space (images of at most 64 pixels a side: the embedded worlds): L2 per pixel, images in [0, 1]. In an image
+  encoder's feature space (``guard.diversity_encoder``; by default for larger images, SD-size ones, whenever the
+  training or a held-out reward loads an encoder: CLIP for aesthetic / clip_score / PickScore, HPS's): the cosine
+  distance 1 - cos(e_i, e_k) of the encoder's embeddings, which compares content, not pixel noise. Without an encoder,
+  larger images are area-downsampled to 64 pixels a side and compared in pixels. guard.json names the space used;
 - ``guard_drift``: the mean over the batch's rows (sample, stochastic step; up to ``guard.drift_steps`` evenly spaced
   steps) of the exact KL between the policy's and the reference policy's step Gaussians, |mean_theta - mean_ref|^2 /
   (2 s^2) averaged over latent elements, on the batch's own states (no second rollout).
@@ -46,21 +50,35 @@ def spec_label(spec: Any) -> str:
     return "+".join(str(c.get("label") or c["name"]) if isinstance(c, dict) else str(c) for c in spec)
 
 
-def within_prompt_diversity(images: torch.Tensor, prompts: list, max_side: int = 64) -> float:
-    """Mean pairwise L2 distance per pixel between the images of the same prompt (or any other group key in
-    ``prompts``), averaged over groups with two or more images; images [N, C, H, W] in [0, 1], area-downsampled so that
-    no side exceeds ``max_side``: d(i, k) = |x_i - x_k|_2 / sqrt(pixels), mean over the n (n - 1) ordered pairs."""
-    x = images.detach().float().cpu()
-    if max(x.shape[-2:]) > max_side:
-        f = max_side / max(x.shape[-2:])
-        x = torch.nn.functional.interpolate(x, size=(max(1, round(x.shape[-2] * f)), max(1, round(x.shape[-1] * f))), mode="area")
-    flat = x.flatten(1).double()
+def within_prompt_diversity(images: torch.Tensor, prompts: list, max_side: int = 64, embed=None) -> float:
+    """Mean pairwise distance between the images of the same prompt (or any other group key in ``prompts``), averaged
+    over groups with two or more images, each group's mean over its n (n - 1) ordered pairs; images [N, C, H, W] in [0, 1].
+
+    Pixels (``embed=None``), area-downsampled so that no side exceeds ``max_side``: d(i, k) = |x_i - x_k|_2 / sqrt(pixels).
+    Features (``embed``: images -> [N, d], an image encoder such as a reward's ``embed``): the cosine distance
+    d(i, k) = 1 - e_i . e_k / (|e_i| |e_k|), in [0, 2]."""
+    if embed is not None:
+        with torch.no_grad():
+            feats = embed(images).detach().double().cpu()
+        if feats.ndim != 2 or feats.shape[0] != images.shape[0]:
+            raise ValueError(f"an image encoder returned shape {tuple(feats.shape)} for {images.shape[0]} images; expected [N, d]")
+        flat = feats / torch.linalg.vector_norm(feats, dim=1, keepdim=True).clamp(min=1e-12)
+    else:
+        x = images.detach().float().cpu()
+        if max(x.shape[-2:]) > max_side:
+            f = max_side / max(x.shape[-2:])
+            x = torch.nn.functional.interpolate(x, size=(max(1, round(x.shape[-2] * f)), max(1, round(x.shape[-1] * f))), mode="area")
+        flat = x.flatten(1).double()
     per_prompt = []
     for p in dict.fromkeys(prompts):
         idx = [i for i, q in enumerate(prompts) if q == p]
         if len(idx) < 2:
             continue
-        d = torch.cdist(flat[idx], flat[idx]) / math.sqrt(flat.shape[1])
+        if embed is not None:
+            d = 1.0 - flat[idx] @ flat[idx].T
+            d.fill_diagonal_(0.0)
+        else:
+            d = torch.cdist(flat[idx], flat[idx]) / math.sqrt(flat.shape[1])
         per_prompt.append(float(d.sum()) / (len(idx) * (len(idx) - 1)))
     return sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
 
@@ -78,6 +96,7 @@ class GuardState:
     stopped_epoch: Optional[int] = None
     unavailable: dict = dataclasses.field(default_factory=dict)  # label -> the last error
     history: list = dataclasses.field(default_factory=list)
+    diversity_space: Optional[str] = None  # "pixels" or "features of <reward>": guard_diversity's space
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,15 +111,25 @@ def decide(state: GuardState, epoch: int, values: Optional[torch.Tensor], divers
            min_diversity: float, train_reward: Optional[float] = None, from_start: bool = False) -> tuple[bool, bool]:
     """Update ``state`` with evaluation ``epoch`` (``values``: the primary held-out reward per seed, None when it is
     unavailable) and return (is_best, stop). See the module docstring for the rule."""
-    is_best = stop = False
+    m = se = None
     if values is not None and values.numel():
-        m = float(values.mean())
+        v = values.double()
+        m, se = float(v.mean()), float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
+    return decide_stats(state, epoch, m, se, diversity, tolerance=tolerance, patience=patience, min_diversity=min_diversity,
+                        train_reward=train_reward, from_start=from_start)
+
+
+def decide_stats(state: GuardState, epoch: int, m: Optional[float], se: Optional[float], diversity: float, *, tolerance: float,
+                 patience: int, min_diversity: float, train_reward: Optional[float] = None, from_start: bool = False) -> tuple[bool, bool]:
+    """``decide`` on an evaluation's held-out mean ``m`` and standard error ``se`` (None: unavailable), as guard.json
+    records them: the stop rule replayed on a logged history gives the trainer's decisions."""
+    is_best = stop = False
+    se = se if se is not None and math.isfinite(se) else 0.0
+    if m is not None:
         if state.best is None or m > state.best:
             state.best, state.best_epoch, state.best_reward = m, epoch, train_reward
             state.falls, is_best = 0, True
         else:
-            v = values.double()
-            se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
             counts = from_start or (state.best_epoch or 0) >= 1
             state.falls = state.falls + 1 if counts and m < state.best - tolerance * se else 0
             if patience and state.falls >= patience:
@@ -139,6 +168,15 @@ class Guard:
                 self.state.unavailable[label] = f"{type(exc).__name__}: {exc}"
                 log_fn(f"warning: guard held-out reward {label!r} is unavailable ({exc}); training goes on without it")
         self.primary = spec_label(cfg.heldout_reward[0]) if cfg.heldout_reward else None
+        self._embed: Any = None  # resolved at the first evaluation (it depends on the image size)
+        name = cfg.diversity_encoder
+        if self.enabled and cfg.diversity and name not in ("auto", "pixels"):  # a named encoder: its mistakes are config errors
+            fn = self.rewards.get(name) or build_reward(dataclasses.replace(reward_cfg, name=name, kwargs=reward_cfg.kwargs
+                                                                            if name == reward_cfg.name else {}))
+            if getattr(fn, "embed", None) is None:
+                raise ValueError(f"guard.diversity_encoder={name!r}: that reward has no image encoder; name one that has "
+                                 "(aesthetic, clip_score, hpsv2, digit_confidence, digit_layout), or use 'auto' or 'pixels'")
+            self._embed = (f"features of {name}", fn.embed)
 
     @property
     def enabled(self) -> bool:
@@ -206,7 +244,9 @@ class Guard:
         out["guard_reward"] = float(torch.cat(train).double().mean())
         diversity = float("nan")
         if self.cfg.diversity:
-            diversity = within_prompt_diversity(images, prompts)
+            space, embed = self.diversity_encoder(trainer, images)
+            self.state.diversity_space = space
+            diversity = within_prompt_diversity(images, prompts, embed=embed)
             out["guard_diversity"] = diversity
         if self.cfg.drift and trainer.has_reference:
             out["guard_drift"] = self._drift(trainer, trajs)
@@ -219,6 +259,19 @@ class Guard:
                                from_start=self.cfg.stop_from_start)
         self.state.history.append({"epoch": epoch, **out})
         return out, is_best, stop
+
+    def diversity_encoder(self, trainer, images: torch.Tensor):
+        """(space, embed) of guard_diversity: guard.diversity_encoder's reward's encoder; with 'auto', for images larger
+        than 64 pixels a side, the first encoder among the training reward's and the held-out rewards' (None: pixels)."""
+        if self._embed is None:
+            self._embed = ("pixels", None)
+            if self.cfg.diversity_encoder == "auto" and max(images.shape[-2:]) > 64:
+                candidates = [(trainer.cfg.reward.name, trainer.reward_fn), *self.rewards.items()]
+                for name, fn in candidates:
+                    if getattr(fn, "embed", None) is not None:
+                        self._embed = (f"features of {spec_label(name)}", fn.embed)
+                        break
+        return self._embed
 
     def _drift(self, trainer, trajs) -> float:
         """Mean exact per-step KL(policy || reference) over the guard batch's rows at up to guard.drift_steps evenly

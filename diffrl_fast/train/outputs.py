@@ -435,6 +435,9 @@ def guard_lines(state) -> list[str]:
         lines.append(f"- Best held-out reward {state.best:+.4f} at epoch {state.best_epoch}{reward}: {where}.")
     for label, err in state.unavailable.items():
         lines.append(f"- Held-out reward `{label}` **unavailable** (last error: {err}).")
+    if getattr(state, "diversity_space", None):
+        lines.append(f"- Diversity: mean pairwise distance within a prompt's images, in {state.diversity_space}"
+                     + (" (L2 per pixel)." if state.diversity_space == "pixels" else " (cosine distance of the embeddings)."))
     rows = [h for h in state.history]
     if rows:
         keys = [k for k in ("guard_heldout", "guard_reward", "guard_diversity", "guard_drift") if any(k in h for h in rows)]

@@ -11,9 +11,27 @@ from .checkpoint import latest_checkpoint
 from .config import Config
 
 
-def load_run(run_dir: str | Path, device="cpu"):
+def run_checkpoint(run_dir: Path, which: str = "latest") -> Path:
+    """The checkpoint folder ``which`` of run folder ``run_dir``: "latest" (the newest complete one), "best" (the
+    guard's best held-out reward, checkpoints/best/), or a folder name under checkpoints/ such as "epoch_0012"."""
+    root = Path(run_dir) / "checkpoints"
+    if which == "latest":
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest)")
+        return ckpt
+    ckpt = root / which
+    if not (ckpt / "weights.safetensors").is_file():
+        have = sorted(p.name for p in root.iterdir() if (p / "weights.safetensors").is_file()) if root.is_dir() else []
+        hint = (" (checkpoints/best is written by a run with a guard: guard.heldout_reward set and guard.keep_best=true)"
+                if which == "best" else "")
+        raise FileNotFoundError(f"{run_dir} has no checkpoint {which!r}{hint}; it has: {have or 'none'} (or use 'latest')")
+    return ckpt
+
+
+def load_run(run_dir: str | Path, device="cpu", checkpoint: str = "latest"):
     """(model, config) of run folder ``run_dir``: the model built as training built it, with the trainable
-    weights of the run's latest checkpoint loaded."""
+    weights of its checkpoint ``checkpoint`` loaded ("latest", "best" or a folder name: ``run_checkpoint``)."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -24,9 +42,7 @@ def load_run(run_dir: str | Path, device="cpu"):
         cfg = load_config(Config, cfg_path)
     except ConfigError as exc:
         raise ValueError(f"{cfg_path} is not a valid run config: {exc}") from None
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest)")
+    ckpt = run_checkpoint(run_dir, checkpoint)
     model = load_model(cfg.model.path, device=device, sampler=cfg.model.sampler)
     if hasattr(model, "guidance"):
         model.guidance = cfg.model.embedded_guidance

@@ -29,7 +29,7 @@ import torch
 from .._extras import install_command, require
 from ..algos import make_algorithm
 from ..algos.base import RunContext
-from ..diffusion.coefficients import make_schedule
+from ..diffusion.coefficients import make_schedule, post_window_ode
 from ..diffusion.recompute import pack_chunk, trainable_steps
 from ..diffusion.rollout import Trajectory, sample_trajectories
 from ..diffusion.tree import owned_order
@@ -118,9 +118,13 @@ class Trainer:
         self.eval_metrics: dict[str, torch.Tensor] = {}
         self.model = model if model is not None else load_model(cfg.model.path, device=self.device, sampler=cfg.model.sampler)
         self.algo.check_model(self.model)
-        if cfg.sample.sde_type != "sde":
-            from diffusers import FlowMatchEulerDiscreteScheduler
+        self.post_window = cfg.sample.post_window_solver != "euler" or cfg.sample.post_window_compress != 1
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
+        if self.post_window and not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(f"sample.post_window_solver / post_window_compress (MixGRPO-Flash) need a flow-matching model, but "
+                             f"{self.model.kind} samples with {type(self.model.scheduler).__name__}: leave them at euler / 1")
+        if cfg.sample.sde_type != "sde":
             if not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
                 raise ValueError(f"sample.sde_type={cfg.sample.sde_type} is a flow-matching SDE, but {self.model.kind} samples with "
                                  f"{type(self.model.scheduler).__name__}: set sample.sde_type=sde")
@@ -255,7 +259,7 @@ class Trainer:
         """Rollouts of training epoch ``epoch`` (its timestep window), or with ``epoch=None`` the evaluation's
         samples (every step stochastic, log.eval_num_steps and log.eval_guidance_scale where set)."""
         s, log = self.cfg.sample, self.cfg.log
-        num_steps, guidance, schedule, keep, tree = s.num_steps, s.guidance_scale, None, None, None
+        num_steps, guidance, schedule, keep, tree, tail = s.num_steps, s.guidance_scale, None, None, None, None
         if epoch is None:
             num_steps = log.eval_num_steps or s.num_steps
             guidance = s.guidance_scale if log.eval_guidance_scale is None else log.eval_guidance_scale
@@ -269,6 +273,8 @@ class Trainer:
                                          sde_type=s.sde_type, window=window, **self.model.sampling_kwargs())
                 # only the states training reads are stored: x_j, x_{j+1} of the stochastic steps (none for a
                 # forward-process algorithm), and x_T
+                tail = post_window_ode(self.model.scheduler, schedule, solver=s.post_window_solver, compress=s.post_window_compress,
+                                       mu=self.model.sampling_kwargs().get("mu")) if self.post_window else None
                 keep = torch.zeros(num_steps + 1, dtype=torch.bool)
                 if self.algo.trains_on_states:
                     stochastic = schedule.stochastic.cpu().bool()
@@ -279,7 +285,7 @@ class Trainer:
             noise_level=s.noise_level, sde_type=s.sde_type, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
             storage_device=s.trajectory_device or None, keep_latents=keep, tree=tree, split_noise_scale=s.tree_split_noise_scale,
-            keep_means=epoch is not None and self.algo.needs_rollout_means,
+            keep_means=epoch is not None and self.algo.needs_rollout_means, post_window=tail,
         )
 
     def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict, dict]:

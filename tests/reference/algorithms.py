@@ -489,3 +489,42 @@ def branchgrpo_edges(rewards, branch_steps, num_steps, factor=2, fusion="mean", 
         for n in group:
             n["A"] = 0.0 if std < 1e-6 else (n["R"] - mean) / (std + 1e-8)
     return {(n["leaves"][0], n["edge_step"]): n["A"] for n in nodes if n["edge_step"] is not None}
+
+
+# ------------------------------------------------------------------------- MixGRPO-Flash's ODE tail
+
+def mixgrpo_post_sigmas(sigma_schedule, last_window, ratio, shift):
+    """MixGRPO-Flash's compressed schedule (zqqqqz2000/MixGRPO, fastvideo/utils/sampling_utils.py: the
+    dpm_apply_strategy == "post" branch): the schedule's first last_window + 1 sigmas, then
+    shift(linspace(t_{L+1}, 0, n)) with t the unshifted linspace(1, 0, N + 1) and n = int(max((N - L) ratio, 1)),
+    shift(t) = s t / (1 + (s - 1) t) (its sd3_time_shift)."""
+    N = len(sigma_schedule) - 1
+    n = int(max((N - last_window) * ratio, 1))
+    t0 = torch.linspace(1, 0, N + 1, dtype=F64)[last_window + 1].item()
+    post = torch.linspace(t0, 0, n, dtype=F64)
+    post = shift * post / (1 + (shift - 1) * post)
+    return torch.cat([torch.as_tensor(sigma_schedule, dtype=F64)[:last_window + 1], post])
+
+
+def mixgrpo_dpm_tail(x, v_fn, sigmas, x0_history, sigma_history):
+    """MixGRPO-Flash's DPM-Solver++ (order 2, midpoint) over ``sigmas`` (the tail, from sigma_{L+1} to 0), as its
+    sampling_utils.py computes it: alpha = 1 - sigma, lambda = log(alpha) - log(sigma), x0 = x - sigma v; first
+    order at the final step (lower_order_final), else h = lambda_t - lambda_s0, h_0 = lambda_s0 - lambda_s1,
+    r0 = h_0 / h, D0 = m0, D1 = (m0 - m1) / r0, x_t = sigma_t / sigma_s0 x - alpha_t (e^{-h} - 1) D0
+    - 0.5 alpha_t (e^{-h} - 1) D1. ``x0_history`` / ``sigma_history``: the data prediction and sigma of the
+    step before the tail (the solver's history, filled during the window)."""
+    m1, s1 = x0_history, sigma_history
+    for k in range(len(sigmas) - 1):
+        s0, st = float(sigmas[k]), float(sigmas[k + 1])
+        m0 = x - s0 * v_fn(x, s0)
+        if k == len(sigmas) - 2:  # lower_order_final: sigma_t = 0, lambda_t = inf, exp(-h) = 0
+            x = m0
+        else:
+            lam = lambda s: math.log(1 - s) - math.log(s)  # noqa: E731
+            h, h0 = lam(st) - lam(s0), lam(s0) - lam(s1)
+            r0 = h0 / h
+            D0, D1 = m0, (1.0 / r0) * (m0 - m1)
+            a_t = 1 - st
+            x = (st / s0) * x - (a_t * (math.exp(-h) - 1.0)) * D0 - 0.5 * (a_t * (math.exp(-h) - 1.0)) * D1
+        m1, s1 = m0, s0
+    return x

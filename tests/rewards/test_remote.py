@@ -21,49 +21,6 @@ from diffrl_fast.rewards.remote import RemoteReward, RewardServiceError, decode_
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class ServerThread:
-    """An aiohttp application served from a background thread on a free port of 127.0.0.1."""
-
-    def __init__(self, app) -> None:
-        from aiohttp import web
-
-        self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app)
-        ready = threading.Event()
-
-        def main():
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.runner.setup())
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            self.loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        assert ready.wait(60), "the test server did not start"
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(app):
-        servers.append(ServerThread(app))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
-
-
 def _images(n=5, seed=0):
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 

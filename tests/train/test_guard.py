@@ -80,6 +80,31 @@ def test_within_prompt_diversity():
     assert math.isnan(within_prompt_diversity(img[:2], ["a", "b"]))
 
 
+def test_feature_space_diversity_and_its_encoder():
+    from types import SimpleNamespace
+
+    from diffrl_fast.rewards import get_reward
+    from diffrl_fast.train.guard import Guard
+
+    # cosine distance of the embeddings: prompt a's two images point the same way (0), prompt b's are orthogonal (1)
+    feats = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+    embed = lambda images: feats  # noqa: E731
+    assert within_prompt_diversity(torch.zeros(4, 3, 8, 8), ["a", "a", "b", "b"], embed=embed) == pytest.approx(0.5)
+    cfg = validate(load_config(Config, PRESETS / "digits.yaml", ["guard.heldout_reward=[digit_confidence_heldout]"]))
+    guard = Guard(cfg.guard, cfg.reward)
+    trainer = SimpleNamespace(cfg=cfg, reward_fn=get_reward("digit_confidence"))
+    # 'auto': pixels for the embedded worlds' small images; for SD-size ones the training reward's encoder
+    assert guard.diversity_encoder(trainer, torch.zeros(2, 1, 16, 16)) == ("pixels", None)
+    guard._embed = None
+    space, fn = guard.diversity_encoder(trainer, torch.zeros(2, 3, 128, 128))
+    assert space == "features of digit_confidence" and fn is trainer.reward_fn.embed
+    named = validate(load_config(Config, PRESETS / "digits.yaml", ["guard.diversity_encoder=digit_confidence_heldout"]))
+    assert Guard(named.guard, named.reward)._embed[0] == "features of digit_confidence_heldout"
+    bad = validate(load_config(Config, PRESETS / "digits.yaml", ["guard.diversity_encoder=brightness"]))
+    with pytest.raises(ValueError, match="no image encoder"):
+        Guard(bad.guard, bad.reward)
+
+
 def broken_reward(images, prompts, metadata):
     raise RuntimeError("the held-out model is down")
 
@@ -140,6 +165,21 @@ def test_guard_stop_is_a_clean_end(tmp_path):
     assert guard["best_epoch"] == 1 and (tmp_path / "s" / "checkpoints" / "best").is_dir()
     assert summary["epochs"] == guard["stopped_epoch"] and summary["after"]["n"] == 4  # final evaluation and weights
     assert "Stopped by the guard" in (tmp_path / "s" / "summary.md").read_text()
+    # the stop rule replayed on the logged evaluations (what the over-optimisation experiment does) stops there too
+    from benchmarks.bench_overoptimisation import replay_stop
+
+    assert replay_stop(guard["history"], cfg.guard) == (3, guard["stopped"])
+    # the best checkpoint is what `diffrl-fast sample --run R --checkpoint best` loads; a missing one names the fix
+    from safetensors.torch import load_file
+
+    from diffrl_fast.train.runs import load_run
+
+    model, _ = load_run(tmp_path / "s", checkpoint="best")
+    kept = load_file(str(tmp_path / "s" / "checkpoints" / "best" / "weights.safetensors"))
+    params = dict(model.denoiser.named_parameters())
+    assert kept and all(torch.equal(params[n], w) for n, w in kept.items())
+    with pytest.raises(FileNotFoundError, match="no checkpoint 'epoch_9999'.*best"):
+        load_run(tmp_path / "s", checkpoint="epoch_9999")
 
 
 def test_guard_is_off_without_a_heldout_reward(tmp_path):

@@ -1,0 +1,299 @@
+"""The reward server under load: dynamic batching against one request at a time, on a reward with a realistic
+per-call cost.
+
+The reward: a CLIP-style image encoder built locally with random weights (transformers' CLIPVisionModelWithProjection:
+64x64 inputs, 8x8 patches, width 256, 4 layers; a linear head on its projection), whose batched forward costs what
+a small reward model's does: a fixed cost per call plus a cost per image. Served on 127.0.0.1 by the reward server
+(``rewards.remote.make_app``) with dynamic batching (``--max-batch 128``, ``--max-wait-ms 5``) and without it
+(``--no-batching``). 1, 4 and 16 clients (threads of this process, each a ``RemoteReward``) send requests of 8 images
+(64x64 RGB, uint8) back to back for ``--seconds`` each. Reported per mode and client count: images per second,
+p50 and p99 latency of a request, the mean images per reward call (from /metrics), replies checked against the
+reward scored alone (0 mixed), and the process's resident memory after warm-up, after the load and after a fuzz of
+malformed requests (``FUZZ``, also tests/rewards/test_reward_server.py's).
+
+Run: ``diffrl-fast bench reward-server [--seconds 8]``; writes benchmarks/results/reward_server.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, machine_info  # noqa: E402
+
+CLIENTS = (1, 4, 16)
+IMAGES_PER_REQUEST = 8
+
+
+def clip_style_reward(seed: int = 0):
+    """A CLIP-style reward with random weights: the vision tower's projected embedding through a linear head."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                           num_attention_heads=4, projection_dim=128)
+    model = CLIPVisionModelWithProjection(cfg).eval()
+    head = torch.nn.Linear(128, 1)
+    mean = torch.tensor([0.481, 0.458, 0.408]).reshape(1, 3, 1, 1)
+    std = torch.tensor([0.269, 0.261, 0.276]).reshape(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def fn(images, prompts, metadata):
+        x = (images.float() - mean) / std
+        emb = model(pixel_values=x).image_embeds
+        return head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1), {}
+
+    return fn
+
+
+class Server:
+    """The reward server's aiohttp application on a free port of 127.0.0.1, served from a background thread."""
+
+    def __init__(self, app) -> None:
+        from aiohttp import web
+
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        ready = threading.Event()
+
+        def main():
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.runner.setup())
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            self.loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        if not ready.wait(60):
+            raise RuntimeError("the reward server did not start")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scrape(url: str) -> dict:
+    import requests
+
+    out = {}
+    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def load(url: str, reward, clients: int, seconds: float, seed: int) -> dict:
+    """``clients`` threads sending requests of 8 images back to back for ``seconds``; every reply checked."""
+    import torch
+
+    from diffrl_fast.rewards.remote import RemoteReward
+
+    before = scrape(url)
+    lat, images, errors, mixed = [], [0], [], [0]
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(c):
+        g = torch.Generator().manual_seed(seed * 1000 + c)
+        remote = RemoteReward(url, image_format="uint8", timeout_s=120, retries=0)
+        k = 0
+        while time.perf_counter() < stop_at:
+            x = (torch.rand(IMAGES_PER_REQUEST, 3, 64, 64, generator=g) * 255).round() / 255
+            prompts = [f"c{c} r{k} i{i}" for i in range(IMAGES_PER_REQUEST)]
+            t = time.perf_counter()
+            try:
+                got, _ = remote(x, prompts, [{}] * IMAGES_PER_REQUEST)
+            except Exception as exc:  # noqa: BLE001
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            dt = time.perf_counter() - t
+            want = reward(x, prompts, None)[0]
+            with lock:
+                lat.append(dt)
+                images[0] += IMAGES_PER_REQUEST
+                if not torch.allclose(got, want.float(), atol=1e-4, rtol=1e-4):
+                    mixed[0] += 1
+            k += 1
+        remote.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    after = scrape(url)
+    calls = after["reward_server_batches_total"] - before["reward_server_batches_total"]
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(lat), "images": images[0], "wall_s": round(wall, 2),
+            "images_per_s": images[0] / wall, "p50_ms": q(0.5), "p99_ms": q(0.99),
+            "mean_batch": (after["reward_server_images_total"] - before["reward_server_images_total"]) / max(calls, 1),
+            "reward_calls": int(calls), "errors": errors[:5], "error_count": len(errors), "mixed": mixed[0]}
+
+
+def _png(mode: str, size=(4, 4)) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def fuzz_cases(max_batch: int, max_side: int) -> list[tuple[str, object, int]]:
+    """Malformed /score requests and the status each must get: (name, JSON-able body or raw bytes, code), for a
+    server of ``max_batch`` images of at most ``max_side`` pixels a side (at most 299)."""
+    import torch
+
+    from diffrl_fast.rewards.remote import body_limit, encode_images
+
+    def raw(value, shape):
+        import math
+
+        return {"format": "float32", "shape": shape,
+                "data": base64.b64encode(torch.full((math.prod(shape),), value).numpy().tobytes()).decode()}
+
+    good = {"prompts": ["1"], "images": encode_images(torch.zeros(1, 1, 4, 4))}
+    img = lambda **kw: {**good, "images": {"format": "uint8", "shape": [1, 1, 4, 4], "data": base64.b64encode(bytes(16)).decode(), **kw}}  # noqa: E731
+    n = max_batch + 1
+    return [
+        ("not JSON", b"{oops", 400), ("a list", b"[1, 2]", 400), ("a string", b'"x"', 400), ("NaN constant", b'{"prompts": NaN}', 400),
+        ("deeply nested list", b"[" * 100000 + b"]" * 100000, 400), ("deeply nested object", b'{"a":' * 50000 + b"1" + b"}" * 50000, 400),
+        ("no prompts", {"images": good["images"]}, 400), ("prompts not a list", {**good, "prompts": "1"}, 400),
+        ("prompts of ints", {**good, "prompts": [1]}, 400), ("empty prompts", {**good, "prompts": []}, 400),
+        ("metadata of the wrong length", {**good, "metadata": [{}, {}]}, 400), ("metadata of strings", {**good, "metadata": ["x"]}, 400),
+        ("no images", {"prompts": ["1"]}, 400), ("images a list", {**good, "images": [1]}, 400),
+        ("unknown format", {**good, "images": {"format": "jpeg", "data": ""}}, 400),
+        ("no shape", img(shape=None), 400), ("3-d shape", img(shape=[1, 4, 4]), 400), ("negative shape", img(shape=[1, 1, -4, 4]), 400),
+        ("bool in shape", img(shape=[True, 1, 4, 4]), 400), ("float in shape", img(shape=[1, 1, 4.0, 4]), 400),
+        ("4 channels", img(shape=[1, 4, 4, 4], data=base64.b64encode(bytes(64)).decode()), 400),
+        ("a side over --max-side", img(shape=[1, 1, 100000, 100000]), 400), ("data not base64", img(data="%%%"), 400),
+        ("data an int", img(data=7), 400), ("wrong byte count", img(data=base64.b64encode(bytes(15)).decode()), 400),
+        ("all-NaN float32", {**good, "images": raw(float("nan"), [1, 1, 4, 4])}, 400),
+        ("all-inf float32", {**good, "images": raw(float("inf"), [1, 1, 4, 4])}, 400),
+        ("float32 above 1", {**good, "images": raw(2.0, [1, 1, 4, 4])}, 400), ("negative float32", {**good, "images": raw(-0.5, [1, 1, 4, 4])}, 400),
+        ("images for other prompts", {**good, "prompts": ["1", "2"]}, 400),
+        ("png data not a list", {**good, "images": {"format": "png", "data": "x"}}, 400),
+        ("png garbage", {**good, "images": {"format": "png", "data": [base64.b64encode(b"\x89PNG garbage").decode()]}}, 400),
+        ("png not base64", {**good, "images": {"format": "png", "data": ["%%%"]}}, 400),
+        ("RGBA png", {**good, "images": {"format": "png", "data": [_png("RGBA")]}}, 400),
+        ("pngs of two sizes", {**good, "prompts": ["1", "2"], "images": {"format": "png", "data": [_png("L"), _png("L", (5, 5))]}}, 400),
+        ("png over --max-side", {**good, "images": {"format": "png", "data": [_png("L", (300, 2))]}}, 400),
+        ("more images than --max-batch", {"prompts": ["1"] * n, "images": encode_images(torch.zeros(n, 1, 4, 4))}, 413),
+        ("body over the size limit", b" " * (body_limit(max_batch, max_side) + 10), 413),
+    ]
+
+
+def fuzz(url: str, max_batch: int, max_side: int) -> dict:
+    import requests
+
+    codes = {}
+    for name, body, _ in fuzz_cases(max_batch, max_side):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        try:
+            codes[name] = requests.post(f"{url}/score", data=data, headers={"Content-Type": "application/json"}, timeout=60).status_code
+        except requests.RequestException as exc:
+            codes[name] = f"{type(exc).__name__}"
+    return codes
+
+
+def write_md(data: dict, path: Path) -> None:
+    m, rows = data["machine"], data["rows"]
+    lines = ["# The reward server under load", "",
+             f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}, {m['date']}. "
+             f"`diffrl-fast bench reward-server --seconds {data['seconds']:g}`: a CLIP-style reward (random weights, 64x64 inputs) "
+             f"served on 127.0.0.1; clients send {IMAGES_PER_REQUEST} images per request back to back.", "",
+             "| clients | mode | images/s | p50 latency (ms) | p99 latency (ms) | images per reward call | requests | mixed replies | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['clients']} | {r['mode']} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['mean_batch']:.1f} | {r['requests']} | {r['mixed']} | {r['error_count']} |")
+    s = data["summary"]
+    lines += ["", f"With {max(CLIENTS)} clients dynamic batching scores **{s['speedup']:.2f}x** the images per second of one request "
+              f"per reward call (target: at least 3x), at {s['p99_ratio']:.2f}x its p99 latency (target: at most 2x).", "",
+              f"Fuzz: {s['fuzz_cases']} malformed requests, {s['fuzz_4xx']} answered 4xx as expected, {s['fuzz_5xx']} 5xx; the server "
+              f"answered a valid request afterwards: {s['alive_after_fuzz']}. Resident memory: {s['rss_warm_mb']:.0f} MB after warm-up, "
+              f"{s['rss_load_mb']:.0f} MB after the load, {s['rss_fuzz_mb']:.0f} MB after the fuzz ({s['rss_ratio']:.2f}x; target at most 1.5x).", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="diffrl-fast bench reward-server", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=8.0, help="load per (mode, client count)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true", help="a tiny configuration that only checks the benchmark runs (CI)")
+    args = ap.parse_args(argv)
+    import requests
+    import torch
+
+    from diffrl_fast.rewards.remote import encode_images, make_app
+
+    reward = clip_style_reward()
+    max_batch, max_side = 128, 256
+    clients = (1, 4) if args.smoke else CLIENTS
+    rows, rss = [], {}
+    for mode in ("batching", "one at a time"):
+        server = Server(make_app(reward, "clip_style", max_batch=max_batch, max_wait_ms=5.0, batching=mode == "batching",
+                                 max_side=max_side))
+        try:
+            load(server.url, reward, 2, 0.5, seed=99)  # warm-up: first calls, allocator
+            rss.setdefault("warm", rss_mb())
+            for n in clients:
+                rows.append({"mode": mode, **load(server.url, reward, n, args.seconds, seed=n)})
+                print(f"{mode:>14} {n:>2} clients: {rows[-1]['images_per_s']:.0f} images/s, p50 {rows[-1]['p50_ms']:.1f} ms, "
+                      f"p99 {rows[-1]['p99_ms']:.1f} ms, {rows[-1]['mean_batch']:.1f} images per call", flush=True)
+            if mode == "batching":
+                rss["load"] = rss_mb()
+                codes = fuzz(server.url, max_batch, max_side)
+                expected = {name: code for name, _, code in fuzz_cases(max_batch, max_side)}
+                good = {"prompts": ["1"], "images": encode_images(torch.zeros(1, 3, 64, 64))}
+                alive = requests.post(f"{server.url}/score", json=good, timeout=60).status_code == 200
+                rss["fuzz"] = rss_mb()
+        finally:
+            server.close()
+    top = max(clients)
+    fast = next(r for r in rows if r["mode"] == "batching" and r["clients"] == top)
+    slow = next(r for r in rows if r["mode"] != "batching" and r["clients"] == top)
+    summary = {"speedup": fast["images_per_s"] / slow["images_per_s"], "p99_ratio": fast["p99_ms"] / slow["p99_ms"],
+               "fuzz_cases": len(codes), "fuzz_4xx": sum(codes[k] == expected[k] for k in codes),
+               "fuzz_5xx": sum(isinstance(c, int) and c >= 500 for c in codes.values()), "fuzz_codes": codes,
+               "alive_after_fuzz": alive, "rss_warm_mb": rss["warm"], "rss_load_mb": rss["load"], "rss_fuzz_mb": rss["fuzz"],
+               "rss_ratio": max(rss["load"], rss["fuzz"]) / rss["warm"],
+               "mixed": sum(r["mixed"] for r in rows), "errors": sum(r["error_count"] for r in rows)}
+    data = {"machine": machine_info("cpu"), "seconds": args.seconds, "rows": rows, "summary": summary}
+    stem = "reward_server" + ("_smoke" if args.smoke else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_md(data, args.out / f"{stem}.md")
+    print(json.dumps({k: v for k, v in summary.items() if k != "fuzz_codes"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
