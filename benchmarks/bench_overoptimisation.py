@@ -19,8 +19,8 @@ over-optimisation failures users report, DiffusionNFT issue #6). Three runs of t
 Targets (issue: reward hacking): the stop comes within 2 evaluations after the peak; the kept checkpoint's held-out
 reward is within the peak evaluation's standard error of the peak.
 
-Run: ``diffrl-fast experiment overoptimisation [--epochs N] [--weight W] [--seed S]`` (about 20 minutes on 2 CPU
-cores at the defaults); writes benchmarks/results/overoptimisation.{json,md,png} and the grids
+Run: ``diffrl-fast experiment overoptimisation [--epochs N] [--weight W] [--seed S] [--guard-samples N]`` (about 15
+minutes on 2 CPU cores at the defaults); writes benchmarks/results/overoptimisation.{json,md,png} and the grids
 overoptimisation_grids.png (the base model, the best checkpoint and the checkpoint at the stop on the guard's fixed
 prompts and seeds). ``overoptimisation_reading.md``, where present, is appended to the .md. ``--smoke``: a tiny
 configuration that only checks the script runs (CI).
@@ -51,7 +51,7 @@ RECORD_KEYS = ("epoch", "reward_mean", "reward_digit_layout", "reward_brightness
 def overrides(args) -> list[str]:
     return ["algo=grpo", f"seed={args.seed}", f"num_epochs={args.epochs}",
             f"reward.name=[{{name: digit_layout, weight: 1.0}}, {{name: brightness, weight: {args.weight:g}}}]",
-            *([f"train.learning_rate={args.lr:g}"] if args.lr else []),
+            *([f"train.learning_rate={args.lr:g}"] if args.lr else []), f"guard.samples={args.guard_samples}",
             "log.eval_samples=0", "log.grid_samples=0", "log.progress=false", "log.tensorboard=false",
             *(SMOKE if args.smoke else [])]
 
@@ -200,7 +200,8 @@ def write_md(data: dict, path: Path) -> None:
     yes = lambda b: "**met**" if b else "**missed**"  # noqa: E731
     lines = ["# Over-optimisation on purpose: the guard and GRPO-Guard", "",
              f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}, {m['date']}. "
-             f"Regenerate: `diffrl-fast experiment overoptimisation --epochs {s['epochs']} --weight {s['weight']:g} --seed {s['seed']}"
+             f"Regenerate: `diffrl-fast experiment overoptimisation --epochs {s['epochs']} --weight {s['weight']:g} --seed {s['seed']} "
+             f"--guard-samples {s['guard_samples']}"
              + (f" --lr {s['lr']:g}" if s.get("lr") else "") + "`.", "",
              f"Training reward: digit_layout + {s['weight']:g} x brightness (mean pixel value), Flow-GRPO on the flow-digits "
              f"world (configs/flow_digits.yaml), seed {s['seed']}, up to {s['epochs']} epochs. Held-out reward: the guard's "
@@ -237,10 +238,13 @@ def write_md(data: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="diffrl-fast experiment overoptimisation", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--weight", type=float, default=20.0, help="w, the brightness term's weight in the training reward")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--weight", type=float, default=100.0, help="w, the brightness term's weight in the training reward")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guard-samples", type=int, default=128,
+                    help="the guard's fixed batch (guard.samples; default 128: at the default 32 the held-out reward's standard "
+                         "error on this world, about 0.45, is a third of the whole fall, and 2 of them hide it)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="a tiny configuration that only checks the script runs (CI)")

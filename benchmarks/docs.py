@@ -291,7 +291,8 @@ def overopt_table(data: dict) -> str:
     """The over-optimisation experiment's findings (experiment overoptimisation's JSON): the held-out peak, the guard's
     stop and kept checkpoint against their targets, and GRPO-Guard's peak and replayed stop."""
     f, st = data["findings"], data["settings"]
-    command = (f"diffrl-fast experiment overoptimisation --epochs {st['epochs']} --weight {st['weight']:g} --seed {st['seed']}"
+    command = (f"diffrl-fast experiment overoptimisation --epochs {st['epochs']} --weight {st['weight']:g} --seed {st['seed']} "
+               f"--guard-samples {st['guard_samples']}"
                + (f" --lr {st['lr']:g}" if st.get("lr") else ""))
     met = lambda ok: "met" if ok else "missed"  # noqa: E731
     stop = (f"epoch {f['stop_epoch']}, {f['evaluations_after_peak']} evaluation(s) after the peak ({met(f['stop_within_2_evaluations'])})"

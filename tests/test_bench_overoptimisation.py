@@ -6,7 +6,7 @@ from benchmarks import bench_overoptimisation as b
 
 
 def test_overoptimisation_smoke(tmp_path):
-    assert b.main(["--smoke", "--epochs", "2", "--out", str(tmp_path)]) == 0
+    assert b.main(["--smoke", "--epochs", "2", "--guard-samples", "8", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "overoptimisation_smoke.json").read_text())
     assert set(data["runs"]) == {"watch", "stop", "grpo_guard"}
     f = data["findings"]
