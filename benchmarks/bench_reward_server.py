@@ -2,14 +2,15 @@
 per-call cost.
 
 The reward: a CLIP-style image encoder built locally with random weights (transformers' CLIPVisionModelWithProjection:
-64x64 inputs, 8x8 patches, width 256, 4 layers; a linear head on its projection), whose batched forward costs what
-a small reward model's does: a fixed cost per call plus a cost per image. Served on 127.0.0.1 by the reward server
-(``rewards.remote.make_app``) with dynamic batching (``--max-batch 128``, ``--max-wait-ms 5``) and without it
-(``--no-batching``). 1, 4 and 16 clients (threads of this process, each a ``RemoteReward``) send requests of 8 images
-(64x64 RGB, uint8) back to back for ``--seconds`` each. Reported per mode and client count: images per second,
-p50 and p99 latency of a request, the mean images per reward call (from /metrics), replies checked against the
-reward scored alone (0 mixed), and the process's resident memory after warm-up, after the load and after a fuzz of
-malformed requests (``FUZZ``, also tests/rewards/test_reward_server.py's).
+64x64 inputs, 16x16 patches, width 64, 2 layers; a linear head on its projection) on one thread, whose forward costs a
+fixed amount per call (operator dispatch, as a GPU reward's launches and transfers) plus a small cost per image.
+Served by ``diffrl-fast reward-server`` in its own process on 127.0.0.1 with dynamic batching (``--max-batch 128``,
+``--max-wait-ms 5``) and without it (``--no-batching``). 1, 4 and 16 clients (threads of this process, each a
+``RemoteReward``) send requests of 8 images (64x64 RGB, uint8) back to back for ``--seconds`` each. Reported per mode
+and client count: images per second, p50 and p99 latency of a request, the mean images per reward call (from
+/metrics), every reply checked after the load against the reward scored here (0 mixed), and the server process's
+resident memory after warm-up, after the load and after a fuzz of malformed requests (``fuzz_cases``, also
+tests/rewards/test_reward_server.py's).
 
 Run: ``diffrl-fast bench reward-server [--seconds 8]``; writes benchmarks/results/reward_server.{json,md}.
 """
@@ -41,7 +42,8 @@ def clip_style_reward(seed: int = 0):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+    torch.set_num_threads(1)  # the server's reward thread: one core, the clients the other
+    cfg = CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, projection_dim=128)
     model = CLIPVisionModelWithProjection(cfg).eval()
     head = torch.nn.Linear(128, 1)
@@ -58,7 +60,8 @@ def clip_style_reward(seed: int = 0):
 
 
 class Server:
-    """The reward server's aiohttp application on a free port of 127.0.0.1, served from a background thread."""
+    """The reward server's aiohttp application on a free port of 127.0.0.1, served from a background thread (the
+    tests' fixture)."""
 
     def __init__(self, app) -> None:
         from aiohttp import web
@@ -88,11 +91,32 @@ class Server:
         self.thread.join(30)
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+class ServerProcess:
+    """``diffrl-fast reward-server`` serving this module's CLIP-style reward in its own process on a free port."""
+
+    def __init__(self, *flags: str) -> None:
+        import re
+        import subprocess
+
+        cmd = [sys.executable, "-m", "diffrl_fast", "reward-server", "--reward", "benchmarks.bench_reward_server:clip_style_reward",
+               "--port", "0", *flags]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"the reward server did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{m.group(1)}"
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 def scrape(url: str) -> dict:
@@ -107,23 +131,28 @@ def scrape(url: str) -> dict:
 
 
 def load(url: str, reward, clients: int, seconds: float, seed: int) -> dict:
-    """``clients`` threads sending requests of 8 images back to back for ``seconds``; every reply checked."""
+    """``clients`` threads sending requests of 8 images back to back for ``seconds``; every reply is checked against
+    the reward scored here, after the load (off the clock)."""
     import torch
 
     from diffrl_fast.rewards.remote import RemoteReward
 
     before = scrape(url)
-    lat, images, errors, mixed = [], [0], [], [0]
+    lat, errors = [], []
+    replies = {c: [] for c in range(clients)}
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
+
+    def batch(g, c, k):
+        x = (torch.rand(IMAGES_PER_REQUEST, 3, 64, 64, generator=g) * 255).round() / 255
+        return x, [f"c{c} r{k} i{i}" for i in range(IMAGES_PER_REQUEST)]
 
     def client(c):
         g = torch.Generator().manual_seed(seed * 1000 + c)
         remote = RemoteReward(url, image_format="uint8", timeout_s=120, retries=0)
         k = 0
         while time.perf_counter() < stop_at:
-            x = (torch.rand(IMAGES_PER_REQUEST, 3, 64, 64, generator=g) * 255).round() / 255
-            prompts = [f"c{c} r{k} i{i}" for i in range(IMAGES_PER_REQUEST)]
+            x, prompts = batch(g, c, k)
             t = time.perf_counter()
             try:
                 got, _ = remote(x, prompts, [{}] * IMAGES_PER_REQUEST)
@@ -132,12 +161,9 @@ def load(url: str, reward, clients: int, seconds: float, seed: int) -> dict:
                     errors.append(f"{type(exc).__name__}: {exc}")
                 return
             dt = time.perf_counter() - t
-            want = reward(x, prompts, None)[0]
             with lock:
                 lat.append(dt)
-                images[0] += IMAGES_PER_REQUEST
-                if not torch.allclose(got, want.float(), atol=1e-4, rtol=1e-4):
-                    mixed[0] += 1
+            replies[c].append(got)
             k += 1
         remote.close()
 
@@ -149,13 +175,20 @@ def load(url: str, reward, clients: int, seconds: float, seed: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     after = scrape(url)
+    mixed = 0
+    for c, got in replies.items():  # the same batches again, scored here
+        g = torch.Generator().manual_seed(seed * 1000 + c)
+        for k, r in enumerate(got):
+            x, prompts = batch(g, c, k)
+            mixed += not torch.allclose(r, reward(x, prompts, None)[0].float(), atol=1e-4, rtol=1e-4)
+    images = sum(len(v) for v in replies.values()) * IMAGES_PER_REQUEST
     calls = after["reward_server_batches_total"] - before["reward_server_batches_total"]
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
-    return {"clients": clients, "requests": len(lat), "images": images[0], "wall_s": round(wall, 2),
-            "images_per_s": images[0] / wall, "p50_ms": q(0.5), "p99_ms": q(0.99),
+    return {"clients": clients, "requests": len(lat), "images": images, "wall_s": round(wall, 2),
+            "images_per_s": images / wall, "p50_ms": q(0.5), "p99_ms": q(0.99),
             "mean_batch": (after["reward_server_images_total"] - before["reward_server_images_total"]) / max(calls, 1),
-            "reward_calls": int(calls), "errors": errors[:5], "error_count": len(errors), "mixed": mixed[0]}
+            "reward_calls": int(calls), "errors": errors[:5], "error_count": len(errors), "mixed": mixed}
 
 
 def _png(mode: str, size=(4, 4)) -> str:
@@ -252,29 +285,30 @@ def main(argv=None) -> int:
     import requests
     import torch
 
-    from diffrl_fast.rewards.remote import encode_images, make_app
+    from diffrl_fast.rewards.remote import encode_images
 
     reward = clip_style_reward()
     max_batch, max_side = 128, 256
     clients = (1, 4) if args.smoke else CLIENTS
     rows, rss = [], {}
     for mode in ("batching", "one at a time"):
-        server = Server(make_app(reward, "clip_style", max_batch=max_batch, max_wait_ms=5.0, batching=mode == "batching",
-                                 max_side=max_side))
+        flags = ["--max-batch", str(max_batch), "--max-wait-ms", "5", "--max-side", str(max_side)]
+        server = ServerProcess(*flags, *([] if mode == "batching" else ["--no-batching"]))
         try:
             load(server.url, reward, 2, 0.5, seed=99)  # warm-up: first calls, allocator
-            rss.setdefault("warm", rss_mb())
+            if mode == "batching":
+                rss["warm"] = server.rss_mb()
             for n in clients:
                 rows.append({"mode": mode, **load(server.url, reward, n, args.seconds, seed=n)})
                 print(f"{mode:>14} {n:>2} clients: {rows[-1]['images_per_s']:.0f} images/s, p50 {rows[-1]['p50_ms']:.1f} ms, "
                       f"p99 {rows[-1]['p99_ms']:.1f} ms, {rows[-1]['mean_batch']:.1f} images per call", flush=True)
             if mode == "batching":
-                rss["load"] = rss_mb()
+                rss["load"] = server.rss_mb()
                 codes = fuzz(server.url, max_batch, max_side)
                 expected = {name: code for name, _, code in fuzz_cases(max_batch, max_side)}
                 good = {"prompts": ["1"], "images": encode_images(torch.zeros(1, 3, 64, 64))}
                 alive = requests.post(f"{server.url}/score", json=good, timeout=60).status_code == 200
-                rss["fuzz"] = rss_mb()
+                rss["fuzz"] = server.rss_mb()
         finally:
             server.close()
     top = max(clients)
