@@ -2,7 +2,7 @@
 per-call cost.
 
 The reward: a CLIP-style image encoder built locally with random weights (transformers' CLIPVisionModelWithProjection:
-64x64 inputs, 16x16 patches, width 64, 2 layers; a linear head on its projection) on one thread, whose forward costs a
+64x64 inputs, 16x16 patches, width 64, 2 layers; a linear head on its projection), served on one thread, whose forward costs a
 fixed amount per call (operator dispatch, as a GPU reward's launches and transfers) plus a small cost per image.
 Served by ``diffrl-fast reward-server`` in its own process on 127.0.0.1 with dynamic batching (``--max-batch 128``,
 ``--max-wait-ms 5``) and without it (``--no-batching``). 1, 4 and 16 clients (threads of this process, each a
@@ -42,7 +42,6 @@ def clip_style_reward(seed: int = 0):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    torch.set_num_threads(1)  # the server's reward thread: one core, the clients the other
     cfg = CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, projection_dim=128)
     model = CLIPVisionModelWithProjection(cfg).eval()
@@ -100,7 +99,10 @@ class ServerProcess:
 
         cmd = [sys.executable, "-m", "diffrl_fast", "reward-server", "--reward", "benchmarks.bench_reward_server:clip_style_reward",
                "--port", "0", *flags]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        import os
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the reward on one core, the clients on the other
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         line = self.proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         if not m:

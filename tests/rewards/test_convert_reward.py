@@ -81,20 +81,16 @@ def test_convert_reports_missing_and_unsafe_files_with_exit_2(tmp_path):
     assert out.returncode == 2 and "junk.pth" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_eval_takes_each_rewards_kwargs_and_reward_servers(clip_dir, laion_pth, tmp_path):
+def test_eval_takes_each_rewards_kwargs_and_reward_servers(clip_dir, laion_pth, tmp_path, serve):
     from diffrl_fast.rewards.remote import make_app
-    from tests.rewards.test_remote import ServerThread
 
     src, _ = laion_pth
     kwargs = {"clip_path": clip_dir, "mlp_path": str(src)}
-    server = ServerThread(make_app(get_reward("aesthetic", **kwargs), "aesthetic"))
-    try:
-        out = run_cli("eval", "--model", "digits", "--prompt", "3", "--n", "2", "--steps", "2",
-                      "--reward", "aesthetic", "--kwargs", json.dumps(kwargs), "--reward", "jpeg_compressibility",
-                      "--reward", "aesthetic", "--kwargs", json.dumps(kwargs), "--reward", server.url,
-                      "--json", str(tmp_path / "e.json"), "--device", "cpu")
-    finally:
-        server.close()
+    server = serve(make_app(get_reward("aesthetic", **kwargs), "aesthetic"))
+    out = run_cli("eval", "--model", "digits", "--prompt", "3", "--n", "2", "--steps", "2",
+                  "--reward", "aesthetic", "--kwargs", json.dumps(kwargs), "--reward", "jpeg_compressibility",
+                  "--reward", "aesthetic", "--kwargs", json.dumps(kwargs), "--reward", server.url,
+                  "--json", str(tmp_path / "e.json"), "--device", "cpu")
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "e.json").read_text())["rewards"]
     assert set(data) == {"aesthetic", "jpeg_compressibility", "aesthetic#2", server.url}
