@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine_info  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, reading_lines  # noqa: E402
 
 # Every run starts from the digits preset (configs/digits.yaml, its by_algo entries included) and keeps each
 # algorithm's reference conventions and values otherwise (docs/algorithms.md).
@@ -211,9 +211,7 @@ def write_markdown(results: dict, overopt: dict | None, meta: dict, out: Path, b
                   "the TDPO critic reads the digit classifier's embedding of x_t (tdpo.critic_encoder=digit_confidence), the "
                   "digits world's only image encoder, which is also the held-out reward's backbone.", "",
                   "![held-out vs optimised reward](algos_overopt.png)", ""]
-    reading = out.with_name(f"{out.stem}_reading.md")  # the hand-written analysis of the committed figures
-    if reading.is_file():
-        lines += [reading.read_text()]
+    lines += reading_lines(out)
     out.write_text("\n".join(lines) + "\n")
 
 

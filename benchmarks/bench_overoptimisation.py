@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine_info  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, reading_lines  # noqa: E402
 
 RUNS = {"watch": ["guard.stop=false"], "stop": ["guard.stop=true"], "grpo_guard": ["guard.stop=false", "grpo.guard=true"]}
 LABELS = {"watch": "Flow-GRPO", "stop": "Flow-GRPO, guard.stop=true", "grpo_guard": "Flow-GRPO + GRPO-Guard"}
@@ -230,9 +230,7 @@ def write_md(data: dict, path: Path) -> None:
                      f"{_f(recs[0].get('reward_digit_layout'))} -> {_f(recs[-1].get('reward_digit_layout'))} | {r['wall_s']:.0f} |")
     lines += ["", "(brightness and digit_layout: the training reward's components, unweighted, as epoch means of the rollouts; "
               "held-out: the guard's evaluations, epoch 0 before training)", "", "![curves](overoptimisation.png)", "", "![grids](overoptimisation_grids.png)", ""]
-    reading = path.with_name(path.stem + "_reading.md")
-    if reading.is_file():
-        lines += [reading.read_text().rstrip(), ""]
+    lines += reading_lines(path)
     path.write_text("\n".join(lines))
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine_info  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, reading_lines  # noqa: E402
 
 CLIENTS = (1, 4, 16)
 IMAGES_PER_REQUEST = 8
@@ -275,9 +275,7 @@ def write_md(data: dict, path: Path) -> None:
               f"Fuzz: {s['fuzz_cases']} malformed requests, {s['fuzz_4xx']} answered 4xx as expected, {s['fuzz_5xx']} 5xx; the server "
               f"answered a valid request afterwards: {s['alive_after_fuzz']}. Resident memory: {s['rss_warm_mb']:.0f} MB after warm-up, "
               f"{s['rss_load_mb']:.0f} MB after the load, {s['rss_fuzz_mb']:.0f} MB after the fuzz ({s['rss_ratio']:.2f}x; target at most 1.5x).", ""]
-    reading = path.with_name(path.stem + "_reading.md")
-    if reading.is_file():
-        lines += [reading.read_text().rstrip(), ""]
+    lines += reading_lines(path)
     path.write_text("\n".join(lines))
 
 

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine_info  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, reading_lines  # noqa: E402
 from diffrl_fast.train.guard import within_prompt_diversity  # noqa: E402  (the guards' diversity, the same formula)
 
 # name -> overrides on top of the digits preset. The baseline is DDPO-IS at ddpo-pytorch's settings as the
@@ -331,9 +331,7 @@ def write_md(summary: dict, meta: dict, path: Path) -> None:
     lines += ["", "(mean ± std over the seeds that reached the threshold; a speed-up is the baseline's median over the "
               "contender's, only when every seed reached it; denoiser passes: a forward of one sample at one step = 1, its "
               "backward = 2, both guidance branches count)", "", f"![eval reward against denoiser passes and training time]({path.stem}.png)", ""]
-    reading = path.with_name(f"{path.stem}_reading.md")  # the hand-written analysis of the committed figures
-    if reading.is_file():
-        lines += [reading.read_text()]
+    lines += reading_lines(path)
     path.write_text("\n".join(lines))
 
 

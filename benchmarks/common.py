@@ -121,6 +121,13 @@ def machine_info(device: str) -> dict:
 START_COMMIT = git_commit()
 
 
+def reading_lines(md_path: Path) -> list[str]:
+    """The hand-written reading of a result file, ``<stem>_reading.md`` beside ``md_path``, as lines to append to its
+    generated .md (regenerating the .md keeps it); [] when there is none."""
+    reading = Path(md_path).with_name(Path(md_path).stem + "_reading.md")
+    return [reading.read_text().rstrip(), ""] if reading.is_file() else []
+
+
 def write_rows(stem: str, rows: Iterable[dict], meta: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:
     """Write ``rows`` as ``stem``.json (with ``meta``) and ``stem``.csv under ``out_dir``."""
     rows = list(rows)
