@@ -239,18 +239,21 @@ def within_budget(run: dict, budget_s: float):
 
 
 def reusable(path: Path, budget_s: float) -> dict:
-    """{(name, overrides, seed): run} of an earlier JSON's runs that cover the budget, cut to it."""
+    """{(overrides, seed): run} of an earlier JSON's runs, its sweep runs included, that cover the budget, cut to it.
+    A run is named by what it ran (its overrides and seed), not by the contender's label."""
     if path is None or not path.is_file():
         return {}
     data = json.loads(path.read_text())
     commit = data.get("machine", {}).get("commit", "?")
-    runs = data["runs"] if "runs" in data else data  # a finished JSON, or the .partial.json a cut-short run leaves
+    groups = [data["runs"], data.get("sweep") or {}] if "runs" in data else [data]  # a finished JSON or a .partial.json
     out = {}
-    for name, rs in runs.items():
-        for r in rs:
-            cut = within_budget({"commit": commit, **r}, budget_s)
-            if cut is not None:
-                out[(name, tuple(r["overrides"]), r["seed"])] = cut
+    for runs in groups:
+        for rs in runs.values():
+            for r in rs:
+                cut = within_budget({"commit": commit, **r}, budget_s)
+                key = (tuple(r["overrides"]), r["seed"])
+                if cut is not None and (key not in out or "reward" in cut["points"][-1]):
+                    out[key] = cut  # a run evaluated every epoch serves a sweep's need too
     return out
 
 
@@ -417,7 +420,7 @@ def main(argv=None) -> int:
     partial = args.out / f"{stem}.partial.json"
 
     def one(name, overrides, seed, workdir, eval_every_epoch=True):
-        r = reuse.get((name, tuple(overrides), seed))
+        r = reuse.get((tuple(overrides), seed))
         if r is None or (eval_every_epoch and "reward" not in r["points"][-1]):
             r = run_one(name, overrides, seed, args.budget_s, evaluator, workdir, extra, world=world, eval_every_epoch=eval_every_epoch)
         else:

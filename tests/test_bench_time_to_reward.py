@@ -74,9 +74,12 @@ def test_budget_cut_and_reuse(tmp_path):
     assert [p["epoch"] for p in b.within_budget(run, 70)["points"]] == [0, 1, 2]  # up to the first point past it
     assert b.within_budget(run, 121) is None  # stops short: not reusable
     path = tmp_path / "old.json"
-    path.write_text(json.dumps({"machine": {"commit": "abc"}, "runs": {"ddpo_is": [run]}}))
+    swept = {"overrides": ["algo=ddpo_is", "train.learning_rate=0.001"], "seed": 0, "points": pts, "commit": "def"}
+    path.write_text(json.dumps({"machine": {"commit": "abc"}, "runs": {"ddpo_is": [run]}, "sweep": {"ddpo_is": [swept]}}))
     reused = b.reusable(path, 70)
-    assert list(reused) == [("ddpo_is", ("algo=ddpo_is",), 0)] and reused[("ddpo_is", ("algo=ddpo_is",), 0)]["commit"] == "abc"
+    assert sorted(reused) == [(("algo=ddpo_is",), 0), (("algo=ddpo_is", "train.learning_rate=0.001"), 0)]
+    assert reused[(("algo=ddpo_is",), 0)]["commit"] == "abc"  # the file's commit where a run names none
+    assert reused[(("algo=ddpo_is", "train.learning_rate=0.001"), 0)]["commit"] == "def"  # sweep runs are reused too
     assert b.reusable(path, 500) == {}
 
 
