@@ -99,6 +99,11 @@ FLOW_CONTENDERS = {
     # not 6; the reference's 0.4 of 25 steps leaves 7 passes, 0.4 of our 10 would leave a single one)
     "grpo+tree+mix+flash": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed", "train.window_size=4",
                             "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.6"],
+    # BranchGRPO's width pruning, mode 2 at its 0.5: of the transitions after the last split (here the window's step
+    # 3), the best and the worst quarters of the epoch's batch train (mode 1 would keep all: one per leaf)
+    "grpo+tree+mix+flash+prune": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed",
+                                  "train.window_size=4", "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.6",
+                                  "sample.tree_prune_width=2"],
 }
 WORLDS = {
     "digits": dict(preset="digits.yaml", baseline="ddpo_is", reward="digit_confidence", heldout="digit_confidence_heldout",

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from ..diffusion.tree import node_advantages
+from ..diffusion.tree import node_advantages, prune_depths, prune_mask
 from ..ops import ppo_clip_loss, step_mean
 from .base import EpochData
 from .common import rows_of
@@ -113,8 +113,16 @@ class GRPO(PolicyGradientWithKL):
     def prepare(self, run, traj, rewards):
         if traj.tree is not None:  # tree rollouts: BranchGRPO's node advantages, [B, T]; every leaf trains (its
             s = self.cfg.sample     # owned transitions are other leaves' shared prefix)
-            return EpochData(node_advantages(traj.tree, rewards, traj.num_steps, fusion=s.tree_reward_fusion,
-                                             edge_logp=traj.log_probs))
+            adv = node_advantages(traj.tree, rewards, traj.num_steps, fusion=s.tree_reward_fusion, edge_logp=traj.log_probs)
+            pruning = s.tree_prune_width or s.tree_prune_depths
+            if not pruning or run.epoch + 1 > int(self.cfg.num_epochs * s.tree_prune_until):
+                return EpochData(adv)
+            depths = prune_depths(s.tree_prune_depths, run.epoch, s.tree_prune_depth_slide_every, traj.tree.branch_steps)
+            trained = self.train_steps(traj)
+            keep = prune_mask(traj.tree, adv, trained, width_mode=s.tree_prune_width, width_ratio=s.tree_prune_width_ratio,
+                              depths=depths)
+            owned = traj.tree.batch(len(traj), traj.num_steps)[1][:, trained]
+            return EpochData(adv, {"tree_keep": keep, "log": {"tree_pruned": int(owned.sum() - keep[:, trained].sum())}})
         adv = self.group_advantages(run, traj, rewards)
         if not self.cfg.grpo.drop_zero_advantage:
             return EpochData(adv)

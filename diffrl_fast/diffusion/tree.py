@@ -158,3 +158,75 @@ def node_advantages(spec: TreeSpec, rewards: torch.Tensor, num_steps: int, *, fu
         a = torch.where(std < 1e-6, torch.zeros_like(vals), (vals - mean) / (std + eps))
         adv[:, p - 1] = a.reshape(-1)
     return adv.to(torch.float32)
+
+
+PRUNE_WIDTH_MODES = (0, 1, 2)
+
+
+def prune_depths(depths: list[int], epoch: int, slide_every: int, branch_steps: tuple[int, ...]) -> list[int]:
+    """BranchGRPO's depth pruning window at ``epoch`` (its training step; reference: train_branchgrpo_flux.py, the
+    ``depth_pruning`` block): the child depths d (transition j leads to depth d = j + 1) whose transitions are not
+    trained. With ``slide_every`` > 0 the window slides toward the root by one depth every ``slide_every`` epochs,
+
+        shift = min(epoch // slide_every, min(depths) - max(branch_steps)),  depths - shift,
+
+    so that its shallowest depth stops at the last branch step's (the reference's default stop depth)."""
+    base = sorted(int(d) for d in depths)
+    if not base or slide_every <= 0:
+        return base
+    shift = min(epoch // slide_every, max(0, base[0] - max(branch_steps)))
+    return [d - shift for d in base]
+
+
+def prune_mask(spec: TreeSpec, adv: torch.Tensor, trained: torch.Tensor, *, width_mode: int = 0, width_ratio: float = 0.5,
+               depths: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    """[B, T] bool: the transitions of a batch of adjacent trees that training keeps after BranchGRPO's pruning
+    (Li et al. 2025; reference: Fredreic1849/BranchGRPO, fastvideo/train_branchgrpo_flux.py, the depth and width
+    pruning after ``collect_all_transitions``). ``adv`` [B, T] holds the node advantages (``node_advantages``),
+    ``trained`` the step indices training uses (the window), ``depths`` the child depths to drop (``prune_depths``).
+
+    The candidates are the owned transitions at trained steps that survive depth pruning. Width pruning acts on
+    those after the last split, j > max(branch_steps), where each leaf's chain is one branch:
+
+        mode 1: per leaf, keep max(1, int(n_leaf x ratio)) of its n_leaf candidates, the largest advantages first
+                (a chain's advantages are equal, so its earliest steps: the reference's stable sort, depth-first order);
+        mode 2: over the batch's candidates, keep = max(2, int(n x ratio)): the keep // 2 largest advantages and the
+                keep - keep // 2 smallest (ties in the reference's depth-first order: tree, leaf, step).
+
+    Transitions at or before the last split are never width-pruned; advantages are those of the full tree."""
+    B, T = adv.shape
+    reps, owner = spec.batch(B, T)
+    del reps
+    cand = torch.zeros((B, T), dtype=torch.bool)
+    cand[:, trained] = True
+    cand &= owner
+    for d in depths:
+        if 1 <= d <= T:
+            cand[:, d - 1] = False
+    keep = cand.clone()
+    if width_mode == 0:
+        return keep
+    if width_mode not in PRUNE_WIDTH_MODES:
+        raise ValueError(f"tree width pruning mode must be one of {PRUNE_WIDTH_MODES}, got {width_mode}")
+    last = torch.zeros(T, dtype=torch.bool)
+    last[max(spec.branch_steps) + 1:] = True
+    tail = cand & last[None, :]
+    if not bool(tail.any()):
+        return keep
+    keep &= ~tail
+    a = adv.detach().to("cpu", torch.float64)
+    if width_mode == 1:
+        for b in range(B):
+            steps = torch.nonzero(tail[b]).flatten()
+            if steps.numel():
+                n = max(1, int(steps.numel() * width_ratio))
+                order = torch.sort(-a[b, steps], stable=True).indices  # largest first, earlier step on ties
+                keep[b, steps[order[:n]]] = True
+    else:
+        rows, cols = torch.nonzero(tail, as_tuple=True)  # row-major: the reference's depth-first order
+        n = max(2, int(rows.numel() * width_ratio))
+        order = torch.sort(-a[rows, cols], stable=True).indices
+        best, worst = n // 2, n - n // 2
+        chosen = torch.cat([order[:best], order[order.numel() - worst:] if worst else order[:0]])
+        keep[rows[chosen], cols[chosen]] = True
+    return keep

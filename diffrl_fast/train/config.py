@@ -69,6 +69,11 @@ class SampleConfig:
     tree_branch_factor: int = option(2, "Tree rollouts: children per node at a branch step (BranchGRPO: 2).")
     tree_reward_fusion: str = option("mean", "Tree rollouts: a node's reward from its leaves: 'mean' (BranchGRPO's default) or 'prob_weighted' (bottom-up, children weighted by softmax of the log-prob of the action into them: BranchGRPO's --tree_prob_weighted).")
     tree_split_noise_scale: float = option(1.0, "Tree rollouts: branch steps draw their noise at this multiple of the policy's std, their log-prob keeping the policy's std (BranchGRPO's tree_split_noise_scale; its FLUX script uses 4.0, off-policy at branch steps). 1 = on-policy.")
+    tree_prune_width: int = option(0, "Tree rollouts: BranchGRPO's width pruning (--width_pruning_mode) of the trained transitions after the last branch step: 0 = off (its shipped scripts), 1 = per leaf keep int(n x sample.tree_prune_width_ratio) (at least 1), the largest advantages first, 2 = over the batch keep the best and the worst halves of int(n x ratio) (at least 2). Advantages stay those of the full tree; rollouts are unchanged (training passes only).")
+    tree_prune_width_ratio: float = option(0.5, "Tree rollouts: the fraction width pruning keeps (BranchGRPO's --width_pruning_ratio, 0.5).")
+    tree_prune_depths: list[int] = option([], "Tree rollouts: BranchGRPO's depth pruning (--depth_pruning): the child depths d whose transitions j = d - 1 are not trained; [] = off.")
+    tree_prune_depth_slide_every: int = option(0, "Tree rollouts: slide the depth-pruning window one depth toward the root every this many epochs, stopping at the last branch step (BranchGRPO's --depth_pruning_slide with --depth_pruning_slide_interval); 0 = fixed.")
+    tree_prune_until: float = option(1.0, "Tree rollouts: prune while epoch <= int(num_epochs x this) (BranchGRPO's --pruning_step_ratio); 1 = always.")
     trajectory_device: str = option("", "Where rollout trajectories (latents at every step, log-probs, images) are kept: '' = the model's device; 'cpu' spares GPU memory for long chains (SDXL at 50 steps), each training chunk is copied over when used.")
 
 
@@ -462,6 +467,9 @@ def validate(cfg: Config) -> Config:
     if t.timestep_window != "all":
         need(1 <= t.window_size <= s.num_steps, f"train.window_size must be in [1, sample.num_steps={s.num_steps}], got {t.window_size}")
         need(t.window_stride >= 1 and t.window_shift_every >= 1, "train.window_stride and train.window_shift_every must be >= 1")
+    need(bool(s.tree_branch_steps) or not (s.tree_prune_width or s.tree_prune_depths),
+         "sample.tree_prune_width / sample.tree_prune_depths prune tree rollouts: set sample.tree_branch_steps too, or leave "
+         "them at 0 / []")
     if s.tree_branch_steps:
         steps = s.tree_branch_steps
         need(isinstance(steps, list) and all(isinstance(j, int) and not isinstance(j, bool) for j in steps),
@@ -472,6 +480,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"sample.tree_branch_steps / sample.tree_branch_factor: {exc}") from None
         need(s.tree_split_noise_scale > 0, f"sample.tree_split_noise_scale must be > 0, got {s.tree_split_noise_scale}")
         choice("sample.tree_reward_fusion", s.tree_reward_fusion, ("mean", "prob_weighted"))
+        choice("sample.tree_prune_width", s.tree_prune_width, (0, 1, 2))
+        need(0 < s.tree_prune_width_ratio <= 1, f"sample.tree_prune_width_ratio must be in (0, 1], got {s.tree_prune_width_ratio}")
+        need(isinstance(s.tree_prune_depths, list) and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= s.num_steps
+                                                           for d in s.tree_prune_depths),
+             f"sample.tree_prune_depths must be child depths in [1, sample.num_steps={s.num_steps}], got {s.tree_prune_depths!r}")
+        need(s.tree_prune_depth_slide_every >= 0, f"sample.tree_prune_depth_slide_every must be >= 0, got {s.tree_prune_depth_slide_every}")
+        need(0 <= s.tree_prune_until <= 1, f"sample.tree_prune_until must be in [0, 1], got {s.tree_prune_until}")
         leaves = tree_spec(cfg).leaves
         need(cfg.algo == "grpo", f"tree rollouts (sample.tree_branch_steps) train with algo=grpo, not {cfg.algo}: their node "
              "advantages are per transition, and the forward-process algorithms (nft, awm, dgpo) roll out deterministically, "

@@ -446,7 +446,9 @@ class Trainer:
             perm = self.algo.sample_order(B, data, g)
             order = self.algo.step_order(B, steps, n_train, g)
             if traj.tree is not None:  # each distinct transition of a tree once: the others become padding (-1)
-                order = owned_order(order, traj.tree.batch(B, traj.num_steps)[1])
+                owner = traj.tree.batch(B, traj.num_steps)[1]
+                keep = data.extra.get("tree_keep")  # BranchGRPO's pruning (sample.tree_prune_*): fewer of them
+                order = owned_order(order, owner if keep is None else owner & keep)
             minibatches = self.algo.minibatches(perm, data)
             # rows of each (minibatch, chunk) unit, computed once per inner epoch: padding (-1) is no row
             valid = torch.nn.functional.pad((order >= 0).int(), (0, n_chunks * K - order.shape[1])).reshape(B, n_chunks, K).sum(2)

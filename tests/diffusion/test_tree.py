@@ -6,8 +6,8 @@ import torch
 
 from diffrl_fast.diffusion.recompute import parity_report
 from diffrl_fast.diffusion.rollout import sample_trajectories
-from diffrl_fast.diffusion.tree import TreeSpec, node_advantages, owned_order
-from tests.reference.algorithms import branchgrpo_edges
+from diffrl_fast.diffusion.tree import TreeSpec, node_advantages, owned_order, prune_depths, prune_mask
+from tests.reference.algorithms import branchgrpo_edges, branchgrpo_pruned
 
 T = 6
 TREE = TreeSpec((1, 3), 2)  # 4 leaves: split after a shared first step, and again at step 3
@@ -56,6 +56,31 @@ def test_node_advantages_match_branchgrpo(fusion):
                 want = edges[(int(reps[l, j + 1]), j)]
                 assert abs(float(adv[8 * t + l, j]) - want) < 1e-5, (fusion, t, l, j)
     assert abs(float(adv[0, 0]) ** 2 - 0.5) < 1e-6  # two nodes at a level: +-1/sqrt(2)
+
+
+@pytest.mark.parametrize("width_mode, depths, trained", [(1, [], range(6)), (2, [], range(6)), (2, [2], range(4)),
+                                                         (0, [1, 5], range(6)), (1, [6], range(2, 6))])
+def test_pruning_matches_branchgrpo(width_mode, depths, trained):
+    T6, tree = 6, TreeSpec((0, 1), 2)  # last split at step 1: steps 2-5 are each leaf's chain
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(12, generator=g, dtype=torch.float64)  # three trees of four leaves
+    rewards[5] = rewards[6]  # a tie, broken in the reference's depth-first order
+    adv = node_advantages(tree, rewards, T6)
+    keep = prune_mask(tree, adv, torch.tensor(list(trained)), width_mode=width_mode, width_ratio=0.5, depths=depths)
+    want = branchgrpo_pruned([rewards[4 * t:4 * t + 4].tolist() for t in range(3)], (0, 1), T6, set(trained), depths,
+                             width_mode, 0.5)
+    got = {(b // 4, b % 4, j) for b, j in torch.nonzero(keep).tolist()}
+    assert got == want
+    if width_mode:
+        assert len(got) < len(branchgrpo_pruned([rewards[4 * t:4 * t + 4].tolist() for t in range(3)], (0, 1), T6,
+                                                set(trained), depths, 0, 0.5))  # it prunes something
+
+
+def test_depth_pruning_window_slides_to_the_last_split():
+    assert prune_depths([8, 9], 0, 0, (0, 3)) == [8, 9]  # fixed
+    assert prune_depths([8, 9], 0, 2, (0, 3)) == [8, 9]
+    assert prune_depths([8, 9], 5, 2, (0, 3)) == [6, 7]  # one depth per 2 epochs
+    assert prune_depths([8, 9], 100, 2, (0, 3)) == [3, 4]  # stops where its shallowest depth meets the last split
 
 
 def test_tied_rewards_give_zero_advantage():

@@ -491,6 +491,45 @@ def branchgrpo_edges(rewards, branch_steps, num_steps, factor=2, fusion="mean", 
     return {(n["leaves"][0], n["edge_step"]): n["A"] for n in nodes if n["edge_step"] is not None}
 
 
+def branchgrpo_pruned(trees, branch_steps, num_steps, sde_steps, depths, width_mode, ratio, factor=2):
+    """The edges BranchGRPO trains after pruning, for a batch of trees (``trees``: each tree's leaf rewards), as
+    {(tree, first leaf of the child, step)} (Fredreic1849/BranchGRPO, fastvideo/train_branchgrpo_flux.py: the
+    training samples of collect_all_transitions, the mixed mode's SDE-step filter, then the depth and the width
+    pruning blocks, with should_prune true).
+
+    Samples are collected per root in depth-first pre-order (``branchgrpo_edges`` keeps that order): step = the
+    parent's step, child_depth = step + 1, advantage = the child's. Depth pruning drops child depths in ``depths``.
+    Width pruning looks at the samples with step > max(split points): mode 1 groups them by their ancestor at step
+    last + 1 and keeps, per group, max(1, int(n ratio)) by advantage, descending, a stable sort; mode 2 sorts all of
+    them so and keeps the first keep // 2 and the last keep - keep // 2, keep = max(2, int(n ratio)).
+    """
+    samples = []
+    for t, rewards in enumerate(trees):
+        for (leaf, step), adv in branchgrpo_edges(rewards, set(branch_steps), num_steps, factor).items():
+            samples.append({"tree": t, "leaf": leaf, "step": step, "child_depth": step + 1, "advantage": adv})
+    samples = [x for x in samples if x["step"] in set(sde_steps)]
+    samples = [x for x in samples if x["child_depth"] not in set(depths)]
+    if width_mode:
+        last = max(branch_steps)
+        tail = [x for x in samples if x["step"] > last]
+        other = [x for x in samples if x["step"] <= last]
+        if width_mode == 1:
+            groups = {}  # after the last split every node holds one leaf: a sample's ancestor at step last + 1
+            for x in tail:  # is the node of its own leaf (find_last_split_branch)
+                groups.setdefault((x["tree"], x["leaf"]), []).append(x)
+            kept = []
+            for group in groups.values():
+                n = max(1, int(len(group) * ratio))
+                kept += sorted(group, key=lambda x: x["advantage"], reverse=True)[:n]
+        else:
+            ranked = sorted(tail, key=lambda x: x["advantage"], reverse=True)
+            n = max(2, int(len(ranked) * ratio))
+            best, worst = n // 2, n - n // 2
+            kept = ranked[:best] + (ranked[-worst:] if worst > 0 else [])
+        samples = other + kept
+    return {(x["tree"], x["leaf"], x["step"]) for x in samples}
+
+
 # ------------------------------------------------------------------------- MixGRPO-Flash's ODE tail
 
 def mixgrpo_post_sigmas(sigma_schedule, last_window, ratio, shift):
