@@ -5,7 +5,7 @@ The reward: a CLIP-style image encoder built locally with random weights (transf
 64x64 inputs, 16x16 patches, width 64, 2 layers; a linear head on its projection), served on one thread, whose forward costs a
 fixed amount per call (operator dispatch, as a GPU reward's launches and transfers) plus a small cost per image.
 Served by ``diffrl-fast reward-server`` in its own process on 127.0.0.1 with dynamic batching (``--max-batch 128``,
-``--max-wait-ms 5``) and without it (``--no-batching``). 1, 4 and 16 clients (threads of this process, each a
+``--max-wait-ms 5``; its default adaptive wait, and ``--wait fixed``) and without it (``--no-batching``). 1, 4 and 16 clients (threads of this process, each a
 ``RemoteReward``) send requests of 8 images (64x64 RGB, uint8) back to back for ``--seconds`` each. Reported per mode
 and client count: images per second, p50 and p99 latency of a request, the mean images per reward call (from
 /metrics), every reply checked after the load against the reward scored here (0 mixed), and the server process's
@@ -33,6 +33,8 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import RESULTS, machine_info, reading_lines  # noqa: E402
 
 CLIENTS = (1, 4, 16)
+# mode -> the server's flags beyond the common ones; "batching" is the default adaptive wait
+MODES = {"batching": [], "batching, fixed wait": ["--wait", "fixed"], "one at a time": ["--no-batching"]}
 IMAGES_PER_REQUEST = 8
 
 
@@ -272,6 +274,8 @@ def write_md(data: dict, path: Path) -> None:
     s = data["summary"]
     lines += ["", f"With {max(CLIENTS)} clients dynamic batching scores **{s['speedup']:.2f}x** the images per second of one request "
               f"per reward call (target: at least 3x), at {s['p99_ratio']:.2f}x its p99 latency (target: at most 2x).", "",
+              f"With one client the adaptive wait (the default) scores {s['one_client_adaptive_over_fixed']:.2f}x the images per second "
+              f"of the fixed 5 ms wait, and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching.", "",
               f"Fuzz: {s['fuzz_cases']} malformed requests, {s['fuzz_4xx']} answered 4xx as expected, {s['fuzz_5xx']} 5xx; the server "
               f"answered a valid request afterwards: {s['alive_after_fuzz']}. Resident memory: {s['rss_warm_mb']:.0f} MB after warm-up, "
               f"{s['rss_load_mb']:.0f} MB after the load, {s['rss_fuzz_mb']:.0f} MB after the fuzz ({s['rss_ratio']:.2f}x; target at most 1.5x).", ""]
@@ -294,9 +298,9 @@ def main(argv=None) -> int:
     max_batch, max_side = 128, 256
     clients = (1, 4) if args.smoke else CLIENTS
     rows, rss = [], {}
-    for mode in ("batching", "one at a time"):
+    for mode in MODES:
         flags = ["--max-batch", str(max_batch), "--max-wait-ms", "5", "--max-side", str(max_side)]
-        server = ServerProcess(*flags, *([] if mode == "batching" else ["--no-batching"]))
+        server = ServerProcess(*flags, *MODES[mode])
         try:
             load(server.url, reward, 2, 0.5, seed=99)  # warm-up: first calls, allocator
             if mode == "batching":
@@ -316,8 +320,11 @@ def main(argv=None) -> int:
             server.close()
     top = max(clients)
     fast = next(r for r in rows if r["mode"] == "batching" and r["clients"] == top)
-    slow = next(r for r in rows if r["mode"] != "batching" and r["clients"] == top)
+    slow = next(r for r in rows if r["mode"] == "one at a time" and r["clients"] == top)
+    one = {r["mode"]: r["images_per_s"] for r in rows if r["clients"] == 1}
     summary = {"speedup": fast["images_per_s"] / slow["images_per_s"], "p99_ratio": fast["p99_ms"] / slow["p99_ms"],
+               "one_client_adaptive_over_fixed": one["batching"] / one["batching, fixed wait"],
+               "one_client_adaptive_over_unbatched": one["batching"] / one["one at a time"],
                "fuzz_cases": len(codes), "fuzz_4xx": sum(codes[k] == expected[k] for k in codes),
                "fuzz_5xx": sum(isinstance(c, int) and c >= 500 for c in codes.values()), "fuzz_codes": codes,
                "alive_after_fuzz": alive, "rss_warm_mb": rss["warm"], "rss_load_mb": rss["load"], "rss_fuzz_mb": rss["fuzz"],

@@ -327,6 +327,9 @@ def reward_server_table(data: dict) -> str:
               f"call at {s['p99_ratio']:.2f}x its p99 latency; {s['mixed']} mixed replies, {s['errors']} errors; a fuzz of "
               f"{s['fuzz_cases']} malformed requests got {s['fuzz_4xx']} expected 4xx answers and {s['fuzz_5xx']} 5xx; resident "
               f"memory {s['rss_ratio']:.2f}x its after-warm-up value ({_provenance(data, command)}).", ""]
+    if "one_client_adaptive_over_fixed" in s:
+        lines[-1:-1] = [f"With one client the adaptive wait scores {s['one_client_adaptive_over_fixed']:.2f}x the images per second of "
+                        f"the fixed 5 ms wait and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching.", ""]
     return "\n".join(lines)
 
 

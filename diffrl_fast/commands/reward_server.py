@@ -19,6 +19,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: a free port, printed when listening)")
     ap.add_argument("--max-batch", type=int, default=64, help="most images per reward call and per request (default: 64)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the oldest waiting request may wait for others to fill a batch (default: 5)")
+    ap.add_argument("--wait", choices=("adaptive", "fixed"), default="adaptive",
+                    help="adaptive (default): wait for others only while other clients are active, so a lone client pays no "
+                         "--max-wait-ms; fixed: the oldest request always waits up to --max-wait-ms")
     ap.add_argument("--no-batching", action="store_true", help="one request per reward call, in arrival order (no merging)")
     ap.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429 with Retry-After (default: 256)")
     ap.add_argument("--request-timeout-s", type=float, default=600.0, help="a request still waiting this long gets 503 (default: 600)")
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> int:
                          "token the trainers send from reward.token_file), or bind to 127.0.0.1")
     try:
         serve(args.reward, kwargs=kwargs, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-              batching=not args.no_batching, max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
+              batching=not args.no_batching, wait=args.wait, max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
               max_side=args.max_side, token=token, print_fn=lambda s: print(s, flush=True))
     except RewardError as exc:
         raise UsageError(str(exc)) from None
@@ -64,7 +67,7 @@ def main(argv: list[str]) -> int:
 def serve(reward: str, *, kwargs: Optional[dict] = None, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
           print_fn=print, **options) -> None:
     """Serve the registered or dotted-path reward ``reward`` (rewards.remote.make_app, with ``options``: max_wait_ms,
-    batching, max_queue, request_timeout_s, max_side, token) on http://host:port until interrupted (port 0: a free
+    wait, batching, max_queue, request_timeout_s, max_side, token) on http://host:port until interrupted (port 0: a free
     port, printed)."""
     import asyncio
     import signal
@@ -83,7 +86,7 @@ def serve(reward: str, *, kwargs: Optional[dict] = None, host: str = "127.0.0.1"
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = site._server.sockets[0].getsockname()[1] if port == 0 else port
-        batching = "off" if options.get("batching") is False else f"up to {max_batch} images, {options.get('max_wait_ms', 5.0):g} ms wait"
+        batching = "off" if options.get("batching") is False else f"up to {max_batch} images, {options.get('wait', 'adaptive')} wait of up to {options.get('max_wait_ms', 5.0):g} ms"
         access = "a bearer token required (--token-file)" if options.get("token") else "no token (loopback only)"
         print_fn(f"serving reward {reward!r} on http://{host}:{bound} (max batch {max_batch}; dynamic batching {batching}; "
                  f"{access}); stop with Ctrl-C")

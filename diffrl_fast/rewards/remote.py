@@ -137,6 +137,9 @@ def decode_images(field, max_side: int = 1 << 16) -> torch.Tensor:
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
+WAIT_MODES = ("adaptive", "fixed")  # the batcher's wait for more requests (make_app)
+
+
 def body_limit(max_batch: int, max_side: int) -> int:
     """The largest /score body a server takes: ``max_batch`` float32 RGB images of ``max_side`` pixels a side in
     base64 (4/3 of the bytes), and 64 KiB of prompt and metadata per image, plus 64 KiB."""
@@ -166,6 +169,7 @@ class _Stats:
         self.latency = collections.deque(maxlen=4096)  # seconds of the last answered /score requests
         self.latency_sum, self.latency_count = 0.0, 0
         self.images = self.batches = self.batch_requests = 0
+        self.waited = 0  # batches whose batcher waited for more requests
         self.call_s = 0.0  # moving average of a reward call's seconds (Retry-After's estimate)
 
     def quantile(self, q: float) -> float:
@@ -174,13 +178,16 @@ class _Stats:
 
 
 def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 5.0, max_queue: int = 256,
-             request_timeout_s: float = 600.0, max_side: int = 2048, batching: bool = True, token: str | None = None):
+             request_timeout_s: float = 600.0, max_side: int = 2048, batching: bool = True, token: str | None = None,
+             wait: str = "adaptive"):
     """The aiohttp application serving ``reward_fn(images, prompts, metadata) -> (rewards, info)`` under ``name``.
 
     Dynamic batching (``batching``): requests wait in one queue; a batcher forms a reward call from the oldest request
     and the ones behind it with the same image size, whole requests only, up to ``max_batch`` images, once it has
     them or ``max_wait_ms`` after the oldest arrived, then splits the rewards back (each request gets its own; the
-    ``info`` statistics are the formed batch's). A formed batch whose reward raises is scored again request by request,
+    ``info`` statistics are the formed batch's). ``wait="adaptive"`` (the default) waits only when other clients are
+    active: a request is being received, more than one is queued, or the last reward call merged several; a lone
+    sequential client is then scored at once instead of paying ``max_wait_ms`` per request. ``"fixed"`` always waits. A formed batch whose reward raises is scored again request by request,
     so only a request that fails alone gets its 422. Without batching, one request per reward call (in arrival order).
     Backpressure: more than ``max_queue`` waiting requests get 429 with Retry-After (seconds, estimated from the
     queue and the recent reward calls); a request still queued ``request_timeout_s`` after it arrived gets 503.
@@ -198,10 +205,12 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     web = require("aiohttp.web", "the reward server")
     if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or request_timeout_s <= 0 or max_side < 1:
         raise ValueError("max_batch, max_queue and max_side must be >= 1, max_wait_ms >= 0 and request_timeout_s > 0")
+    if wait not in WAIT_MODES:
+        raise ValueError(f"wait must be one of {WAIT_MODES}, got {wait!r}")
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")  # one reward call at a time
     stats, queue = _Stats(), []
     limit = body_limit(max_batch, max_side)
-    state: dict = {}
+    state: dict = {"arriving": 0, "last_requests": 0}  # /score requests being read; requests of the last reward call
 
     def fail(status: int, message: str, **headers):
         return web.json_response({"error": message}, status=status, headers=headers or None)
@@ -242,6 +251,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         stats.call_s = dt if stats.batches == 0 else 0.8 * stats.call_s + 0.2 * dt
         stats.batches += 1
         stats.batch_requests += len(items)
+        state["last_requests"] = len(items)
         stats.images += images.shape[0]
         start = 0
         for p in items:
@@ -265,7 +275,9 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             if not queue:
                 continue
             key = queue[0].key
-            if batching:  # wait for a full batch, at most max_wait_ms after the oldest request arrived
+            others = state["arriving"] > 0 or len(queue) > 1 or state["last_requests"] > 1
+            if batching and (wait == "fixed" or others):  # wait for a full batch, at most max_wait_ms after the oldest
+                stats.waited += 1                          # request arrived
                 until = queue[0].t0 + max_wait_ms / 1000
                 while sum(len(p.prompts) for p in queue if p.key == key) < max_batch and loop.time() < until:
                     wake.clear()
@@ -309,7 +321,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
 
     async def health(request):
         return web.json_response({"status": "ok", "reward": name, "max_batch": max_batch, "protocol": PROTOCOL,
-                                  "batching": batching, "max_side": max_side, "queued": len(queue),
+                                  "batching": batching, "wait": wait, "max_side": max_side, "queued": len(queue),
                                   "batches": stats.batches, "images": stats.images})
 
     async def metrics(request):
@@ -320,6 +332,8 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
                   f"reward_server_images_total {stats.images}",
                   "# HELP reward_server_batches_total Reward calls (batches formed).", "# TYPE reward_server_batches_total counter",
                   f"reward_server_batches_total {stats.batches}",
+                  "# HELP reward_server_batches_waited_total Batches for which the batcher waited for more requests.",
+                  "# TYPE reward_server_batches_waited_total counter", f"reward_server_batches_waited_total {stats.waited}",
                   "# HELP reward_server_batch_images Images per reward call (mean: _sum / _count).",
                   "# TYPE reward_server_batch_images summary",
                   f"reward_server_batch_images_sum {stats.images}", f"reward_server_batch_images_count {stats.batches}",
@@ -340,7 +354,26 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         raise ValueError(f"{value} is not JSON")
 
     async def score(request):
-        loop = asyncio.get_running_loop()
+        state["arriving"] += 1  # others are coming: the batcher's adaptive wait reads this
+        try:
+            pending = await receive(request)
+        finally:
+            state["arriving"] -= 1
+        if not isinstance(pending, _Pending):
+            return pending  # the request's error answer
+        queue.append(pending)
+        state["wake"].set()
+        kind, value = await pending.future
+        if kind == "expired":
+            return fail(503, f"the request waited more than {request_timeout_s:g} s (--request-timeout-s) in the queue: "
+                             "the server is overloaded")
+        if kind == "raised":
+            return fail(422, value)
+        rewards, info = value
+        return web.json_response({"rewards": rewards, "info": info})
+
+    async def receive(request):
+        """The checked request as a _Pending, or the error response that refuses it."""
         try:
             body = json.loads(await request.text(), parse_constant=reject_constant)
         except (ValueError, UnicodeDecodeError):
@@ -365,21 +398,12 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             return fail(400, f"{images.shape[0]} images for {len(prompts)} prompts")
         if len(queue) >= max_queue:
             waiting = sum(len(p.prompts) for p in queue)
-            wait = max(1, math.ceil((waiting / max_batch + 1) * max(stats.call_s, 1e-3)))
-            return fail(429, f"{len(queue)} requests are waiting (--max-queue {max_queue}); retry after {wait} s",
-                        **{"Retry-After": str(wait)})
+            retry = max(1, math.ceil((waiting / max_batch + 1) * max(stats.call_s, 1e-3)))
+            return fail(429, f"{len(queue)} requests are waiting (--max-queue {max_queue}); retry after {retry} s",
+                        **{"Retry-After": str(retry)})
+        loop = asyncio.get_running_loop()
         t0 = loop.time()
-        pending = _Pending(images, prompts, metadata, loop.create_future(), t0, t0 + request_timeout_s)
-        queue.append(pending)
-        state["wake"].set()
-        kind, value = await pending.future
-        if kind == "expired":
-            return fail(503, f"the request waited more than {request_timeout_s:g} s (--request-timeout-s) in the queue: "
-                             "the server is overloaded")
-        if kind == "raised":
-            return fail(422, value)
-        rewards, info = value
-        return web.json_response({"rewards": rewards, "info": info})
+        return _Pending(images, prompts, metadata, loop.create_future(), t0, t0 + request_timeout_s)
 
     async def start(app):
         state["wake"] = asyncio.Event()

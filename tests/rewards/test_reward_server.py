@@ -31,7 +31,7 @@ def metrics(url, **kw) -> dict:
 
 
 def test_concurrent_requests_are_merged_and_each_gets_its_own_rewards(serve):
-    server = serve(make_app(per_sample, "per_sample", max_batch=64, max_wait_ms=100))
+    server = serve(make_app(per_sample, "per_sample", max_batch=64, max_wait_ms=100, wait="fixed"))
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(4, 1, 8, 8, generator=g), [str(100 * c + i) for i in range(4)]) for c in range(16)]
     got, errors = {}, []
@@ -63,13 +63,44 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rewards(serve):
     assert metrics(plain.url)["reward_server_batches_total"] == 3
 
 
+def test_adaptive_wait_spares_a_lone_client_and_still_merges_concurrent_ones(serve):
+    adaptive = serve(make_app(per_sample, "per_sample", max_batch=64, max_wait_ms=300))
+    fixed = serve(make_app(per_sample, "per_sample", max_batch=64, max_wait_ms=300, wait="fixed"))
+    images, prompts = torch.rand(2, 1, 4, 4), ["1", "2"]
+    for server in (adaptive, fixed):
+        client = RemoteReward(server.url)
+        for _ in range(3):  # one client, one request at a time
+            client(images, prompts, [{}] * 2)
+    assert metrics(adaptive.url)["reward_server_batches_waited_total"] == 0  # scored at once, 3 x 300 ms spared
+    assert metrics(fixed.url)["reward_server_batches_waited_total"] == 3
+    assert requests.get(f"{adaptive.url}/health", timeout=10).json()["wait"] == "adaptive"
+    done, errors = [], []
+
+    def client():
+        try:
+            done.append(RemoteReward(adaptive.url)(images, prompts, [{}] * 2))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    m = metrics(adaptive.url)
+    assert not errors and len(done) == 12 and m["reward_server_batch_requests_sum"] == 15
+    assert m["reward_server_batches_total"] - 3 < 12 and m["reward_server_batches_waited_total"] > 0  # merged
+    with pytest.raises(ValueError, match="wait must be one of"):
+        make_app(per_sample, "per_sample", wait="sometimes")
+
+
 def test_a_request_that_breaks_the_reward_fails_alone(serve):
     def picky(images, prompts, metadata):
         if "bad" in prompts:
             raise ValueError("cannot score 'bad'")
         return per_sample(images, prompts, metadata)
 
-    server = serve(make_app(picky, "picky", max_batch=16, max_wait_ms=200))
+    server = serve(make_app(picky, "picky", max_batch=16, max_wait_ms=200, wait="fixed"))
     codes = {}
 
     def post(name, prompts):
