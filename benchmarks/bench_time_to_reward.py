@@ -99,8 +99,9 @@ FLOW_CONTENDERS = {
     # not 6; the reference's 0.4 of 25 steps leaves 7 passes, 0.4 of our 10 would leave a single one)
     "grpo+tree+mix+flash": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed", "train.window_size=4",
                             "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.6"],
-    # BranchGRPO's width pruning, mode 2 at its 0.5: of the transitions after the last split (here the window's step
-    # 3), the best and the worst quarters of the epoch's batch train (mode 1 would keep all: one per leaf)
+    # BranchGRPO's width pruning, mode 2 at its 0.5, on the tree above. It prunes nothing here: with Flow-GRPO's floor
+    # int(0.99 x 4) = 3 the window trains steps 0-2, none after the last split (2); its run in the JSON therefore
+    # trained what grpo+tree+mix+flash trains (a second sweep of it; time_to_reward_flow_reading.md)
     "grpo+tree+mix+flash+prune": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed",
                                   "train.window_size=4", "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.6",
                                   "sample.tree_prune_width=2"],

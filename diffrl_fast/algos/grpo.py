@@ -119,6 +119,8 @@ class GRPO(PolicyGradientWithKL):
                 return EpochData(adv)
             depths = prune_depths(s.tree_prune_depths, run.epoch, s.tree_prune_depth_slide_every, traj.tree.branch_steps)
             trained = self.train_steps(traj)
+            if self.cfg.grpo.train_steps == "first":  # the steps step_order trains: the candidates are among them
+                trained = trained[:self.num_train_steps(trained.numel())]
             keep = prune_mask(traj.tree, adv, trained, width_mode=s.tree_prune_width, width_ratio=s.tree_prune_width_ratio,
                               depths=depths)
             owned = traj.tree.batch(len(traj), traj.num_steps)[1][:, trained]

@@ -118,11 +118,13 @@ def test_denoiser_passes_are_counted_by_the_trainer(tmp_path):
     assert resumed.resume() and resumed.epoch == 2 and resumed.denoiser_passes == 2 * per_epoch
 
 
-@pytest.mark.parametrize("prune", [[], ["sample.tree_prune_depths=[1]"]])
+@pytest.mark.parametrize("prune", [[], ["sample.tree_prune_depths=[1]"], ["sample.tree_prune_width=2"]])
 def test_tree_rollouts_train_each_transition_once(tmp_path, monkeypatch, prune):
     """sample.tree_branch_steps (BranchGRPO): rollouts compute each tree's distinct states once, training packs each
     distinct transition of the trained steps exactly once, with the node advantages, and passes count both. Depth
-    pruning of child depth 1 leaves step 0's transitions out of training, and out of the passes."""
+    pruning of child depth 1 leaves step 0's transitions out of training, and out of the passes. Width pruning acts
+    after the last split only: here Flow-GRPO trains steps 0 and 1 of 3, none after the split at 1, so nothing is
+    pruned (and nothing is counted as pruned)."""
     import diffrl_fast.train.trainer as trainer_mod
     from diffrl_fast.diffusion.tree import TreeSpec
     from diffrl_fast.train.trainer import Trainer
@@ -141,11 +143,12 @@ def test_tree_rollouts_train_each_transition_once(tmp_path, monkeypatch, prune):
     trainer.run()
     owner = TreeSpec((0, 1), 2).batch(8, 3)[1]
     trained = trainer.algo.num_train_steps(3)  # Flow-GRPO trains the first int(0.99 T) = 2 steps
-    want = sorted((b, j) for b in range(8) for j in range(trained) if owner[b, j] and not (prune and j == 0))
-    assert sorted(rows) == want and len(want) == (8 if prune else 12)  # 2 trees x (2 + 4) transitions, none twice
+    depth = any("depths" in o for o in prune)
+    want = sorted((b, j) for b in range(8) for j in range(trained) if owner[b, j] and not (depth and j == 0))
+    assert sorted(rows) == want and len(want) == (8 if depth else 12)  # 2 trees x (2 + 4) transitions, none twice
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert math.isfinite(record["loss"]) and record["kl"] >= 0
-    assert record.get("tree_pruned", 0) == (4 if prune else 0)
+    assert record.get("tree_pruned", 0) == (4 if depth else 0)
     # rollout states + forward and backward of each row + the KL's reference forward of each row
     assert record["denoiser_passes"] == 2 * (1 + 2 + 4) + 3 * len(want) + len(want)
 
