@@ -20,9 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._versions import require_version
 from .._problem import LATENT_NAMES, N_COEF, StepProblem, row_addressing
 from . import torch_backend
 
+require_version("triton", "the Triton kernels (diffrl_fast.ops)")
 NAME = "triton"
 
 CHUNK = 4096
@@ -224,9 +226,11 @@ def _row_sum_kernel(part_ptr, out_ptr, n_chunks, PBLOCK: tl.constexpr):
     # lane, lane + PBLOCK, ... in turn, then the lanes by tl.sum's fixed tree; nothing depends on the rows
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([PBLOCK], dtype=part_ptr.dtype.element_ty)
-    for start in range(0, n_chunks, PBLOCK):
+    start = 0
+    while start < n_chunks:  # not range(0, n_chunks, PBLOCK): triton 3.6's interpreter cannot index a runtime bound
         idx = start + tl.arange(0, PBLOCK)
         acc += tl.load(part_ptr + row * n_chunks + idx, mask=idx < n_chunks, other=0.0)
+        start += PBLOCK
     tl.store(out_ptr + row, tl.sum(acc, axis=0))
 
 
