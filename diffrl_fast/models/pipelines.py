@@ -21,6 +21,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .._versions import at_least
 from .conditioning import Conditioning
 
 
@@ -439,7 +440,9 @@ def _from_pretrained(cls, path: str, dtype: torch.dtype, hub: bool):
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # "Couldn't connect to the Hub ... Will try to load from local cache": the error says it
     try:
-        return cls.from_pretrained(path, dtype=dtype)
+        # diffusers names the argument ``dtype`` from 0.40 and ``torch_dtype`` before (where ``dtype`` is ignored)
+        key = "dtype" if at_least("diffusers", "0.40") else "torch_dtype"
+        return cls.from_pretrained(path, **{key: dtype})
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(explain_load_error(path, exc, hub)) from None
     finally:

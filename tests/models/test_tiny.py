@@ -168,3 +168,12 @@ def test_cache_root_from_environment(tmp_path, monkeypatch):
     assert tiny.default_cache_root() == tmp_path / "env"
     monkeypatch.delenv("DIFFRL_FAST_CACHE")
     assert tiny.default_cache_root().parts[-3:] == (".cache", "diffrl_fast", "tiny")
+
+
+def test_pipeline_loads_in_the_asked_dtype(tmp_path):
+    """The dtype reaches diffusers under the name its version reads (``torch_dtype`` before 0.40, ``dtype`` since;
+    the other name is ignored there, which would load float32 silently)."""
+    from diffrl_fast.models.pipelines import load_pipeline
+
+    model = load_pipeline(tiny.cached_tiny_pipeline("sd", root=tmp_path), dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
