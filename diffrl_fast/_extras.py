@@ -12,6 +12,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from ._versions import MIN_VERSIONS, require_version, require_versions
+
 # import name -> (distribution, the extra of pyproject.toml that installs it), for every optional module
 # the package imports (tests/test_extras.py checks the table against pyproject.toml)
 OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
@@ -62,17 +64,21 @@ def require(module: str, feature: str) -> ModuleType:
     When the module's package is not installed this raises ``MissingExtra`` naming the distribution, the
     feature and the pip command of the extra that provides it, instead of a bare "No module named ...".
     An import error inside an installed package (one of *its* dependencies missing) propagates unchanged.
-    ``module`` must belong to ``OPTIONAL_MODULES`` (a ``KeyError`` otherwise, whether installed or not).
+    ``module`` must belong to ``OPTIONAL_MODULES`` (a ``KeyError`` otherwise, whether installed or not). One older
+    than ``_versions.MIN_VERSIONS`` raises ``VersionTooOld``, naming the version needed.
     """
     root = module.partition(".")[0]
     dist, extra = OPTIONAL_MODULES[root]
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if missing != module and not module.startswith(missing + "."):
             raise
         raise MissingExtra(message(feature, [dist], extra), name=root) from None
+    if dist in MIN_VERSIONS:
+        require_version(dist, feature)
+    return imported
 
 
 def installed(module: str) -> bool:
@@ -84,10 +90,12 @@ def installed(module: str) -> bool:
 
 
 def require_train(what: str) -> None:
-    """Raise MissingExtra when a module the training side imports unconditionally cannot be imported."""
+    """Raise MissingExtra when a module the training side imports unconditionally cannot be imported, and
+    VersionTooOld (``_versions``) when one is older than the package is tested with."""
     missing = [mod for mod in TRAIN_MODULES if not installed(mod)]
     if missing:
         raise MissingExtra(message(what, [TRAIN_MODULES[mod] for mod in missing], "train"), name=missing[0])
+    require_versions([dist for dist in TRAIN_MODULES.values() if dist in MIN_VERSIONS], what)
 
 
 def as_missing_extra(exc: ModuleNotFoundError, what: str) -> MissingExtra | None:

@@ -163,7 +163,9 @@ def check(step: Step, leaves: dict, loss: torch.Tensor, ours_loss: float) -> Non
 
 
 def test_ddpo_is(tmp_path):
-    s = Step(tmp_path, "ddpo_is", perturb=0.003)
+    # at ddpo-pytorch's clip range of 1e-4 a perturbation of 5e-5 clips about 2/3 of the rows on torch 2.6 and 2.13 alike
+    # (0.003 clipped every row on torch 2.6); the same for DPOK and TDPO below
+    s = Step(tmp_path, "ddpo_is", perturb=5e-5)
     assert 0 < s.stats["clipfrac"] < 1, s.stats["clipfrac"]  # both branches of the PPO max are exercised
     leaves, eps, _ = s.eps_fns()
     loss = ref.ddpo_is(s.batch(), s.sampler(), eps, range(4), clip_range=1e-4, adv_clip=5.0, min_count=16)
@@ -180,7 +182,7 @@ def test_ddpo_sf_one_step_per_round(tmp_path):
 
 @pytest.mark.parametrize("value", [True, False])
 def test_dpok(tmp_path, value):
-    s = Step(tmp_path, "dpok", f"dpok.value_baseline={str(value).lower()}", "train.optimizer_step_every=round", perturb=0.003)
+    s = Step(tmp_path, "dpok", f"dpok.value_baseline={str(value).lower()}", "train.optimizer_step_every=round", perturb=5e-5)
     assert 0 < s.stats["clipfrac"] < 1 and s.stats["kl"] > 0
     leaves, eps, ref_eps = s.eps_fns()
     vp = {n: p.detach() for n, p in s.trainer.algo.value.named_parameters()} if value else None
@@ -238,7 +240,7 @@ def test_dense(tmp_path):
 
 
 def test_tdpo(tmp_path):
-    s = Step(tmp_path, "tdpo", "train.optimizer_step_every=round", "sample.num_steps=4", perturb=0.003)
+    s = Step(tmp_path, "tdpo", "train.optimizer_step_every=round", "sample.num_steps=4", perturb=5e-5)
     assert 0 < s.stats["clipfrac"] < 1
     leaves, eps, _ = s.eps_fns()
     feats = {(b, j): toy_embed(s.model.decode(s.traj.latents[b, j][None]))[0] for b in range(8) for j in range(4)}

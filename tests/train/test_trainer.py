@@ -72,7 +72,24 @@ def test_end_to_end_outputs(tiny_sd_path, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
-    pipe.load_lora_weights(run / "lora")  # diffusers reads the saved adapter
+    pipe.load_lora_weights(run / "lora", weight_name="pytorch_lora_weights.safetensors")  # diffusers reads the saved adapter (0.32 offline: named)
+
+
+def test_sdxl_trains_with_lora_and_loads_back(tmp_path):
+    """SDXL's added conditioning (pooled text embeddings, size and crop ids) through one training epoch; the adapter
+    loads in the stock pipeline."""
+    from diffrl_fast.models.tiny import cached_tiny_pipeline
+
+    path = cached_tiny_pipeline("sdxl", root=tmp_path / "tiny")
+    cfg = _cfg(path, tmp_path, "num_epochs=1", "name=xl", "log.eval_samples=2", "log.grid_samples=2", "sample.num_steps=3")
+    summary = Trainer(cfg, tmp_path / "xl", log_fn=lambda s: None).run()
+    record = json.loads((tmp_path / "xl" / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and summary["after"]["n"] == 2
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    pipe.load_lora_weights(tmp_path / "xl" / "lora", weight_name="pytorch_lora_weights.safetensors")
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
 
 
 def test_resume_continues_exactly(tiny_sd_path, tmp_path):
