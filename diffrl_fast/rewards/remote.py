@@ -277,9 +277,11 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             key = queue[0].key
             others = state["arriving"] > 0 or len(queue) > 1 or state["last_requests"] > 1
             if batching and (wait == "fixed" or others):  # wait for a full batch, at most max_wait_ms after the oldest
-                stats.waited += 1                          # request arrived
-                until = queue[0].t0 + max_wait_ms / 1000
+                until = queue[0].t0 + max_wait_ms / 1000    # request arrived
+                waited = False
                 while sum(len(p.prompts) for p in queue if p.key == key) < max_batch and loop.time() < until:
+                    if not waited:  # counted once per batch, and only when it does wait
+                        stats.waited, waited = stats.waited + 1, True
                     wake.clear()
                     try:
                         await asyncio.wait_for(wake.wait(), until - loop.time())
