@@ -47,17 +47,19 @@ def too_old(dist: str, found: str | None = None) -> bool:
     """Whether ``dist`` (installed, or at version ``found``) is older than ``MIN_VERSIONS[dist]``; False when it is
     not installed (a missing package is ``_extras``' concern)."""
     found = installed_version(dist) if found is None else found
-    if found is None:
-        return False
-    need = parse(MIN_VERSIONS[dist])
-    have = parse(found)[:len(need)]
-    return have < need
+    return found is not None and not _reaches(found, MIN_VERSIONS[dist])
 
 
 def at_least(dist: str, version: str) -> bool:
     """Whether ``dist`` is installed at ``version`` or newer (for an argument renamed between supported releases)."""
     found = installed_version(dist)
-    return found is not None and parse(found)[:len(parse(version))] >= parse(version)
+    return found is not None and _reaches(found, version)
+
+
+def _reaches(found: str, version: str) -> bool:
+    """``found`` >= ``version``, compared on as many release numbers as ``version`` has."""
+    need = parse(version)
+    return parse(found)[:len(need)] >= need
 
 
 def require_version(dist: str, feature: str = "diffrl_fast", found: str | None = None) -> None:

@@ -100,6 +100,14 @@ class GRPO(PolicyGradientWithKL):
             return steps[:n_train].repeat(n, 1)
         return super().step_order(n, steps, n_train, generator)
 
+    def candidate_steps(self, traj) -> torch.Tensor:
+        """The steps training may use this epoch: the first n_train with train_steps=first (``step_order``), else
+        every stochastic step (a random per-sample subset is drawn later)."""
+        steps = self.train_steps(traj)
+        if self.cfg.grpo.train_steps == "first":
+            return self.step_order(1, steps, self.num_train_steps(steps.numel()), None)[0]
+        return steps
+
     def group_advantages(self, run, traj, rewards) -> torch.Tensor:
         """This process's samples' advantages, from the statistics of every process's rewards."""
         c = self.cfg.grpo
@@ -118,9 +126,7 @@ class GRPO(PolicyGradientWithKL):
             if not pruning or run.epoch + 1 > int(self.cfg.num_epochs * s.tree_prune_until):
                 return EpochData(adv)
             depths = prune_depths(s.tree_prune_depths, run.epoch, s.tree_prune_depth_slide_every, traj.tree.branch_steps)
-            trained = self.train_steps(traj)
-            if self.cfg.grpo.train_steps == "first":  # the steps step_order trains: the candidates are among them
-                trained = trained[:self.num_train_steps(trained.numel())]
+            trained = self.candidate_steps(traj)
             keep = prune_mask(traj.tree, adv, trained, width_mode=s.tree_prune_width, width_ratio=s.tree_prune_width_ratio,
                               depths=depths)
             owned = traj.tree.batch(len(traj), traj.num_steps)[1][:, trained]

@@ -12,6 +12,8 @@ from ..cli import ArgumentParser, UsageError
 
 
 def main(argv: list[str]) -> int:
+    from ..rewards.remote import WAIT_MODES
+
     ap = ArgumentParser(prog="diffrl-fast reward-server", description=__doc__)
     ap.add_argument("--reward", required=True, help="a registered reward name or package.module:function")
     ap.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the reward factory (default: {})")
@@ -19,7 +21,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: a free port, printed when listening)")
     ap.add_argument("--max-batch", type=int, default=64, help="most images per reward call and per request (default: 64)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the oldest waiting request may wait for others to fill a batch (default: 5)")
-    ap.add_argument("--wait", choices=("adaptive", "fixed"), default="adaptive",
+    ap.add_argument("--wait", choices=WAIT_MODES, default="adaptive",
                     help="adaptive (default): wait for others only while other clients are active, so a lone client pays no "
                          "--max-wait-ms; fixed: the oldest request always waits up to --max-wait-ms")
     ap.add_argument("--no-batching", action="store_true", help="one request per reward call, in arrival order (no merging)")

@@ -195,8 +195,7 @@ def prune_mask(spec: TreeSpec, adv: torch.Tensor, trained: torch.Tensor, *, widt
 
     Transitions at or before the last split are never width-pruned; advantages are those of the full tree."""
     B, T = adv.shape
-    reps, owner = spec.batch(B, T)
-    del reps
+    owner = spec.batch(B, T)[1]
     cand = torch.zeros((B, T), dtype=torch.bool)
     cand[:, trained] = True
     cand &= owner
@@ -226,7 +225,7 @@ def prune_mask(spec: TreeSpec, adv: torch.Tensor, trained: torch.Tensor, *, widt
         rows, cols = torch.nonzero(tail, as_tuple=True)  # row-major: the reference's depth-first order
         n = max(2, int(rows.numel() * width_ratio))
         order = torch.sort(-a[rows, cols], stable=True).indices
-        best, worst = n // 2, n - n // 2
-        chosen = torch.cat([order[:best], order[order.numel() - worst:] if worst else order[:0]])
+        best, worst = n // 2, n - n // 2  # n >= 2: at least one of each
+        chosen = torch.cat([order[:best], order[order.numel() - worst:]])
         keep[rows[chosen], cols[chosen]] = True
     return keep

@@ -187,7 +187,8 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     them or ``max_wait_ms`` after the oldest arrived, then splits the rewards back (each request gets its own; the
     ``info`` statistics are the formed batch's). ``wait="adaptive"`` (the default) waits only when other clients are
     active: a request is being received, more than one is queued, or the last reward call merged several; a lone
-    sequential client is then scored at once instead of paying ``max_wait_ms`` per request. ``"fixed"`` always waits. A formed batch whose reward raises is scored again request by request,
+    sequential client is then scored at once instead of paying ``max_wait_ms`` per request. ``"fixed"`` always waits.
+    A formed batch whose reward raises is scored again request by request,
     so only a request that fails alone gets its 422. Without batching, one request per reward call (in arrival order).
     Backpressure: more than ``max_queue`` waiting requests get 429 with Retry-After (seconds, estimated from the
     queue and the recent reward calls); a request still queued ``request_timeout_s`` after it arrived gets 503.

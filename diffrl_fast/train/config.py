@@ -480,7 +480,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"sample.tree_branch_steps / sample.tree_branch_factor: {exc}") from None
         need(s.tree_split_noise_scale > 0, f"sample.tree_split_noise_scale must be > 0, got {s.tree_split_noise_scale}")
         choice("sample.tree_reward_fusion", s.tree_reward_fusion, ("mean", "prob_weighted"))
-        choice("sample.tree_prune_width", s.tree_prune_width, (0, 1, 2))
+        from ..diffusion.tree import PRUNE_WIDTH_MODES
+
+        choice("sample.tree_prune_width", s.tree_prune_width, PRUNE_WIDTH_MODES)
         need(0 < s.tree_prune_width_ratio <= 1, f"sample.tree_prune_width_ratio must be in (0, 1], got {s.tree_prune_width_ratio}")
         need(isinstance(s.tree_prune_depths, list) and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= s.num_steps
                                                            for d in s.tree_prune_depths),
