@@ -94,6 +94,9 @@ FLOW_CONTENDERS = {
     # BranchGRPO's tree rollouts: the 8 samples of a prompt are one binary tree, split at steps 0, 2 and 4 (its FLUX
     # script splits 20 steps at 0, 3, 6, 9); "mix": ODE after a 4-step SDE window holding three splits in a row
     "grpo+tree": ["algo=grpo", "sample.tree_branch_steps=[0, 2, 4]"],
+    # BranchGRPO's width pruning (mode 2 at its 0.5) where it acts: this tree's last split is step 4, and Flow-GRPO's
+    # floor int(0.99 x 10) = 9 trains steps 0-8, so steps 5-8 are pruned to half of their transitions
+    "grpo+tree+prune": ["algo=grpo", "sample.tree_branch_steps=[0, 2, 4]", "sample.tree_prune_width=2"],
     "grpo+tree+mix": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed", "train.window_size=4"],
     # MixGRPO-Flash's tail on top: DPM-Solver++(2M) over int(7 x 0.6) = 4 noise levels after the window (3 passes,
     # not 6; the reference's 0.4 of 25 steps leaves 7 passes, 0.4 of our 10 would leave a single one)
