@@ -261,6 +261,7 @@ class LogConfig:
     eval_samples: int = option(256, "Fixed-seed samples scored before and after training for summary.md (0 disables).")
     grid_samples: int = option(32, "Images in the before/after grids (same seeds), and of each epoch's samples in the grid sent to TensorBoard / W&B.")
     eval_num_steps: Optional[int] = option(None, "Sampling steps of the before/after evaluation (null: sample.num_steps). Lets rollouts use fewer steps than evaluation.")
+    eval_sde_type: Optional[str] = option(None, "Flow models: the rollout SDE of the before/after evaluation, 'sde' or 'cps' (null: sample.sde_type). Evaluating a CPS-trained policy with sde compares it with Flow-GRPO's on the same sampler: the base model scores differently under each.")
     eval_guidance_scale: Optional[float] = option(None, "Guidance scale of the before/after evaluation (null: sample.guidance_scale). With sample.guidance_scale=1 the policy trains without guidance (one denoiser pass per step) and can still be evaluated with it.")
     tensorboard: bool = option(True, "Also log to TensorBoard when it is installed: every scalar of metrics.jsonl, a labelled grid of log.grid_samples of each epoch's samples, and the before/after grids.")
     wandb: bool = option(False, "Also log to Weights & Biases (pip install \"diffrl_fast[wandb]\"): the config, every scalar of metrics.jsonl per epoch, each epoch's sample grid and the before/after grids. Run files go to output_dir/name/wandb/ unless WANDB_DIR is set; a resumed run continues the same W&B run.")
@@ -497,6 +498,8 @@ def validate(cfg: Config) -> Config:
              f"{len(steps)} branch steps has {leaves} leaves: set grpo.group_size={leaves} (one tree per prompt)")
     need(cfg.log.eval_num_steps is None or cfg.log.eval_num_steps >= 1, "log.eval_num_steps must be >= 1 or null")
     need(cfg.log.eval_guidance_scale is None or cfg.log.eval_guidance_scale >= 1, "log.eval_guidance_scale must be >= 1 or null")
+    if cfg.log.eval_sde_type is not None:
+        choice("log.eval_sde_type", cfg.log.eval_sde_type, ("sde", "cps"))
     need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps must be >= 0")
     need(t.clip_range > 0 and t.adv_clip_max > 0, "train.clip_range and train.adv_clip_max must be > 0")
     choice("model.mixed_precision", cfg.model.mixed_precision, ("no", "bf16", "fp16"))

@@ -124,10 +124,10 @@ class Trainer:
         if self.post_window and not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"sample.post_window_solver / post_window_compress (MixGRPO-Flash) need a flow-matching model, but "
                              f"{self.model.kind} samples with {type(self.model.scheduler).__name__}: leave them at euler / 1")
-        if cfg.sample.sde_type != "sde":
-            if not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
-                raise ValueError(f"sample.sde_type={cfg.sample.sde_type} is a flow-matching SDE, but {self.model.kind} samples with "
-                                 f"{type(self.model.scheduler).__name__}: set sample.sde_type=sde")
+        for key, value in (("sample.sde_type", cfg.sample.sde_type), ("log.eval_sde_type", cfg.log.eval_sde_type)):
+            if value not in (None, "sde") and not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
+                raise ValueError(f"{key}={value} is a flow-matching SDE, but {self.model.kind} samples with "
+                                 f"{type(self.model.scheduler).__name__}: set {key}=sde")
         m = cfg.model
         if hasattr(self.model, "guidance"):  # FLUX: the embedded guidance of guidance-distilled models
             self.model.guidance = m.embedded_guidance
@@ -257,12 +257,14 @@ class Trainer:
     def _sample(self, prompts: list[str], seeds: list[int], init_seeds: Optional[list[int]] = None, progress=None,
                 *, epoch: Optional[int] = None) -> Trajectory:
         """Rollouts of training epoch ``epoch`` (its timestep window), or with ``epoch=None`` the evaluation's
-        samples (every step stochastic, log.eval_num_steps and log.eval_guidance_scale where set)."""
+        samples (every step stochastic, log.eval_num_steps, log.eval_guidance_scale and log.eval_sde_type where set)."""
         s, log = self.cfg.sample, self.cfg.log
         num_steps, guidance, schedule, keep, tree, tail = s.num_steps, s.guidance_scale, None, None, None, None
+        sde_type = s.sde_type
         if epoch is None:
             num_steps = log.eval_num_steps or s.num_steps
             guidance = s.guidance_scale if log.eval_guidance_scale is None else log.eval_guidance_scale
+            sde_type = log.eval_sde_type or s.sde_type
         else:
             window = timestep_window(self.cfg, epoch)
             tree = tree_spec(self.cfg)
@@ -282,7 +284,7 @@ class Trainer:
                     keep[1:] |= stochastic
         return sample_trajectories(
             self.model, prompts, num_steps=num_steps, guidance_scale=guidance, eta=s.eta, schedule=schedule,
-            noise_level=s.noise_level, sde_type=s.sde_type, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
+            noise_level=s.noise_level, sde_type=sde_type, negative_prompts=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
             storage_device=s.trajectory_device or None, keep_latents=keep, tree=tree, split_noise_scale=s.tree_split_noise_scale,
             keep_means=epoch is not None and self.algo.needs_rollout_means, post_window=tail,

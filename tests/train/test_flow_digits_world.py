@@ -71,6 +71,23 @@ def test_cps_rollouts_train_and_recompute_exactly(tmp_path):
     assert seen and set(seen) == {"flow_cps"}
 
 
+def test_eval_sde_type_evaluates_a_cps_policy_on_flow_grpos_sde(tmp_path):
+    """log.eval_sde_type=sde: rollouts stay CPS, the before/after evaluation samples Flow-GRPO's SDE (the same sampler
+    as a sde-trained contender's), and its samples equal those of a sde run's evaluation."""
+    from diffrl_fast.train.trainer import Trainer
+
+    def trainer(*extra):
+        cfg = validate(load_config(Config, PRESET, ["algo=grpo", *TINY, "grpo.group_size=4", f"output_dir={tmp_path}", "name=r", *extra]))
+        return Trainer(cfg, tmp_path / "r", log_fn=lambda s: None)
+
+    cps = trainer("sample.sde_type=cps", "log.eval_sde_type=sde")
+    prompts, seeds = ["3", "1 left of 7"], [5, 6]
+    assert cps._sample(prompts, seeds, epoch=1).schedule.kind == "flow_cps"
+    evaluated = cps._sample(prompts, seeds)
+    assert evaluated.schedule.kind == "flow_sde"
+    assert torch.equal(evaluated.images, trainer()._sample(prompts, seeds).images)
+
+
 def test_cps_on_a_model_without_flow_matching_exits_2(tmp_path):
     out = run_cli("train", "configs/digits.yaml", "sample.sde_type=cps", "num_epochs=1", f"output_dir={tmp_path}")
     assert out.returncode == 2 and "sample.sde_type=sde" in out.stderr
