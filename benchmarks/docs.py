@@ -333,7 +333,55 @@ def reward_server_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCKS: dict[str, Callable[[dict], str]] = {"reward_server_table": reward_server_table, "overopt_table": overopt_table, "ttr_table": ttr_table, "e2e_detail": e2e_detail, "main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
+def video_memory_table(data: dict) -> str:
+    """Peak memory of a small Wan's training step against frames (bench video-memory's JSON) and the line through it."""
+    rows, fits = data["rows"], data["machine"]["fits"]
+    frames = sorted({r["frames"] for r in rows})
+    cell = {(r["frames"], r["ckpt"]): r for r in rows}
+    lines = ["| frames F | latent frames | tokens | trajectory per sample | step peak, no ckpt | step peak, ckpt per block |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for F in frames:
+        a, b = cell[(F, False)], cell[(F, True)]
+        lines.append(f"| {F} | {a['latent_frames']} | {a['tokens']} | {a['trajectory_mb_per_sample']:.2f} MB | {a['peak_mb']:.0f} MB | "
+                     f"{b['peak_mb']:.0f} MB |")
+    fit = "; ".join(f"{k}: {v['slope_mb_per_frame']:.1f} MB per frame, R^2 {v['r2']:.3f}" for k, v in fits.items())
+    lines += ["", f"Least squares through the peaks: {fit} ({_provenance(data, 'diffrl-fast bench video-memory')}).", ""]
+    return "\n".join(lines)
+
+
+def wan_memory_table(data: dict) -> str:
+    """The counted Wan2.1 memory at 81 x 480 x 832 (estimate_wan_memory.py's JSON)."""
+    g = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
+    lines = ["| model | base weights bf16, GiB | LoRA + grads + AdamW, GiB | one row, ckpt per block, GiB (+ per extra row) | "
+             "one row, no ckpt, GiB | trajectory per sample, 10 trained steps / window of 2 | UMT5-XXL bf16, GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["results"]:
+        s, tr = list(r["static"].values()), list(r["trajectory_bytes_per_sample"].values())
+        lines.append(f"| {r['model']} ({r['params'] / 1e9:.2f}B) | {g(s[0])} | {g(s[1])} | {g(r['ckpt']['peak_1_row'])} "
+                     f"(+{g(r['ckpt']['per_row'])}) | {g(r['no_ckpt']['peak_1_row'])} | {tr[0] / 2**20:.0f} / {tr[1] / 2**20:.0f} MB | "
+                     f"{g(r['text_encoder_bf16'])} |")
+    m = data["machine"]
+    if str(m.get("commit", "")).endswith("-dirty") or not m.get("commit"):
+        raise ResultError("measured on uncommitted code: rerun `python benchmarks/estimate_wan_memory.py` on a clean commit")
+    lines += ["", f"Counted on the meta device, not measured (commit {m['commit']}, torch {m['torch']}, diffusers {m['diffusers']}, "
+              f"`python benchmarks/estimate_wan_memory.py`, {m['seconds']:.0f} s).", ""]
+    return "\n".join(lines)
+
+
+def pass_cost_table(data: dict) -> str:
+    """Seconds per 1000 denoiser passes of rollout and update on the flow world (bench pass-cost's JSON)."""
+    lines = ["| configuration | rows per update call (minibatch x chunk) | passes per epoch | rollout s | update s | s per 1000 passes |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in data["rows"].items():
+        lines.append(f"| {name} | {r['train_batch_size']} x {r['chunk_size']} | {r['passes_per_epoch']:.0f} | {r['sample_s']:.1f} | "
+                     f"{r['train_s']:.1f} | {r['s_per_1000_passes']:.2f} |")
+    lines += ["", f"({_provenance(data, 'diffrl-fast bench pass-cost')})", ""]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[dict], str]] = {"video_memory_table": video_memory_table, "wan_memory_table": wan_memory_table,
+                                            "pass_cost_table": pass_cost_table,
+                                            "reward_server_table": reward_server_table, "overopt_table": overopt_table, "ttr_table": ttr_table, "e2e_detail": e2e_detail, "main_job": main_job, "algos_table": algos_table, "fsdp_units": fsdp_units,
                                             "ops_table": ops_table, "memory_table": memory_table, "e2e_table": e2e_table,
                                             "flow_main_job": flow_main_job, "flow_digits_quality": flow_digits_quality,
                                             "sdxl_memory_table": sdxl_memory_table}

@@ -23,6 +23,14 @@ MIN_VERSIONS: dict[str, str] = {
 }
 
 
+# features that need a newer release than MIN_VERSIONS: feature -> (distribution, version)
+# (the oldest release a run has passed with: diffusers 0.42 for both; the lowest leg pins 0.32, which has neither)
+FEATURE_VERSIONS: dict[str, tuple[str, str]] = {
+    "Wan pipelines (WanPipeline)": ("diffusers", "0.42"),
+    "Qwen-Image pipelines (QwenImagePipeline)": ("diffusers", "0.42"),
+}
+
+
 class VersionTooOld(ImportError):
     """An installed dependency is older than the oldest version the package is tested with."""
 
@@ -77,3 +85,12 @@ def require_versions(dists, feature: str = "diffrl_fast") -> None:
     """``require_version`` for each of ``dists``."""
     for dist in dists:
         require_version(dist, feature)
+
+
+def require_feature(feature: str) -> None:
+    """Raise ``VersionTooOld`` when ``FEATURE_VERSIONS[feature]``'s distribution is older than the release that has it."""
+    dist, need = FEATURE_VERSIONS[feature]
+    found = installed_version(dist)
+    if found is not None and not _reaches(found, need):
+        raise VersionTooOld(f"{feature} needs {dist}>={need}, but {dist} {found} is installed; upgrade with: "
+                            f"pip install '{dist}>={need}'", name=dist)

@@ -62,3 +62,11 @@ def test_the_training_side_and_optional_features_check_versions(monkeypatch):
     with pytest.raises(VersionTooOld, match=r"dist\.engine=deepspeed needs deepspeed>="):
         pytest.importorskip("deepspeed")
         require("deepspeed", "dist.engine=deepspeed")
+
+
+def test_a_feature_newer_than_the_floor_names_its_version(monkeypatch):
+    monkeypatch.setattr(_versions, "installed_version", lambda dist: "0.32.2" if dist == "diffusers" else None)
+    with pytest.raises(_versions.VersionTooOld, match=r"Wan pipelines \(WanPipeline\) needs diffusers>=0.42, but diffusers 0.32.2"):
+        _versions.require_feature("Wan pipelines (WanPipeline)")
+    monkeypatch.setattr(_versions, "installed_version", lambda dist: "0.42.1")
+    _versions.require_feature("Wan pipelines (WanPipeline)")

@@ -45,14 +45,15 @@ def chunk_kl(run, chunk: Chunk, eps_u, eps_c, form: str = "exact") -> torch.Tens
     ref_u, ref_c = reference_outputs(run.model, chunk, run.autocast_dtype)
     c = chunk.coef
     g = chunk.guidance_scale if eps_c is not None else 1.0
+    dims = chunk.x.dim() - 1  # rows [N, C, H, W], or [N, C, F, H, W] for video
     if form == "eps_mse":
-        kl = step_kl(chunk.x, eps_u, eps_c, ref_u, ref_c, 0.0, 1.0, g, math.sqrt(0.5))
+        kl = step_kl(chunk.x, eps_u, eps_c, ref_u, ref_c, 0.0, 1.0, g, math.sqrt(0.5), latent_dims=dims)
     elif form == "flow_grpo":
         if chunk.sde_std is None:
             raise ValueError("the flow_grpo KL form needs a flow-matching SDE schedule (Flow-GRPO's std_dev_t); use the exact form")
-        kl = step_kl(chunk.x, eps_u, eps_c, ref_u, ref_c, c.a, c.b, g, chunk.sde_std)
+        kl = step_kl(chunk.x, eps_u, eps_c, ref_u, ref_c, c.a, c.b, g, chunk.sde_std, latent_dims=dims)
     else:
-        kl = step_kl(chunk.x, eps_u, eps_c, ref_u, ref_c, c.a, c.b, g, c.s, clip_x0=c.clip_x0)
+        kl = step_kl(chunk.x, eps_u, eps_c, ref_u, ref_c, c.a, c.b, g, c.s, clip_x0=c.clip_x0, latent_dims=dims)
     return kl.reshape(chunk.shape)
 
 

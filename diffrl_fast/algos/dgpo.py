@@ -126,8 +126,8 @@ class DGPO(ForwardProcessAlgorithm):
         if guidance == 1.0:
             return guided_outputs(run.model, xt, chunk.t, chunk.cond, None, run.autocast_dtype)[0]
         uncond = chunk.uncond if chunk.uncond is not None else run.model.encode_prompts([""] * len(xt)).to(xt.device)
-        u, c = guided_outputs(run.model, xt, chunk.t, chunk.cond, uncond, run.autocast_dtype)
-        return u + guidance * (c - u)
+        u, c = guided_outputs(run.model, xt, chunk.t, chunk.cond, uncond, run.autocast_dtype, guidance)
+        return u if c is None else u + guidance * (c - u)
 
     def chunk_loss(self, run, chunk, data, ctx=None):
         c, traj = self.c, data.extra["traj"]

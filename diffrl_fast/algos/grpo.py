@@ -168,7 +168,7 @@ def guard_log_ratio(logp: torch.Tensor, chunk, eps_u: torch.Tensor, eps_c) -> tu
         raise ValueError("GRPO-Guard needs the rollout's step means and Flow-GRPO's SDE (Trajectory.means, sde_std)")
     c = chunk.coef
     g = chunk.guidance_scale if eps_c is not None else 1.0
-    mean = step_mean(chunk.x, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
+    mean = step_mean(chunk.x, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0, latent_dims=chunk.x.dim() - 1)
     s = c.s.to(mean.dtype)
     bias = (mean - chunk.old_mean.to(mean.dtype)).square().flatten(1).mean(1) / (2 * s.square())
     old = chunk.old_log_probs.to(logp.dtype)

@@ -10,7 +10,8 @@ from ..cli import EXIT_USAGE, UsageError
 BENCHES = {"ops": "benchmarks.bench_ops", "memory": "benchmarks.bench_memory", "e2e": "benchmarks.bench_e2e",
            "gpu": "benchmarks.gpu.suite", "time-to-reward": "benchmarks.bench_time_to_reward",
            "fsdp-units": "benchmarks.estimate_fsdp_units", "main-job": "benchmarks.bench_main_job",
-           "reward-server": "benchmarks.bench_reward_server"}
+           "reward-server": "benchmarks.bench_reward_server", "video-memory": "benchmarks.bench_video_memory",
+           "pass-cost": "benchmarks.bench_pass_cost"}
 
 
 def _repo_root() -> Path:

@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429 with Retry-After (default: 256)")
     ap.add_argument("--request-timeout-s", type=float, default=600.0, help="a request still waiting this long gets 503 (default: 600)")
     ap.add_argument("--max-side", type=int, default=2048, help="largest image side in pixels; with --max-batch it bounds the request body (default: 2048)")
+    ap.add_argument("--max-frames", type=int, default=81, help="a video reward's largest frame count; with --max-batch and --max-side it bounds "
+                                                              "the request body (default: 81, Wan2.1's)")
     ap.add_argument("--token-file", default=None, help="a file holding a shared token: every request must send 'Authorization: Bearer <token>' "
                                                        "(trainers: reward.token_file); required unless --host is loopback")
     args = ap.parse_args(argv)
@@ -37,8 +39,9 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--kwargs is not JSON ({exc}); e.g. --kwargs '{{\"clip_path\": \"/models/clip\"}}'") from None
     if not isinstance(kwargs, dict):
         raise UsageError("--kwargs must be a JSON object")
-    if args.max_batch < 1 or not 0 <= args.port < 65536 or args.max_queue < 1 or args.max_side < 1:
-        raise UsageError("--max-batch, --max-queue and --max-side must be >= 1 and --port in 0..65535 (0: a free port, printed)")
+    if args.max_batch < 1 or not 0 <= args.port < 65536 or args.max_queue < 1 or args.max_side < 1 or args.max_frames < 1:
+        raise UsageError("--max-batch, --max-queue, --max-side and --max-frames must be >= 1 and --port in 0..65535 (0: a free "
+                         "port, printed)")
     if args.max_wait_ms < 0 or args.request_timeout_s <= 0:
         raise UsageError("--max-wait-ms must be >= 0 and --request-timeout-s > 0")
     if args.reward.startswith(("http://", "https://")):
@@ -58,7 +61,7 @@ def main(argv: list[str]) -> int:
     try:
         serve(args.reward, kwargs=kwargs, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
               batching=not args.no_batching, wait=args.wait, max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
-              max_side=args.max_side, token=token, print_fn=lambda s: print(s, flush=True))
+              max_side=args.max_side, max_frames=args.max_frames, token=token, print_fn=lambda s: print(s, flush=True))
     except RewardError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:  # the port is taken, or the address is not this machine's
@@ -69,7 +72,7 @@ def main(argv: list[str]) -> int:
 def serve(reward: str, *, kwargs: Optional[dict] = None, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64,
           print_fn=print, **options) -> None:
     """Serve the registered or dotted-path reward ``reward`` (rewards.remote.make_app, with ``options``: max_wait_ms,
-    wait, batching, max_queue, request_timeout_s, max_side, token) on http://host:port until interrupted (port 0: a free
+    wait, batching, max_queue, request_timeout_s, max_side, max_frames, token) on http://host:port until interrupted (port 0: a free
     port, printed)."""
     import asyncio
     import signal

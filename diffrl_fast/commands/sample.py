@@ -1,4 +1,5 @@
-"""``diffrl-fast sample``: images from a trained run (or a base model), saved as a PNG grid and one PNG each."""
+"""``diffrl-fast sample``: images from a trained run (or a base model), saved as a PNG grid and one PNG each (a video
+model's samples as strips of frames)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ import torch
 from ..cli import ArgumentParser, UsageError
 from ..diffusion.rollout import sample_trajectories
 from ..models import load_model
-from ..train.outputs import image_grid
+from ..train.outputs import filmstrip, image_grid
 from ..train.runs import load_run
 
 
@@ -19,7 +20,11 @@ def load_policy(args):
     if args.run:
         model, cfg = load_run(args.run, device=args.device, checkpoint=args.checkpoint)
         s = cfg.sample
-        return model, {"steps": s.num_steps, "guidance": s.guidance_scale, "eta": s.eta, "prompts": cfg.prompts}
+        if s.num_frames is not None and getattr(model, "is_video", False):
+            model.num_frames = s.num_frames
+        model.sigma_grid = s.sigma_grid  # the run's sigma grid (None: the model's own)
+        return model, {"steps": s.num_steps, "guidance": s.guidance_scale, "eta": s.eta, "prompts": cfg.prompts,
+                       "height": s.height, "width": s.width}
     return load_model(args.model, device=args.device), {"steps": 20, "guidance": 2.0, "eta": 1.0, "prompts": None}
 
 
@@ -45,7 +50,8 @@ def sample_images(model, defaults, args):
     chosen = [prompts[i % len(prompts)] for i in range(args.n)]
     traj = sample_trajectories(model, chosen, num_steps=args.steps or defaults["steps"],
                                guidance_scale=args.guidance if args.guidance is not None else defaults["guidance"],
-                               eta=defaults["eta"], seeds=[args.seed + i for i in range(args.n)])
+                               eta=defaults["eta"], seeds=[args.seed + i for i in range(args.n)],
+                               height=defaults.get("height"), width=defaults.get("width"))
     return traj
 
 
@@ -58,9 +64,10 @@ def main(argv: list[str]) -> int:
     traj = sample_images(model, defaults, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scale = 4 if traj.images.shape[-1] <= 32 else 1
-    image_grid(traj.images, out / "grid.png", scale=scale)
-    for i, img in enumerate(traj.images):
+    images = filmstrip(traj.images)
+    scale = 4 if images.shape[-2] <= 32 else 1
+    image_grid(images, out / "grid.png", scale=scale)
+    for i, img in enumerate(images):
         image_grid(img[None], out / f"{i:04d}.png", cols=1, scale=scale)
     print(f"wrote {len(traj)} samples to {out}/ (grid.png, 0000.png ...)")
     return 0

@@ -210,7 +210,7 @@ def ddpm_schedule(scheduler, num_steps: int) -> StepSchedule:
     return _schedule("ddpm", scheduler.timesteps, a, b, s, clip, float(cfg.clip_sample_range))
 
 
-SDE_TYPES = ("sde", "cps")
+SDE_TYPES = ("sde", "cps", "dance")
 
 
 def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu: Optional[float] = None,
@@ -233,9 +233,15 @@ def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu
     Its last step (sigma' = 0) has std 0: deterministic, with no log-prob, so it is never trained on (flow_grpo
     trains it with a zero gradient, which only scales its averaged update by (T - 1) / T).
 
+    ``sde_type="dance"``: DanceGRPO's SDE (Xue et al. 2025, fastvideo/train_grpo_*.py ``flux_step`` with
+    ``sde_solver=True``): the drift above with a constant std = noise_level (its ``eta``), so the step noise is
+    s = eta sqrt(-dt) at every sigma; its log-prob is the full Gaussian one, averaged over the elements, like the SDE's.
+    Its last step (to sigma' = 0) is stochastic and trained unless the timestep fraction drops it (``--ignore_last``).
+
     ``mu`` is passed to ``set_timesteps`` for schedulers with dynamic shifting (SD3 and FLUX compute it from
     the image size). ``sigma_grid="flux"`` starts from FluxPipeline's unshifted sigmas linspace(1, 1/N, N)
-    instead of the scheduler's own grid.
+    instead of the scheduler's own grid; ``"flow_sigmas"`` from the flow-prediction multistep solvers' (UniPC's, as
+    Wan2.1 ships it) linspace(1, 1/N_train, N + 1)[:-1].
     """
     if not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 for a stochastic step with a log-prob, got {noise_level}")
@@ -250,8 +256,12 @@ def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu
         kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):
             kwargs.pop("sigmas")
+    elif sigma_grid == "flow_sigmas":
+        import numpy as np
+
+        kwargs["sigmas"] = np.linspace(1.0, 1 / scheduler.config.num_train_timesteps, num_steps + 1)[:-1]
     elif sigma_grid is not None:
-        raise ValueError(f"sigma_grid must be None or 'flux', got {sigma_grid!r}")
+        raise ValueError(f"sigma_grid must be None, 'flux' or 'flow_sigmas', got {sigma_grid!r}")
     scheduler.set_timesteps(num_steps, **kwargs)
     sig = scheduler.sigmas.to(torch.float64).cpu()
     sigma, sigma_next = sig[:-1], sig[1:]
@@ -262,9 +272,12 @@ def flow_sde_schedule(scheduler, num_steps: int, noise_level: float = 0.7, *, mu
         a = (1 - sigma_next) + c
         b = -sigma * (1 - sigma_next) + (1 - sigma) * c
         return _schedule("flow_cps", scheduler.timesteps, a, b, std, None, 1.0, sde_std=std, residual_logprob=True)
-    sigma_max = sig[1] if sig.numel() > 1 else sig[0]
-    denom = 1 - torch.where(sigma == 1, sigma_max, sigma)
-    std = noise_level * (sigma / denom).sqrt()
+    if sde_type == "dance":  # DanceGRPO's flux_step: the same drift with a constant std_t = eta
+        std = torch.full_like(sigma, float(noise_level))
+    else:
+        sigma_max = sig[1] if sig.numel() > 1 else sig[0]
+        denom = 1 - torch.where(sigma == 1, sigma_max, sigma)
+        std = noise_level * (sigma / denom).sqrt()
     a = 1 + std * std * dt / (2 * sigma)
     b = (1 + std * std * (1 - sigma) / (2 * sigma)) * dt
     s = std * (-dt).sqrt()

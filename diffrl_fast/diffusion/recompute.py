@@ -89,7 +89,7 @@ def pack_chunk(traj: Trajectory, sample_idx: torch.Tensor, step_idx: torch.Tenso
 
 def chunk_outputs(model, chunk: Chunk, autocast_dtype: Optional[torch.dtype] = None):
     """(eps_u, eps_c) of the model on the chunk, one denoiser forward of all its rows."""
-    return guided_outputs(model, chunk.x, chunk.t, chunk.cond, chunk.uncond, autocast_dtype)
+    return guided_outputs(model, chunk.x, chunk.t, chunk.cond, chunk.uncond, autocast_dtype, chunk.guidance_scale)
 
 
 def step_logprob_of(chunk: Chunk, eps_u: torch.Tensor, eps_c: Optional[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
@@ -106,7 +106,7 @@ def chunk_log_probs(model, chunk: Chunk, *, autocast_dtype: Optional[torch.dtype
     activations of one chunk (n*K rows) at a time, whatever the number of trained timesteps; the
     denoiser's own gradient checkpointing (``model.gradient_checkpointing``) shrinks that further.
     """
-    eps_u, eps_c = guided_outputs(model, chunk.x, chunk.t, chunk.cond, chunk.uncond, autocast_dtype)
+    eps_u, eps_c = guided_outputs(model, chunk.x, chunk.t, chunk.cond, chunk.uncond, autocast_dtype, chunk.guidance_scale)
     return step_logprob_of(chunk, eps_u, eps_c, reduction)
 
 

@@ -138,10 +138,12 @@ def _randn(gens: list[torch.Generator], shape, device, dtype=torch.float32) -> t
 
 
 def guided_outputs(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Optional[Conditioning],
-                   autocast_dtype: Optional[torch.dtype] = None):
+                   autocast_dtype: Optional[torch.dtype] = None, guidance_scale: Optional[float] = None):
     """(eps_u, eps_c) of the denoiser on x at per-row timesteps t; one forward of the [uncond; cond] batch.
 
-    Without guidance (uncond None) returns (out, None). Outputs are float32 (float64 for a float64 model) and contiguous whatever the
+    Without guidance (uncond None) returns (out, None). A model whose guidance is not the linear
+    eps_u + g (eps_c - eps_u) (``model.guide``: Qwen-Image's norm-rescaled true CFG) returns (its guided output, None),
+    so the step ops see one output; it needs ``guidance_scale``. Outputs are float32 (float64 for a float64 model) and contiguous whatever the
     denoiser runs in (a channels_last denoiser returns NHWC-strided outputs; the fused step reads rows in
     place and needs NCHW).
 
@@ -163,6 +165,10 @@ def guided_outputs(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, 
     if uncond is None:
         return out.to(out_dtype).contiguous(), None
     eps_u, eps_c = out.to(out_dtype).contiguous().chunk(2)
+    if getattr(model, "nonlinear_guidance", False):
+        if guidance_scale is None:
+            raise ValueError(f"{model.kind} guides nonlinearly (model.guide): guided_outputs needs guidance_scale")
+        return model.guide(eps_u, eps_c, float(guidance_scale)).contiguous(), None
     return eps_u, eps_c
 
 
@@ -180,9 +186,11 @@ def action_logprob(residual: bool, x, y, eps_u, eps_c, coef, guidance_scale: flo
     with its constant added back, so both forms share one op and its backward.
     """
     if not residual:
-        return step_logprob(x, y, eps_u, eps_c, coef.a, coef.b, guidance_scale, coef.s, clip_x0=coef.clip_x0, reduction=reduction)
+        return step_logprob(x, y, eps_u, eps_c, coef.a, coef.b, guidance_scale, coef.s, clip_x0=coef.clip_x0, reduction=reduction,
+                            latent_dims=x.dim() - 1)
     std = torch.full_like(coef.s, RESIDUAL_STD)
-    logp = step_logprob(x, y, eps_u, eps_c, coef.a, coef.b, guidance_scale, std, clip_x0=coef.clip_x0, reduction=reduction)
+    logp = step_logprob(x, y, eps_u, eps_c, coef.a, coef.b, guidance_scale, std, clip_x0=coef.clip_x0, reduction=reduction,
+                        latent_dims=x.dim() - 1)
     return logp + (RESIDUAL_SHIFT if reduction == "mean" else RESIDUAL_SHIFT * x[0].numel())
 
 
@@ -256,11 +264,12 @@ def sample_trajectories(
     seeds_t = torch.as_tensor(list(seeds), dtype=torch.int64)
     if seeds_t.shape != (B,):
         raise ValueError(f"got {seeds_t.numel()} seeds for {B} prompts")
+    shape = model.latent_shape_for(height, width)
     if schedule is None:
         schedule = make_schedule(model.scheduler, num_steps, eta=eta, noise_level=noise_level, sde_type=sde_type,
-                                 **model.sampling_kwargs())
+                                 **model.schedule_kwargs(shape))
     T = schedule.num_steps
-    shape = model.latent_shape_for(height, width)
+    ones = (1,) * len(shape)  # per-sample scalars broadcast over [C, H, W] (or [C, F, H, W] for video)
     storage = torch.device(storage_device) if storage_device is not None else device
     use_cfg = guidance_scale != 1.0
     cond, uncond = model.encode(prompts, negative_prompts)
@@ -325,9 +334,9 @@ def sample_trajectories(
         n = xa.shape[0]
         ca = cond if act is None else cond.index(act.to(cond.hidden.device))
         ua = uncond if act is None or uncond is None else uncond.index(act.to(uncond.hidden.device))
-        eps_u, eps_c = guided_outputs(model, xa, timesteps[j].expand(n), ca, ua, autocast_dtype)
+        eps_u, eps_c = guided_outputs(model, xa, timesteps[j].expand(n), ca, ua, autocast_dtype, g)
         c = schedule.at(torch.full((n,), j), device=device)
-        mean = step_mean(xa, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0)
+        mean = step_mean(xa, eps_u, eps_c, c.a, c.b, g, clip_x0=c.clip_x0, latent_dims=xa.dim() - 1)
         stochastic = bool(schedule.stochastic[j])
         if tail is not None and j == tail.start - 1 and tail.solver == "dpmsolver++":
             v = eps_u if eps_c is None else eps_u + g * (eps_c - eps_u)
@@ -339,7 +348,7 @@ def sample_trajectories(
             x_next = mean if node is None else mean[node]
         elif act is None:
             noise = _randn(gens, shape, device, fdt)
-            x_next = mean + c.s.to(fdt).reshape(n, 1, 1, 1) * noise
+            x_next = mean + c.s.to(fdt).reshape(n, *ones) * noise
             log_probs[:, j] = action_logprob(schedule.residual_logprob, x, x_next, eps_u, eps_c, c, g).to(storage)
         else:  # one action per owner of transition j, from the node (active row) its leaf was in at x_j
             own = torch.nonzero(owner[:, j]).flatten()
@@ -347,7 +356,7 @@ def sample_trajectories(
             co = schedule.at(torch.full((own.numel(),), j), device=device)
             scale = split_noise_scale if j in branch else 1.0
             noise = _randn([gens[i] for i in own.tolist()], shape, device, fdt)
-            y = mean[src] + (co.s.to(fdt) * scale).reshape(-1, 1, 1, 1) * noise
+            y = mean[src] + (co.s.to(fdt) * scale).reshape(-1, *ones) * noise
             lp = action_logprob(schedule.residual_logprob, xa[src], y, eps_u[src], None if eps_c is None else eps_c[src], co, g)
             own_of = torch.full((B,), -1, dtype=torch.long)
             own_of[own] = torch.arange(own.numel())
@@ -364,7 +373,7 @@ def sample_trajectories(
         sig = tail.sigmas.tolist()
         for k in range(len(sig) - 1):
             eps_u, eps_c = guided_outputs(model, x, torch.full((B,), sig[k] * n_train, device=device, dtype=timesteps.dtype),
-                                          cond, uncond, autocast_dtype)
+                                          cond, uncond, autocast_dtype, g)
             v = eps_u if eps_c is None else eps_u + g * (eps_c - eps_u)
             if tail.solver == "euler":
                 x = x + (sig[k + 1] - sig[k]) * v

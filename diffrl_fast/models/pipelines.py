@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .._versions import at_least
+from .._versions import at_least, require_feature
 from .conditioning import Conditioning
 
 
@@ -32,7 +32,9 @@ class DiffusionModel:
     kind: str = "base"
     denoiser: nn.Module
     scheduler: object
-    latent_shape: tuple[int, int, int]  # native (C, H, W)
+    latent_shape: tuple[int, ...]  # native (C, H, W); (C, F, H, W) for video
+    is_video: bool = False  # decode gives videos [B, F, 3, H, W]
+    shipped_scheduler: object = None  # the folder's scheduler, when the policy runs another (load_pipeline)
     pixels_per_latent: int = 1  # image pixels per latent pixel (the VAE's scale factor)
     latent_multiple: int = 1  # latent height/width must divide by this (UNet levels, DiT patch)
     # prompts a command uses when the user gives none (check-parity): ones the model can read
@@ -116,9 +118,20 @@ class DiffusionModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sampling_kwargs(self) -> dict:
-        """Extra arguments for ``make_schedule`` (SD3's dynamic shift)."""
+    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+        """Extra arguments for ``make_schedule`` for latents of ``shape`` (the native one when None): SD3's, FLUX's and
+        Qwen-Image's dynamic shift, which depends on the image's token count."""
         return {}
+
+    sigma_grid: Optional[str] = None  # a flow model's sigma grid chosen by the run (sample.sigma_grid), else its own
+
+    def schedule_kwargs(self, shape: Optional[tuple] = None) -> dict:
+        """``sampling_kwargs(shape)`` with the run's sigma grid (``sigma_grid``: "scheduler", "flux", "flow_sigmas") in
+        place of the model's own where one is set."""
+        out = self.sampling_kwargs(shape)
+        if self.sigma_grid is not None:
+            out["sigma_grid"] = None if self.sigma_grid == "scheduler" else self.sigma_grid
+        return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
@@ -178,9 +191,10 @@ class DiffusionModel:
         else:
             raise ValueError("no reference policy: call add_lora() (reference = adapter off) or keep_reference_copy() first")
 
-    def latent_shape_for(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
-        """Latent shape for an image of height x width pixels (the model's native size when omitted)."""
-        c, h, w = self.latent_shape
+    def latent_shape_for(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, ...]:
+        """Latent shape for an image (or video frames) of height x width pixels (the model's native size when omitted):
+        (C, H, W), or (C, F, H, W) for a video model."""
+        *lead, h, w = self.latent_shape
         if height is None and width is None:
             return self.latent_shape
         scale, multiple = self.pixels_per_latent, self.latent_multiple
@@ -192,7 +206,7 @@ class DiffusionModel:
                     f"image {name} {v} does not fit the {self.kind} model: it must be a positive multiple of "
                     f"{scale * multiple} (latents are 1/{scale} of the image and must divide by {multiple})"
                 )
-        return (c, height // scale, width // scale)
+        return (*lead, height // scale, width // scale)
 
 
 def _vae_decode(vae, latents: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
@@ -291,14 +305,15 @@ class StableDiffusion3Model(DiffusionModel):
         return self.net(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden,
                         pooled_projections=cond.pooled, return_dict=False)[0]
 
-    def sampling_kwargs(self) -> dict:
+    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
         cfg = self.scheduler.config
         if not getattr(cfg, "use_dynamic_shifting", False):
             return {}
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
         p = self.denoiser.config.patch_size
-        seq = (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
+        shape = shape or self.latent_shape
+        seq = (shape[-2] // p) * (shape[-1] // p)
         return {"mu": calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                       cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))}
 
@@ -371,11 +386,12 @@ class FluxModel(DiffusionModel):
                   img_ids=self.image_ids(H, W, x.device, x.dtype), return_dict=False)[0]
         return self.unpack(out, H, W)
 
-    def sampling_kwargs(self) -> dict:
+    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         cfg = self.scheduler.config
-        seq = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+        shape = shape or self.latent_shape
+        seq = (shape[-2] // 2) * (shape[-1] // 2)
         out = {"sigma_grid": "flux"}
         if getattr(cfg, "use_dynamic_shifting", False):
             out["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
@@ -388,12 +404,193 @@ class FluxModel(DiffusionModel):
         return _vae_decode(vae, latents, shift=vae.config.shift_factor or 0.0)
 
 
+class WanModel(DiffusionModel):
+    """Wan2.1 text-to-video (Wan Team 2025): WanTransformer3DModel on video latents [B, 16, F, H, W] with (1, 2, 2)
+    patches, a UMT5 text encoder, AutoencoderKLWan (4x temporal, 8x spatial: F pixel frames with (F - 1) % 4 == 0
+    become (F - 1) / 4 + 1 latent frames), flow matching.
+
+    ``decode`` returns videos [B, F, 3, H, W] in [0, 1], what a video reward takes (rewards/video.py). Wan's configs
+    fix no size: the native one is WanPipeline's default, 81 frames of 480 x 832 pixels; ``num_frames`` (pixel
+    frames, sample.num_frames) and sample.height / sample.width choose another. Wan2.2's two-expert pipelines
+    (``transformer_2``) are refused: the trainer trains one denoiser.
+    """
+
+    kind = "wan"
+    is_video = True
+    default_prompts = ("a cat playing in the snow", "a red car on a street", "a boat on the water", "a bird flying in the sky")
+
+    def __init__(self, pipe, max_sequence_length: int = 512) -> None:
+        super().__init__()
+        if getattr(pipe, "transformer_2", None) is not None or getattr(pipe.config, "expand_timesteps", False):
+            raise ValueError("this is a Wan2.2 pipeline with two experts (transformer_2) or per-token timesteps (TI2V): the "
+                             "trainer trains one denoiser; use a Wan2.1 text-to-video folder")
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.scheduler = pipe.scheduler
+        c = pipe.transformer.config
+        self.frames_per_latent = pipe.vae_scale_factor_temporal
+        self.pixels_per_latent = pipe.vae_scale_factor_spatial
+        self.latent_multiple = c.patch_size[1]
+        self.channels = c.in_channels
+        self.max_sequence_length = min(max_sequence_length, pipe.tokenizer.model_max_length)
+        self.num_frames = 81  # WanPipeline's default
+        self.native_size = (480, 832)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        h, w = self.native_size
+        return (self.channels, self.latent_frames(self.num_frames), h // self.pixels_per_latent, w // self.pixels_per_latent)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames of ``num_frames`` pixel frames: (F - 1) / 4 + 1; a count the VAE cannot take is refused."""
+        k = self.frames_per_latent
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % k:
+            raise ValueError(f"{num_frames} frames do not fit Wan's VAE: it keeps the first frame and compresses each {k} after "
+                             f"it into one latent frame, so the count must be {k}k + 1 (e.g. 1, 5, 9, 17, 33, 81): set "
+                             f"sample.num_frames to one")
+        return (num_frames - 1) // k + 1
+
+    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+        """The shipped solver's flow sigmas when the policy's scheduler was converted from it (``flow_scheduler_from``)."""
+        return {"sigma_grid": "flow_sigmas"} if self.shipped_scheduler is not None and is_flow_prediction(self.shipped_scheduler) else {}
+
+    def _encode_unique(self, prompts):
+        lengths = [len(ids) for ids in self.pipe.tokenizer(prompts, add_special_tokens=True).input_ids]
+        too_long = [(p, n) for p, n in zip(prompts, lengths) if n > self.max_sequence_length]
+        if too_long:
+            p, n = too_long[0]
+            raise ValueError(f"prompt {p[:60]!r} is {n} tokens long; Wan's text encoder takes {self.max_sequence_length} "
+                             f"(its tokenizer would cut the rest silently): shorten the prompt")
+        embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                                            max_sequence_length=self.max_sequence_length, device=self.device)
+        return Conditioning(embeds)
+
+    def predict(self, x, t, cond):
+        return self.net(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """[B, 16, f, h, w] latents -> videos [B, F, 3, H, W] in [0, 1] (WanPipeline's de-normalisation, then the VAE)."""
+        vae = self.pipe.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
+        video = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+
+
+class QwenImageModel(DiffusionModel):
+    """Qwen-Image (Qwen Team 2025): QwenImageTransformer2DModel (an MMDiT) on 2x2-packed latents [B, 16, H, W] with
+    3-axis rotary positions, Qwen2.5-VL's last hidden states of a templated prompt (the template's first 34 tokens
+    dropped) with a padding mask, AutoencoderKLQwenImage (Wan's VAE layout, one frame), flow matching with dynamic
+    exponential shifting, ``shift_terminal`` and the FLUX sigma grid, as QwenImagePipeline samples.
+
+    Guidance is QwenImagePipeline's true CFG: comb = u + g (c - u), then rescaled per token to the conditional
+    velocity's norm, comb ||c|| / ||comb|| (norms over each packed token's 64 values). It is not linear in (u, c), so
+    ``guide`` combines the two branches before the step (``nonlinear_guidance``); the trainer's recompute does the
+    same, so log-probs and ratios are those of this policy. The unconditional branch encodes the negative prompt
+    (sample.negative_prompt; the pipeline's examples use " ").
+    """
+
+    kind = "qwen_image"
+    nonlinear_guidance = True
+
+    def __init__(self, pipe) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.scheduler = pipe.scheduler
+        c = pipe.transformer.config
+        size = 2 * (pipe.default_sample_size // 2)  # QwenImagePipeline's default: 128 latents (1024 pixels)
+        self.latent_shape = (c.in_channels // 4, size, size)
+        self.pixels_per_latent = pipe.vae_scale_factor
+        self.latent_multiple = 2
+        self.max_sequence_length = pipe.tokenizer_max_length
+
+    def _encode_unique(self, prompts):
+        pipe = self.pipe
+        drop = pipe.prompt_template_encode_start_idx
+        lengths = [len(ids) - drop for ids in pipe.tokenizer([pipe.prompt_template_encode.format(p) for p in prompts]).input_ids]
+        too_long = [(p, n) for p, n in zip(prompts, lengths) if n > self.max_sequence_length]
+        if too_long:
+            p, n = too_long[0]
+            raise ValueError(f"prompt {p[:60]!r} is {n} tokens long with its template; Qwen-Image's text encoder takes "
+                             f"{self.max_sequence_length} (the rest would be cut silently): shorten the prompt")
+        embeds, mask = pipe.encode_prompt(prompts, device=self.device, max_sequence_length=self.max_sequence_length)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return Conditioning(embeds, mask=mask)
+
+    def predict(self, x, t, cond):
+        B, _, H, W = x.shape
+        out = self.net(hidden_states=FluxModel.pack(x), timestep=t.to(x.dtype) / 1000, encoder_hidden_states=cond.hidden,
+                       encoder_hidden_states_mask=cond.mask, img_shapes=[[(1, H // 2, W // 2)]] * B, return_dict=False)[0]
+        return FluxModel.unpack(out, H, W)
+
+    def guide(self, eps_u: torch.Tensor, eps_c: torch.Tensor, g: float) -> torch.Tensor:
+        """QwenImagePipeline's true CFG: u + g (c - u), rescaled per packed token to the norm of c."""
+        H, W = eps_u.shape[-2:]
+        u, c = FluxModel.pack(eps_u), FluxModel.pack(eps_c)
+        comb = u + g * (c - u)
+        comb = comb * (c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+        return FluxModel.unpack(comb, H, W)
+
+    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+        cfg = self.scheduler.config
+        shape = shape or self.latent_shape
+        seq = (shape[-2] // 2) * (shape[-1] // 2)
+        return {"sigma_grid": "flux", "mu": calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                                            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))}
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """[B, 16, h, w] latents -> images [B, 3, H, W] in [0, 1] (QwenImagePipeline's de-normalisation, one VAE frame)."""
+        vae = self.pipe.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
+        image = vae.decode(latents.to(vae.dtype)[:, :, None] * std + mean, return_dict=False)[0][:, :, 0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
 PIPELINE_ADAPTERS = {
     "StableDiffusionPipeline": StableDiffusionModel,
     "StableDiffusionXLPipeline": StableDiffusionXLModel,
     "StableDiffusion3Pipeline": StableDiffusion3Model,
     "FluxPipeline": FluxModel,
+    "WanPipeline": WanModel,
+    "QwenImagePipeline": QwenImageModel,
 }
+
+
+# pipelines that need a newer diffusers than the package's floor (_versions.FEATURE_VERSIONS)
+FEATURES = {"WanPipeline": "Wan pipelines (WanPipeline)", "QwenImagePipeline": "Qwen-Image pipelines (QwenImagePipeline)"}
+
+
+def is_flow_prediction(scheduler) -> bool:
+    """A multistep solver configured for a flow model (velocity prediction on flow sigmas), as Wan2.1 ships
+    UniPCMultistepScheduler: ``prediction_type == "flow_prediction"`` and ``use_flow_sigmas``."""
+    cfg = scheduler.config
+    return cfg.get("prediction_type") == "flow_prediction" and bool(cfg.get("use_flow_sigmas", False))
+
+
+def flow_scheduler_from(scheduler):
+    """The FlowMatchEulerDiscreteScheduler on a flow-prediction scheduler's own sigmas: the same shift
+    (``flow_shift``, or its dynamic shifting), terminal stretch and train steps. The rollout reads it with
+    ``sigma_grid="flow_sigmas"``, the solver's grid linspace(1, 1/N, n + 1)[:-1] before the shift (so the
+    sigmas equal the shipped solver's; its first, 1 - 1e-6 there, is 1 here)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import inspect
+
+    cfg = scheduler.config
+    kwargs = dict(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.get("flow_shift", 1.0),
+                  use_dynamic_shifting=cfg.get("use_dynamic_shifting", False), shift_terminal=cfg.get("shift_terminal"),
+                  time_shift_type=cfg.get("time_shift_type", "exponential"))
+    accepted = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+    return FlowMatchEulerDiscreteScheduler(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 class ModelLoadError(ValueError):
@@ -458,8 +655,10 @@ def load_pipeline(
 ) -> DiffusionModel:
     """Load a diffusers pipeline folder (or hub id, where reachable) as a ``DiffusionModel``.
 
-    ``sampler``: "auto" keeps a supported scheduler (DDIM, DDPM, flow matching) and converts any other to
-    DDIM, as ddpo-pytorch does; "ddim" or "ddpm" convert explicitly.
+    ``sampler``: "auto" keeps a supported scheduler (DDIM, DDPM, flow matching), turns a flow-prediction solver
+    (Wan2.1's UniPC) into the flow SDE on the solver's own sigmas (``flow_scheduler_from``) and converts any other
+    to DDIM, as ddpo-pytorch does; "ddim" or "ddpm" convert explicitly (refused for a flow model). The shipped
+    scheduler stays in ``model.shipped_scheduler``.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
@@ -469,6 +668,8 @@ def load_pipeline(
         if not index.is_file():
             raise FileNotFoundError(f"{path} has no model_index.json: expected a diffusers pipeline folder (save_pretrained)")
         class_name = json.loads(index.read_text()).get("_class_name")
+        if class_name in FEATURES:
+            require_feature(FEATURES[class_name])
         if class_name not in PIPELINE_ADAPTERS:
             raise ValueError(f"{path} holds a {class_name}; supported pipelines: {sorted(PIPELINE_ADAPTERS)}")
     elif path.startswith((".", "/", "~")) or path.count("/") != 1:
@@ -480,7 +681,15 @@ def load_pipeline(
     if sampler not in ("auto", "ddim", "ddpm"):
         raise ValueError(f"sampler must be 'auto', 'ddim' or 'ddpm', got {sampler!r}")
     supported = (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler)
-    if sampler == "ddim" or (sampler == "auto" and not isinstance(pipe.scheduler, supported)):
+    shipped = pipe.scheduler
+    flow = isinstance(shipped, FlowMatchEulerDiscreteScheduler) or is_flow_prediction(shipped)
+    if flow and sampler != "auto":
+        raise ValueError(f"{path} is a flow-matching model ({type(shipped).__name__} predicting velocities): model.sampler="
+                         f"{sampler} would run it as a noise-prediction DDIM/DDPM, which is wrong; use model.sampler=auto")
+    if is_flow_prediction(shipped):
+        # a flow model shipped with a multistep solver (Wan2.1: UniPC): the policy is the flow SDE on the solver's sigmas
+        pipe.scheduler = flow_scheduler_from(shipped)
+    elif sampler == "ddim" or (sampler == "auto" and not isinstance(pipe.scheduler, supported)):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif sampler == "ddpm":
         pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -490,4 +699,6 @@ def load_pipeline(
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False).eval()
-    return adapter(pipe)
+    model = adapter(pipe)
+    model.shipped_scheduler = shipped
+    return model

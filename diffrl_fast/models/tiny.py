@@ -19,6 +19,10 @@ Builders (each returns the folder as a string; same seed and arguments -> bit-id
   with ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
 - ``build_tiny_flux``: FluxPipeline (FluxTransformer2DModel on 2x2-packed latents with a guidance embedding,
   CLIP + T5 text encoders, a 16-channel VAE, flow matching with dynamic shifting).
+- ``build_tiny_wan``: WanPipeline (Wan2.1 text-to-video: WanTransformer3DModel on [B, 16, F, H, W] latents,
+  AutoencoderKLWan, a UMT5 text encoder, the shipped UniPC flow-prediction scheduler).
+- ``build_tiny_qwen_image``: QwenImagePipeline (QwenImageTransformer2DModel, a Qwen2.5-VL text encoder on a
+  byte-level Qwen2 tokenizer, AutoencoderKLQwenImage, dynamic exponential shifting).
 - ``build_tiny_clip``: a CLIPModel folder (weights, tokenizer, preprocessor config) for the CLIP rewards.
 
 Sizes: the UNet sees ``latent_size`` x ``latent_size`` latents and the VAE decodes them to
@@ -584,6 +588,148 @@ def build_tiny_flux(
     return _save(pipe, path)
 
 
+def _tiny_umt5(width: int, seed: int, model_max_length: int):
+    """(T5TokenizerFast, UMT5EncoderModel): Wan's text encoder class (UMT5: per-layer relative position biases) at
+    ``width``, on the same locally built Unigram tokenizer as the tiny T5."""
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp, model_max_length=model_max_length))
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=width, d_kv=16, d_ff=2 * width, num_layers=2,
+                        num_heads=max(1, width // 16), relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    with _seeded(seed):
+        return tokenizer, UMT5EncoderModel(config)
+
+
+def build_tiny_wan(
+    path,
+    *,
+    num_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 12,
+    text_width: int = 32,
+    scheduler: str = "unipc",
+    flow_shift: float = 3.0,
+    seed: int = 0,
+    max_sequence_length: int = 16,
+) -> str:
+    """Build a random tiny ``WanPipeline`` (Wan2.1 text-to-video) into ``path``; returns the path.
+
+    Transformer: WanTransformer3DModel with (1, 2, 2) patches over [B, 16, F, H, W] latents, ``num_layers``
+    blocks, QK RMS norm across heads and a cross-attention norm, as Wan2.1. VAE: AutoencoderKLWan (16 latent
+    channels, Wan2.1's latent mean/std, 4x temporal and 8x spatial compression: F pixel frames with
+    (F - 1) % 4 == 0 become (F - 1) / 4 + 1 latent frames). Text: a UMT5 encoder of width ``text_width`` on the
+    tiny T5 tokenizer, prompts padded to ``max_sequence_length`` tokens (Wan2.1: 512). Scheduler as shipped by
+    Wan2.1-T2V-1.3B-Diffusers: "unipc" is UniPCMultistepScheduler with flow prediction, flow sigmas and
+    ``flow_shift`` (3.0 for 480p, 5.0 for 720p); "euler" a FlowMatchEulerDiscreteScheduler with the same shift
+    (the sampler the rollout runs, so a stock pipeline built with it reproduces our deterministic rollout).
+    Like Wan's own configs, nothing here fixes a size: the pipeline's default is 81 frames of 480 x 832 pixels, so a
+    tiny run names its own (e.g. sample.height=32 sample.width=32 sample.num_frames=5).
+    """
+    from .._versions import require_feature
+
+    require_feature("Wan pipelines (WanPipeline)")
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer, text_encoder = _tiny_umt5(text_width, seed + 2, max_sequence_length)
+    with _seeded(seed):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+            in_channels=16, out_channels=16, text_dim=text_width, freq_dim=32, ffn_dim=2 * num_attention_heads * attention_head_dim,
+            num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        )
+    with _seeded(seed + 1):
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    if scheduler == "unipc":
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+                                        num_train_timesteps=1000, solver_order=2, final_sigmas_type="zero")
+    elif scheduler == "euler":
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
+    else:
+        raise ValueError(f"scheduler must be 'unipc' (Wan2.1's as shipped) or 'euler', got {scheduler!r}")
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=sched, transformer=transformer)
+    return _save(pipe, path)
+
+
+def write_tiny_qwen2_tokenizer(folder, *, model_max_length: int = 32768) -> str:
+    """Write a tiny Qwen2-style byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json), built locally.
+
+    Vocabulary: the 256 byte characters of GPT-2's byte-to-unicode table (one token per byte: no merges), then
+    Qwen's special tokens ``<|endoftext|>`` (padding), ``<|im_start|>`` and ``<|im_end|>``, which the chat
+    template of Qwen-Image's prompt encoder uses. Loads with ``AutoTokenizer`` as a Qwen2 tokenizer.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "Qwen2Tokenizer", "model_max_length": model_max_length, "pad_token": "<|endoftext|>",
+              "eos_token": "<|im_end|>", "bos_token": None, "unk_token": None, "add_prefix_space": False, "errors": "replace"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return str(folder)
+
+
+def build_tiny_qwen_image(
+    path,
+    *,
+    latent_size: int = 8,
+    num_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    text_width: int = 32,
+    seed: int = 0,
+) -> str:
+    """Build a random tiny ``QwenImagePipeline`` into ``path``; returns the path.
+
+    Transformer: QwenImageTransformer2DModel with ``num_layers`` blocks on 2x2-packed 16-channel latents, rotary
+    axes (4, 6, 6) summing to the head width 16. Text: a Qwen2.5-VL model (2 text layers of width ``text_width``,
+    multimodal rotary sections (2, 3, 3), a 1-block vision tower that text prompts never reach) on the tiny byte-level
+    Qwen2 tokenizer. VAE: AutoencoderKLQwenImage (16 latent channels, Qwen-Image's latent mean/std, 8x spatial).
+    Scheduler: Qwen-Image's FlowMatchEulerDiscreteScheduler (dynamic exponential shifting, base/max shift 0.5/0.9
+    over 256..8192 tokens, shift_terminal 0.02). QwenImagePipeline's native size is 1024 pixels whatever the
+    weights, so a tiny run names its own: sample.height = sample.width = ``latent_size`` x 8.
+    """
+    from .._versions import require_feature
+
+    require_feature("Qwen-Image pipelines (QwenImagePipeline)")
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if attention_head_dim != 16:
+        raise ValueError("the tiny Qwen-Image's rotary axes (4, 6, 6) need attention_head_dim=16")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(write_tiny_qwen2_tokenizer(tmp))
+    heads = 2
+    text = dict(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=1, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+    if (text_width // heads) // 2 != 8:
+        raise ValueError("the tiny Qwen2.5-VL's rotary sections (2, 3, 3) need text_width=32")
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=text_width, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0])
+    with _seeded(seed + 2):
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    with _seeded(seed):
+        transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=num_layers,
+                                                  attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+                                                  joint_attention_dim=text_width, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    with _seeded(seed + 1):
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    return _save(pipe, path)
+
+
 def build_tiny_clip(
     path,
     *,
@@ -638,7 +784,8 @@ def build_tiny_clip(
 
 
 # "clip" is no pipeline, but shares the cache: the CLIP rewards' tests and benchmarks need one.
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "clip": build_tiny_clip}
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "wan": build_tiny_wan,
+            "qwen_image": build_tiny_qwen_image, "clip": build_tiny_clip}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,7 +815,7 @@ def _cache_key(kind: str, kwargs: dict) -> str:
 
 
 def cached_tiny_pipeline(kind: str, root=None, **kwargs) -> str:
-    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "clip") built with ``kwargs``, building it once.
+    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "wan", "qwen_image", "clip") built with ``kwargs``, building it once.
 
     The folder lives under ``root`` (default ``default_cache_root()``), named by a hash of the kind,
     the arguments, ``BUILDER_VERSION`` and the diffusers/transformers versions. Safe when several

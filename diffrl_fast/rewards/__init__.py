@@ -1,6 +1,7 @@
 """Reward registry: ``fn(images, prompts, metadata) -> (rewards, info)``, looked up by name or dotted path.
 
-- images:   float tensor [B, C, H, W] in [0, 1] (C = 1 or 3), on any device
+- images:   float tensor [B, C, H, W] in [0, 1] (C = 1 or 3), on any device; for a video model (Wan) videos
+            [B, F, 3, H, W], which only a reward marked ``video = True`` takes (rewards/video.py)
 - prompts:  list of B strings
 - metadata: list of B dicts (e.g. {"class_id": 7} in the digits world)
 - returns:  rewards, a float tensor [B] (any device), and a dict of extra statistics; its optional
@@ -34,7 +35,7 @@ from .values import RewardError, check_rewards, reward_metrics, reward_values  #
 RewardFn = Callable[[torch.Tensor, list, list], "tuple[torch.Tensor, dict]"]
 
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
-_BUILTIN_MODULES = ("jpeg", "brightness", "digits", "layout", "clip", "hps", "image_reward")
+_BUILTIN_MODULES = ("jpeg", "brightness", "digits", "layout", "clip", "hps", "image_reward", "video")
 
 
 def register(name: str):

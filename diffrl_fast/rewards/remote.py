@@ -51,10 +51,13 @@ class RewardServiceError(RewardError):
 
 # ---- images on the wire ---------------------------------------------------------------------------------------
 def encode_images(images: torch.Tensor, fmt: str = "uint8") -> dict:
-    """[B, C, H, W] floats in [0, 1] as the JSON ``images`` field: raw uint8 / float32 bytes, or one PNG per image."""
+    """[B, C, H, W] floats in [0, 1] (or videos [B, F, C, H, W]) as the JSON ``images`` field: raw uint8 / float32
+    bytes, or one PNG per image (images only)."""
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"image format {fmt!r} is not one of {IMAGE_FORMATS}")
     x = images.detach().float().cpu()
+    if x.dim() == 5 and fmt == "png":
+        raise ValueError("videos travel as raw uint8 or float32 (reward.remote_format), not PNG")
     if fmt == "float32":
         return {"format": fmt, "shape": list(x.shape), "data": base64.b64encode(x.contiguous().numpy().tobytes()).decode()}
     u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -71,10 +74,11 @@ def encode_images(images: torch.Tensor, fmt: str = "uint8") -> dict:
     return {"format": fmt, "data": files}
 
 
-def decode_images(field, max_side: int = 1 << 16) -> torch.Tensor:
-    """The JSON ``images`` field back as [B, C, H, W] float32 in [0, 1] (C = 1 or 3, H and W at most ``max_side``);
-    ValueError names what is malformed: the format, the shape, the base64, the byte count, a PNG that is not one or
-    not grayscale / RGB, float32 values that are not finite or outside [0, 1]."""
+def decode_images(field, max_side: int = 1 << 16, max_frames: int = 0) -> torch.Tensor:
+    """The JSON ``images`` field back as [B, C, H, W] float32 in [0, 1] (C = 1 or 3, H and W at most ``max_side``), or
+    with ``max_frames`` > 0 (a video reward's server) videos [B, F, C, H, W] of at most ``max_frames`` frames, raw
+    formats only; ValueError names what is malformed: the format, the shape, the base64, the byte count, a PNG that is
+    not one or not grayscale / RGB, float32 values that are not finite or outside [0, 1]."""
     import numpy as np
 
     if not isinstance(field, dict) or field.get("format") not in IMAGE_FORMATS:
@@ -90,6 +94,8 @@ def decode_images(field, max_side: int = 1 << 16) -> torch.Tensor:
     if fmt == "png":
         from PIL import Image
 
+        if max_frames:
+            raise ValueError("this server scores videos: send them as raw uint8 or float32 [B, F, C, H, W], not PNG")
         if not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data):
             raise ValueError("'images.data' must be a non-empty list of base64 PNG files")
         arrays = []
@@ -110,9 +116,12 @@ def decode_images(field, max_side: int = 1 << 16) -> torch.Tensor:
             raise ValueError("the PNG images have different sizes or modes")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     shape = field.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-        raise ValueError("'images.shape' must be [B, C, H, W] of positive integers")
-    check_size(shape[1], shape[2], shape[3], f"'images.shape' {shape}")
+    dims, form = (5, "[B, F, C, H, W] (videos: this server's reward takes them)") if max_frames else (4, "[B, C, H, W]")
+    if not (isinstance(shape, list) and len(shape) == dims and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ValueError(f"'images.shape' must be {form} of positive integers")
+    check_size(shape[-3], shape[-2], shape[-1], f"'images.shape' {shape}")
+    if max_frames and shape[1] > max_frames:
+        raise ValueError(f"'images.shape' {shape} has {shape[1]} frames; this server takes at most {max_frames} (--max-frames)")
     if not isinstance(data, str):
         raise ValueError("'images.data' must be a base64 string")
     try:
@@ -140,10 +149,10 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 WAIT_MODES = ("adaptive", "fixed")  # the batcher's wait for more requests (make_app)
 
 
-def body_limit(max_batch: int, max_side: int) -> int:
-    """The largest /score body a server takes: ``max_batch`` float32 RGB images of ``max_side`` pixels a side in
-    base64 (4/3 of the bytes), and 64 KiB of prompt and metadata per image, plus 64 KiB."""
-    return int(max_batch * (3 * max_side * max_side * 4 * 4 / 3 + 65536)) + 65536
+def body_limit(max_batch: int, max_side: int, max_frames: int = 0) -> int:
+    """The largest /score body a server takes: ``max_batch`` float32 RGB images (videos of ``max_frames`` frames) of
+    ``max_side`` pixels a side in base64 (4/3 of the bytes), and 64 KiB of prompt and metadata per sample, plus 64 KiB."""
+    return int(max_batch * (max(1, max_frames) * 3 * max_side * max_side * 4 * 4 / 3 + 65536)) + 65536
 
 
 class _Pending:
@@ -179,7 +188,7 @@ class _Stats:
 
 def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 5.0, max_queue: int = 256,
              request_timeout_s: float = 600.0, max_side: int = 2048, batching: bool = True, token: str | None = None,
-             wait: str = "adaptive"):
+             wait: str = "adaptive", max_frames: int = 81):
     """The aiohttp application serving ``reward_fn(images, prompts, metadata) -> (rewards, info)`` under ``name``.
 
     Dynamic batching (``batching``): requests wait in one queue; a batcher forms a reward call from the oldest request
@@ -194,7 +203,9 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     queue and the recent reward calls); a request still queued ``request_timeout_s`` after it arrived gets 503.
     Limits: bodies over ``body_limit(max_batch, max_side)`` bytes get 413; images over ``max_side`` pixels a side,
     non-finite or out-of-range floats and malformed JSON get 400. ``token``: every endpoint then needs
-    ``Authorization: Bearer <token>`` (401 otherwise).
+    ``Authorization: Bearer <token>`` (401 otherwise). A video reward (``rewards.video.takes_video``) is served
+    videos [B, F, C, H, W] of at most ``max_frames`` frames (raw formats; /health says ``"video": true``); an image
+    reward, images.
     """
     import asyncio
     import hmac
@@ -208,9 +219,15 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         raise ValueError("max_batch, max_queue and max_side must be >= 1, max_wait_ms >= 0 and request_timeout_s > 0")
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {WAIT_MODES}, got {wait!r}")
+    from .values import takes_video
+
+    if max_frames < 1:
+        raise ValueError("max_frames must be >= 1")
+    video = takes_video(reward_fn)
+    frames = max_frames if video else 0
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")  # one reward call at a time
     stats, queue = _Stats(), []
-    limit = body_limit(max_batch, max_side)
+    limit = body_limit(max_batch, max_side, frames)
     state: dict = {"arriving": 0, "last_requests": 0}  # /score requests being read; requests of the last reward call
 
     def fail(status: int, message: str, **headers):
@@ -310,8 +327,9 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             try:
                 resp = await handler(request)
             except web.HTTPRequestEntityTooLarge:
+                what = f"videos of at most --max-frames {frames} frames" if video else "images"
                 resp = fail(413, f"the request body is larger than this server takes ({limit} bytes: --max-batch {max_batch} "
-                                 f"images of at most --max-side {max_side} pixels a side); send smaller batches or images")
+                                 f"{what} of at most --max-side {max_side} pixels a side); send smaller batches or images")
             except web.HTTPException as exc:  # aiohttp's own answers (404, 405, ...), as JSON like ours
                 resp = fail(exc.status, exc.reason)
         stats.codes[(request.path if request.path in ("/score", "/health", "/metrics") else "other", resp.status)] += 1
@@ -325,6 +343,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     async def health(request):
         return web.json_response({"status": "ok", "reward": name, "max_batch": max_batch, "protocol": PROTOCOL,
                                   "batching": batching, "wait": wait, "max_side": max_side, "queued": len(queue),
+                                  "video": video, "max_frames": frames,
                                   "batches": stats.batches, "images": stats.images})
 
     async def metrics(request):
@@ -394,7 +413,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         if len(prompts) > max_batch:
             return fail(413, f"{len(prompts)} images in one request; this server takes at most {max_batch} (send smaller batches)")
         try:
-            images = decode_images(body.get("images"), max_side=max_side)
+            images = decode_images(body.get("images"), max_side=max_side, max_frames=frames)
         except ValueError as exc:
             return fail(400, str(exc))
         if images.shape[0] != len(prompts):
@@ -479,6 +498,10 @@ class RemoteReward:
             raise RewardServiceError(f"reward server {self.url} speaks protocol {health.get('protocol')!r}, this client "
                                      f"{PROTOCOL}: run the same diffrl_fast version on both sides")
         self.name = str(health.get("reward", "remote"))
+        self.video = bool(health.get("video", False))  # the served reward takes videos (rewards.video.takes_video)
+        if self.video and image_format == "png":
+            raise RewardError(f"reward server {self.url} scores videos, which travel as raw frames: set reward.remote_format "
+                              f"to uint8 or float32")
         self.batch_size = min(batch_size, health["max_batch"]) if batch_size > 0 else health["max_batch"]
 
     def __repr__(self) -> str:

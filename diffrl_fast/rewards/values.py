@@ -52,3 +52,17 @@ def reward_metrics(name: str, info, batch: int) -> dict[str, torch.Tensor]:
         raise RewardError(f"reward {name!r}: info['per_sample'] must be a dict of per-sample metrics, got {type(per_sample).__name__}")
     return {str(k): check_rewards(f"{name}'s metric {k}", v.float() if torch.is_tensor(v) else v, batch).cpu()
             for k, v in per_sample.items()}
+
+
+def video_reward(fn):
+    """Mark a user's reward function as taking videos [B, F, 3, H, W] (sets ``fn.video = True``); returns ``fn``."""
+    fn.video = True
+    return fn
+
+
+def takes_video(fn) -> bool:
+    """Whether a reward takes videos: its ``video`` attribute, or for a weighted sum every component's."""
+    components = getattr(fn, "components", None)
+    if components is not None and not hasattr(fn, "video"):
+        return bool(components) and all(takes_video(f) for _, _, f in components)
+    return bool(getattr(fn, "video", False))

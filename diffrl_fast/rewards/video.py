@@ -17,21 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import get_reward, register
-from .values import RewardError, reward_values
-
-
-def video_reward(fn):
-    """Mark a user's reward function as taking videos [B, F, 3, H, W] (sets ``fn.video = True``); returns ``fn``."""
-    fn.video = True
-    return fn
-
-
-def takes_video(fn) -> bool:
-    """Whether a reward takes videos: its ``video`` attribute, or for a weighted sum every component's."""
-    components = getattr(fn, "components", None)
-    if components is not None and not hasattr(fn, "video"):
-        return bool(components) and all(takes_video(f) for _, _, f in components)
-    return bool(getattr(fn, "video", False))
+from .values import RewardError, reward_values, takes_video, video_reward  # noqa: F401  (video_reward re-exported)
 
 
 def check_videos(name: str, videos, min_frames: int = 1) -> torch.Tensor:

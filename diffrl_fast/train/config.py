@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..config_utils import ConfigError, option
+from ..diffusion.coefficients import SDE_TYPES
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"  # the YAML presets, shipped with the package (configs/)
 DEFAULT_PRESET = PRESETS / "digits.yaml"  # what `diffrl-fast train` runs without a config file
@@ -57,12 +58,14 @@ class SampleConfig:
     guidance_scale: float = option(5.0, "Classifier-free guidance g; 1 disables guidance (one denoiser pass per step). Default: DDPO's 5.0.")
     eta: float = option(1.0, "DDIM eta in (0, 1]: the policy's noise level (every reference uses 1).")
     noise_level: float = option(0.7, "Flow-matching SDE noise level (Flow-GRPO's a), used for SD3-style models.")
-    sde_type: str = option("sde", "Flow models' rollout SDE: 'sde' (Flow-GRPO's) or 'cps' (coefficients-preserving sampling, Wang & Yu 2025: std = sigma' sin(noise_level pi/2), the log-prob the squared residual only). Rollouts, the training recompute and the KL all use it.")
+    sde_type: str = option("sde", "Flow models' rollout SDE: 'sde' (Flow-GRPO's), 'cps' (coefficients-preserving sampling, Wang & Yu 2025: std = sigma' sin(noise_level pi/2), the log-prob the squared residual only) or 'dance' (DanceGRPO's: Flow-GRPO's drift with a constant std = noise_level, its eta). Rollouts, the training recompute and the KL all use it.")
     batch_size: int = option(8, "Trajectories per rollout batch (per process). Default: ddpo-pytorch's 8 per GPU.")
     num_batches_per_epoch: int = option(4, "Rollout batches per epoch; samples per epoch = batch_size x this x processes.")
     negative_prompt: str = option("", "Negative prompt for the unconditional branch of guidance.")
     height: Optional[int] = option(None, "Image height in pixels (null: the model's native size).")
     width: Optional[int] = option(None, "Image width in pixels (null: the model's native size).")
+    sigma_grid: Optional[str] = option(None, "Flow models: the sigma grid of the T steps before the model's shift: null = the model's own (FLUX: 'flux'; Wan shipped with UniPC: 'flow_sigmas'; else the scheduler's); 'scheduler' = FlowMatchEulerDiscreteScheduler.set_timesteps' linspace(1, 1/N_train, T); 'flux' = linspace(1, 1/T, T), FluxPipeline's and DanceGRPO's linspace(1, 0, T + 1) without its end; 'flow_sigmas' = the multistep solvers' linspace(1, 1/N_train, T + 1)[:-1].")
+    num_frames: Optional[int] = option(None, "Video models (Wan): pixel frames per sample, 4k + 1 for Wan's VAE (null: the model's default, Wan's 81). The reward then takes videos [B, F, 3, H, W] (rewards/video.py).")
     post_window_solver: str = option("euler", "Flow models with a timestep window: the ODE solver of the deterministic steps after the window's last step: 'euler' (the flow ODE's Euler step, as the SDE at noise 0) or 'dpmsolver++' (DPM-Solver++(2M), MixGRPO-Flash's --dpm_algorithm_type dpmsolver++ with order 2, midpoint).")
     post_window_compress: float = option(1.0, "Flow models with a timestep window: MixGRPO-Flash's dpm_post_compress_ratio: the steps after the window's last stochastic step L become max(2, int((T - L) x this)) noise levels, uniform in the scheduler's unshifted time (1: the schedule's own steps; MixGRPO-Flash: 0.4, Flash*: 0.2). Fewer denoiser passes per rollout; the trained steps are unchanged.")
     tree_branch_steps: list[int] = option([], "Tree rollouts (BranchGRPO, Li et al. 2025; algo=grpo): the steps j (0 = noisiest) at which every node of a prompt's tree splits into sample.tree_branch_factor children; [] = independent samples. A tree has factor^len(steps) leaves = grpo.group_size; shared prefixes are computed once, each distinct transition is trained once, advantages are BranchGRPO's node advantages (sample.tree_reward_fusion). BranchGRPO's FLUX script: [0, 3, 6, 9] of 20 steps.")
@@ -261,7 +264,7 @@ class LogConfig:
     eval_samples: int = option(256, "Fixed-seed samples scored before and after training for summary.md (0 disables).")
     grid_samples: int = option(32, "Images in the before/after grids (same seeds), and of each epoch's samples in the grid sent to TensorBoard / W&B.")
     eval_num_steps: Optional[int] = option(None, "Sampling steps of the before/after evaluation (null: sample.num_steps). Lets rollouts use fewer steps than evaluation.")
-    eval_sde_type: Optional[str] = option(None, "Flow models: the rollout SDE of the before/after evaluation, 'sde' or 'cps' (null: sample.sde_type). Evaluating a CPS-trained policy with sde compares it with Flow-GRPO's on the same sampler: the base model scores differently under each.")
+    eval_sde_type: Optional[str] = option(None, "Flow models: the rollout SDE of the before/after evaluation, 'sde', 'cps' or 'dance' (null: sample.sde_type). Evaluating a CPS-trained policy with sde compares it with Flow-GRPO's on the same sampler: the base model scores differently under each.")
     eval_guidance_scale: Optional[float] = option(None, "Guidance scale of the before/after evaluation (null: sample.guidance_scale). With sample.guidance_scale=1 the policy trains without guidance (one denoiser pass per step) and can still be evaluated with it.")
     tensorboard: bool = option(True, "Also log to TensorBoard when it is installed: every scalar of metrics.jsonl, a labelled grid of log.grid_samples of each epoch's samples, and the before/after grids.")
     wandb: bool = option(False, "Also log to Weights & Biases (pip install \"diffrl_fast[wandb]\"): the config, every scalar of metrics.jsonl per epoch, each epoch's sample grid and the before/after grids. Run files go to output_dir/name/wandb/ unless WANDB_DIR is set; a resumed run continues the same W&B run.")
@@ -320,7 +323,7 @@ class Config:
 # batch sizes, chunking and accumulation that fit memory, the task (reward, prompts), logging and the launcher.
 PRESET_KEYS = ("name", "output_dir", "seed", "algo", "num_epochs", "prompts", "prompt_file", "model.", "sample.batch_size",
                "sample.num_batches_per_epoch", "sample.negative_prompt", "sample.height", "sample.width",
-               "sample.trajectory_device", "train.batch_size", "train.chunk_size", "train.gradient_accumulation_steps",
+               "sample.num_frames", "sample.trajectory_device", "train.batch_size", "train.chunk_size", "train.gradient_accumulation_steps",
                "reward.", "log.", "dist.", "guard.")
 
 
@@ -446,7 +449,9 @@ def validate(cfg: Config) -> Config:
     need(s.num_steps >= 1, "sample.num_steps must be >= 1")
     need(0 < s.eta <= 1, f"sample.eta must be in (0, 1], got {s.eta}")
     need(s.noise_level > 0, f"sample.noise_level must be > 0, got {s.noise_level}")
-    need(s.sde_type in ("sde", "cps"), f"sample.sde_type must be 'sde' or 'cps', got {s.sde_type!r}")
+    choice("sample.sde_type", s.sde_type, SDE_TYPES)
+    if s.sigma_grid is not None:
+        choice("sample.sigma_grid", s.sigma_grid, ("scheduler", "flux", "flow_sigmas"))
     need(s.sde_type != "cps" or s.noise_level < 2, f"sample.sde_type=cps needs sample.noise_level in (0, 2), got {s.noise_level}")
     need(s.post_window_solver in ("euler", "dpmsolver++"), f"sample.post_window_solver must be 'euler' or 'dpmsolver++', got {s.post_window_solver!r}")
     need(0 < s.post_window_compress <= 1, f"sample.post_window_compress must be in (0, 1], got {s.post_window_compress}")
@@ -499,7 +504,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.log.eval_num_steps is None or cfg.log.eval_num_steps >= 1, "log.eval_num_steps must be >= 1 or null")
     need(cfg.log.eval_guidance_scale is None or cfg.log.eval_guidance_scale >= 1, "log.eval_guidance_scale must be >= 1 or null")
     if cfg.log.eval_sde_type is not None:
-        choice("log.eval_sde_type", cfg.log.eval_sde_type, ("sde", "cps"))
+        choice("log.eval_sde_type", cfg.log.eval_sde_type, SDE_TYPES)
     need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps must be >= 0")
     need(t.clip_range > 0 and t.adv_clip_max > 0, "train.clip_range and train.adv_clip_max must be > 0")
     choice("model.mixed_precision", cfg.model.mixed_precision, ("no", "bf16", "fp16"))

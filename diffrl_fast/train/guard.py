@@ -228,6 +228,8 @@ class Guard:
         out: dict[str, float] = {}
         primary_values = None
         images = torch.cat([t.images.cpu() for t in trajs])
+        if images.dim() == 5:  # videos [N, F, 3, H, W]: a sample's frames compared together, as channels
+            images = images.flatten(1, 2)
         for label, fn in self.rewards.items():
             if fn is None:
                 continue

@@ -60,6 +60,17 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "…"
 
 
+def filmstrip(images: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
+    """Images for a grid: images [N, C, H, W] unchanged; videos [N, F, C, H, W] as [N, C, H, k W], k <= ``max_frames``
+    evenly spaced frames (the first and the last among them) side by side."""
+    if images.dim() != 5:
+        return images
+    F = images.shape[1]
+    idx = torch.linspace(0, F - 1, min(F, max_frames)).round().long()
+    frames = images[:, idx]
+    return frames.permute(0, 2, 3, 1, 4).reshape(images.shape[0], images.shape[2], images.shape[3], -1)
+
+
 def labelled_grid(images: torch.Tensor, captions: list[dict], cols: Optional[int] = None, title: str = ""):
     """A PIL image: images [N, C, H, W] in [0, 1] in a grid, each above its caption.
 
@@ -366,6 +377,12 @@ class RunLogger:
         return json.loads(path.read_text()) if path.exists() else None
 
 
+# model family -> (the diffusers pipeline whose LoRA format the adapter is saved in, its layers argument)
+LORA_SAVERS = {"sd": ("StableDiffusionPipeline", "unet_lora_layers"), "sdxl": ("StableDiffusionXLPipeline", "unet_lora_layers"),
+               "sd3": ("StableDiffusion3Pipeline", "transformer_lora_layers"), "flux": ("FluxPipeline", "transformer_lora_layers"),
+               "wan": ("WanPipeline", "transformer_lora_layers"), "qwen_image": ("QwenImagePipeline", "transformer_lora_layers")}
+
+
 def save_final_weights(model, run_dir: Path, state_dict: Optional[dict] = None) -> Path:
     """LoRA: diffusers' LoRA format (``pipeline.load_lora_weights(run_dir / "lora")`` reads it).
     Full fine-tuning: the denoiser with ``save_pretrained`` (safetensors). ``state_dict``: the denoiser's
@@ -379,22 +396,10 @@ def save_final_weights(model, run_dir: Path, state_dict: Optional[dict] = None) 
         out = run_dir / "lora"
         out.mkdir(parents=True, exist_ok=True)
         family = getattr(model, "lora_family", model.kind)  # the flow-digits world saves as SD3's transformer
-        if family == "sd3":
-            from diffusers import StableDiffusion3Pipeline
+        import diffusers
 
-            StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers)
-        elif family == "flux":
-            from diffusers import FluxPipeline
-
-            FluxPipeline.save_lora_weights(out, transformer_lora_layers=layers)
-        elif family == "sdxl":
-            from diffusers import StableDiffusionXLPipeline
-
-            StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=layers)
-        else:
-            from diffusers import StableDiffusionPipeline
-
-            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers)
+        pipeline, key = LORA_SAVERS.get(family, LORA_SAVERS["sd"])
+        getattr(diffusers, pipeline).save_lora_weights(out, **{key: layers})
         return out
     out = run_dir / "denoiser"
     if state_dict is None:

@@ -42,7 +42,7 @@ from .checkpoint import keep_best_checkpoint, latest_checkpoint, load_checkpoint
 from .config import Config, check_world_prompts, read_prompts, reward_label, timestep_window, tree_spec
 from .distributed import DistContext, init_distributed, make_engine
 from .guard import Guard, GuardState
-from .outputs import RunLogger, save_final_weights, write_summary
+from .outputs import RunLogger, filmstrip, save_final_weights, write_summary
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 EVAL_SEED_BASE = 1_000_000_007
@@ -124,6 +124,11 @@ class Trainer:
         if self.post_window and not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"sample.post_window_solver / post_window_compress (MixGRPO-Flash) need a flow-matching model, but "
                              f"{self.model.kind} samples with {type(self.model.scheduler).__name__}: leave them at euler / 1")
+        if cfg.sample.sigma_grid is not None:
+            if not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
+                raise ValueError(f"sample.sigma_grid={cfg.sample.sigma_grid} chooses a flow model's sigmas, but {self.model.kind} "
+                                 f"samples with {type(self.model.scheduler).__name__}: leave it unset")
+            self.model.sigma_grid = cfg.sample.sigma_grid
         for key, value in (("sample.sde_type", cfg.sample.sde_type), ("log.eval_sde_type", cfg.log.eval_sde_type)):
             if value not in (None, "sde") and not isinstance(self.model.scheduler, FlowMatchEulerDiscreteScheduler):
                 raise ValueError(f"{key}={value} is a flow-matching SDE, but {self.model.kind} samples with "
@@ -132,6 +137,7 @@ class Trainer:
         if hasattr(self.model, "guidance"):  # FLUX: the embedded guidance of guidance-distilled models
             self.model.guidance = m.embedded_guidance
         self.guard = Guard(cfg.guard, cfg.reward, log_fn=self.log_fn)
+        self._check_video(cfg)
         self.has_reference = m.lora or self.algo.needs_reference or (self.guard.enabled and cfg.guard.drift)
         if m.lora:
             self.model.add_lora(m.lora_rank, m.lora_alpha, m.lora_targets)
@@ -268,15 +274,16 @@ class Trainer:
         else:
             window = timestep_window(self.cfg, epoch)
             tree = tree_spec(self.cfg)
+            shape = self.model.latent_shape_for(s.height, s.width)
             if self.algo.deterministic_rollout:
                 window = torch.zeros(num_steps, dtype=torch.bool)
             if window is not None:
                 schedule = make_schedule(self.model.scheduler, num_steps, eta=s.eta, noise_level=s.noise_level,
-                                         sde_type=s.sde_type, window=window, **self.model.sampling_kwargs())
+                                         sde_type=s.sde_type, window=window, **self.model.schedule_kwargs(shape))
                 # only the states training reads are stored: x_j, x_{j+1} of the stochastic steps (none for a
                 # forward-process algorithm), and x_T
                 tail = post_window_ode(self.model.scheduler, schedule, solver=s.post_window_solver, compress=s.post_window_compress,
-                                       mu=self.model.sampling_kwargs().get("mu")) if self.post_window else None
+                                       mu=self.model.schedule_kwargs(shape).get("mu")) if self.post_window else None
                 keep = torch.zeros(num_steps + 1, dtype=torch.bool)
                 if self.algo.trains_on_states:
                     stochastic = schedule.stochastic.cpu().bool()
@@ -289,6 +296,25 @@ class Trainer:
             storage_device=s.trajectory_device or None, keep_latents=keep, tree=tree, split_noise_scale=s.tree_split_noise_scale,
             keep_means=epoch is not None and self.algo.needs_rollout_means, post_window=tail,
         )
+
+    def _check_video(self, cfg: Config) -> None:
+        """A video model gets its frame count and video rewards only; an image model refuses sample.num_frames."""
+        from ..rewards.values import takes_video
+
+        if not getattr(self.model, "is_video", False):
+            if cfg.sample.num_frames is not None:
+                raise ValueError(f"sample.num_frames={cfg.sample.num_frames} applies to video models (Wan); {self.model.kind} "
+                                 f"makes images: leave it unset")
+            return
+        if cfg.sample.num_frames is not None:
+            self.model.latent_frames(cfg.sample.num_frames)  # raises for a count the VAE cannot take
+            self.model.num_frames = cfg.sample.num_frames
+        named = [(reward_label(cfg), self.reward_fn), *self.tracked.items(), *self.guard.rewards.items()]
+        for label, fn in named:
+            if fn is not None and not takes_video(fn):
+                raise ValueError(f"{label} scores images [B, C, H, W], but {self.model.kind} makes videos [B, F, 3, H, W]: name a "
+                                 f"video reward (video_frame_mean with image_reward={label!r} to average it over the frames, "
+                                 f"video_temporal_consistency, or your own marked with rewards.video.video_reward)")
 
     def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict, dict]:
         """(rewards [B] on the CPU, components {label: [B]} of a weighted sum else {}, the reward's per-sample
@@ -522,7 +548,7 @@ class Trainer:
             rewards.append(scored)
             metrics.append(mets)
             keep = max(0, self.cfg.log.grid_samples - start)
-            images.append(traj.images[:keep].cpu())
+            images.append(filmstrip(traj.images[:keep].cpu()))
             if captions and self.ctx.is_main:
                 caps += self.grid_captions(traj, rewards[-1], keep)
         local = torch.cat(rewards)
@@ -627,7 +653,7 @@ class Trainer:
             if main:
                 # a few of the epoch's samples as a labelled grid, only when TensorBoard or W&B takes it
                 k = cfg.log.grid_samples if self.logger.wants_images else 0
-                samples = (traj.images[:k].cpu(), self.grid_captions(traj, self.logged_rewards, k)) if k else None
+                samples = (filmstrip(traj.images[:k].cpu()), self.grid_captions(traj, self.logged_rewards, k)) if k else None
                 self.logger.log_epoch(record, samples)
             if on_epoch is not None:
                 on_epoch(self, record)

@@ -69,3 +69,21 @@ def sdxl_model(sdxl_path, request):
 def sd3_model(sd3_path, request):
     """The tiny SD3 pipeline, on ``pipeline_device``."""
     return load_pipeline(sd3_path, device=pipeline_device(request))
+
+
+@pytest.fixture(scope="session")
+def wan_path(tiny_root):
+    """Folder of a tiny Wan2.1 text-to-video pipeline with its shipped scheduler (UniPC, flow prediction)."""
+    return cached_tiny_pipeline("wan", root=tiny_root)
+
+
+@pytest.fixture(scope="session")
+def wan_euler_path(tiny_root):
+    """The same tiny Wan with a FlowMatchEulerDiscreteScheduler: the stock pipeline then runs our ODE."""
+    return cached_tiny_pipeline("wan", root=tiny_root, scheduler="euler")
+
+
+@pytest.fixture(scope="session")
+def qwen_image_path(tiny_root):
+    """Folder of a tiny Qwen-Image pipeline (8x8 latents: 64-pixel images)."""
+    return cached_tiny_pipeline("qwen_image", root=tiny_root)

@@ -112,6 +112,31 @@ def test_cps_schedule_matches_flow_grpo_and_its_log_prob_is_the_squared_residual
         make_schedule(sched, 6, noise_level=2.5, sde_type="cps")
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_dance_schedule_matches_dancegrpos_flux_step(shift):
+    """sde_type="dance": the tables, noise and log-prob against DanceGRPO's score-form step in float64 at every step,
+    on DanceGRPO's sigma grid (linspace(1, 0, T + 1) time-shifted: our "flux" grid with a static shift), its last
+    step to sigma' = 0 included (stochastic there)."""
+    from diffrl_fast.diffusion.rollout import action_logprob
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    table = make_schedule(sched, 5, noise_level=0.3, sde_type="dance", sigma_grid="flux")
+    assert table.kind == "flow_sde" and not table.residual_logprob and bool(table.stochastic.all())
+    grid = torch.linspace(1, 0, 6, dtype=torch.float64)
+    assert torch.allclose(sched.sigmas.double(), shift * grid / (1 + (shift - 1) * grid), atol=1e-6)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 2, 4, 4, generator=g)  # video-shaped latents: the step is elementwise
+    for j in range(5):
+        v, prev = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+        c = table.at(torch.tensor([j, j]))
+        want_lp, want_mean, want_std = oracle.dancegrpo_step(sched.sigmas, j, x, v, 0.3, prev)
+        assert torch.allclose(step_mean(x, v, None, c.a, c.b, 1.0, latent_dims=4).double(), want_mean, atol=1e-5), f"j={j}"
+        assert torch.allclose(c.s, torch.full((2,), want_std, dtype=torch.float64))
+        logp = action_logprob(table.residual_logprob, x, prev, v, None, c, 1.0)
+        assert torch.allclose(logp.double(), want_lp, rtol=1e-5, atol=1e-5), f"j={j}"
+        x = prev
+
+
 def test_unsupported_scheduler_and_bad_arguments():
     with pytest.raises(ValueError, match="unsupported scheduler type EulerDiscreteScheduler"):
         make_schedule(EulerDiscreteScheduler(), 10)

@@ -188,3 +188,20 @@ def flow_grpo_step(sigmas, idx, x, v, noise_level, prev, sde_type):
         means.append(mean)
         stds.append(std_t)
     return torch.stack(logps), torch.stack(means), torch.tensor(stds, dtype=F64)
+
+
+def dancegrpo_step(sigmas, j, x, v, eta, prev):
+    """DanceGRPO's ``flux_step`` with ``sde_solver=True`` (Xue et al. 2025; fastvideo/train_grpo_wan_2_1.py) in float64,
+    written in its own score form: x0 = x - sigma v, score = -(x - x0 (1 - sigma)) / sigma^2,
+    mean = x + dsigma v - 0.5 eta^2 score dsigma, std = eta sqrt(sigma - sigma'), log_prob = mean over the elements of
+    log N(prev; mean, std^2). Returns (log_prob [B], mean, std)."""
+    sig = [float(s) for s in sigmas]
+    sigma, nxt = sig[j], sig[j + 1]
+    x, v, prev = x.to(F64), v.to(F64), prev.to(F64)
+    dsigma = nxt - sigma
+    x0 = x - sigma * v
+    score = -(x - x0 * (1 - sigma)) / sigma**2
+    mean = x + dsigma * v + (-0.5 * eta**2 * score) * dsigma
+    std = eta * math.sqrt(sigma - nxt)
+    elem = -((prev - mean) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))
+    return elem.mean(dim=tuple(range(1, elem.dim()))), mean, std

@@ -346,3 +346,29 @@ def test_cli_stops_at_its_checkpoint_with_the_resume_command_when_the_server_fai
     assert "HTTP 503: overloaded" in res.stderr and "stopped during epoch 1" in res.stderr
     assert "Resume after fixing the cause with: diffrl-fast train" in res.stderr and res.stderr.rstrip().endswith("--resume")
     assert (tmp_path / "cli" / "checkpoints").is_dir() and calls["n"] == 2
+
+
+def test_a_video_reward_is_served_videos_and_refuses_images(serve):
+    """A video reward's server takes [B, F, C, H, W] (raw formats), says so in /health, scores as the local reward,
+    refuses images, PNG and too many frames with 400s; the client knows it serves videos (a trainer checks that)."""
+    import requests
+
+    from diffrl_fast.rewards.video import takes_video
+
+    local = get_reward("video_temporal_consistency")
+    server = serve(make_app(local, "video_temporal_consistency", max_batch=4, max_frames=5))
+    videos = torch.rand(3, 5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    client = RemoteReward(server.url, image_format="float32")
+    assert client.video and takes_video(client)
+    got, _ = client(videos, ["a", "b", "c"], [{}] * 3)
+    assert torch.allclose(got, local(videos, ["a", "b", "c"], [{}] * 3)[0].float())
+    cases = [(encode_images(videos[:, 0], "float32"), "[B, F, C, H, W]"),
+             (encode_images(torch.rand(3, 6, 3, 8, 8), "uint8"), "at most 5"),
+             ({"format": "png", "data": encode_images(videos[:, 0], "png")["data"]}, "not PNG")]
+    for images, message in cases:
+        reply = requests.post(f"{server.url}/score", json={"images": images, "prompts": ["a", "b", "c"]}, timeout=10)
+        assert reply.status_code == 400 and message in reply.json()["error"], reply.text
+    with pytest.raises(RewardError, match="raw frames"):
+        RemoteReward(server.url, image_format="png")
+    image_server = serve(make_app(get_reward("jpeg_compressibility"), "jpeg_compressibility", max_batch=4))
+    assert not RemoteReward(image_server.url).video
