@@ -175,7 +175,7 @@ def build_vae(dtype: torch.dtype = torch.bfloat16):
 
 
 # ---- CUDA bf16 autocast, re-applied on meta ------------------------------------------------------
-_LOWER = {F.linear, F.conv1d, F.conv2d, F.conv_transpose2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm,
+_LOWER = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.conv_transpose3d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm,
           torch.addmm, torch.einsum, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm,
           torch.Tensor.mm, torch.Tensor.baddbmm, F.scaled_dot_product_attention}
 _FP32 = {F.group_norm, F.layer_norm, torch.exp, torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__,

@@ -52,13 +52,18 @@ def latent_shape(frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH)
 
 
 def build(config: dict, lora_rank: int, checkpointing: bool, counter: list, recompute_mode, device: str = "meta"):
-    """The transformer on ``device`` with peft LoRA on the attention projections (base frozen, bf16; adapters fp32)."""
+    """The transformer on ``device`` with peft LoRA on the attention projections (base frozen, bf16 but for the modules
+    diffusers keeps in fp32, as ``from_pretrained(torch_dtype=torch.bfloat16)`` loads it; adapters fp32)."""
     from diffusers import WanTransformer3DModel
     from peft import LoraConfig
 
     with torch.device(device):
         model = WanTransformer3DModel(**config)
     model.to(torch.bfloat16).requires_grad_(False)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())  # as from_pretrained(torch_dtype=bf16) keeps them
+    for name, module in model.named_modules():
+        if keep & set(name.split(".")):
+            module.float()
     with torch.device(device):
         model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS, init_lora_weights=True))
     for name, p in model.named_parameters():
