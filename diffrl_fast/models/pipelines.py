@@ -215,6 +215,17 @@ def _vae_decode(vae, latents: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def _causal_vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Wan's causal video VAE (AutoencoderKLWan, and Qwen-Image's AutoencoderKLQwenImage of the same layout):
+    normalised latents [B, z, f, h, w] -> x = z std + mean per channel (the pipelines' de-normalisation) -> decode
+    -> [B, 3, F, H, W] in [0, 1]."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
+    video = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
+    return (video.float() / 2 + 0.5).clamp(0, 1)
+
+
 class StableDiffusionModel(DiffusionModel):
     """SD 1.x / 2.x: CLIP text encoder, UNet2DConditionModel, AutoencoderKL."""
 
@@ -471,12 +482,7 @@ class WanModel(DiffusionModel):
     @torch.no_grad()
     def decode(self, latents):
         """[B, 16, f, h, w] latents -> videos [B, F, 3, H, W] in [0, 1] (WanPipeline's de-normalisation, then the VAE)."""
-        vae = self.pipe.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
-        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
-        video = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
-        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+        return _causal_vae_decode(self.pipe.vae, latents).permute(0, 2, 1, 3, 4).contiguous()
 
 
 class QwenImageModel(DiffusionModel):
@@ -547,12 +553,7 @@ class QwenImageModel(DiffusionModel):
     @torch.no_grad()
     def decode(self, latents):
         """[B, 16, h, w] latents -> images [B, 3, H, W] in [0, 1] (QwenImagePipeline's de-normalisation, one VAE frame)."""
-        vae = self.pipe.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
-        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
-        image = vae.decode(latents.to(vae.dtype)[:, :, None] * std + mean, return_dict=False)[0][:, :, 0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return _causal_vae_decode(self.pipe.vae, latents[:, :, None])[:, :, 0]
 
 
 PIPELINE_ADAPTERS = {

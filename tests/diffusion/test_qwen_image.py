@@ -33,6 +33,9 @@ def test_deterministic_rollout_equals_qwen_image_pipeline(qwen_image_path, guida
                output_type="latent", **SIZE).images
     assert torch.allclose(FluxModel.unpack(out, 8, 8), traj.final_latents, rtol=1e-4, atol=1e-5)
     assert torch.allclose(traj.schedule.timesteps.double(), pipe.scheduler.timesteps.double().cpu(), atol=1e-3)
+    if guidance == 1.0:  # the decoded images too: [B, 3, H, W] in [0, 1]
+        images = pipe(PROMPTS, num_inference_steps=steps, latents=FluxModel.pack(traj.latents[:, 0]), output_type="pt", **SIZE).images
+        assert torch.allclose(images, traj.images, atol=1e-4)
 
 
 def test_sde_rollout_log_probs_recompute_parity_with_true_cfg(qwen_image_path, request):
