@@ -1,10 +1,10 @@
-"""Where a training epoch's time goes, per 1000 denoiser passes, split into rollout and update, on the flow world.
+"""Where a training epoch's time goes on the flow world: rollout and update seconds, and seconds per 1000 denoiser passes.
 
 Each configuration trains ``--epochs`` epochs of configs/flow_digits.yaml (the time-to-reward benchmark's world and
 sizes) after one warm-up epoch; the trainer's metrics give each epoch's sampling and training seconds and its
-denoiser passes (a forward of one sample at one step = 1, its backward = 2). Reported: seconds per 1000 passes of
-the rollout, of the update and of the whole epoch, and the rows per denoiser call of the update (the minibatch
-times the chunk of timesteps). AWM's reference minibatch is 2 samples (train.batch_size=2): the configurations
+denoiser passes (a forward of one sample at one step = 1, its backward = 2). Reported: the rollout's and the
+update's seconds, the whole epoch's seconds per 1000 passes, and the update's minibatch and chunk of timesteps
+(the rows per denoiser call are their product). AWM's reference minibatch is 2 samples (train.batch_size=2): the configurations
 below separate what its objective costs from what the size of its denoiser calls costs.
 Run: ``diffrl-fast bench pass-cost``; writes benchmarks/results/pass_cost_flow.{json,md}.
 """

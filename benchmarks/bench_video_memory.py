@@ -44,10 +44,10 @@ def measure(path: str, frames: int, ckpt: bool, size: int, device: str, repeats:
     from diffrl_fast.train.trainer import Trainer
     from diffrl_fast.utils.memory import PeakMemory
 
-    prompts = ["a cat playing in the snow", "a red car"]
+    prompts = ["a cat playing in the snow"] * 2  # one group of 2: both samples get a non-zero advantage and train
     cfg = validate(load_config(Config, None, [
         f"model.path={path}", "model.lora=true", "model.lora_rank=8", f"model.gradient_checkpointing={str(ckpt).lower()}",
-        "algo=grpo", "grpo.group_size=2", "grpo.beta=0", "reward.name=video_temporal_consistency", f"prompts=[{', '.join(prompts)}]",
+        "algo=grpo", "grpo.group_size=2", "grpo.beta=0", "reward.name=video_temporal_consistency", f"prompts=[{prompts[0]}]",
         "sample.num_steps=4", "sample.batch_size=2", "sample.num_batches_per_epoch=1", "sample.guidance_scale=1.0",
         f"sample.height={size}", f"sample.width={size}", f"sample.num_frames={frames}", "train.batch_size=2", "train.chunk_size=2",
         "train.learning_rate=1e-6", "log.eval_samples=0", "log.progress=false", f"output_dir={workdir}", "name=m",

@@ -113,8 +113,9 @@ def estimate(name: str, lora_rank: int = 32, trained_steps: int = 10) -> dict:
     elems = 1
     for s in shape:
         elems *= s
+    # the states the trainer keeps: x_j and x_{j+1} of every trained step, and the last state x_T
     out["trajectory_bytes_per_sample"] = {"all 10 steps trained (11 states)": (trained_steps + 1) * elems * 4,
-                                          "a window of 2 trained steps (3 states)": 3 * elems * 4}
+                                          "a window of 2 trained steps (4 states: 3 of the window, x_T)": 4 * elems * 4}
     out["static"] = {"base weights bf16 (2 B/param)": 2 * out["params"],
                      "LoRA weights + grads + AdamW m, v, fp32 (16 B/LoRA param)": 16 * out["lora_params"]}
     out["text_encoder_bf16"] = 2 * text_encoder_params()

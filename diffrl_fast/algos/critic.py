@@ -83,8 +83,14 @@ class StepValueNet(nn.Module):
 
 def prompt_embedding(cond) -> torch.Tensor:
     """One vector per sample from its conditioning: the pooled text embedding where the model has one
-    (SDXL, SD3), else the token-mean of the hidden states (SD 1.x, the digits world's class embedding)."""
-    return (cond.pooled if cond.pooled is not None else cond.hidden.float().mean(1)).float()
+    (SDXL, SD3), else the token-mean of the hidden states (SD 1.x, the digits world's class embedding), over the
+    unmasked tokens only where the conditioning has a padding mask (Qwen-Image)."""
+    if cond.pooled is not None:
+        return cond.pooled.float()
+    if cond.mask is not None:
+        m = cond.mask.to(cond.hidden.device).float()
+        return (cond.hidden.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+    return cond.hidden.float().mean(1)
 
 
 class CriticOptimizer:

@@ -83,6 +83,9 @@ class GRPO(PolicyGradientWithKL):
             raise ValueError(f"grpo.guard (GRPO-Guard) reweights Flow-GRPO's SDE steps by their dt, but {model.kind} samples "
                              f"with {type(model.scheduler).__name__}: set grpo.guard=false")
 
+        if self.detach_uncond and getattr(model, "nonlinear_guidance", False):
+            raise ValueError(f"grpo.detach_uncond detaches the unconditional branch of linear guidance, but {model.kind} combines "
+                             f"the two branches nonlinearly before the step (model.guide): set grpo.detach_uncond=false")
         if self.beta > 0 and self.kl_form == "flow_grpo" and not isinstance(model.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"grpo.kl_form=flow_grpo is Flow-GRPO's KL of flow-matching SDE steps, but {model.kind} samples "
                              f"with {type(model.scheduler).__name__}: set grpo.kl_form=exact (or grpo.beta=0)")

@@ -77,6 +77,13 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     fns = build_rewards(args.reward)
     model, defaults = load_policy(args)
+    if getattr(model, "is_video", False):
+        from ..rewards.values import takes_video
+
+        images_only = [name for name, fn in fns.items() if not takes_video(fn)]
+        if images_only:
+            raise UsageError(f"--reward {images_only[0]} scores images, but {model.kind} makes videos [B, F, 3, H, W]: name a video "
+                             f"reward (video_frame_mean --kwargs '{{\"image_reward\": \"{images_only[0]}\"}}', video_temporal_consistency)")
     traj = sample_images(model, defaults, args)
     results = {}
     for name, fn in fns.items():

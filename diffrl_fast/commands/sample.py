@@ -24,7 +24,8 @@ def load_policy(args):
             model.num_frames = s.num_frames
         model.sigma_grid = s.sigma_grid  # the run's sigma grid (None: the model's own)
         return model, {"steps": s.num_steps, "guidance": s.guidance_scale, "eta": s.eta, "prompts": cfg.prompts,
-                       "height": s.height, "width": s.width}
+                       "height": s.height, "width": s.width, "noise_level": s.noise_level,
+                       "sde_type": cfg.log.eval_sde_type or s.sde_type, "negative_prompt": s.negative_prompt}
     return load_model(args.model, device=args.device), {"steps": 20, "guidance": 2.0, "eta": 1.0, "prompts": None}
 
 
@@ -51,7 +52,9 @@ def sample_images(model, defaults, args):
     traj = sample_trajectories(model, chosen, num_steps=args.steps or defaults["steps"],
                                guidance_scale=args.guidance if args.guidance is not None else defaults["guidance"],
                                eta=defaults["eta"], seeds=[args.seed + i for i in range(args.n)],
-                               height=defaults.get("height"), width=defaults.get("width"))
+                               height=defaults.get("height"), width=defaults.get("width"),
+                               noise_level=defaults.get("noise_level", 0.7), sde_type=defaults.get("sde_type", "sde"),
+                               negative_prompts=[defaults["negative_prompt"]] * args.n if defaults.get("negative_prompt") else None)
     return traj
 
 

@@ -227,7 +227,7 @@ def sample_trajectories(
         guidance_scale: classifier-free guidance g (eps_hat = eps_u + g (eps_c - eps_u)); g = 1 disables it
             (one denoiser pass per step instead of two).
         eta: DDIM's noise scale (> 0); noise_level: the flow-matching SDE's (Flow-GRPO); sde_type: that SDE,
-            "sde" (Flow-GRPO's) or "cps" (coefficients-preserving sampling, ``flow_sde_schedule``).
+            "sde" (Flow-GRPO's), "cps" (coefficients-preserving sampling) or "dance" (DanceGRPO's), ``flow_sde_schedule``.
         seeds: one int per prompt; sample i's initial noise and every step noise come from a generator
             seeded with seeds[i], so any single trajectory can be regenerated from its seed.
         init_seeds: one int per prompt, optional: sample i's initial noise x_0 is then drawn from a generator

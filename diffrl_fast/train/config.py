@@ -505,6 +505,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.log.eval_guidance_scale is None or cfg.log.eval_guidance_scale >= 1, "log.eval_guidance_scale must be >= 1 or null")
     if cfg.log.eval_sde_type is not None:
         choice("log.eval_sde_type", cfg.log.eval_sde_type, SDE_TYPES)
+        need(cfg.log.eval_sde_type != "cps" or cfg.sample.noise_level < 2,
+             f"log.eval_sde_type=cps needs sample.noise_level in (0, 2), got {cfg.sample.noise_level}")
     need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps must be >= 0")
     need(t.clip_range > 0 and t.adv_clip_max > 0, "train.clip_range and train.adv_clip_max must be > 0")
     choice("model.mixed_precision", cfg.model.mixed_precision, ("no", "bf16", "fp16"))

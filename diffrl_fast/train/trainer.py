@@ -309,6 +309,12 @@ class Trainer:
         if cfg.sample.num_frames is not None:
             self.model.latent_frames(cfg.sample.num_frames)  # raises for a count the VAE cannot take
             self.model.num_frames = cfg.sample.num_frames
+        if cfg.guard.diversity_encoder not in ("auto", "pixels"):
+            raise ValueError(f"guard.diversity_encoder={cfg.guard.diversity_encoder} embeds images; {self.model.kind} makes videos, "
+                             f"compared in pixels: set guard.diversity_encoder=pixels")
+        if cfg.model.channels_last:
+            raise ValueError(f"model.channels_last=true lays out 4-D image tensors; {self.model.kind}'s latents are 5-D videos: set "
+                             f"model.channels_last=false")
         named = [(reward_label(cfg), self.reward_fn), *self.tracked.items(), *self.guard.rewards.items()]
         for label, fn in named:
             if fn is not None and not takes_video(fn):

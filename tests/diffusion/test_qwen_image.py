@@ -48,6 +48,25 @@ def test_sde_rollout_log_probs_recompute_parity_with_true_cfg(qwen_image_path, r
     assert parity_report(model, traj, batch_size=3, chunk_size=2)["worst"] <= 1e-5
 
 
+def test_prompt_embedding_ignores_padding_and_detach_uncond_is_refused(qwen_image_path, tmp_path):
+    from diffrl_fast.algos.critic import prompt_embedding
+
+    model = load_pipeline(qwen_image_path)
+    alone, with_longer = model.encode_prompts(["a cat"]), Conditioning.cat([model.encode_prompts(["a cat"]),
+                                                                            model.encode_prompts([PROMPTS[1]])]).index(slice(0, 1))
+    assert with_longer.hidden.shape[1] > alone.hidden.shape[1]
+    assert torch.allclose(prompt_embedding(alone), prompt_embedding(with_longer), atol=1e-6)
+    from diffrl_fast.config_utils import load_config
+    from diffrl_fast.train.config import Config, validate
+    from diffrl_fast.train.trainer import Trainer
+
+    cfg = validate(load_config(Config, None, [f"model.path={qwen_image_path}", f"output_dir={tmp_path}", "algo=grpo", "grpo.group_size=2",
+                                              "grpo.detach_uncond=true", "sample.guidance_scale=4.0", "sample.batch_size=2",
+                                              "train.batch_size=2", "reward.name=jpeg_compressibility", "prompts=[a cat]"]))
+    with pytest.raises(ValueError, match="grpo.detach_uncond=false"):
+        Trainer(cfg, tmp_path / "r", log_fn=lambda s: None)
+
+
 def test_conditioning_of_different_lengths_pads_with_a_mask():
     a = Conditioning(torch.ones(1, 3, 4), mask=torch.ones(1, 3, dtype=torch.long))
     b = Conditioning(torch.ones(2, 5, 4), mask=torch.ones(2, 5, dtype=torch.long))

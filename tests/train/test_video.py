@@ -53,6 +53,15 @@ def test_wan_trains_with_lora_and_the_adapter_loads_in_wanpipeline(wan_path, tmp
         pipe = WanPipeline.from_pretrained(wan_path)
         pipe.load_lora_weights(tmp_path / "r" / "lora", weight_name="pytorch_lora_weights.safetensors")
         assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+        # the run samples at its own size and frame count, saved as strips of frames; eval refuses an image reward
+        out = run_cli("sample", "--run", str(tmp_path / "r"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        from PIL import Image
+
+        w, h = Image.open(tmp_path / "s" / "0000.png").size
+        assert w > 4 * h  # 5 frames of 32 x 32 side by side
+        out = run_cli("eval", "--run", str(tmp_path / "r"), "--n", "2", "--reward", "jpeg_compressibility")
+        assert out.returncode == 2 and "video_frame_mean" in out.stderr
 
 
 def test_video_rewards_score_frames():
@@ -75,6 +84,8 @@ def test_video_rewards_score_frames():
 @pytest.mark.parametrize("extra, message", [
     (["reward.name=jpeg_compressibility"], "jpeg_compressibility scores images"),
     (["reward.track=[brightness]"], "brightness scores images"),
+    (["guard.heldout_reward=[video_temporal_consistency]", "guard.diversity_encoder=digit_confidence"], "diversity_encoder=pixels"),
+    (["model.channels_last=true"], "model.channels_last=false"),
     (["sample.num_frames=6"], "4k + 1"),
     (["reward.name=tests.train.test_video:wrong_shape_reward"], "wrong_shape_reward"),
     (["prompts=[a cat sitting on a chair in a room with a table and a book and a tree]"], "tokens long"),
