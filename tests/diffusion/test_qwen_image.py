@@ -65,6 +65,8 @@ def test_prompt_embedding_ignores_padding_and_detach_uncond_is_refused(qwen_imag
                                               "train.batch_size=2", "reward.name=jpeg_compressibility", "prompts=[a cat]"]))
     with pytest.raises(ValueError, match="grpo.detach_uncond=false"):
         Trainer(cfg, tmp_path / "r", log_fn=lambda s: None)
+    with pytest.raises(ValueError, match="tokens long with its template"):  # 1024 tokens at most, not cut silently
+        model.encode(["a cat " * 200])
 
 
 def test_conditioning_of_different_lengths_pads_with_a_mask():
