@@ -78,12 +78,9 @@ def main(argv: list[str]) -> int:
     fns = build_rewards(args.reward)
     model, defaults = load_policy(args)
     if getattr(model, "is_video", False):
-        from ..rewards.values import takes_video
+        from ..rewards.values import require_video_rewards
 
-        images_only = [name for name, fn in fns.items() if not takes_video(fn)]
-        if images_only:
-            raise UsageError(f"--reward {images_only[0]} scores images, but {model.kind} makes videos [B, F, 3, H, W]: name a video "
-                             f"reward (video_frame_mean --kwargs '{{\"image_reward\": \"{images_only[0]}\"}}', video_temporal_consistency)")
+        require_video_rewards(model.kind, fns.items())
     traj = sample_images(model, defaults, args)
     results = {}
     for name, fn in fns.items():

@@ -20,9 +20,6 @@ def load_policy(args):
     if args.run:
         model, cfg = load_run(args.run, device=args.device, checkpoint=args.checkpoint)
         s = cfg.sample
-        if s.num_frames is not None and getattr(model, "is_video", False):
-            model.num_frames = s.num_frames
-        model.sigma_grid = s.sigma_grid  # the run's sigma grid (None: the model's own)
         return model, {"steps": s.num_steps, "guidance": s.guidance_scale, "eta": s.eta, "prompts": cfg.prompts,
                        "height": s.height, "width": s.width, "noise_level": s.noise_level,
                        "sde_type": cfg.log.eval_sde_type or s.sde_type, "negative_prompt": s.negative_prompt}

@@ -60,6 +60,16 @@ def video_reward(fn):
     return fn
 
 
+def require_video_rewards(kind: str, named) -> None:
+    """Raise ValueError naming the fix when any of ``named`` ((label, reward fn or None) pairs) scores images, for a
+    video model ``kind``."""
+    for label, fn in named:
+        if fn is not None and not takes_video(fn):
+            raise ValueError(f"{label} scores images [B, C, H, W], but {kind} makes videos [B, F, 3, H, W]: name a video reward "
+                             f"(video_frame_mean with image_reward={label!r} to average it over the frames, "
+                             f"video_temporal_consistency, or your own marked with rewards.video.video_reward)")
+
+
 def takes_video(fn) -> bool:
     """Whether a reward takes videos: its ``video`` attribute, or for a weighted sum every component's."""
     components = getattr(fn, "components", None)

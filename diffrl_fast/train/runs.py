@@ -46,6 +46,9 @@ def load_run(run_dir: str | Path, device="cpu", checkpoint: str = "latest"):
     model = load_model(cfg.model.path, device=device, sampler=cfg.model.sampler)
     if hasattr(model, "guidance"):
         model.guidance = cfg.model.embedded_guidance
+    if cfg.sample.num_frames is not None and getattr(model, "is_video", False):
+        model.num_frames = cfg.sample.num_frames
+    model.sigma_grid = cfg.sample.sigma_grid  # the run's sigma grid (None: the model's own)
     if cfg.model.lora:
         model.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
     weights = load_file(str(ckpt / "weights.safetensors"))

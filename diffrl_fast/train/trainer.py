@@ -299,7 +299,7 @@ class Trainer:
 
     def _check_video(self, cfg: Config) -> None:
         """A video model gets its frame count and video rewards only; an image model refuses sample.num_frames."""
-        from ..rewards.values import takes_video
+        from ..rewards.values import require_video_rewards
 
         if not getattr(self.model, "is_video", False):
             if cfg.sample.num_frames is not None:
@@ -315,12 +315,7 @@ class Trainer:
         if cfg.model.channels_last:
             raise ValueError(f"model.channels_last=true lays out 4-D image tensors; {self.model.kind}'s latents are 5-D videos: set "
                              f"model.channels_last=false")
-        named = [(reward_label(cfg), self.reward_fn), *self.tracked.items(), *self.guard.rewards.items()]
-        for label, fn in named:
-            if fn is not None and not takes_video(fn):
-                raise ValueError(f"{label} scores images [B, C, H, W], but {self.model.kind} makes videos [B, F, 3, H, W]: name a "
-                                 f"video reward (video_frame_mean with image_reward={label!r} to average it over the frames, "
-                                 f"video_temporal_consistency, or your own marked with rewards.video.video_reward)")
+        require_video_rewards(self.model.kind, [(reward_label(cfg), self.reward_fn), *self.tracked.items(), *self.guard.rewards.items()])
 
     def _score(self, traj: Trajectory) -> tuple[torch.Tensor, dict, dict]:
         """(rewards [B] on the CPU, components {label: [B]} of a weighted sum else {}, the reward's per-sample
