@@ -22,13 +22,17 @@ The threshold is 75% of the way from the baseline's reward before training to th
 reaches; time, passes and samples to the threshold are those of the first evaluation at or above it, per seed.
 The guards are read at that evaluation.
 
+``--budget-passes N`` gives every run a budget in denoiser passes instead of seconds (epochs continue until the
+trainer's count passes it): the sweep's pick and the reported curves then no longer depend on the machine's speed or
+on what else it runs; time to the threshold is still measured.
+
 ``--sweep``: the same tuning budget for every contender, the baseline included, fixed before running: 3 learning
 rates (the contender's own x 1/3, 1, 3) on seed 0 each, the one with the best training reward over its last
 three epochs kept (never the eval reward that is reported), then ``--seeds`` fresh at it; the table reports
 only the fresh seeds. Sweep runs are evaluated only before their first and after their last epoch.
 
-Run: ``diffrl-fast bench time-to-reward [--world W] [--contenders a,b] [--seeds 1,2,3] [--budget-s S] [--sweep]
-[--reuse FILE]``; writes benchmarks/results/time_to_reward[_flow].{json,md,png} (``--stem`` renames them).
+Run: ``diffrl-fast bench time-to-reward [--world W] [--contenders a,b] [--seeds 1,2,3] [--budget-s S | --budget-passes N]
+[--sweep] [--reuse FILE]``; writes benchmarks/results/time_to_reward[_flow].{json,md,png} (``--stem`` renames them).
 ``--reuse`` takes runs of the same contender, settings and seed from an earlier JSON when they cover the budget
 (each keeps the commit it ran at). ``--smoke`` runs a tiny configuration (CI).
 """
@@ -192,11 +196,12 @@ def eval_prompts(pool: list[str], n: int, repeats: int) -> list[str]:
     return [chosen[(i // repeats) % m] for i in range(n)]
 
 
-def run_one(name: str, overrides: list[str], seed: int, budget_s: float, evaluator: Evaluator, workdir: Path, extra=(),
-            max_epochs: int = 10_000, world: dict = None, eval_every_epoch: bool = True) -> dict:
-    """One contender's run for ``budget_s`` seconds of training, evaluated (off the clock) before training and after
-    every epoch; ``eval_every_epoch=False`` (a sweep run, picked on its training reward) evaluates only before the
-    first and after the last epoch."""
+def run_one(name: str, overrides: list[str], seed: int, budget: float, evaluator: Evaluator, workdir: Path, extra=(),
+            max_epochs: int = 10_000, world: dict = None, eval_every_epoch: bool = True, unit: str = "clock_s") -> dict:
+    """One contender's run for ``budget`` of training in ``unit`` (``clock_s``: seconds of sampling + updates;
+    ``passes``: denoiser passes, counted by the trainer), evaluated (off the clock) before training and after every
+    epoch; ``eval_every_epoch=False`` (a sweep run, picked on its training reward) evaluates only before the first
+    and after the last epoch."""
     from diffrl_fast.config_utils import load_config
     from diffrl_fast.train.config import PRESETS, Config, validate
     from diffrl_fast.train.trainer import Trainer
@@ -211,16 +216,18 @@ def run_one(name: str, overrides: list[str], seed: int, budget_s: float, evaluat
     points = [{"epoch": 0, "clock_s": 0.0, "samples": 0, "passes": 0, **evaluator(trainer)}]
     clock = {"s": 0.0, "samples": 0}
 
+    spent = lambda: clock["s"] if unit == "clock_s" else trainer.denoiser_passes  # noqa: E731
+
     def on_epoch(tr, record):
         clock["s"] += record["sample_time_s"] + record["train_time_s"]
         clock["samples"] += record["samples"]
-        last = clock["s"] >= budget_s or record["epoch"] >= max_epochs
+        last = spent() >= budget or record["epoch"] >= max_epochs
         points.append({"epoch": record["epoch"], "clock_s": round(clock["s"], 3), "samples": clock["samples"],
                        "passes": record["denoiser_passes"], "train_reward": record["reward_mean"],
                        **(evaluator(tr) if eval_every_epoch or last else {})})
 
     wall = time.perf_counter()
-    trainer.run(on_epoch=on_epoch, stop_flag=lambda: clock["s"] >= budget_s)  # checked between epochs
+    trainer.run(on_epoch=on_epoch, stop_flag=lambda: spent() >= budget)  # checked between epochs
     return {"points": points, "wall_s": round(time.perf_counter() - wall, 1), "overrides": overrides, "seed": seed,
             "learning_rate": cfg.train.learning_rate, "commit": _commit()}
 
@@ -240,15 +247,17 @@ def _commit() -> str:
     return machine_info("cpu")["commit"]
 
 
-def within_budget(run: dict, budget_s: float):
-    """The run's points up to the first at or past the budget, or None when the run stops short of it."""
+def within_budget(run: dict, budget_s: float, unit: str = "clock_s"):
+    """The run's points up to the first at or past the budget (in ``unit``: ``clock_s`` or ``passes``), or None when
+    the run stops short of it. Training is deterministic for a seed and stops between epochs, so the cut is what a
+    run under that budget records."""
     for i, p in enumerate(run["points"]):
-        if p["clock_s"] >= budget_s:
+        if p.get(unit, -1) >= budget_s:
             return {**run, "points": run["points"][:i + 1]}
     return None
 
 
-def reusable(path: Path, budget_s: float) -> dict:
+def reusable(path: Path, budget_s: float, unit: str = "clock_s") -> dict:
     """{(overrides, seed): run} of an earlier JSON's runs, its sweep runs included, that cover the budget, cut to it.
     A run is named by what it ran (its overrides and seed), not by the contender's label."""
     if path is None or not path.is_file():
@@ -260,7 +269,7 @@ def reusable(path: Path, budget_s: float) -> dict:
     for runs in groups:
         for rs in runs.values():
             for r in rs:
-                cut = within_budget({"commit": commit, **r}, budget_s)
+                cut = within_budget({"commit": commit, **r}, budget_s, unit)
                 key = (tuple(r["overrides"]), r["seed"])
                 if cut is not None and (key not in out or "reward" in cut["points"][-1]):
                     out[key] = cut  # a run evaluated every epoch serves a sweep's need too
@@ -323,9 +332,11 @@ def write_md(summary: dict, meta: dict, path: Path) -> None:
     world, base = meta.get("world", "digits"), summary["baseline"]
     guards = [g for g in GUARDS if any(f"{g}_at_threshold" in row for row in summary["table"].values())]
     sweep = meta.get("sweep")
+    budget = (f"{meta['budget_passes']:.0f} denoiser passes of training per run (the same for every contender, whatever the "
+              "machine's speed)" if meta.get("budget_passes") else f"{meta['budget_s']:.0f} s of training (sampling + updates) per run")
     lines = [f"# Time to reward on the {world} world", "",
              f"Machine: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}.",
-             f"Budget: {meta['budget_s']:.0f} s of training (sampling + updates) per run, seeds {meta['seeds']}, {meta['eval_samples']} "
+             f"Budget: {budget}, seeds {meta['seeds']}, {meta['eval_samples']} "
              "fixed-seed eval samples per epoch (off the clock). Threshold: 75% of the way from the baseline's reward before training "
              f"({summary['baseline_start']:.3f}) to the best level of its seed-mean curve ({summary['baseline_best']:.3f}): "
              f"**{summary['threshold']:.3f}**."
@@ -401,6 +412,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contenders", default=None, help="comma-separated names (default: all of the world's; the baseline is always run)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the reported runs (with --sweep: fresh ones, e.g. 1,2,3)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="seconds of training (sampling + updates) per run")
+    ap.add_argument("--budget-passes", type=float, default=None,
+                    help="denoiser passes of training per run instead of seconds: the same work for every contender on any machine")
     ap.add_argument("--sweep", action="store_true", help="tune every contender's learning rate (x 1/3, 1, 3 on seed 0) before the seeds")
     ap.add_argument("--reuse", type=Path, default=None, help="an earlier time_to_reward JSON whose covering runs are reused")
     ap.add_argument("--stem", default=None, help="name of the output files (default: the world's)")
@@ -425,14 +438,18 @@ def main(argv=None) -> int:
     evaluator = Evaluator(args.eval_samples, world)
     runs, sweeps = {}, {}
     stem = (args.stem or world["stem"]) + ("_smoke" if args.smoke else "")
-    reuse = reusable(args.reuse, args.budget_s) if not args.smoke else {}
+    unit, budget = ("passes", args.budget_passes) if args.budget_passes is not None else ("clock_s", args.budget_s)
+    if budget <= 0:
+        print(f"the budget must be positive, got {budget:g}", file=sys.stderr)
+        return 2
+    reuse = reusable(args.reuse, budget, unit) if not args.smoke else {}
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / f"{stem}.partial.json"
 
     def one(name, overrides, seed, workdir, eval_every_epoch=True):
         r = reuse.get((tuple(overrides), seed))
         if r is None or (eval_every_epoch and "reward" not in r["points"][-1]):
-            r = run_one(name, overrides, seed, args.budget_s, evaluator, workdir, extra, world=world, eval_every_epoch=eval_every_epoch)
+            r = run_one(name, overrides, seed, budget, evaluator, workdir, extra, world=world, eval_every_epoch=eval_every_epoch, unit=unit)
         else:
             print(f"{name:>18} seed {seed}: reused from commit {r['commit']}", flush=True)
         last = r["points"][-1]
@@ -458,7 +475,8 @@ def main(argv=None) -> int:
                 partial.write_text(json.dumps({"runs": runs, "sweep": sweeps}) + "\n")  # what a cut-short run leaves behind
     summary = summarize(runs, baseline)
     meta = machine_info("cpu")
-    meta.update(world=args.world, budget_s=args.budget_s, seeds=seeds, eval_samples=args.eval_samples, smoke=args.smoke,
+    meta.update(world=args.world, budget_s=None if unit == "passes" else args.budget_s, budget_passes=args.budget_passes,
+                seeds=seeds, eval_samples=args.eval_samples, smoke=args.smoke,
                 sweep=" / ".join(f"{f:.2g}" for f in SWEEP_FACTORS) if args.sweep else None)
     partial.unlink(missing_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "summary": summary, "runs": runs, "sweep": sweeps}, indent=1) + "\n")

@@ -266,7 +266,9 @@ def ttr_table(data: dict) -> str:
     world, base = m.get("world", "digits"), s["baseline"]
     sweep = m.get("sweep")
     command = (f"diffrl-fast bench time-to-reward --world {world} --contenders {','.join(s['table'])} "
-               f"--seeds {','.join(map(str, m['seeds']))} --budget-s {m['budget_s']:g}" + (" --sweep" if sweep else ""))
+               f"--seeds {','.join(map(str, m['seeds']))} "
+               + (f"--budget-passes {m['budget_passes']:g}" if m.get("budget_passes") else f"--budget-s {m['budget_s']:g}")
+               + (" --sweep" if sweep else ""))
     x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
     guards = [g for g in ("heldout", "heldout_prompts", "diversity") if any(f"{g}_at_threshold" in r for r in s["table"].values())]
     names = {"heldout": "held-out classifier", "heldout_prompts": "held-out prompts", "diversity": "diversity"}
@@ -280,7 +282,8 @@ def ttr_table(data: dict) -> str:
                      + " | ".join(f"{_ttr_cell(row[f'{g}_at_threshold'], '{:.3f}')} ({row[f'{g}_start']:.3f})" for g in guards)
                      + f" | {_ttr_cell(row['final_reward'], '{:.3f}')} | {'—' if lr is None else f'{lr:.2g}'} |")
     lines += ["", f"Threshold {s['threshold']:.3f}: 75% of the way from {base}'s eval reward before training ({s['baseline_start']:.3f}) "
-              f"to the best of its seed-mean curve ({s['baseline_best']:.3f}); {m['budget_s']:g} s of training per run, "
+              f"to the best of its seed-mean curve ({s['baseline_best']:.3f}); "
+              + (f"{m['budget_passes']:g} denoiser passes" if m.get("budget_passes") else f"{m['budget_s']:g} s") + " of training per run, "
               f"{m['eval_samples']} fixed-seed eval samples per epoch; mean ± std over the seeds reaching it"
               + (f"; every contender's learning rate swept (x {sweep}, seed 0, picked on the training reward) before these seeds" if sweep else "")
               + f" ({_provenance(data, command)}).", ""]

@@ -8,8 +8,8 @@ from benchmarks import bench_time_to_reward as b
 
 
 def test_time_to_reward_smoke(tmp_path):
-    # a budget below one epoch's time: every contender trains exactly one epoch
-    rc = b.main(["--smoke", "--contenders", "ddpo_is,awm,ddpo_is+window2", "--seeds", "0", "--budget-s", "0.001",
+    # a budget in denoiser passes below one epoch's: every contender trains exactly one epoch
+    rc = b.main(["--smoke", "--contenders", "ddpo_is,awm,ddpo_is+window2", "--seeds", "0", "--budget-passes", "1",
                  "--eval-samples", "20", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "time_to_reward_smoke.json").read_text())
@@ -18,7 +18,10 @@ def test_time_to_reward_smoke(tmp_path):
         pts = runs[0]["points"]
         assert [p["epoch"] for p in pts] == [0, 1] and pts[1]["clock_s"] > 0
         assert all(-20 < p["reward"] <= 0 and -20 < p["heldout"] <= 0 and p["diversity"] > 0 for p in pts)
-    assert (tmp_path / "time_to_reward_smoke.md").read_text().count("|") > 20
+    assert data["machine"]["budget_passes"] == 1 and data["machine"]["budget_s"] is None
+    md = (tmp_path / "time_to_reward_smoke.md").read_text()
+    assert md.count("|") > 20 and "1 denoiser passes of training per run" in md
+    assert b.main(["--smoke", "--budget-passes", "0", "--out", str(tmp_path)]) == 2
     assert (tmp_path / "time_to_reward_smoke.png").stat().st_size > 0
 
 
@@ -69,10 +72,14 @@ def test_eval_prompts_cover_the_pool():
 
 
 def test_budget_cut_and_reuse(tmp_path):
-    pts = [{"epoch": i, "clock_s": 40.0 * i} for i in range(4)]  # 0, 40, 80, 120 s
+    pts = [{"epoch": i, "clock_s": 40.0 * i, "passes": 1000 * i * i} for i in range(4)]  # 0, 40, 80, 120 s
     run = {"overrides": ["algo=ddpo_is"], "seed": 0, "points": pts}
     assert [p["epoch"] for p in b.within_budget(run, 70)["points"]] == [0, 1, 2]  # up to the first point past it
     assert b.within_budget(run, 121) is None  # stops short: not reusable
+    # a budget in denoiser passes cuts on the trainer's count (0, 1000, 4000, 9000), not on the clock
+    assert [p["epoch"] for p in b.within_budget(run, 1000, "passes")["points"]] == [0, 1]
+    assert [p["epoch"] for p in b.within_budget(run, 4001, "passes")["points"]] == [0, 1, 2, 3]
+    assert b.within_budget(run, 9001, "passes") is None
     path = tmp_path / "old.json"
     swept = {"overrides": ["algo=ddpo_is", "train.learning_rate=0.001"], "seed": 0, "points": pts, "commit": "def"}
     path.write_text(json.dumps({"machine": {"commit": "abc"}, "runs": {"ddpo_is": [run]}, "sweep": {"ddpo_is": [swept]}}))
@@ -81,6 +88,7 @@ def test_budget_cut_and_reuse(tmp_path):
     assert reused[(("algo=ddpo_is",), 0)]["commit"] == "abc"  # the file's commit where a run names none
     assert reused[(("algo=ddpo_is", "train.learning_rate=0.001"), 0)]["commit"] == "def"  # sweep runs are reused too
     assert b.reusable(path, 500) == {}
+    assert len(b.reusable(path, 5000, "passes")[(("algo=ddpo_is",), 0)]["points"]) == 4
 
 
 @pytest.mark.parametrize("world", sorted(b.WORLDS))
