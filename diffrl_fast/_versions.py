@@ -24,10 +24,11 @@ MIN_VERSIONS: dict[str, str] = {
 
 
 # features that need a newer release than MIN_VERSIONS: feature -> (distribution, version)
-# (the oldest release a run has passed with: diffusers 0.42 for both; the lowest leg pins 0.32, which has neither)
+# (the oldest release a run has passed with: diffusers 0.42 for each; the lowest leg pins 0.32, which has none of them)
 FEATURE_VERSIONS: dict[str, tuple[str, str]] = {
     "Wan pipelines (WanPipeline)": ("diffusers", "0.42"),
     "Qwen-Image pipelines (QwenImagePipeline)": ("diffusers", "0.42"),
+    "Z-Image pipelines (ZImagePipeline)": ("diffusers", "0.42"),
 }
 
 

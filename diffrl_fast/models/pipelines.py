@@ -556,6 +556,90 @@ class QwenImageModel(DiffusionModel):
         return _causal_vae_decode(self.pipe.vae, latents[:, :, None])[:, :, 0]
 
 
+class ZImageModel(DiffusionModel):
+    """Z-Image (Tongyi-MAI 2025): ZImageTransformer2DModel, a single-stream DiT over the concatenated caption and image
+    tokens (2x2 patches, 3-axis rotary positions), Qwen3's second-to-last hidden states of a chat-templated prompt
+    (only its real tokens: each prompt's embedding has its own length), FLUX's 16-channel VAE, flow matching on the
+    FLUX sigma grid, as ZImagePipeline samples.
+
+    Three conventions differ from the other flow models and are applied here, so the sampler and the trainer see the
+    same velocity v = noise - x_0 as for SD3/FLUX:
+    - the transformer takes lists (one [C, 1, H, W] latent and one [L_i, D] caption per sample) and predicts -v;
+    - its time input is 1 - sigma ((1000 - t) / 1000), not sigma;
+    - ZImagePipeline's guidance is pos + G (pos - neg), i.e. the usual u + g (c - u) with **g = G + 1**:
+      ``sample.guidance_scale`` = ZImagePipeline's ``guidance_scale`` + 1 (Z-Image-Turbo's G = 0 is g = 1, no
+      guidance). The pipeline's optional ``cfg_normalization`` (a norm clamp) and ``cfg_truncation`` are off by
+      default there and not used here.
+    """
+
+    kind = "z_image"
+
+    def __init__(self, pipe, max_sequence_length: int = 512) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.scheduler = pipe.scheduler
+        c = pipe.transformer.config
+        patch = c.all_patch_size[0]
+        if tuple(c.all_patch_size) != (patch,) or tuple(c.all_f_patch_size) != (1,):
+            raise ValueError(f"Z-Image transformer with patch sizes {c.all_patch_size} / {c.all_f_patch_size}: the "
+                             f"trainer supports one spatial patch size and single frames (ZImagePipeline's)")
+        if getattr(c, "siglip_feat_dim", None) is not None:
+            raise ValueError("this is a Z-Image Omni transformer (SigLIP image conditioning): the trainer takes "
+                             "text-to-image ZImagePipeline folders")
+        self.patch = patch
+        self.pixels_per_latent = pipe.vae_scale_factor
+        self.latent_multiple = patch
+        size = 1024 // pipe.vae_scale_factor  # ZImagePipeline's default: 1024 x 1024 pixels
+        self.latent_shape = (c.in_channels, size, size)
+        self.max_sequence_length = max_sequence_length
+
+    def _encode_unique(self, prompts):
+        pipe = self.pipe
+        templated = [pipe.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                        add_generation_prompt=True, enable_thinking=True) for p in prompts]
+        lengths = [len(ids) for ids in pipe.tokenizer(templated).input_ids]
+        too_long = [(p, n) for p, n in zip(prompts, lengths) if n > self.max_sequence_length]
+        if too_long:
+            p, n = too_long[0]
+            raise ValueError(f"prompt {p[:60]!r} is {n} tokens long with its chat template; Z-Image's text encoder takes "
+                             f"{self.max_sequence_length} (the rest would be cut silently): shorten the prompt")
+        embeds = pipe.encode_prompt(list(prompts), device=self.device, do_classifier_free_guidance=False,
+                                    max_sequence_length=self.max_sequence_length)[0]
+        width = max(e.shape[0] for e in embeds)
+        hidden = embeds[0].new_zeros(len(embeds), width, embeds[0].shape[-1])
+        mask = torch.zeros(len(embeds), width, dtype=torch.long, device=hidden.device)
+        for i, e in enumerate(embeds):
+            hidden[i, :e.shape[0]], mask[i, :e.shape[0]] = e, 1
+        return Conditioning(hidden, mask=mask)
+
+    def predict(self, x, t, cond):
+        dtype = self.denoiser.dtype
+        caps = [h[m.bool()] for h, m in zip(cond.hidden.to(dtype), cond.mask)]
+        out = self.net(list(x.to(dtype).unsqueeze(2).unbind(0)), (1000 - t.to(torch.float32)) / 1000, caps,
+                       patch_size=self.patch, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+        """ZImagePipeline's grid linspace(1, 1/n, n) (FLUX's), shifted by the scheduler's ``shift``, or by the
+        token-count mu where the scheduler shifts dynamically."""
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
+
+        cfg = self.scheduler.config
+        out = {"sigma_grid": "flux"}
+        if getattr(cfg, "use_dynamic_shifting", False):
+            shape = shape or self.latent_shape
+            seq = (shape[-2] // self.patch) * (shape[-1] // self.patch)
+            out["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                        cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents):
+        vae = self.pipe.vae
+        return _vae_decode(vae, latents, shift=vae.config.shift_factor or 0.0)
+
+
 PIPELINE_ADAPTERS = {
     "StableDiffusionPipeline": StableDiffusionModel,
     "StableDiffusionXLPipeline": StableDiffusionXLModel,
@@ -563,11 +647,13 @@ PIPELINE_ADAPTERS = {
     "FluxPipeline": FluxModel,
     "WanPipeline": WanModel,
     "QwenImagePipeline": QwenImageModel,
+    "ZImagePipeline": ZImageModel,
 }
 
 
 # pipelines that need a newer diffusers than the package's floor (_versions.FEATURE_VERSIONS)
-FEATURES = {"WanPipeline": "Wan pipelines (WanPipeline)", "QwenImagePipeline": "Qwen-Image pipelines (QwenImagePipeline)"}
+FEATURES = {"WanPipeline": "Wan pipelines (WanPipeline)", "QwenImagePipeline": "Qwen-Image pipelines (QwenImagePipeline)",
+            "ZImagePipeline": "Z-Image pipelines (ZImagePipeline)"}
 
 
 def is_flow_prediction(scheduler) -> bool:

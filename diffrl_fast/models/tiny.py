@@ -23,6 +23,8 @@ Builders (each returns the folder as a string; same seed and arguments -> bit-id
   AutoencoderKLWan, a UMT5 text encoder, the shipped UniPC flow-prediction scheduler).
 - ``build_tiny_qwen_image``: QwenImagePipeline (QwenImageTransformer2DModel, a Qwen2.5-VL text encoder on a
   byte-level Qwen2 tokenizer, AutoencoderKLQwenImage, dynamic exponential shifting).
+- ``build_tiny_z_image``: ZImagePipeline (ZImageTransformer2DModel, a Qwen3 text encoder behind Qwen3's chat
+  template, FLUX's VAE layout, Z-Image-Turbo's static shift).
 - ``build_tiny_clip``: a CLIPModel folder (weights, tokenizer, preprocessor config) for the CLIP rewards.
 
 Sizes: the UNet sees ``latent_size`` x ``latent_size`` latents and the VAE decodes them to
@@ -652,6 +654,13 @@ def build_tiny_wan(
     return _save(pipe, path)
 
 
+# Qwen3's chat template, reduced to what a text-to-image prompt encoder renders: the user turn, then the assistant's
+# opening (with enable_thinking=False, Qwen3 adds an empty think block)
+QWEN3_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                       "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                       "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
 def write_tiny_qwen2_tokenizer(folder, *, model_max_length: int = 32768) -> str:
     """Write a tiny Qwen2-style byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json), built locally.
 
@@ -730,6 +739,52 @@ def build_tiny_qwen_image(
     return _save(pipe, path)
 
 
+def build_tiny_z_image(
+    path,
+    *,
+    latent_size: int = 8,
+    num_layers: int = 1,
+    num_refiner_layers: int = 1,
+    dim: int = 32,
+    text_width: int = 32,
+    seed: int = 0,
+) -> str:
+    """Build a random tiny ``ZImagePipeline`` into ``path``; returns the path.
+
+    Transformer: ZImageTransformer2DModel (``num_layers`` main and ``num_refiner_layers`` noise/context refiner
+    blocks, width ``dim``, 2 heads of 16, rotary axes (4, 6, 6)) on 2x2 patches of 16-channel latents. Text: a
+    2-layer Qwen3 model of width ``text_width`` on the tiny byte-level Qwen2 tokenizer with Qwen3's chat template
+    (ZImagePipeline reads the second-to-last hidden states of the templated prompt). VAE: FLUX's layout (16
+    channels, shift/scale 0.1159/0.3611, 8x). Scheduler: Z-Image-Turbo's FlowMatchEulerDiscreteScheduler (static
+    shift 3). ZImagePipeline's native size is 1024 pixels whatever the weights, so a tiny run names its own:
+    sample.height = sample.width = ``latent_size`` x 8.
+    """
+    from .._versions import require_feature
+
+    require_feature("Z-Image pipelines (ZImagePipeline)")
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    if dim != 32:
+        raise ValueError("the tiny Z-Image's rotary axes (4, 6, 6) need 2 heads of 16: dim=32")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(write_tiny_qwen2_tokenizer(tmp))
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    with _seeded(seed + 2):
+        text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                              head_dim=text_width // 2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    with _seeded(seed):
+        transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=dim, n_layers=num_layers,
+                                               n_refiner_layers=num_refiner_layers, n_heads=2, n_kv_heads=2, cap_feat_dim=text_width,
+                                               axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
+    vae = _flow_vae(latent_channels=16, latent_size=latent_size, vae_scale_factor=8, shift=0.1159, scale=0.3611, seed=seed + 1)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    return _save(pipe, path)
+
+
 def build_tiny_clip(
     path,
     *,
@@ -785,7 +840,7 @@ def build_tiny_clip(
 
 # "clip" is no pipeline, but shares the cache: the CLIP rewards' tests and benchmarks need one.
 BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "wan": build_tiny_wan,
-            "qwen_image": build_tiny_qwen_image, "clip": build_tiny_clip}
+            "qwen_image": build_tiny_qwen_image, "z_image": build_tiny_z_image, "clip": build_tiny_clip}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -815,7 +870,7 @@ def _cache_key(kind: str, kwargs: dict) -> str:
 
 
 def cached_tiny_pipeline(kind: str, root=None, **kwargs) -> str:
-    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "wan", "qwen_image", "clip") built with ``kwargs``, building it once.
+    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "wan", "qwen_image", "z_image", "clip") built with ``kwargs``, building it once.
 
     The folder lives under ``root`` (default ``default_cache_root()``), named by a hash of the kind,
     the arguments, ``BUILDER_VERSION`` and the diffusers/transformers versions. Safe when several

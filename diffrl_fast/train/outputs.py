@@ -380,7 +380,8 @@ class RunLogger:
 # model family -> (the diffusers pipeline whose LoRA format the adapter is saved in, its layers argument)
 LORA_SAVERS = {"sd": ("StableDiffusionPipeline", "unet_lora_layers"), "sdxl": ("StableDiffusionXLPipeline", "unet_lora_layers"),
                "sd3": ("StableDiffusion3Pipeline", "transformer_lora_layers"), "flux": ("FluxPipeline", "transformer_lora_layers"),
-               "wan": ("WanPipeline", "transformer_lora_layers"), "qwen_image": ("QwenImagePipeline", "transformer_lora_layers")}
+               "wan": ("WanPipeline", "transformer_lora_layers"), "qwen_image": ("QwenImagePipeline", "transformer_lora_layers"),
+               "z_image": ("ZImagePipeline", "transformer_lora_layers")}
 
 
 def save_final_weights(model, run_dir: Path, state_dict: Optional[dict] = None) -> Path:

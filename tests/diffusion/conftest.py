@@ -87,3 +87,9 @@ def wan_euler_path(tiny_root):
 def qwen_image_path(tiny_root):
     """Folder of a tiny Qwen-Image pipeline (8x8 latents: 64-pixel images)."""
     return cached_tiny_pipeline("qwen_image", root=tiny_root)
+
+
+@pytest.fixture(scope="session")
+def z_image_path(tiny_root):
+    """Folder of a tiny Z-Image pipeline (8x8 latents: 64-pixel images)."""
+    return cached_tiny_pipeline("z_image", root=tiny_root)
