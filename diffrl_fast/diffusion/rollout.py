@@ -267,7 +267,7 @@ def sample_trajectories(
     shape = model.latent_shape_for(height, width)
     if schedule is None:
         schedule = make_schedule(model.scheduler, num_steps, eta=eta, noise_level=noise_level, sde_type=sde_type,
-                                 **model.schedule_kwargs(shape))
+                                 **model.schedule_kwargs(shape, num_steps))
     T = schedule.num_steps
     ones = (1,) * len(shape)  # per-sample scalars broadcast over [C, H, W] (or [C, F, H, W] for video)
     storage = torch.device(storage_device) if storage_device is not None else device

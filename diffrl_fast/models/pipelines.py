@@ -1,4 +1,5 @@
-"""Diffusion models as RL environments: one interface over SD 1.x/2.x, SDXL, SD3 and the digits world.
+"""Diffusion models as RL environments: one interface over SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein], Wan2.1,
+Qwen-Image, Z-Image and the digits worlds.
 
 A ``DiffusionModel`` holds the trainable denoiser (UNet or transformer), the scheduler, and what turns
 prompts into conditioning and latents into images:
@@ -118,17 +119,18 @@ class DiffusionModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
-        """Extra arguments for ``make_schedule`` for latents of ``shape`` (the native one when None): SD3's, FLUX's and
-        Qwen-Image's dynamic shift, which depends on the image's token count."""
+    def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
+        """Extra arguments for ``make_schedule`` for latents of ``shape`` (the native one when None) sampled in
+        ``num_steps`` steps: SD3's, FLUX's and Qwen-Image's dynamic shift, which depends on the image's token count
+        (FLUX.2's also on the step count)."""
         return {}
 
     sigma_grid: Optional[str] = None  # a flow model's sigma grid chosen by the run (sample.sigma_grid), else its own
 
-    def schedule_kwargs(self, shape: Optional[tuple] = None) -> dict:
-        """``sampling_kwargs(shape)`` with the run's sigma grid (``sigma_grid``: "scheduler", "flux", "flow_sigmas") in
-        place of the model's own where one is set."""
-        out = self.sampling_kwargs(shape)
+    def schedule_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
+        """``sampling_kwargs(shape, num_steps)`` with the run's sigma grid (``sigma_grid``: "scheduler", "flux",
+        "flow_sigmas") in place of the model's own where one is set."""
+        out = self.sampling_kwargs(shape, num_steps)
         if self.sigma_grid is not None:
             out["sigma_grid"] = None if self.sigma_grid == "scheduler" else self.sigma_grid
         return out
@@ -316,7 +318,7 @@ class StableDiffusion3Model(DiffusionModel):
         return self.net(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden,
                         pooled_projections=cond.pooled, return_dict=False)[0]
 
-    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+    def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
         cfg = self.scheduler.config
         if not getattr(cfg, "use_dynamic_shifting", False):
             return {}
@@ -397,7 +399,7 @@ class FluxModel(DiffusionModel):
                   img_ids=self.image_ids(H, W, x.device, x.dtype), return_dict=False)[0]
         return self.unpack(out, H, W)
 
-    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+    def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         cfg = self.scheduler.config
@@ -461,7 +463,7 @@ class WanModel(DiffusionModel):
                              f"sample.num_frames to one")
         return (num_frames - 1) // k + 1
 
-    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+    def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
         """The shipped solver's flow sigmas when the policy's scheduler was converted from it (``flow_scheduler_from``)."""
         return {"sigma_grid": "flow_sigmas"} if self.shipped_scheduler is not None and is_flow_prediction(self.shipped_scheduler) else {}
 
@@ -541,7 +543,7 @@ class QwenImageModel(DiffusionModel):
         comb = comb * (c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
         return FluxModel.unpack(comb, H, W)
 
-    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+    def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
         from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
         cfg = self.scheduler.config
@@ -620,7 +622,7 @@ class ZImageModel(DiffusionModel):
                        patch_size=self.patch, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
 
-    def sampling_kwargs(self, shape: Optional[tuple] = None) -> dict:
+    def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
         """ZImagePipeline's grid linspace(1, 1/n, n) (FLUX's), shifted by the scheduler's ``shift``, or by the
         token-count mu where the scheduler shifts dynamically."""
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
@@ -640,6 +642,95 @@ class ZImageModel(DiffusionModel):
         return _vae_decode(vae, latents, shift=vae.config.shift_factor or 0.0)
 
 
+class Flux2Model(DiffusionModel):
+    """FLUX.2 [klein] (Black Forest Labs 2025, ``Flux2KleinPipeline``): Flux2Transformer2DModel on the 2x2-patchified,
+    batch-normalised latents of AutoencoderKLFlux2 (32 channels at 8x become [B, 128, H/16, W/16]), 4-axis rotary
+    positions (T, H, W, L) for image and text tokens, Qwen3's hidden states of layers 9, 18 and 27 of a chat-templated
+    prompt padded to 512 tokens (concatenated per token; the padding tokens reach the transformer, as in the
+    pipeline), flow matching on the FLUX sigma grid shifted by FLUX.2's empirical mu, which depends on the token
+    count *and* the step count.
+
+    The sampler and the trainer see the patchified latents [B, 128, h, w] (the pipeline's own state before packing
+    into tokens); ``decode`` undoes the VAE's batch normalisation and the patchification. Guidance is ordinary CFG,
+    u + g (c - u), at the pipeline's ``guidance_scale`` (its negative prompt is ""); a step-distilled klein
+    (``is_distilled``) samples without it: keep sample.guidance_scale=1 there.
+    """
+
+    kind = "flux2"
+
+    def __init__(self, pipe, max_sequence_length: int = 512, text_layers: tuple[int, ...] = (9, 18, 27)) -> None:
+        super().__init__()
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.scheduler = pipe.scheduler
+        c = pipe.transformer.config
+        if c.guidance_embeds:
+            raise ValueError("this FLUX.2 transformer embeds its guidance (FLUX.2 [dev]); the trainer supports FLUX.2 [klein] "
+                             "(Flux2KleinPipeline) folders")
+        self.pixels_per_latent = 2 * pipe.vae_scale_factor
+        size = pipe.default_sample_size // 2  # Flux2KleinPipeline's default 1024 pixels -> 64 x 64 patchified latents
+        self.latent_shape = (c.in_channels, size, size)
+        self.max_sequence_length = max_sequence_length
+        self.text_layers = tuple(text_layers)
+        n_layers = pipe.text_encoder.config.num_hidden_layers
+        if max(self.text_layers) > n_layers:
+            raise ValueError(f"FLUX.2 reads the text encoder's hidden states {self.text_layers}, but it has {n_layers} layers")
+
+    def _encode_unique(self, prompts):
+        tok = self.pipe.tokenizer
+        templated = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False) for p in prompts]
+        lengths = [len(ids) for ids in tok(templated).input_ids]
+        too_long = [(p, n) for p, n in zip(prompts, lengths) if n > self.max_sequence_length]
+        if too_long:
+            p, n = too_long[0]
+            raise ValueError(f"prompt {p[:60]!r} is {n} tokens long with its chat template; FLUX.2's text encoder takes "
+                             f"{self.max_sequence_length} (the rest would be cut silently): shorten the prompt")
+        embeds, _ = self.pipe.encode_prompt(list(prompts), device=self.device, max_sequence_length=self.max_sequence_length,
+                                            text_encoder_out_layers=self.text_layers)
+        return Conditioning(embeds)
+
+    @staticmethod
+    def positions(t: int, h: int, w: int, l: int, device) -> torch.Tensor:
+        """[t h w l, 4] integer coordinates (T, H, W, L), the last axis fastest (FLUX.2's ids)."""
+        return torch.cartesian_prod(*(torch.arange(n, device=device) for n in (t, h, w, l)))
+
+    def predict(self, x, t, cond):
+        B, C, h, w = x.shape
+        dtype = self.denoiser.dtype
+        tokens = x.reshape(B, C, h * w).transpose(1, 2).to(dtype)
+        img_ids = self.positions(1, h, w, 1, x.device).expand(B, -1, -1)
+        txt_ids = self.positions(1, 1, 1, cond.hidden.shape[1], x.device).expand(B, -1, -1)
+        out = self.net(hidden_states=tokens, timestep=t.to(dtype) / 1000, guidance=None, encoder_hidden_states=cond.hidden.to(dtype),
+                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return out.transpose(1, 2).reshape(B, C, h, w)
+
+    def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
+        """Flux2KleinPipeline's grid linspace(1, 1/n, n) and its empirical mu(token count, step count)."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        if num_steps is None:
+            raise ValueError("FLUX.2's shift depends on the number of steps: pass num_steps")
+        shape = shape or self.latent_shape
+        return {"sigma_grid": "flux", "mu": compute_empirical_mu(shape[-2] * shape[-1], num_steps)}
+
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Patchified normalised latents [B, 128, h, w] -> the VAE's [B, 32, 2h, 2w] (its batch norm undone), what
+        Flux2KleinPipeline returns for output_type="latent"."""
+        bn, vae = self.pipe.vae.bn, self.pipe.vae
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+        z = latents * std + mean
+        B, C, h, w = z.shape
+        return z.reshape(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, C // 4, 2 * h, 2 * w)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        vae = self.pipe.vae
+        image = vae.decode(self.vae_latents(latents).to(vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
 PIPELINE_ADAPTERS = {
     "StableDiffusionPipeline": StableDiffusionModel,
     "StableDiffusionXLPipeline": StableDiffusionXLModel,
@@ -648,12 +739,20 @@ PIPELINE_ADAPTERS = {
     "WanPipeline": WanModel,
     "QwenImagePipeline": QwenImageModel,
     "ZImagePipeline": ZImageModel,
+    "Flux2KleinPipeline": Flux2Model,
 }
 
 
 # pipelines that need a newer diffusers than the package's floor (_versions.FEATURE_VERSIONS)
 FEATURES = {"WanPipeline": "Wan pipelines (WanPipeline)", "QwenImagePipeline": "Qwen-Image pipelines (QwenImagePipeline)",
-            "ZImagePipeline": "Z-Image pipelines (ZImagePipeline)"}
+            "ZImagePipeline": "Z-Image pipelines (ZImagePipeline)", "Flux2KleinPipeline": "FLUX.2 [klein] pipelines (Flux2KleinPipeline)"}
+
+# pipelines refused by name, with the reason (docs/algorithms.md, "Flow models")
+UNSUPPORTED_PIPELINES = {
+    "Flux2Pipeline": ("FLUX.2 [dev] (Flux2Pipeline) is not supported yet: its prompt encoder is Mistral-3 behind a multimodal "
+                      "processor and its guidance is embedded, and neither path has a tiny build to test it on. FLUX.2 [klein] "
+                      "(Flux2KleinPipeline) is supported"),
+}
 
 
 def is_flow_prediction(scheduler) -> bool:
@@ -755,6 +854,8 @@ def load_pipeline(
         if not index.is_file():
             raise FileNotFoundError(f"{path} has no model_index.json: expected a diffusers pipeline folder (save_pretrained)")
         class_name = json.loads(index.read_text()).get("_class_name")
+        if class_name in UNSUPPORTED_PIPELINES:
+            raise ValueError(f"{path}: {UNSUPPORTED_PIPELINES[class_name]}")
         if class_name in FEATURES:
             require_feature(FEATURES[class_name])
         if class_name not in PIPELINE_ADAPTERS:
@@ -763,6 +864,8 @@ def load_pipeline(
         raise FileNotFoundError(f"model folder {path} does not exist (and is not a hub id of the form owner/name)")
     pipe = _from_pretrained(DiffusionPipeline, path, dtype, hub=not local.exists())
     adapter = PIPELINE_ADAPTERS.get(type(pipe).__name__)
+    if type(pipe).__name__ in UNSUPPORTED_PIPELINES:
+        raise ValueError(f"{path}: {UNSUPPORTED_PIPELINES[type(pipe).__name__]}")
     if adapter is None:
         raise ValueError(f"{path} loads as {type(pipe).__name__}; supported pipelines: {sorted(PIPELINE_ADAPTERS)}")
     if sampler not in ("auto", "ddim", "ddpm"):

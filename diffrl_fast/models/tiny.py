@@ -25,6 +25,8 @@ Builders (each returns the folder as a string; same seed and arguments -> bit-id
   byte-level Qwen2 tokenizer, AutoencoderKLQwenImage, dynamic exponential shifting).
 - ``build_tiny_z_image``: ZImagePipeline (ZImageTransformer2DModel, a Qwen3 text encoder behind Qwen3's chat
   template, FLUX's VAE layout, Z-Image-Turbo's static shift).
+- ``build_tiny_flux2_klein``: Flux2KleinPipeline (Flux2Transformer2DModel, a 28-layer Qwen3 text encoder read at
+  layers 9, 18 and 27, AutoencoderKLFlux2 with its latent batch norm, FLUX.2's empirical shift).
 - ``build_tiny_clip``: a CLIPModel folder (weights, tokenizer, preprocessor config) for the CLIP rewards.
 
 Sizes: the UNet sees ``latent_size`` x ``latent_size`` latents and the VAE decodes them to
@@ -785,6 +787,60 @@ def build_tiny_z_image(
     return _save(pipe, path)
 
 
+def build_tiny_flux2_klein(
+    path,
+    *,
+    latent_size: int = 4,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    text_width: int = 16,
+    seed: int = 0,
+) -> str:
+    """Build a random tiny ``Flux2KleinPipeline`` into ``path``; returns the path.
+
+    Transformer: Flux2Transformer2DModel (``num_layers`` double- and ``num_single_layers`` single-stream blocks, 2
+    heads of 16, rotary axes (4, 4, 4, 4), no guidance embedding: the klein layout) on 128-channel patchified
+    latents. Text: a 28-layer Qwen3ForCausalLM of width ``text_width`` (Flux2KleinPipeline reads layers 9, 18 and 27,
+    so joint_attention_dim = 3 x ``text_width``) on the tiny byte-level Qwen2 tokenizer with Qwen3's chat template.
+    VAE: AutoencoderKLFlux2 (32 channels, 8x, a 2x2 patch, its batch norm's running statistics drawn at random so that
+    de-normalising is exercised). Scheduler: FLUX.2's FlowMatchEulerDiscreteScheduler (dynamic exponential shifting;
+    the pipeline passes its empirical mu). Not step-distilled: classifier-free guidance applies. The pipeline's
+    native size is 1024 pixels whatever the weights, so a tiny run names its own: sample.height = sample.width =
+    ``latent_size`` x 16.
+    """
+    from .._versions import require_feature
+
+    require_feature("FLUX.2 [klein] pipelines (Flux2KleinPipeline)")
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(write_tiny_qwen2_tokenizer(tmp))
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    with _seeded(seed + 2):
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                                                    num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                                                    head_dim=text_width // 2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                                                    tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id))
+    with _seeded(seed):
+        transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=num_layers, num_single_layers=num_single_layers,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * text_width,
+                                              timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    with _seeded(seed + 1):
+        vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                 block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=32, norm_num_groups=8,
+                                 sample_size=latent_size * 16)
+        vae.bn.running_mean.copy_(0.1 * torch.randn(128))
+        vae.bn.running_var.copy_(0.5 + torch.rand(128))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+                                                time_shift_type="exponential")
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                              is_distilled=False)
+    return _save(pipe, path)
+
+
 def build_tiny_clip(
     path,
     *,
@@ -840,7 +896,8 @@ def build_tiny_clip(
 
 # "clip" is no pipeline, but shares the cache: the CLIP rewards' tests and benchmarks need one.
 BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "wan": build_tiny_wan,
-            "qwen_image": build_tiny_qwen_image, "z_image": build_tiny_z_image, "clip": build_tiny_clip}
+            "qwen_image": build_tiny_qwen_image, "z_image": build_tiny_z_image, "flux2_klein": build_tiny_flux2_klein,
+            "clip": build_tiny_clip}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -870,7 +927,7 @@ def _cache_key(kind: str, kwargs: dict) -> str:
 
 
 def cached_tiny_pipeline(kind: str, root=None, **kwargs) -> str:
-    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "wan", "qwen_image", "z_image", "clip") built with ``kwargs``, building it once.
+    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "wan", "qwen_image", "z_image", "flux2_klein", "clip") built with ``kwargs``, building it once.
 
     The folder lives under ``root`` (default ``default_cache_root()``), named by a hash of the kind,
     the arguments, ``BUILDER_VERSION`` and the diffusers/transformers versions. Safe when several

@@ -212,10 +212,11 @@ class DDPEngine(Engine):
 
 
 # diffusers' transformer blocks (SD 1.x/SDXL's BasicTransformerBlock, SD3's JointTransformerBlock, FLUX's double
-# and single blocks, Wan's, Qwen-Image's and Z-Image's blocks) and resnets: each becomes its own FSDP unit, as torchtitan wraps each
+# and single blocks, FLUX.2's, Wan's, Qwen-Image's and Z-Image's blocks) and resnets: each becomes its own FSDP unit, as torchtitan wraps each
 # transformer block. A whole down/up block would not do: SDXL's up_blocks[0] holds 1,207M of its 2,567M parameters.
 FSDP_UNIT_CLASSES = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
-                     "WanTransformerBlock", "QwenImageTransformerBlock", "ZImageTransformerBlock", "ResnetBlock2D")
+                     "WanTransformerBlock", "QwenImageTransformerBlock", "ZImageTransformerBlock",
+                     "Flux2TransformerBlock", "Flux2SingleTransformerBlock", "ResnetBlock2D")
 
 
 def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:

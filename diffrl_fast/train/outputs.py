@@ -381,7 +381,7 @@ class RunLogger:
 LORA_SAVERS = {"sd": ("StableDiffusionPipeline", "unet_lora_layers"), "sdxl": ("StableDiffusionXLPipeline", "unet_lora_layers"),
                "sd3": ("StableDiffusion3Pipeline", "transformer_lora_layers"), "flux": ("FluxPipeline", "transformer_lora_layers"),
                "wan": ("WanPipeline", "transformer_lora_layers"), "qwen_image": ("QwenImagePipeline", "transformer_lora_layers"),
-               "z_image": ("ZImagePipeline", "transformer_lora_layers")}
+               "z_image": ("ZImagePipeline", "transformer_lora_layers"), "flux2": ("Flux2KleinPipeline", "transformer_lora_layers")}
 
 
 def save_final_weights(model, run_dir: Path, state_dict: Optional[dict] = None) -> Path:

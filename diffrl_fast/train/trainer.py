@@ -279,11 +279,11 @@ class Trainer:
                 window = torch.zeros(num_steps, dtype=torch.bool)
             if window is not None:
                 schedule = make_schedule(self.model.scheduler, num_steps, eta=s.eta, noise_level=s.noise_level,
-                                         sde_type=s.sde_type, window=window, **self.model.schedule_kwargs(shape))
+                                         sde_type=s.sde_type, window=window, **self.model.schedule_kwargs(shape, num_steps))
                 # only the states training reads are stored: x_j, x_{j+1} of the stochastic steps (none for a
                 # forward-process algorithm), and x_T
                 tail = post_window_ode(self.model.scheduler, schedule, solver=s.post_window_solver, compress=s.post_window_compress,
-                                       mu=self.model.schedule_kwargs(shape).get("mu")) if self.post_window else None
+                                       mu=self.model.schedule_kwargs(shape, num_steps).get("mu")) if self.post_window else None
                 keep = torch.zeros(num_steps + 1, dtype=torch.bool)
                 if self.algo.trains_on_states:
                     stochastic = schedule.stochastic.cpu().bool()

@@ -93,3 +93,9 @@ def qwen_image_path(tiny_root):
 def z_image_path(tiny_root):
     """Folder of a tiny Z-Image pipeline (8x8 latents: 64-pixel images)."""
     return cached_tiny_pipeline("z_image", root=tiny_root)
+
+
+@pytest.fixture(scope="session")
+def flux2_klein_path(tiny_root):
+    """Folder of a tiny FLUX.2 [klein] pipeline (4x4 patchified latents: 64-pixel images)."""
+    return cached_tiny_pipeline("flux2_klein", root=tiny_root)
