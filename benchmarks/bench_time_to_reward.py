@@ -33,7 +33,7 @@ only the fresh seeds. Sweep runs are evaluated only before their first and after
 
 Run: ``diffrl-fast bench time-to-reward [--world W] [--contenders a,b] [--seeds 1,2,3] [--budget-s S | --budget-passes N]
 [--sweep] [--reuse FILE]``; writes benchmarks/results/time_to_reward[_flow].{json,md,png} (``--stem`` renames them).
-``--reuse`` takes runs of the same contender, settings and seed from an earlier JSON when they cover the budget
+``--reuse`` takes runs of the same contender, settings and seed from earlier JSONs when they cover the budget
 (each keeps the commit it ran at). ``--smoke`` runs a tiny configuration (CI).
 """
 from __future__ import annotations
@@ -113,6 +113,10 @@ FLOW_CONTENDERS = {
     "grpo+tree+mix+flash+prune": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed",
                                   "train.window_size=4", "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.6",
                                   "sample.tree_prune_width=2"],
+    # the same tree in BranchGRPO's own objective: its training loss is the clipped ratio alone, no KL term
+    # (fastvideo/train_branchgrpo_flux.py), so no reference pass per trained transition (Flow-GRPO's beta 0.04 adds one)
+    "grpo+tree+mix+flash+nokl": ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed", "train.window_size=4",
+                                 "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.6", "grpo.beta=0"],
 }
 WORLDS = {
     "digits": dict(preset="digits.yaml", baseline="ddpo_is", reward="digit_confidence", heldout="digit_confidence_heldout",
@@ -257,9 +261,15 @@ def within_budget(run: dict, budget_s: float, unit: str = "clock_s"):
     return None
 
 
-def reusable(path: Path, budget_s: float, unit: str = "clock_s") -> dict:
+def reusable(path, budget_s: float, unit: str = "clock_s") -> dict:
     """{(overrides, seed): run} of an earlier JSON's runs, its sweep runs included, that cover the budget, cut to it.
-    A run is named by what it ran (its overrides and seed), not by the contender's label."""
+    A run is named by what it ran (its overrides and seed), not by the contender's label. ``path``: one JSON or a
+    list of them (a run found in several is taken from the first)."""
+    if isinstance(path, (list, tuple)):
+        out = {}
+        for p in reversed(path):
+            out.update(reusable(p, budget_s, unit))
+        return out
     if path is None or not path.is_file():
         return {}
     data = json.loads(path.read_text())
@@ -415,7 +425,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-passes", type=float, default=None,
                     help="denoiser passes of training per run instead of seconds: the same work for every contender on any machine")
     ap.add_argument("--sweep", action="store_true", help="tune every contender's learning rate (x 1/3, 1, 3 on seed 0) before the seeds")
-    ap.add_argument("--reuse", type=Path, default=None, help="an earlier time_to_reward JSON whose covering runs are reused")
+    ap.add_argument("--reuse", type=Path, action="append", default=None,
+                    help="an earlier time_to_reward JSON whose covering runs are reused (repeatable)")
     ap.add_argument("--stem", default=None, help="name of the output files (default: the world's)")
     ap.add_argument("--eval-samples", type=int, default=128)
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -89,6 +89,10 @@ def test_budget_cut_and_reuse(tmp_path):
     assert reused[(("algo=ddpo_is", "train.learning_rate=0.001"), 0)]["commit"] == "def"  # sweep runs are reused too
     assert b.reusable(path, 500) == {}
     assert len(b.reusable(path, 5000, "passes")[(("algo=ddpo_is",), 0)]["points"]) == 4
+    other = tmp_path / "other.json"  # several files: a run found in both comes from the first
+    other.write_text(json.dumps({"machine": {"commit": "xyz"}, "runs": {"ddpo_is": [run]}}))
+    assert b.reusable([other, path], 70)[(("algo=ddpo_is",), 0)]["commit"] == "xyz"
+    assert len(b.reusable([other, path], 70)) == 2
 
 
 @pytest.mark.parametrize("world", sorted(b.WORLDS))
