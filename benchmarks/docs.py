@@ -356,12 +356,13 @@ def wan_memory_table(data: dict) -> str:
     """The counted Wan2.1 memory at 81 x 480 x 832 (estimate_wan_memory.py's JSON)."""
     g = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
     lines = ["| model | base weights bf16, GiB | LoRA + grads + AdamW, GiB | one row, ckpt per block, GiB (+ per extra row) | "
-             "one row, no ckpt, GiB | trajectory per sample, 10 trained steps / window of 2 | UMT5-XXL bf16, GiB |",
+             "one row, no ckpt, GiB | trajectory per sample, 10 trained steps / window of 2, fp32 (bf16 states) | UMT5-XXL bf16, GiB |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in data["results"]:
         s, tr = list(r["static"].values()), list(r["trajectory_bytes_per_sample"].values())
         lines.append(f"| {r['model']} ({r['params'] / 1e9:.2f}B) | {g(s[0])} | {g(s[1])} | {g(r['ckpt']['peak_1_row'])} "
-                     f"(+{g(r['ckpt']['per_row'])}) | {g(r['no_ckpt']['peak_1_row'])} | {tr[0] / 2**20:.0f} / {tr[1] / 2**20:.0f} MB | "
+                     f"(+{g(r['ckpt']['per_row'])}) | {g(r['no_ckpt']['peak_1_row'])} | {tr[0] / 2**20:.0f} / {tr[1] / 2**20:.0f} MB "
+                     f"({tr[2] / 2**20:.0f} / {tr[3] / 2**20:.0f} MB) | "
                      f"{g(r['text_encoder_bf16'])} |")
     m = data["machine"]
     if str(m.get("commit", "")).endswith("-dirty") or not m.get("commit"):

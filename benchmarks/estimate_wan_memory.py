@@ -114,8 +114,11 @@ def estimate(name: str, lora_rank: int = 32, trained_steps: int = 10) -> dict:
     for s in shape:
         elems *= s
     # the states the trainer keeps: x_j and x_{j+1} of every trained step, and the last state x_T
-    out["trajectory_bytes_per_sample"] = {"all 10 steps trained (11 states)": (trained_steps + 1) * elems * 4,
-                                          "a window of 2 trained steps (4 states: 3 of the window, x_T)": 4 * elems * 4}
+    # in fp32 (sample.trajectory_dtype=float32) and in the bf16 rollout dtype (bfloat16: 2 bytes a state element)
+    out["trajectory_bytes_per_sample"] = {"all 10 steps trained (11 states), fp32": (trained_steps + 1) * elems * 4,
+                                          "a window of 2 trained steps (4 states: 3 of the window, x_T), fp32": 4 * elems * 4,
+                                          "all 10 steps trained, bf16 states": (trained_steps + 1) * elems * 2,
+                                          "a window of 2 trained steps, bf16 states": 4 * elems * 2}
     out["static"] = {"base weights bf16 (2 B/param)": 2 * out["params"],
                      "LoRA weights + grads + AdamW m, v, fp32 (16 B/LoRA param)": 16 * out["lora_params"]}
     out["text_encoder_bf16"] = 2 * text_encoder_params()
@@ -139,14 +142,14 @@ def render(results: list[dict], meta: dict) -> str:
              f"{results[0]['latent_shape']} ({results[0]['tokens']:,} tokens), LoRA rank {results[0]['lora_rank']}, bf16 autocast, "
              "FlashAttention. GiB.", "",
              "| model | base weights bf16 | LoRA + grads + AdamW | working memory per row, ckpt per block | per row, no ckpt | "
-             "trajectory per sample, 10 trained steps / window of 2 | UMT5-XXL bf16 (offloadable) |",
+             "trajectory per sample, 10 trained steps / window of 2, fp32 (bf16 states) | UMT5-XXL bf16 (offloadable) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         s = list(r["static"].values())
         tr = list(r["trajectory_bytes_per_sample"].values())
         lines.append(f"| {r['model']} ({r['params'] / 1e9:.2f}B) | {g(s[0])} | {g(s[1])} | {g(r['ckpt']['peak_1_row'])} "
-                     f"(+{g(r['ckpt']['per_row'])} per extra row) | {g(r['no_ckpt']['peak_1_row'])} | {tr[0] / 2**20:.0f} MB / "
-                     f"{tr[1] / 2**20:.0f} MB | {g(r['text_encoder_bf16'])} |")
+                     f"(+{g(r['ckpt']['per_row'])} per extra row) | {g(r['no_ckpt']['peak_1_row'])} | {tr[0] / 2**20:.0f} / "
+                     f"{tr[1] / 2**20:.0f} MB ({tr[2] / 2**20:.0f} / {tr[3] / 2**20:.0f} MB) | {g(r['text_encoder_bf16'])} |")
     lines += ["", "A chunk of K rows needs about the static terms + the 1-row figure + (K - 1) x the per-row increment. Not "
               "counted: fragmentation, the CUDA context, the VAE decode of 81 frames, the reward model.", ""]
     return "\n".join(lines)

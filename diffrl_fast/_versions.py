@@ -29,7 +29,7 @@ FEATURE_VERSIONS: dict[str, tuple[str, str]] = {
     "Wan pipelines (WanPipeline)": ("diffusers", "0.42"),
     "Qwen-Image pipelines (QwenImagePipeline)": ("diffusers", "0.42"),
     "Z-Image pipelines (ZImagePipeline)": ("diffusers", "0.42"),
-    "FLUX.2 [klein] pipelines (Flux2KleinPipeline)": ("diffusers", "0.42"),
+    "FLUX.2 pipelines (Flux2Pipeline, Flux2KleinPipeline)": ("diffusers", "0.42"),
 }
 
 

@@ -19,7 +19,7 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="diffrl-fast check-parity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein], Wan2.1, Qwen-Image, Z-Image), hub id, 'digits' or 'flow-digits'")
+    ap.add_argument("--model", required=True, help="diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2, Wan2.1, Qwen-Image, Z-Image), hub id, 'digits' or 'flow-digits'")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the model's own (the digits world's ten digits, four generic prompts for a pipeline)")
     ap.add_argument("--samples", type=int, default=8, help="trajectories to sample")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps")

@@ -27,7 +27,9 @@ class Trajectory:
     """A batch of B sampled trajectories of T steps (j = 0 is the noisiest step).
 
     latents:   [B, S, C, H, W] the stored states among x_0 (noise) ... x_T (the final latent), float32 (float64
-               for a float64 model): all T+1 (S = T+1) unless ``latent_steps`` names the stored positions
+               for a float64 model; bfloat16 / float16 with ``state_dtype``): all T+1 (S = T+1) unless
+               ``latent_steps`` names the stored positions. ``latents_at`` and ``final_latents`` return them in
+               the step math's dtype
     log_probs: [B, T] log-prob of each step's action under the sampling policy ("mean" reduction), 0 at
                deterministic steps
     schedule:  the StepSchedule (timesteps and per-step coefficients) the steps used
@@ -59,13 +61,19 @@ class Trajectory:
     def num_steps(self) -> int:
         return self.log_probs.shape[1]
 
+    def _math(self, x: torch.Tensor) -> torch.Tensor:
+        """States stored in bfloat16 / float16 (``state_dtype``) upcast to float32, the step math's dtype (exact:
+        the rollout continued from the rounded states)."""
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
     def latents_at(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """States x_j of samples ``b`` (broadcast with ``j``), on the trajectory's storage device. Raises
-        ValueError for a state the rollout did not store (a deterministic step outside the trained window)."""
+        """States x_j of samples ``b`` (broadcast with ``j``), on the trajectory's storage device, in the step math's
+        dtype. Raises ValueError for a state the rollout did not store (a deterministic step outside the trained
+        window)."""
         dev = self.latents.device
         b, j = torch.as_tensor(b, dtype=torch.long).to(dev), torch.as_tensor(j, dtype=torch.long).to(dev)
         if self.latent_steps is None:
-            return self.latents[b, j]
+            return self._math(self.latents[b, j])
         slot = torch.full((self.num_steps + 1,), -1, dtype=torch.long, device=dev)
         slot[self.latent_steps.to(dev)] = torch.arange(self.latent_steps.numel(), device=dev)
         s = slot[j]
@@ -73,12 +81,12 @@ class Trajectory:
             missing = sorted(set(j[s < 0].reshape(-1).tolist()))
             raise ValueError(f"states x_j for j in {missing} were not stored by the rollout (it keeps "
                              f"{self.latent_steps.tolist()}): only trained steps keep their states")
-        return self.latents[b, s]
+        return self._math(self.latents[b, s])
 
     @property
     def final_latents(self) -> torch.Tensor:
-        """x_T, the clean latents the images were decoded from, [B, C, H, W]."""
-        return self.latents[:, -1]
+        """x_T, the clean latents the images were decoded from, [B, C, H, W], in the step math's dtype."""
+        return self._math(self.latents[:, -1])
 
     def index(self, idx) -> "Trajectory":
         """The sub-batch ``idx`` (a LongTensor of sample indices); a tree rollout's only as whole trees, in order."""
@@ -220,6 +228,7 @@ def sample_trajectories(
     split_noise_scale: float = 1.0,
     keep_means: bool = False,
     post_window: Optional[PostWindowODE] = None,
+    state_dtype: Optional[torch.dtype] = None,
 ) -> Trajectory:
     """Sample one trajectory per prompt with the model's scheduler run as a stochastic policy.
 
@@ -255,6 +264,10 @@ def sample_trajectories(
             deterministic, are replaced by an ODE over ``post_window.sigmas`` with its solver; x_T is its result (the
             states in between are never stored: nothing trains on them). DPM-Solver++'s first tail step takes the
             data prediction of the last window step as its previous one, as MixGRPO's solver history does.
+        state_dtype: torch.bfloat16 or torch.float16 keeps the states in that dtype, as a rollout run in the
+            denoiser's dtype does: x_0 and every x_{j+1} are rounded to it before the chain continues from them and
+            before the action's log-prob is taken, so the stored trajectory (half the memory of float32) is exactly
+            the one sampled and the recompute reproduces its log-probs. None: the step math's dtype (float32).
     """
     prompts = model.validate_prompts(prompts)
     B = len(prompts)
@@ -288,6 +301,10 @@ def sample_trajectories(
     if init_t is not None:                # so a sample's step noise does not depend on whether its x_0 is shared
         x = _randn(_generators(init_t, device), shape, device, fdt)
     x = x * float(getattr(model.scheduler, "init_noise_sigma", 1.0))
+    if state_dtype is not None and state_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"state_dtype must be torch.bfloat16, torch.float16 or None, got {state_dtype}")
+    rnd = (lambda v: v) if state_dtype is None else (lambda v: v.to(state_dtype).to(fdt))  # noqa: E731
+    x = rnd(x)
     reps = owner = None
     if tree is not None:
         reps, owner = tree.batch(B, T)  # raises unless the batch is whole trees
@@ -310,7 +327,7 @@ def sample_trajectories(
         slot = [-1] * (T + 1)
         for i, pos in enumerate(latent_steps.tolist()):
             slot[pos] = i
-    latents = torch.empty((B, T + 1 if latent_steps is None else latent_steps.numel(), *shape), dtype=fdt, device=storage)
+    latents = torch.empty((B, T + 1 if latent_steps is None else latent_steps.numel(), *shape), dtype=state_dtype or fdt, device=storage)
     log_probs = torch.zeros((B, T), dtype=fdt, device=storage)
     means = torch.zeros((B, T, *shape), dtype=fdt, device=storage) if keep_means else None
     if slot[0] >= 0:
@@ -345,10 +362,10 @@ def sample_trajectories(
         if means is not None and stochastic:
             means[:, j] = (mean if node is None else mean[node]).to(storage)
         if not stochastic:  # a tree does not branch here: every sample keeps its node's state
-            x_next = mean if node is None else mean[node]
+            x_next = rnd(mean if node is None else mean[node])
         elif act is None:
             noise = _randn(gens, shape, device, fdt)
-            x_next = mean + c.s.to(fdt).reshape(n, *ones) * noise
+            x_next = rnd(mean + c.s.to(fdt).reshape(n, *ones) * noise)
             log_probs[:, j] = action_logprob(schedule.residual_logprob, x, x_next, eps_u, eps_c, c, g).to(storage)
         else:  # one action per owner of transition j, from the node (active row) its leaf was in at x_j
             own = torch.nonzero(owner[:, j]).flatten()
@@ -356,7 +373,7 @@ def sample_trajectories(
             co = schedule.at(torch.full((own.numel(),), j), device=device)
             scale = split_noise_scale if j in branch else 1.0
             noise = _randn([gens[i] for i in own.tolist()], shape, device, fdt)
-            y = mean[src] + (co.s.to(fdt) * scale).reshape(-1, *ones) * noise
+            y = rnd(mean[src] + (co.s.to(fdt) * scale).reshape(-1, *ones) * noise)
             lp = action_logprob(schedule.residual_logprob, xa[src], y, eps_u[src], None if eps_c is None else eps_c[src], co, g)
             own_of = torch.full((B,), -1, dtype=torch.long)
             own_of[own] = torch.arange(own.numel())
@@ -380,6 +397,7 @@ def sample_trajectories(
             else:
                 s_prev = float(timesteps[tail.start - 1]) / n_train if k == 0 else sig[k - 1]
                 x, prev_x0 = dpm_solver_pp_2m(x, v, sig[k], sig[k + 1], prev_x0, s_prev)
+        x = rnd(x)
         latents[:, slot[T]] = x.to(storage)
         if progress is not None:
             progress(T, T)

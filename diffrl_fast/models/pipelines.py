@@ -1,4 +1,4 @@
-"""Diffusion models as RL environments: one interface over SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein], Wan2.1,
+"""Diffusion models as RL environments: one interface over SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2, Wan2.1,
 Qwen-Image, Z-Image and the digits worlds.
 
 A ``DiffusionModel`` holds the trainable denoiser (UNet or transformer), the scheduler, and what turns
@@ -582,16 +582,14 @@ class ZImageModel(DiffusionModel):
         self.denoiser = pipe.transformer
         self.scheduler = pipe.scheduler
         c = pipe.transformer.config
-        patch = c.all_patch_size[0]
-        if tuple(c.all_patch_size) != (patch,) or tuple(c.all_f_patch_size) != (1,):
+        if tuple(c.all_patch_size) != (2,) or tuple(c.all_f_patch_size) != (1,):
             raise ValueError(f"Z-Image transformer with patch sizes {c.all_patch_size} / {c.all_f_patch_size}: the "
-                             f"trainer supports one spatial patch size and single frames (ZImagePipeline's)")
+                             f"trainer supports ZImagePipeline's 2x2 patches of single frames")
         if getattr(c, "siglip_feat_dim", None) is not None:
             raise ValueError("this is a Z-Image Omni transformer (SigLIP image conditioning): the trainer takes "
                              "text-to-image ZImagePipeline folders")
-        self.patch = patch
         self.pixels_per_latent = pipe.vae_scale_factor
-        self.latent_multiple = patch
+        self.latent_multiple = 2
         size = 1024 // pipe.vae_scale_factor  # ZImagePipeline's default: 1024 x 1024 pixels
         self.latent_shape = (c.in_channels, size, size)
         self.max_sequence_length = max_sequence_length
@@ -619,69 +617,72 @@ class ZImageModel(DiffusionModel):
         dtype = self.denoiser.dtype
         caps = [h[m.bool()] for h, m in zip(cond.hidden.to(dtype), cond.mask)]
         out = self.net(list(x.to(dtype).unsqueeze(2).unbind(0)), (1000 - t.to(torch.float32)) / 1000, caps,
-                       patch_size=self.patch, return_dict=False)[0]
+                       patch_size=2, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
 
-    def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
-        """ZImagePipeline's grid linspace(1, 1/n, n) (FLUX's), shifted by the scheduler's ``shift``, or by the
-        token-count mu where the scheduler shifts dynamically."""
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
-
-        cfg = self.scheduler.config
-        out = {"sigma_grid": "flux"}
-        if getattr(cfg, "use_dynamic_shifting", False):
-            shape = shape or self.latent_shape
-            seq = (shape[-2] // self.patch) * (shape[-1] // self.patch)
-            out["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                        cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return out
-
-    @torch.no_grad()
-    def decode(self, latents):
-        vae = self.pipe.vae
-        return _vae_decode(vae, latents, shift=vae.config.shift_factor or 0.0)
+    # ZImagePipeline's sigmas are FLUX's: the grid linspace(1, 1/n, n), shifted by the scheduler's shift or, where it
+    # shifts dynamically, by the same mu of the 2x2-token count; its VAE is FLUX's too (scaling and shift factors)
+    sampling_kwargs = FluxModel.sampling_kwargs
+    decode = FluxModel.decode
 
 
 class Flux2Model(DiffusionModel):
-    """FLUX.2 [klein] (Black Forest Labs 2025, ``Flux2KleinPipeline``): Flux2Transformer2DModel on the 2x2-patchified,
-    batch-normalised latents of AutoencoderKLFlux2 (32 channels at 8x become [B, 128, H/16, W/16]), 4-axis rotary
-    positions (T, H, W, L) for image and text tokens, Qwen3's hidden states of layers 9, 18 and 27 of a chat-templated
-    prompt padded to 512 tokens (concatenated per token; the padding tokens reach the transformer, as in the
-    pipeline), flow matching on the FLUX sigma grid shifted by FLUX.2's empirical mu, which depends on the token
-    count *and* the step count.
+    """FLUX.2 (Black Forest Labs 2025): Flux2Transformer2DModel on the 2x2-patchified, batch-normalised latents of
+    AutoencoderKLFlux2 (32 channels at 8x become [B, 128, H/16, W/16]), 4-axis rotary positions (T, H, W, L) for image
+    and text tokens, flow matching on the FLUX sigma grid shifted by FLUX.2's empirical mu, which depends on the token
+    count *and* the step count. The prompt is three intermediate hidden states of its encoder, concatenated per token,
+    padded to 512 tokens (the padding tokens reach the transformer, as in the pipelines):
+    - FLUX.2 [klein] (``Flux2KleinPipeline``): Qwen3, layers 9, 18 and 27 of the chat-templated prompt (thinking off);
+      guidance is ordinary CFG, u + g (c - u), at the pipeline's ``guidance_scale`` (negative prompt ""); a
+      step-distilled klein (``is_distilled``) samples without it: keep sample.guidance_scale=1 there.
+    - FLUX.2 [dev] (``Flux2Pipeline``): Mistral-3 behind its processor's chat template with FLUX.2's system message,
+      layers 10, 20 and 30; guidance-distilled: the guidance goes in as an embedding (``guidance``, from
+      model.embedded_guidance; the pipeline's default is 4), one pass per step, no CFG (keep sample.guidance_scale=1).
 
-    The sampler and the trainer see the patchified latents [B, 128, h, w] (the pipeline's own state before packing
-    into tokens); ``decode`` undoes the VAE's batch normalisation and the patchification. Guidance is ordinary CFG,
-    u + g (c - u), at the pipeline's ``guidance_scale`` (its negative prompt is ""); a step-distilled klein
-    (``is_distilled``) samples without it: keep sample.guidance_scale=1 there.
+    The sampler and the trainer see the patchified latents [B, 128, h, w] (the pipelines' own state before packing
+    into tokens); ``decode`` undoes the VAE's batch normalisation and the patchification.
     """
 
     kind = "flux2"
 
-    def __init__(self, pipe, max_sequence_length: int = 512, text_layers: tuple[int, ...] = (9, 18, 27)) -> None:
+    def __init__(self, pipe, max_sequence_length: int = 512, guidance: float = 4.0) -> None:
         super().__init__()
         self.pipe = pipe
         self.denoiser = pipe.transformer
         self.scheduler = pipe.scheduler
         c = pipe.transformer.config
-        if c.guidance_embeds:
-            raise ValueError("this FLUX.2 transformer embeds its guidance (FLUX.2 [dev]); the trainer supports FLUX.2 [klein] "
-                             "(Flux2KleinPipeline) folders")
+        self.dev = type(pipe).__name__ == "Flux2Pipeline"
+        if c.guidance_embeds != self.dev:
+            raise ValueError(f"{type(pipe).__name__} with a transformer {'with' if c.guidance_embeds else 'without'} a guidance "
+                             f"embedding: FLUX.2 [dev] embeds its guidance, FLUX.2 [klein] does not")
         self.pixels_per_latent = 2 * pipe.vae_scale_factor
-        size = pipe.default_sample_size // 2  # Flux2KleinPipeline's default 1024 pixels -> 64 x 64 patchified latents
+        size = pipe.default_sample_size // 2  # the pipelines' default 1024 pixels -> 64 x 64 patchified latents
         self.latent_shape = (c.in_channels, size, size)
         self.max_sequence_length = max_sequence_length
-        self.text_layers = tuple(text_layers)
-        n_layers = pipe.text_encoder.config.num_hidden_layers
-        if max(self.text_layers) > n_layers:
-            raise ValueError(f"FLUX.2 reads the text encoder's hidden states {self.text_layers}, but it has {n_layers} layers")
+        import inspect
 
-    def _encode_unique(self, prompts):
+        self.text_layers = tuple(inspect.signature(pipe.encode_prompt).parameters["text_encoder_out_layers"].default)
+        text_config = getattr(pipe.text_encoder.config, "text_config", pipe.text_encoder.config)
+        if max(self.text_layers) > text_config.num_hidden_layers:
+            raise ValueError(f"FLUX.2 reads the text encoder's hidden states {self.text_layers}, but it has "
+                             f"{text_config.num_hidden_layers} layers")
+        self.guidance = guidance  # FLUX.2 [dev]'s embedded guidance (ignored by klein)
+
+    def _token_counts(self, prompts: list[str]) -> list[int]:
+        """Each prompt's token count as its pipeline renders it (chat template, system message), before padding."""
         tok = self.pipe.tokenizer
+        if self.dev:
+            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+            ids = tok.apply_chat_template(format_input(prompts=list(prompts), system_message=self.pipe.system_message),
+                                          add_generation_prompt=False, tokenize=True, return_dict=True)["input_ids"]
+            return [len(i) for i in ids]
         templated = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
                                              enable_thinking=False) for p in prompts]
-        lengths = [len(ids) for ids in tok(templated).input_ids]
-        too_long = [(p, n) for p, n in zip(prompts, lengths) if n > self.max_sequence_length]
+        return [len(ids) for ids in tok(templated).input_ids]
+
+    def _encode_unique(self, prompts):
+        too_long = [(p, n) for p, n in zip(prompts, self._token_counts(prompts)) if n > self.max_sequence_length]
         if too_long:
             p, n = too_long[0]
             raise ValueError(f"prompt {p[:60]!r} is {n} tokens long with its chat template; FLUX.2's text encoder takes "
@@ -701,13 +702,14 @@ class Flux2Model(DiffusionModel):
         tokens = x.reshape(B, C, h * w).transpose(1, 2).to(dtype)
         img_ids = self.positions(1, h, w, 1, x.device).expand(B, -1, -1)
         txt_ids = self.positions(1, 1, 1, cond.hidden.shape[1], x.device).expand(B, -1, -1)
-        out = self.net(hidden_states=tokens, timestep=t.to(dtype) / 1000, guidance=None, encoder_hidden_states=cond.hidden.to(dtype),
+        guidance = torch.full((B,), float(self.guidance), device=x.device, dtype=torch.float32) if self.dev else None
+        out = self.net(hidden_states=tokens, timestep=t.to(dtype) / 1000, guidance=guidance, encoder_hidden_states=cond.hidden.to(dtype),
                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return out.transpose(1, 2).reshape(B, C, h, w)
 
     def sampling_kwargs(self, shape: Optional[tuple] = None, num_steps: Optional[int] = None) -> dict:
-        """Flux2KleinPipeline's grid linspace(1, 1/n, n) and its empirical mu(token count, step count)."""
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+        """The FLUX.2 pipelines' grid linspace(1, 1/n, n) and their empirical mu(token count, step count)."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
         if num_steps is None:
             raise ValueError("FLUX.2's shift depends on the number of steps: pass num_steps")
@@ -716,7 +718,7 @@ class Flux2Model(DiffusionModel):
 
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Patchified normalised latents [B, 128, h, w] -> the VAE's [B, 32, 2h, 2w] (its batch norm undone), what
-        Flux2KleinPipeline returns for output_type="latent"."""
+        the FLUX.2 pipelines return for output_type="latent"."""
         bn, vae = self.pipe.vae.bn, self.pipe.vae
         mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
@@ -740,19 +742,14 @@ PIPELINE_ADAPTERS = {
     "QwenImagePipeline": QwenImageModel,
     "ZImagePipeline": ZImageModel,
     "Flux2KleinPipeline": Flux2Model,
+    "Flux2Pipeline": Flux2Model,
 }
 
 
 # pipelines that need a newer diffusers than the package's floor (_versions.FEATURE_VERSIONS)
 FEATURES = {"WanPipeline": "Wan pipelines (WanPipeline)", "QwenImagePipeline": "Qwen-Image pipelines (QwenImagePipeline)",
-            "ZImagePipeline": "Z-Image pipelines (ZImagePipeline)", "Flux2KleinPipeline": "FLUX.2 [klein] pipelines (Flux2KleinPipeline)"}
-
-# pipelines refused by name, with the reason (docs/algorithms.md, "Flow models")
-UNSUPPORTED_PIPELINES = {
-    "Flux2Pipeline": ("FLUX.2 [dev] (Flux2Pipeline) is not supported yet: its prompt encoder is Mistral-3 behind a multimodal "
-                      "processor and its guidance is embedded, and neither path has a tiny build to test it on. FLUX.2 [klein] "
-                      "(Flux2KleinPipeline) is supported"),
-}
+            "ZImagePipeline": "Z-Image pipelines (ZImagePipeline)", "Flux2KleinPipeline": "FLUX.2 pipelines (Flux2Pipeline, Flux2KleinPipeline)",
+            "Flux2Pipeline": "FLUX.2 pipelines (Flux2Pipeline, Flux2KleinPipeline)"}
 
 
 def is_flow_prediction(scheduler) -> bool:
@@ -854,8 +851,6 @@ def load_pipeline(
         if not index.is_file():
             raise FileNotFoundError(f"{path} has no model_index.json: expected a diffusers pipeline folder (save_pretrained)")
         class_name = json.loads(index.read_text()).get("_class_name")
-        if class_name in UNSUPPORTED_PIPELINES:
-            raise ValueError(f"{path}: {UNSUPPORTED_PIPELINES[class_name]}")
         if class_name in FEATURES:
             require_feature(FEATURES[class_name])
         if class_name not in PIPELINE_ADAPTERS:
@@ -864,8 +859,6 @@ def load_pipeline(
         raise FileNotFoundError(f"model folder {path} does not exist (and is not a hub id of the form owner/name)")
     pipe = _from_pretrained(DiffusionPipeline, path, dtype, hub=not local.exists())
     adapter = PIPELINE_ADAPTERS.get(type(pipe).__name__)
-    if type(pipe).__name__ in UNSUPPORTED_PIPELINES:
-        raise ValueError(f"{path}: {UNSUPPORTED_PIPELINES[type(pipe).__name__]}")
     if adapter is None:
         raise ValueError(f"{path} loads as {type(pipe).__name__}; supported pipelines: {sorted(PIPELINE_ADAPTERS)}")
     if sampler not in ("auto", "ddim", "ddpm"):

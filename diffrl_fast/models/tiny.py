@@ -27,6 +27,8 @@ Builders (each returns the folder as a string; same seed and arguments -> bit-id
   template, FLUX's VAE layout, Z-Image-Turbo's static shift).
 - ``build_tiny_flux2_klein``: Flux2KleinPipeline (Flux2Transformer2DModel, a 28-layer Qwen3 text encoder read at
   layers 9, 18 and 27, AutoencoderKLFlux2 with its latent batch norm, FLUX.2's empirical shift).
+- ``build_tiny_flux2_dev``: Flux2Pipeline (FLUX.2 [dev]: the same transformer with a guidance embedding, a Mistral-3
+  text encoder read at layers 10, 20 and 30 behind a PixtralProcessor).
 - ``build_tiny_clip``: a CLIPModel folder (weights, tokenizer, preprocessor config) for the CLIP rewards.
 
 Sizes: the UNet sees ``latent_size`` x ``latent_size`` latents and the VAE decodes them to
@@ -663,13 +665,9 @@ QWEN3_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['rol
                        "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def write_tiny_qwen2_tokenizer(folder, *, model_max_length: int = 32768) -> str:
-    """Write a tiny Qwen2-style byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json), built locally.
-
-    Vocabulary: the 256 byte characters of GPT-2's byte-to-unicode table (one token per byte: no merges), then
-    Qwen's special tokens ``<|endoftext|>`` (padding), ``<|im_start|>`` and ``<|im_end|>``, which the chat
-    template of Qwen-Image's prompt encoder uses. Loads with ``AutoTokenizer`` as a Qwen2 tokenizer.
-    """
+def _write_byte_level_tokenizer(folder, specials: list[str], config: dict) -> str:
+    """A byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json ``config``): the 256 byte characters of
+    GPT-2's byte-to-unicode table, one token per byte (no merges), then ``specials``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     folder = Path(folder)
@@ -678,13 +676,22 @@ def write_tiny_qwen2_tokenizer(folder, *, model_max_length: int = 32768) -> str:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "Qwen2Tokenizer", "model_max_length": model_max_length, "pad_token": "<|endoftext|>",
-              "eos_token": "<|im_end|>", "bos_token": None, "unk_token": None, "add_prefix_space": False, "errors": "replace"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return str(folder)
+
+
+def write_tiny_qwen2_tokenizer(folder, *, model_max_length: int = 32768) -> str:
+    """Write a tiny Qwen2-style byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json), built locally.
+
+    Vocabulary: one token per byte, then Qwen's special tokens ``<|endoftext|>`` (padding), ``<|im_start|>`` and
+    ``<|im_end|>``, which the chat templates of Qwen-Image's, Z-Image's and FLUX.2 [klein]'s prompt encoders use.
+    Loads with ``AutoTokenizer`` as a Qwen2 tokenizer.
+    """
+    config = {"tokenizer_class": "Qwen2Tokenizer", "model_max_length": model_max_length, "pad_token": "<|endoftext|>",
+              "eos_token": "<|im_end|>", "bos_token": None, "unk_token": None, "add_prefix_space": False, "errors": "replace"}
+    return _write_byte_level_tokenizer(folder, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], config)
 
 
 def build_tiny_qwen_image(
@@ -787,6 +794,30 @@ def build_tiny_z_image(
     return _save(pipe, path)
 
 
+def _flux2_parts(latent_size: int, num_layers: int, num_single_layers: int, joint_attention_dim: int, guidance_embeds: bool,
+                 seed: int):
+    """(transformer, vae, scheduler) of a tiny FLUX.2: Flux2Transformer2DModel (2 heads of 16, rotary axes (4, 4, 4, 4))
+    on 128-channel patchified latents; AutoencoderKLFlux2 (32 channels, 8x, a 2x2 patch) whose batch norm's running
+    statistics are drawn at random, so that de-normalising is exercised; FLUX.2's FlowMatchEulerDiscreteScheduler
+    (dynamic exponential shifting; the pipelines pass their empirical mu)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    with _seeded(seed):
+        transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=num_layers, num_single_layers=num_single_layers,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=joint_attention_dim,
+                                              timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
+    with _seeded(seed + 1):
+        vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                 block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=32, norm_num_groups=8,
+                                 sample_size=latent_size * 16)
+        vae.bn.running_mean.copy_(0.1 * torch.randn(128))
+        vae.bn.running_var.copy_(0.5 + torch.rand(128))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+                                                time_shift_type="exponential")
+    return transformer, vae, scheduler
+
+
 def build_tiny_flux2_klein(
     path,
     *,
@@ -798,20 +829,16 @@ def build_tiny_flux2_klein(
 ) -> str:
     """Build a random tiny ``Flux2KleinPipeline`` into ``path``; returns the path.
 
-    Transformer: Flux2Transformer2DModel (``num_layers`` double- and ``num_single_layers`` single-stream blocks, 2
-    heads of 16, rotary axes (4, 4, 4, 4), no guidance embedding: the klein layout) on 128-channel patchified
-    latents. Text: a 28-layer Qwen3ForCausalLM of width ``text_width`` (Flux2KleinPipeline reads layers 9, 18 and 27,
+    ``_flux2_parts`` without a guidance embedding (the klein layout), not step-distilled (classifier-free guidance
+    applies). Text: a 28-layer Qwen3ForCausalLM of width ``text_width`` (Flux2KleinPipeline reads layers 9, 18 and 27,
     so joint_attention_dim = 3 x ``text_width``) on the tiny byte-level Qwen2 tokenizer with Qwen3's chat template.
-    VAE: AutoencoderKLFlux2 (32 channels, 8x, a 2x2 patch, its batch norm's running statistics drawn at random so that
-    de-normalising is exercised). Scheduler: FLUX.2's FlowMatchEulerDiscreteScheduler (dynamic exponential shifting;
-    the pipeline passes its empirical mu). Not step-distilled: classifier-free guidance applies. The pipeline's
-    native size is 1024 pixels whatever the weights, so a tiny run names its own: sample.height = sample.width =
-    ``latent_size`` x 16.
+    The pipeline's native size is 1024 pixels whatever the weights, so a tiny run names its own: sample.height =
+    sample.width = ``latent_size`` x 16.
     """
     from .._versions import require_feature
 
-    require_feature("FLUX.2 [klein] pipelines (Flux2KleinPipeline)")
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    require_feature("FLUX.2 pipelines (Flux2Pipeline, Flux2KleinPipeline)")
+    from diffusers import Flux2KleinPipeline
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -823,21 +850,69 @@ def build_tiny_flux2_klein(
                                                     head_dim=text_width // 2, max_position_embeddings=1024, rms_norm_eps=1e-6,
                                                     tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                                                     eos_token_id=tokenizer.eos_token_id))
-    with _seeded(seed):
-        transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=num_layers, num_single_layers=num_single_layers,
-                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * text_width,
-                                              timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-    with _seeded(seed + 1):
-        vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                 block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=32, norm_num_groups=8,
-                                 sample_size=latent_size * 16)
-        vae.bn.running_mean.copy_(0.1 * torch.randn(128))
-        vae.bn.running_var.copy_(0.5 + torch.rand(128))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
-                                                time_shift_type="exponential")
+    transformer, vae, scheduler = _flux2_parts(latent_size, num_layers, num_single_layers, 3 * text_width, False, seed)
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
                               is_distilled=False)
+    return _save(pipe, path)
+
+
+# Mistral's chat template, reduced to what FLUX.2 [dev]'s prompt encoder renders: a system turn and user turns whose
+# content is a list of text (or image) parts
+MISTRAL3_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+                          "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}[/SYSTEM_PROMPT]{% elif message['role'] "
+                          "== 'user' %}[INST]{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+                          "{% else %}[IMG]{% endif %}{% endfor %}[/INST]{% endif %}{% endfor %}")
+
+
+def write_tiny_mistral_tokenizer(folder, *, model_max_length: int = 131072) -> str:
+    """Write a tiny byte-level BPE tokenizer with Mistral-3's special tokens (``<s>``, ``</s>``, ``<pad>``, ``[INST]``,
+    ``[/INST]``, ``[SYSTEM_PROMPT]``, ``[/SYSTEM_PROMPT]`` and Pixtral's ``[IMG]``, ``[IMG_BREAK]``, ``[IMG_END]``),
+    one token per byte otherwise; loads with ``AutoTokenizer``."""
+    specials = ["<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length, "bos_token": "<s>",
+              "eos_token": "</s>", "pad_token": "<pad>", "unk_token": None, "padding_side": "left"}
+    return _write_byte_level_tokenizer(folder, specials, config)
+
+
+def build_tiny_flux2_dev(
+    path,
+    *,
+    latent_size: int = 4,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    text_width: int = 16,
+    seed: int = 0,
+) -> str:
+    """Build a random tiny ``Flux2Pipeline`` (FLUX.2 [dev]) into ``path``; returns the path.
+
+    ``_flux2_parts`` with a guidance embedding (guidance-distilled, the dev layout). Text: Mistral3ForConditionalGeneration
+    with a 30-layer Mistral language model of width ``text_width`` (Flux2Pipeline reads layers 10, 20 and 30, so
+    joint_attention_dim = 3 x ``text_width``) and a 1-layer Pixtral vision tower that text prompts never reach. The
+    pipeline's ``tokenizer`` component is the tiny Mistral tokenizer (``write_tiny_mistral_tokenizer``) with a Mistral
+    chat template (system prompt, then the user's text): the text half of the PixtralProcessor that FLUX.2 [dev]
+    ships, which renders a text-only conversation the same way, but which transformers only loads with torchvision
+    (not in CPU environments). Native size as ``build_tiny_flux2_klein``.
+    """
+    from .._versions import require_feature
+
+    require_feature("FLUX.2 pipelines (Flux2Pipeline, Flux2KleinPipeline)")
+    from diffusers import Flux2Pipeline
+    from transformers import AutoTokenizer, Mistral3Config, Mistral3ForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(write_tiny_mistral_tokenizer(tmp))
+    tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
+    text = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=text_width // 2,
+                max_position_embeddings=1024, rms_norm_eps=1e-5, sliding_window=None, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  head_dim=8, patch_size=4, image_size=32)
+    with _seeded(seed + 2):
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                                       image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+                                                                       spatial_merge_size=1))
+    transformer, vae, scheduler = _flux2_parts(latent_size, num_layers, num_single_layers, 3 * text_width, True, seed)
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     return _save(pipe, path)
 
 
@@ -897,6 +972,7 @@ def build_tiny_clip(
 # "clip" is no pipeline, but shares the cache: the CLIP rewards' tests and benchmarks need one.
 BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux, "wan": build_tiny_wan,
             "qwen_image": build_tiny_qwen_image, "z_image": build_tiny_z_image, "flux2_klein": build_tiny_flux2_klein,
+            "flux2_dev": build_tiny_flux2_dev,
             "clip": build_tiny_clip}
 
 
@@ -927,7 +1003,7 @@ def _cache_key(kind: str, kwargs: dict) -> str:
 
 
 def cached_tiny_pipeline(kind: str, root=None, **kwargs) -> str:
-    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "wan", "qwen_image", "z_image", "flux2_klein", "clip") built with ``kwargs``, building it once.
+    """Path of the tiny model ``kind`` ("sd", "sdxl", "sd3", "flux", "wan", "qwen_image", "z_image", "flux2_klein", "flux2_dev", "clip") built with ``kwargs``, building it once.
 
     The folder lives under ``root`` (default ``default_cache_root()``), named by a hash of the kind,
     the arguments, ``BUILDER_VERSION`` and the diffusers/transformers versions. Safe when several

@@ -78,6 +78,7 @@ class SampleConfig:
     tree_prune_depth_slide_every: int = option(0, "Tree rollouts: slide the depth-pruning window one depth toward the root every this many epochs, stopping at the last branch step (BranchGRPO's --depth_pruning_slide with --depth_pruning_slide_interval); 0 = fixed.")
     tree_prune_until: float = option(1.0, "Tree rollouts: prune while epoch <= int(num_epochs x this) (BranchGRPO's --pruning_step_ratio); 1 = always.")
     trajectory_device: str = option("", "Where rollout trajectories (latents at every step, log-probs, images) are kept: '' = the model's device; 'cpu' spares GPU memory for long chains (SDXL at 50 steps), each training chunk is copied over when used.")
+    trajectory_dtype: str = option("float32", "The dtype of the rollout's states x_j, as stored and as continued from: 'float32', or 'bfloat16' / 'float16' (the rollout dtype of a bf16 run; half the trajectory memory, what video needs): every state is rounded to it before the next step and before its action's log-prob is taken, so the stored trajectory is exactly the one sampled and the recompute reproduces its log-probs. The step math stays float32.")
 
 
 @dataclass
@@ -323,7 +324,7 @@ class Config:
 # batch sizes, chunking and accumulation that fit memory, the task (reward, prompts), logging and the launcher.
 PRESET_KEYS = ("name", "output_dir", "seed", "algo", "num_epochs", "prompts", "prompt_file", "model.", "sample.batch_size",
                "sample.num_batches_per_epoch", "sample.negative_prompt", "sample.height", "sample.width",
-               "sample.num_frames", "sample.trajectory_device", "train.batch_size", "train.chunk_size", "train.gradient_accumulation_steps",
+               "sample.num_frames", "sample.trajectory_device", "sample.trajectory_dtype", "train.batch_size", "train.chunk_size", "train.gradient_accumulation_steps",
                "reward.", "log.", "dist.", "guard.")
 
 
@@ -513,6 +514,7 @@ def validate(cfg: Config) -> Config:
     choice("model.attention", cfg.model.attention, ("auto", "sdpa", "xformers"))
     choice("model.sampler", cfg.model.sampler, ("auto", "ddim", "ddpm"))
     need(cfg.model.lora_rank >= 1, "model.lora_rank must be >= 1")
+    choice("sample.trajectory_dtype", s.trajectory_dtype, ("float32", "bfloat16", "float16"))
     for key, dev in (("sample.trajectory_device", s.trajectory_device), ("model.reference_device", cfg.model.reference_device)):
         if dev:
             try:

@@ -295,6 +295,7 @@ class Trainer:
             seeds=seeds, init_seeds=init_seeds, height=s.height, width=s.width, autocast_dtype=self.autocast_dtype, progress=progress,
             storage_device=s.trajectory_device or None, keep_latents=keep, tree=tree, split_noise_scale=s.tree_split_noise_scale,
             keep_means=epoch is not None and self.algo.needs_rollout_means, post_window=tail,
+            state_dtype=None if s.trajectory_dtype == "float32" else getattr(torch, s.trajectory_dtype),
         )
 
     def _check_video(self, cfg: Config) -> None:

@@ -99,3 +99,9 @@ def z_image_path(tiny_root):
 def flux2_klein_path(tiny_root):
     """Folder of a tiny FLUX.2 [klein] pipeline (4x4 patchified latents: 64-pixel images)."""
     return cached_tiny_pipeline("flux2_klein", root=tiny_root)
+
+
+@pytest.fixture(scope="session")
+def flux2_dev_path(tiny_root):
+    """Folder of a tiny FLUX.2 [dev] pipeline (Mistral-3 encoder, embedded guidance; 64-pixel images)."""
+    return cached_tiny_pipeline("flux2_dev", root=tiny_root)

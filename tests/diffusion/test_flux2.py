@@ -1,6 +1,7 @@
-"""FLUX.2 [klein]: our rollout of the tiny klein (patchified batch-normalised latents, 4-axis positions, Qwen3 hidden
-states of three layers, the empirical mu of token and step counts) reproduces diffusers' Flux2KleinPipeline with and
-without guidance, and the training recompute reproduces the rollout's log-probs."""
+"""FLUX.2: our rollout of the tiny klein (patchified batch-normalised latents, 4-axis positions, Qwen3 hidden states of
+three layers, the empirical mu of token and step counts) reproduces diffusers' Flux2KleinPipeline with and without
+CFG, and of the tiny dev (Mistral-3 behind its processor, embedded guidance) Flux2Pipeline; the training recompute
+reproduces the rollout's log-probs."""
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from diffrl_fast.diffusion.recompute import parity_report
 from diffrl_fast.diffusion.rollout import sample_trajectories
 from diffrl_fast.models.pipelines import load_pipeline
 
-pytestmark = pytest.mark.skipif(not at_least(*FEATURE_VERSIONS["FLUX.2 [klein] pipelines (Flux2KleinPipeline)"]),
+pytestmark = pytest.mark.skipif(not at_least(*FEATURE_VERSIONS["FLUX.2 pipelines (Flux2Pipeline, Flux2KleinPipeline)"]),
                                 reason="FLUX.2 pipelines need diffusers>=0.42 (the lowest leg pins 0.32)")
 PROMPTS = ["a photo of a cat", "a red car on a street in the city"]
 SIZE = dict(height=64, width=64)
@@ -47,16 +48,31 @@ def test_sde_rollout_log_probs_recompute_parity_with_cfg(flux2_klein_path, reque
     assert parity_report(model, traj, batch_size=3, chunk_size=2)["worst"] <= 1e-5
 
 
-def test_prompt_too_long_and_flux2_dev_refused(flux2_klein_path, tmp_path):
+def test_prompt_too_long(flux2_klein_path):
     model = load_pipeline(flux2_klein_path)
     with pytest.raises(ValueError, match="tokens long with its chat template"):  # 512 at most, not cut silently
         model.encode(["a cat " * 100])
-    import json
-    import shutil
 
-    dev = tmp_path / "dev"
-    shutil.copytree(flux2_klein_path, dev)
-    index = json.loads((dev / "model_index.json").read_text())
-    (dev / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2Pipeline"}))
-    with pytest.raises(ValueError, match=r"FLUX.2 \[dev\] \(Flux2Pipeline\) is not supported yet"):  # refused by name, with why
-        load_pipeline(str(dev))
+
+def test_flux2_dev_rollout_equals_its_pipeline_and_recomputes(flux2_dev_path):
+    model = load_pipeline(flux2_dev_path)
+    assert model.kind == "flux2" and model.dev and model.text_layers == (10, 20, 30)
+    steps = 3
+    window = torch.zeros(steps, dtype=torch.bool)
+    sched = make_schedule(model.scheduler, steps, window=window, **model.schedule_kwargs((128, 4, 4), steps))
+    # guidance-distilled: the guidance goes in as an embedding, one pass per step
+    passes = model.denoiser_passes
+    traj = sample_trajectories(model, PROMPTS, num_steps=steps, guidance_scale=1.0, schedule=sched, seeds=[0, 1], **SIZE)
+    assert model.denoiser_passes - passes == 2 * steps
+    kw = dict(prompt=list(PROMPTS), guidance_scale=model.guidance, num_inference_steps=steps, **SIZE)
+    out = model.pipe(latents=traj.latents[:, 0].clone(), output_type="latent", **kw).images  # Flux2Pipeline's: packed tokens
+    assert torch.allclose(out, traj.final_latents.reshape(2, 128, 16).transpose(1, 2), rtol=1e-4, atol=1e-5)
+    images = model.pipe(latents=traj.latents[:, 0].clone(), output_type="pt", **kw).images
+    assert torch.allclose(images, traj.images, atol=1e-4)
+    model.guidance = 2.0  # the embedded guidance is an input of the policy: another value, another sample
+    other = sample_trajectories(model, PROMPTS, num_steps=steps, guidance_scale=1.0, schedule=sched, seeds=[0, 1], **SIZE)
+    assert not torch.allclose(other.final_latents, traj.final_latents)
+    sde = sample_trajectories(model, PROMPTS * 2, num_steps=3, guidance_scale=1.0, seeds=[0, 1, 2, 3], **SIZE)
+    assert parity_report(model, sde, batch_size=3, chunk_size=2)["worst"] <= 1e-5
+    with pytest.raises(ValueError, match="tokens long with its chat template"):  # its system message counts too
+        model.encode(["a cat " * 80])

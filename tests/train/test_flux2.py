@@ -1,5 +1,5 @@
-"""FLUX.2 [klein] trained end to end on its tiny build by grpo (with CFG), nft and awm, with LoRA that loads in the
-stock Flux2KleinPipeline."""
+"""FLUX.2 trained end to end on its tiny builds: [klein] by grpo (with CFG), nft and awm, [dev] by grpo with its
+embedded guidance; the LoRA loads in the stock Flux2KleinPipeline / Flux2Pipeline."""
 import json
 import math
 
@@ -11,7 +11,7 @@ from diffrl_fast.models.tiny import cached_tiny_pipeline
 from diffrl_fast.train.config import Config, validate
 from diffrl_fast.train.trainer import Trainer
 
-pytestmark = pytest.mark.skipif(not at_least(*FEATURE_VERSIONS["FLUX.2 [klein] pipelines (Flux2KleinPipeline)"]),
+pytestmark = pytest.mark.skipif(not at_least(*FEATURE_VERSIONS["FLUX.2 pipelines (Flux2Pipeline, Flux2KleinPipeline)"]),
                                 reason="FLUX.2 pipelines need diffusers>=0.42 (the lowest leg pins 0.32)")
 TINY = ["reward.name=jpeg_compressibility", "prompts=[a cat, a red dog]", "sample.num_steps=3", "sample.batch_size=4",
         "sample.height=64", "sample.width=64", "sample.num_batches_per_epoch=1", "train.batch_size=4", "train.chunk_size=3",
@@ -22,24 +22,24 @@ ALGOS = {"grpo": ["grpo.group_size=2", "sample.guidance_scale=4.0"],
          "awm": ["awm.group_size=2", "awm.train_timesteps=2", "sample.guidance_scale=1.0"]}
 
 
-@pytest.fixture(scope="module")
-def klein_path(tmp_path_factory):
-    return cached_tiny_pipeline("flux2_klein", root=tmp_path_factory.mktemp("tiny_flux2"))
+CASES = [("flux2_klein", algo, ALGOS[algo]) for algo in sorted(ALGOS)]
+CASES.append(("flux2_dev", "grpo", ["grpo.group_size=2", "sample.guidance_scale=1.0", "model.embedded_guidance=4.0"]))
 
 
-@pytest.mark.parametrize("algo", sorted(ALGOS))
-def test_flux2_klein_trains_with_lora(klein_path, tmp_path, algo):
-    cfg = validate(load_config(Config, None, [f"model.path={klein_path}", f"output_dir={tmp_path}", "name=r", f"algo={algo}", *TINY,
-                                              *ALGOS[algo]]))
+@pytest.mark.parametrize("variant,algo,extra", CASES, ids=[f"{v}-{a}" for v, a, _ in CASES])
+def test_flux2_trains_with_lora(tmp_path_factory, tmp_path, variant, algo, extra):
+    path = cached_tiny_pipeline(variant, root=tmp_path_factory.getbasetemp() / "tiny_flux2")
+    cfg = validate(load_config(Config, None, [f"model.path={path}", f"output_dir={tmp_path}", "name=r", f"algo={algo}", *TINY, *extra]))
     summary = Trainer(cfg, tmp_path / "r", log_fn=lambda s: None).run()
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]) and summary["after"]["n"] == 2
     if algo == "grpo":
         import torch
-        from diffusers import Flux2KleinPipeline
+        from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
-        pipe = Flux2KleinPipeline.from_pretrained(klein_path)
-        kw = dict(prompt=["a cat"], guidance_scale=1.0, num_inference_steps=2, height=64, width=64, output_type="latent")
+        pipe = (Flux2Pipeline if variant == "flux2_dev" else Flux2KleinPipeline).from_pretrained(path)
+        kw = dict(prompt=["a cat"], guidance_scale=4.0 if variant == "flux2_dev" else 1.0, num_inference_steps=2, height=64, width=64,
+                  output_type="latent")
         before = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
         pipe.load_lora_weights(tmp_path / "r" / "lora", weight_name="pytorch_lora_weights.safetensors")
         assert any("lora" in n for n, _ in pipe.transformer.named_parameters())

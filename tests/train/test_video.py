@@ -25,7 +25,9 @@ TINY = ["reward.name=video_temporal_consistency", "prompts=[a cat, a dog]", "sam
         "sample.height=32", "sample.width=32", "sample.num_frames=5", "sample.num_batches_per_epoch=1", "train.batch_size=4",
         "train.chunk_size=3", "log.eval_samples=2", "log.grid_samples=2", "log.progress=false", "log.tensorboard=false",
         "reward.overlap=false", "num_epochs=1", "train.learning_rate=1e-3", "sample.guidance_scale=1.0"]
-ALGOS = {"grpo": ["grpo.group_size=2"], "nft": ["nft.group_size=2"], "awm": ["awm.group_size=2", "awm.train_timesteps=2"]}
+# grpo keeps its states in bf16, as a video run would (sample.trajectory_dtype; tests/diffusion/test_state_dtype.py)
+ALGOS = {"grpo": ["grpo.group_size=2", "sample.trajectory_dtype=bfloat16"], "nft": ["nft.group_size=2"],
+         "awm": ["awm.group_size=2", "awm.train_timesteps=2"]}
 
 
 @pytest.fixture(scope="module")
