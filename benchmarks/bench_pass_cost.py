@@ -5,7 +5,8 @@ sizes) after one warm-up epoch; the trainer's metrics give each epoch's sampling
 denoiser passes (a forward of one sample at one step = 1, its backward = 2). Reported: the rollout's and the
 update's seconds, the whole epoch's seconds per 1000 passes, and the update's minibatch and chunk of timesteps
 (the rows per denoiser call are their product). AWM's reference minibatch is 2 samples (train.batch_size=2): the configurations
-below separate what its objective costs from what the size of its denoiser calls costs.
+below separate what its objective costs from what the size of its denoiser calls costs; Flow-GRPO's KL term (a
+reference forward per trained transition, grpo.beta) is measured with and without, on its own and on the fastest tree.
 Run: ``diffrl-fast bench pass-cost``; writes benchmarks/results/pass_cost_flow.{json,md}.
 """
 from __future__ import annotations
@@ -23,8 +24,13 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import RESULTS, machine_info  # noqa: E402
 
+FLASH_TREE = ["algo=grpo", "sample.tree_branch_steps=[0, 1, 2]", "train.timestep_window=fixed", "train.window_size=4",
+              "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.6"]  # time-to-reward's grpo+tree+mix+flash
 CONFIGS = {
     "grpo": ["algo=grpo"],
+    "grpo, no KL (grpo.beta=0)": ["algo=grpo", "grpo.beta=0"],
+    "grpo+tree+mix+flash": FLASH_TREE,
+    "grpo+tree+mix+flash, no KL": [*FLASH_TREE, "grpo.beta=0"],
     "awm (minibatch 2, its reference)": ["algo=awm"],
     "awm, minibatch 32": ["algo=awm", "train.batch_size=32"],
     "nft": ["algo=nft"],
