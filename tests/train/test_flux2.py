@@ -1,5 +1,5 @@
-"""FLUX.2 trained end to end on its tiny builds: [klein] by grpo (with CFG), nft and awm, [dev] by grpo with its
-embedded guidance; the LoRA loads in the stock Flux2KleinPipeline / Flux2Pipeline."""
+"""FLUX.2 trained end to end on its tiny builds by grpo, nft and awm: [klein] (grpo with CFG) and [dev] (its embedded
+guidance); the LoRA loads in the stock Flux2KleinPipeline / Flux2Pipeline."""
 import json
 import math
 
@@ -22,8 +22,9 @@ ALGOS = {"grpo": ["grpo.group_size=2", "sample.guidance_scale=4.0"],
          "awm": ["awm.group_size=2", "awm.train_timesteps=2", "sample.guidance_scale=1.0"]}
 
 
+# klein with CFG where grpo runs it; dev with its embedded guidance (one pass per step), every algorithm at g = 1
 CASES = [("flux2_klein", algo, ALGOS[algo]) for algo in sorted(ALGOS)]
-CASES.append(("flux2_dev", "grpo", ["grpo.group_size=2", "sample.guidance_scale=1.0", "model.embedded_guidance=4.0"]))
+CASES += [("flux2_dev", algo, [*ALGOS[algo], "sample.guidance_scale=1.0", "model.embedded_guidance=4.0"]) for algo in sorted(ALGOS)]
 
 
 @pytest.mark.parametrize("variant,algo,extra", CASES, ids=[f"{v}-{a}" for v, a, _ in CASES])
