@@ -23,8 +23,9 @@ reaches; time, passes and samples to the threshold are those of the first evalua
 The guards are read at that evaluation.
 
 ``--budget-passes N`` gives every run a budget in denoiser passes instead of seconds (epochs continue until the
-trainer's count passes it): the sweep's pick and the reported curves then no longer depend on the machine's speed or
-on what else it runs; time to the threshold is still measured.
+trainer's count passes it): the sweep's pick, the threshold and the curves against passes then no longer depend on
+the machine's speed or on what else it runs; time to the threshold is still measured, and compares runs only where
+they ran at one machine speed (runs reused from other sessions carry their own).
 
 ``--sweep``: the same tuning budget for every contender, the baseline included, fixed before running: 3 learning
 rates (the contender's own x 1/3, 1, 3) on seed 0 each, the one with the best training reward over its last
@@ -267,8 +268,10 @@ def reusable(path, budget_s: float, unit: str = "clock_s") -> dict:
     list of them (a run found in several is taken from the first)."""
     if isinstance(path, (list, tuple)):
         out = {}
-        for p in reversed(path):
-            out.update(reusable(p, budget_s, unit))
+        for p in path:  # the first file's run, unless only a later one was evaluated at its end (what a seed run needs)
+            for key, run in reusable(p, budget_s, unit).items():
+                if key not in out or ("reward" in run["points"][-1] and "reward" not in out[key]["points"][-1]):
+                    out[key] = run
         return out
     if path is None or not path.is_file():
         return {}
@@ -423,7 +426,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the reported runs (with --sweep: fresh ones, e.g. 1,2,3)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="seconds of training (sampling + updates) per run")
     ap.add_argument("--budget-passes", type=float, default=None,
-                    help="denoiser passes of training per run instead of seconds: the same work for every contender on any machine")
+                    help="denoiser passes of training per run instead of seconds (--budget-s is then unused): the same work for "
+                         "every contender on any machine")
     ap.add_argument("--sweep", action="store_true", help="tune every contender's learning rate (x 1/3, 1, 3 on seed 0) before the seeds")
     ap.add_argument("--reuse", type=Path, action="append", default=None,
                     help="an earlier time_to_reward JSON whose covering runs are reused (repeatable)")

@@ -62,9 +62,9 @@ class Trajectory:
         return self.log_probs.shape[1]
 
     def _math(self, x: torch.Tensor) -> torch.Tensor:
-        """States stored in bfloat16 / float16 (``state_dtype``) upcast to float32, the step math's dtype (exact:
-        the rollout continued from the rounded states)."""
-        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        """States stored in bfloat16 / float16 (``state_dtype``) upcast to the step math's dtype, that of the
+        log-probs (float32, float64 for a float64 model); exact: the rollout continued from the rounded states."""
+        return x.to(self.log_probs.dtype) if x.dtype in (torch.bfloat16, torch.float16) else x
 
     def latents_at(self, b: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """States x_j of samples ``b`` (broadcast with ``j``), on the trajectory's storage device, in the step math's
@@ -265,9 +265,11 @@ def sample_trajectories(
             states in between are never stored: nothing trains on them). DPM-Solver++'s first tail step takes the
             data prediction of the last window step as its previous one, as MixGRPO's solver history does.
         state_dtype: torch.bfloat16 or torch.float16 keeps the states in that dtype, as a rollout run in the
-            denoiser's dtype does: x_0 and every x_{j+1} are rounded to it before the chain continues from them and
-            before the action's log-prob is taken, so the stored trajectory (half the memory of float32) is exactly
-            the one sampled and the recompute reproduces its log-probs. None: the step math's dtype (float32).
+            denoiser's dtype does: x_0 and every x_{j+1} of the schedule's steps are rounded to it before the chain
+            continues from them and before the action's log-prob is taken, and so is the post-window tail's result
+            x_T (the tail's intermediate states, never stored, are not), so the stored trajectory (half the memory
+            of float32) is exactly the one sampled and the recompute reproduces its log-probs. None: the step math's
+            dtype (float32).
     """
     prompts = model.validate_prompts(prompts)
     B = len(prompts)

@@ -150,6 +150,7 @@ class DiffusionModel:
 
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        target_modules = self.lora_target_modules(target_modules)
         names = {n.rsplit(".", 1)[-1] for n, _ in self.denoiser.named_modules()} | {n for n, _ in self.denoiser.named_modules()}
         missing = [m for m in target_modules if m not in names and not any(n.endswith("." + m) for n in names)]
         if missing:
@@ -159,6 +160,13 @@ class DiffusionModel:
                             lora_dropout=dropout, init_lora_weights=init_weights)
         self.denoiser.add_adapter(config)
         self.lora = True
+
+    DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def lora_target_modules(self, targets: Sequence[str]) -> list[str]:
+        """The modules ``add_lora`` adapts for the requested ``targets`` (model.lora_targets): the request itself; an
+        adapter whose blocks name their attention projections otherwise widens the default set to them."""
+        return list(targets)
 
     def keep_reference_copy(self, device: Optional[str | torch.device] = None) -> None:
         """Full fine-tuning: keep a frozen copy of the current denoiser as the reference policy
@@ -636,8 +644,9 @@ class Flux2Model(DiffusionModel):
       guidance is ordinary CFG, u + g (c - u), at the pipeline's ``guidance_scale`` (negative prompt ""); a
       step-distilled klein (``is_distilled``) samples without it: keep sample.guidance_scale=1 there.
     - FLUX.2 [dev] (``Flux2Pipeline``): Mistral-3 behind its processor's chat template with FLUX.2's system message,
-      layers 10, 20 and 30; guidance-distilled: the guidance goes in as an embedding (``guidance``, from
-      model.embedded_guidance; the pipeline's default is 4), one pass per step, no CFG (keep sample.guidance_scale=1).
+      layers 10, 20 and 30; guidance-distilled: the guidance goes in as an embedding (``guidance``: 4, the
+      pipeline's default, unless model.embedded_guidance sets it), one pass per step, no CFG (sample.guidance_scale=1;
+      the trainer refuses another, as for a step-distilled klein).
 
     The sampler and the trainer see the patchified latents [B, 128, h, w] (the pipelines' own state before packing
     into tokens); ``decode`` undoes the VAE's batch normalisation and the patchification.
@@ -667,6 +676,19 @@ class Flux2Model(DiffusionModel):
             raise ValueError(f"FLUX.2 reads the text encoder's hidden states {self.text_layers}, but it has "
                              f"{text_config.num_hidden_layers} layers")
         self.guidance = guidance  # FLUX.2 [dev]'s embedded guidance (ignored by klein)
+        # sampled without classifier-free guidance: [dev] embeds it, a step-distilled klein skips it (the trainer refuses g != 1)
+        self.guidance_distilled = self.dev or bool(pipe.config.get("is_distilled", False))
+
+    def lora_target_modules(self, targets: Sequence[str]) -> list[str]:
+        """The default attention set (to_q, to_k, to_v, to_out.0) reaches only the double-stream blocks: the
+        single-stream blocks project q, k, v and the MLP in one ``to_qkv_mlp_proj`` and have a plain ``to_out``
+        Linear. With the default set, those are adapted too (by full name for the single blocks' to_out, since
+        the double blocks' ``attn.to_out`` is a ModuleList)."""
+        if tuple(targets) != self.DEFAULT_LORA_TARGETS:
+            return list(targets)
+        single_out = [n for n, mod in self.denoiser.named_modules() if n.startswith("single_transformer_blocks.")
+                      and n.endswith(".attn.to_out") and isinstance(mod, nn.Linear)]
+        return [*targets, "to_qkv_mlp_proj", *single_out]
 
     def _token_counts(self, prompts: list[str]) -> list[int]:
         """Each prompt's token count as its pipeline renders it (chat template, system message), before padding."""
@@ -718,7 +740,7 @@ class Flux2Model(DiffusionModel):
 
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Patchified normalised latents [B, 128, h, w] -> the VAE's [B, 32, 2h, 2w] (its batch norm undone), what
-        the FLUX.2 pipelines return for output_type="latent"."""
+        Flux2KleinPipeline returns for output_type="latent" (Flux2Pipeline returns the packed normalised tokens)."""
         bn, vae = self.pipe.vae.bn, self.pipe.vae
         mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)

@@ -49,7 +49,7 @@ class ModelConfig:
     channels_last: bool = option(False, "Keep the denoiser's weights in channels_last memory format (faster convolutions with oneDNN on CPU and with cuDNN on recent GPUs).")
     gradient_checkpointing: bool = option(False, "The denoiser's own activation checkpointing (diffusers' enable_gradient_checkpointing).")
     reference_device: str = option("", "Full fine-tuning only: device of the frozen reference copy ('' = same as the policy; 'cpu' spares GPU memory).")
-    embedded_guidance: float = option(3.5, "Guidance-distilled flow models (FLUX.1-dev): the guidance value fed to the transformer's guidance embedding, one pass per step (keep sample.guidance_scale=1: no classifier-free guidance on top). Ignored by other models.")
+    embedded_guidance: Optional[float] = option(None, "Guidance-distilled flow models (FLUX.1-dev, FLUX.2 [dev]): the guidance value fed to the transformer's guidance embedding, one pass per step (keep sample.guidance_scale=1: no classifier-free guidance on top); null = the pipeline's own default (FLUX.1: 3.5, FLUX.2: 4). Ignored by other models.")
 
 
 @dataclass

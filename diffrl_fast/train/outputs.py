@@ -385,7 +385,8 @@ LORA_SAVERS = {"sd": ("StableDiffusionPipeline", "unet_lora_layers"), "sdxl": ("
 
 
 def save_final_weights(model, run_dir: Path, state_dict: Optional[dict] = None) -> Path:
-    """LoRA: diffusers' LoRA format (``pipeline.load_lora_weights(run_dir / "lora")`` reads it).
+    """LoRA: diffusers' LoRA format (``pipeline.load_lora_weights(run_dir / "lora")`` reads it): a UNet's in the
+    older diffusers naming, a transformer's in peft's naming, as diffusers' own LoRA training scripts save them.
     Full fine-tuning: the denoiser with ``save_pretrained`` (safetensors). ``state_dict``: the denoiser's
     whole weights when its modules hold shards (FSDP), else they are read from the modules."""
     run_dir = Path(run_dir)
@@ -393,13 +394,18 @@ def save_final_weights(model, run_dir: Path, state_dict: Optional[dict] = None) 
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.denoiser, state_dict=state_dict))
+        layers = get_peft_model_state_dict(model.denoiser, state_dict=state_dict)
         out = run_dir / "lora"
         out.mkdir(parents=True, exist_ok=True)
         family = getattr(model, "lora_family", model.kind)  # the flow-digits world saves as SD3's transformer
         import diffusers
 
         pipeline, key = LORA_SAVERS.get(family, LORA_SAVERS["sd"])
+        if key == "unet_lora_layers":
+            # UNets in the older diffusers naming (lora.down / lora.up), as diffusers' SD LoRA scripts save them;
+            # transformers keep peft's names (lora_A / lora_B): the conversion knows only the attention projections'
+            # names, and a LoRA that also adapts other modules (FLUX.2's single blocks) would come out half converted
+            layers = convert_state_dict_to_diffusers(layers)
         getattr(diffusers, pipeline).save_lora_weights(out, **{key: layers})
         return out
     out = run_dir / "denoiser"

@@ -44,7 +44,7 @@ def load_run(run_dir: str | Path, device="cpu", checkpoint: str = "latest"):
         raise ValueError(f"{cfg_path} is not a valid run config: {exc}") from None
     ckpt = run_checkpoint(run_dir, checkpoint)
     model = load_model(cfg.model.path, device=device, sampler=cfg.model.sampler)
-    if hasattr(model, "guidance"):
+    if hasattr(model, "guidance") and cfg.model.embedded_guidance is not None:
         model.guidance = cfg.model.embedded_guidance
     if cfg.sample.num_frames is not None and getattr(model, "is_video", False):
         model.num_frames = cfg.sample.num_frames

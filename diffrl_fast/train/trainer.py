@@ -134,8 +134,12 @@ class Trainer:
                 raise ValueError(f"{key}={value} is a flow-matching SDE, but {self.model.kind} samples with "
                                  f"{type(self.model.scheduler).__name__}: set {key}=sde")
         m = cfg.model
-        if hasattr(self.model, "guidance"):  # FLUX: the embedded guidance of guidance-distilled models
+        if hasattr(self.model, "guidance") and m.embedded_guidance is not None:  # FLUX: guidance-distilled models' embedding
             self.model.guidance = m.embedded_guidance
+        if getattr(self.model, "guidance_distilled", False) and cfg.sample.guidance_scale != 1.0:
+            raise ValueError(f"{self.model.kind} at {m.path} samples without classifier-free guidance (its guidance is distilled: "
+                             f"embedded, or a step-distilled model), but sample.guidance_scale={cfg.sample.guidance_scale}: set "
+                             f"sample.guidance_scale=1 (and model.embedded_guidance for an embedded guidance)")
         self.guard = Guard(cfg.guard, cfg.reward, log_fn=self.log_fn)
         self._check_video(cfg)
         self.has_reference = m.lora or self.algo.needs_reference or (self.guard.enabled and cfg.guard.drift)
