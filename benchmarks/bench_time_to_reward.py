@@ -372,9 +372,18 @@ def write_md(summary: dict, meta: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def plot(runs: dict, summary: dict, path: Path) -> None:
+def fastest_contender(summary: dict, by: str = "speedup"):
+    """The contender (not the baseline) with the largest speed-up ``by`` ("speedup": in time, "speedup_passes": in
+    denoiser passes); None when no contender has one (a speed-up needs every seed at the threshold)."""
+    base = summary["baseline"]
+    return max((n for n, r in summary["table"].items() if r.get(by) and n != base),
+               key=lambda n: summary["table"][n][by], default=None)
+
+
+def plot(runs: dict, summary: dict, path: Path, by: str = "speedup") -> None:
     """Eval reward against denoiser passes (left) and training time (right), seed means with min-max bands; the
-    baseline in black, the fastest contender thick; one row of panels per family (the name before "+") when
+    baseline in black, the fastest contender thick (the largest ``by``: "speedup" in time, or "speedup_passes",
+    the measure a budget in passes is judged by); one row of panels per family (the name before "+") when
     there are more than 8 contenders, each contender its own colour."""
     import matplotlib
 
@@ -382,8 +391,7 @@ def plot(runs: dict, summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = summary["baseline"]
-    fastest = max((n for n, r in summary["table"].items() if r["speedup"] and n != base),
-                  key=lambda n: summary["table"][n]["speedup"], default=None)
+    fastest = fastest_contender(summary, by)
     names = list(runs)
     families = {}
     for n in names:
@@ -496,7 +504,7 @@ def main(argv=None) -> int:
     partial.unlink(missing_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "summary": summary, "runs": runs, "sweep": sweeps}, indent=1) + "\n")
     write_md(summary, meta, args.out / f"{stem}.md")
-    plot(runs, summary, args.out / f"{stem}.png")
+    plot(runs, summary, args.out / f"{stem}.png", by="speedup_passes" if unit == "passes" else "speedup")
     for name, row in summary["table"].items():
         print(f"{name:>18}: threshold reached by {row['reached']}/{row['seeds']} seeds, median {row['median_time_s']} s, "
               f"{row['median_passes']} passes, speed-up {row['speedup']} (time) {row['speedup_passes']} (passes)", flush=True)

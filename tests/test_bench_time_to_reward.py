@@ -61,6 +61,12 @@ def test_summary_threshold_and_speedup():
     # in denoiser passes the fast contender's epochs cost 4x more: 3000 passes against 4000
     assert s["table"]["fast"]["passes"] == [4000] and s["table"]["fast"]["speedup_passes"] == 0.75
     assert s["table"]["fast"]["heldout_at_threshold"] == [-1.5]
+    # the plot's highlight follows the budget's unit: in passes a contender 2x faster there wins over "fast"
+    runs["lean"] = [run([-4, -3.5, -1.5], step=12.0, passes=500)]
+    s = b.summarize(runs)
+    assert s["table"]["lean"]["speedup_passes"] == 3.0 and s["table"]["lean"]["speedup"] == 1.25
+    assert b.fastest_contender(s, "speedup") == "fast" and b.fastest_contender(s, "speedup_passes") == "lean"
+    assert b.fastest_contender({"baseline": "ddpo_is", "table": {"ddpo_is": s["table"]["ddpo_is"]}}) is None
 
 
 def test_eval_prompts_cover_the_pool():

@@ -19,7 +19,7 @@ binary rewards they would otherwise scale the gradient by N_kept / N.
 Tree rollouts (``sample.tree_branch_steps``; BranchGRPO, Li et al. 2025): a group is one tree whose leaves share
 their trajectory up to each branch step; each distinct transition is trained once, with BranchGRPO's node advantage
 of the node it leads to (``diffusion.tree.node_advantages``: leaf rewards fused into node rewards, normalised per
-tree and level), in place of A_i above; grpo.std and the zero-advantage drop do not apply.
+tree and level, or by the tree's leaves with ``sample.tree_advantage_norm=leaves``), in place of A_i above; grpo.std and the zero-advantage drop do not apply.
 
 GRPO-Guard (``grpo.guard``; Wang et al. 2025, reference: yifan123/flow_grpo, scripts/train_sd3_GRPO_Guard.py,
 config/grpo_guard.py, ``config.rationorm``) replaces rho and weighs each step: with s_t = std_t sqrt(dt) the step's std,
@@ -124,7 +124,8 @@ class GRPO(PolicyGradientWithKL):
     def prepare(self, run, traj, rewards):
         if traj.tree is not None:  # tree rollouts: BranchGRPO's node advantages, [B, T]; every leaf trains (its
             s = self.cfg.sample     # owned transitions are other leaves' shared prefix)
-            adv = node_advantages(traj.tree, rewards, traj.num_steps, fusion=s.tree_reward_fusion, edge_logp=traj.log_probs)
+            adv = node_advantages(traj.tree, rewards, traj.num_steps, fusion=s.tree_reward_fusion, edge_logp=traj.log_probs,
+                                  advantage_norm=s.tree_advantage_norm)
             pruning = s.tree_prune_width or s.tree_prune_depths
             if not pruning or run.epoch + 1 > int(self.cfg.num_epochs * s.tree_prune_until):
                 return EpochData(adv)

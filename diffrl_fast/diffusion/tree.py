@@ -94,10 +94,12 @@ def owned_order(order: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
 
 
 TREE_FUSIONS = ("mean", "prob_weighted")
+TREE_ADVANTAGE_NORMS = ("level", "leaves")
 
 
 def node_advantages(spec: TreeSpec, rewards: torch.Tensor, num_steps: int, *, fusion: str = "mean",
-                    edge_logp: torch.Tensor | None = None, alpha: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
+                    edge_logp: torch.Tensor | None = None, alpha: float = 1.0, eps: float = 1e-8,
+                    advantage_norm: str = "level") -> torch.Tensor:
     """BranchGRPO's per-transition advantages of a batch of adjacent trees, [B, T] (Li et al. 2025; reference:
     Fredreic1849/BranchGRPO, fastvideo/train_branchgrpo_flux.py: compute_node_rewards_from_leaves,
     compute_hierarchical_advantages_by_depth).
@@ -108,10 +110,16 @@ def node_advantages(spec: TreeSpec, rewards: torch.Tensor, num_steps: int, *, fu
         prob_weighted: R(node) = sum_c softmax_c(alpha log p_c) R(c), bottom-up over its children c, log p_c the
                        log-prob of the action into c (``edge_logp`` [B, T], the rollout's); one child: R(c)
 
-    then normalised per tree and per level p (the state x_p; every step is a level), over the tree's N_p nodes there:
+    then normalised per tree, by ``advantage_norm``:
 
-        A(node) = (R(node) - mean_p R) / (std_p R + eps),   std unbiased (N_p - 1), eps = 1e-8;
-        A = 0 where N_p = 1 (the root) or std_p R < 1e-6.
+        level  (BranchGRPO's): per level p (the state x_p; every step is a level), over the tree's N_p nodes there,
+               A(node) = (R(node) - mean_p R) / (std_p R + eps),   std unbiased (N_p - 1), eps = 1e-8;
+               A = 0 where N_p = 1 (the root) or std_p R < 1e-6.
+        leaves (a named difference): by the statistics of the tree's leaves at every level,
+               A(node) = (R(node) - mean_leaves r) / (std_leaves r + eps),   A = 0 where std_leaves r < 1e-6,
+               which with the mean fusion is the mean of the GRPO advantages of the node's leaves: an interior
+               transition's advantage shrinks with the difference its subtree makes, where the level statistics
+               give every level unit spread (two nodes at a level always get +-1/sqrt(2)). At the leaves both agree.
 
     Transition j of leaf l (x_j -> x_{j+1}) takes the advantage of the node its action leads to, the one at x_{j+1}:
     the mean fusion makes a node's reward its subtree's mean outcome, and the level normalisation compares siblings
@@ -119,6 +127,8 @@ def node_advantages(spec: TreeSpec, rewards: torch.Tensor, num_steps: int, *, fu
     """
     if fusion not in TREE_FUSIONS:
         raise ValueError(f"tree reward fusion must be one of {TREE_FUSIONS}, got {fusion!r}")
+    if advantage_norm not in TREE_ADVANTAGE_NORMS:
+        raise ValueError(f"tree advantage normalisation must be one of {TREE_ADVANTAGE_NORMS}, got {advantage_norm!r}")
     B, T = rewards.numel(), num_steps
     reps, owner = spec.batch(B, T)
     r = rewards.to(torch.float64).reshape(B)
@@ -145,6 +155,8 @@ def node_advantages(spec: TreeSpec, rewards: torch.Tensor, num_steps: int, *, fu
             levels[:, p] = (value / norm.clamp_min(1e-300))[reps[:, p]]
     adv = torch.zeros((B, T), dtype=torch.float64)
     L = spec.leaves
+    leaf_vals = r.reshape(-1, L)
+    leaf_mean, leaf_std = leaf_vals.mean(1, keepdim=True), leaf_vals.std(1, unbiased=True, keepdim=True)
     for p in range(1, T + 1):
         first = reps[:, p] == torch.arange(B)  # one row per node
         vals = levels[:, p].reshape(-1, L)
@@ -152,9 +164,12 @@ def node_advantages(spec: TreeSpec, rewards: torch.Tensor, num_steps: int, *, fu
         n = int(mask[0].sum())  # the same in every tree
         if n < 2:
             continue
-        node_vals = vals[mask].reshape(-1, n)
-        mean = node_vals.mean(1, keepdim=True)
-        std = node_vals.std(1, unbiased=True, keepdim=True)
+        if advantage_norm == "level":
+            node_vals = vals[mask].reshape(-1, n)
+            mean = node_vals.mean(1, keepdim=True)
+            std = node_vals.std(1, unbiased=True, keepdim=True)
+        else:
+            mean, std = leaf_mean, leaf_std
         a = torch.where(std < 1e-6, torch.zeros_like(vals), (vals - mean) / (std + eps))
         adv[:, p - 1] = a.reshape(-1)
     return adv.to(torch.float32)

@@ -71,6 +71,7 @@ class SampleConfig:
     tree_branch_steps: list[int] = option([], "Tree rollouts (BranchGRPO, Li et al. 2025; algo=grpo): the steps j (0 = noisiest) at which every node of a prompt's tree splits into sample.tree_branch_factor children; [] = independent samples. A tree has factor^len(steps) leaves = grpo.group_size; shared prefixes are computed once, each distinct transition is trained once, advantages are BranchGRPO's node advantages (sample.tree_reward_fusion). BranchGRPO's FLUX script: [0, 3, 6, 9] of 20 steps.")
     tree_branch_factor: int = option(2, "Tree rollouts: children per node at a branch step (BranchGRPO: 2).")
     tree_reward_fusion: str = option("mean", "Tree rollouts: a node's reward from its leaves: 'mean' (BranchGRPO's default) or 'prob_weighted' (bottom-up, children weighted by softmax of the log-prob of the action into them: BranchGRPO's --tree_prob_weighted).")
+    tree_advantage_norm: str = option("level", "Tree rollouts: how node rewards become advantages: 'level' (BranchGRPO's: per tree and level, over the level's nodes; two nodes always get +-1/sqrt(2)) or 'leaves' (per tree by its leaves' mean and std at every level: a transition's advantage is the mean GRPO advantage of the leaves below it, so an early split that changes little gets little). A named difference from BranchGRPO.")
     tree_split_noise_scale: float = option(1.0, "Tree rollouts: branch steps draw their noise at this multiple of the policy's std, their log-prob keeping the policy's std (BranchGRPO's tree_split_noise_scale; its FLUX script uses 4.0, off-policy at branch steps). 1 = on-policy.")
     tree_prune_width: int = option(0, "Tree rollouts: BranchGRPO's width pruning (--width_pruning_mode) of the trained transitions after the last branch step: 0 = off (its shipped scripts), 1 = per leaf keep int(n x sample.tree_prune_width_ratio) (at least 1), the largest advantages first, 2 = over the batch keep the best and the worst halves of int(n x ratio) (at least 2). Advantages stay those of the full tree; rollouts are unchanged (training passes only).")
     tree_prune_width_ratio: float = option(0.5, "Tree rollouts: the fraction width pruning keeps (BranchGRPO's --width_pruning_ratio, 0.5).")
@@ -487,6 +488,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"sample.tree_branch_steps / sample.tree_branch_factor: {exc}") from None
         need(s.tree_split_noise_scale > 0, f"sample.tree_split_noise_scale must be > 0, got {s.tree_split_noise_scale}")
         choice("sample.tree_reward_fusion", s.tree_reward_fusion, ("mean", "prob_weighted"))
+        choice("sample.tree_advantage_norm", s.tree_advantage_norm, ("level", "leaves"))
         from ..diffusion.tree import PRUNE_WIDTH_MODES
 
         choice("sample.tree_prune_width", s.tree_prune_width, PRUNE_WIDTH_MODES)

@@ -58,6 +58,30 @@ def test_node_advantages_match_branchgrpo(fusion):
     assert abs(float(adv[0, 0]) ** 2 - 0.5) < 1e-6  # two nodes at a level: +-1/sqrt(2)
 
 
+def test_leaf_normalised_advantages_are_the_mean_leaf_advantage_below():
+    """norm=leaves: transition j of leaf l gets the mean over the leaves under the node it leads to of
+    (r - mean of the tree's leaves) / std of the tree's leaves (unbiased); at the last level it equals BranchGRPO's."""
+    tree = TreeSpec((0, 2, 3), 2)
+    rewards = torch.randn(16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    adv = node_advantages(tree, rewards, T, advantage_norm="leaves")
+    level = node_advantages(tree, rewards, T)
+    reps = tree.reps(T)
+    for t in range(2):
+        r = rewards[8 * t:8 * t + 8]
+        a_leaf = (r - r.mean()) / (r.std() + 1e-8)
+        for l in range(8):
+            for j in range(T):
+                below = [k for k in range(8) if int(reps[k, j + 1]) == int(reps[l, j + 1])]
+                want = 0.0 if len(below) == 8 else float(a_leaf[below].mean())  # the root's level: one node, no advantage
+                assert abs(float(adv[8 * t + l, j]) - want) < 1e-5, (t, l, j)
+    last = tree.branch_steps[-1]
+    assert torch.allclose(adv[:, last:], level[:, last:], atol=1e-6)  # from the last split on, each node is one leaf
+    assert not torch.allclose(adv[:, 0], level[:, 0])  # the first split: no longer +-1/sqrt(2)
+    assert torch.equal(node_advantages(TREE, torch.ones(4), T, advantage_norm="leaves"), torch.zeros(4, T))
+    with pytest.raises(ValueError, match="normalisation"):
+        node_advantages(TREE, torch.ones(4), T, advantage_norm="depth")
+
+
 @pytest.mark.parametrize("width_mode, depths, trained", [(1, [], range(6)), (2, [], range(6)), (2, [2], range(4)),
                                                          (0, [1, 5], range(6)), (1, [6], range(2, 6))])
 def test_pruning_matches_branchgrpo(width_mode, depths, trained):

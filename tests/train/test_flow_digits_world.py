@@ -135,7 +135,7 @@ def test_denoiser_passes_are_counted_by_the_trainer(tmp_path):
     assert resumed.resume() and resumed.epoch == 2 and resumed.denoiser_passes == 2 * per_epoch
 
 
-@pytest.mark.parametrize("prune", [[], ["sample.tree_prune_depths=[1]"], ["sample.tree_prune_width=2"]])
+@pytest.mark.parametrize("prune", [[], ["sample.tree_prune_depths=[1]"], ["sample.tree_prune_width=2"], ["sample.tree_advantage_norm=leaves"]])
 def test_tree_rollouts_train_each_transition_once(tmp_path, monkeypatch, prune):
     """sample.tree_branch_steps (BranchGRPO): rollouts compute each tree's distinct states once, training packs each
     distinct transition of the trained steps exactly once, with the node advantages, and passes count both. Depth
@@ -155,9 +155,19 @@ def test_tree_rollouts_train_each_transition_once(tmp_path, monkeypatch, prune):
         rows.extend(zip(chunk.sample_idx[:, None].expand(chunk.shape).reshape(-1).tolist(), chunk.step_idx.reshape(-1).tolist()))
         return chunk
 
+    import diffrl_fast.algos.grpo as grpo_mod
+
+    norms, node_advantages = [], grpo_mod.node_advantages
+
+    def spy_adv(*args, **kwargs):
+        norms.append(kwargs["advantage_norm"])
+        return node_advantages(*args, **kwargs)
+
     monkeypatch.setattr(trainer_mod, "pack_chunk", spy)
+    monkeypatch.setattr(grpo_mod, "node_advantages", spy_adv)
     trainer = Trainer(cfg, tmp_path / "r", log_fn=lambda s: None)
     trainer.run()
+    assert norms == ["leaves" if "sample.tree_advantage_norm=leaves" in prune else "level"]  # the option reaches the advantages
     owner = TreeSpec((0, 1), 2).batch(8, 3)[1]
     trained = trainer.algo.num_train_steps(3)  # Flow-GRPO trains the first int(0.99 T) = 2 steps
     depth = any("depths" in o for o in prune)
@@ -177,6 +187,7 @@ def test_tree_rollouts_train_each_transition_once(tmp_path, monkeypatch, prune):
     (["algo=grpo", "grpo.group_size=4", "sample.tree_branch_steps=[0, 1]", "sample.tree_prune_width=3"], "sample.tree_prune_width"),
     (["algo=grpo", "grpo.group_size=4", "sample.tree_branch_steps=[0, 1]", "sample.tree_prune_depths=[0]"], "sample.tree_prune_depths"),
     (["algo=grpo", "grpo.group_size=4", "sample.tree_prune_width=2"], "set sample.tree_branch_steps"),
+    (["algo=grpo", "grpo.group_size=4", "sample.tree_branch_steps=[0, 1]", "sample.tree_advantage_norm=depth"], "sample.tree_advantage_norm"),
 ])
 def test_tree_config_errors_name_the_fix(over, match):
     from diffrl_fast.train.config import ConfigError
