@@ -431,8 +431,9 @@ def _unshift(scheduler, sigma: float, mu: Optional[float]) -> float:
 def post_window_ode(scheduler, schedule: StepSchedule, *, solver: str = "euler", compress: float = 1.0,
                     mu: Optional[float] = None) -> Optional[PostWindowODE]:
     """The ``PostWindowODE`` of a flow-matching ``schedule`` whose steps after the last stochastic one, L, are
-    deterministic (a timestep window); None when there are none, or with ``solver="euler"`` and ``compress=1``
-    (the schedule's own Euler steps: nothing changes).
+    deterministic (a timestep window; L = -1 when no step is stochastic, a forward-process algorithm's rollout,
+    which the ODE then solves from x_0); None when the last step is stochastic, or with ``solver="euler"`` and
+    ``compress=1`` (the schedule's own Euler steps: nothing changes).
 
     ``compress`` < 1 re-grids the tail as MixGRPO-Flash does (its dpm_post_compress_ratio): with u the unshifted
     time of sigma_{L+1} (the scheduler's shift inverted), n = max(2, int((T - L) x compress)) noise levels
@@ -450,9 +451,9 @@ def post_window_ode(scheduler, schedule: StepSchedule, *, solver: str = "euler",
                          f"{type(scheduler).__name__}: set sample.post_window_solver=euler and sample.post_window_compress=1")
     stochastic = schedule.stochastic.nonzero().flatten()
     T = schedule.num_steps
-    if stochastic.numel() == 0 or int(stochastic[-1]) == T - 1 or (solver == "euler" and compress == 1):
+    if (stochastic.numel() and int(stochastic[-1]) == T - 1) or (solver == "euler" and compress == 1):
         return None
-    L = int(stochastic[-1])
+    L = int(stochastic[-1]) if stochastic.numel() else -1  # -1: a deterministic rollout, solved from sigma_0
     n_train = scheduler.config.num_train_timesteps
     own = torch.cat([schedule.timesteps.to(torch.float64).cpu() / n_train, torch.zeros(1, dtype=torch.float64)])[L + 1:]
     if compress == 1:
@@ -478,6 +479,7 @@ def dpm_solver_pp_2m(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next:
     the data prediction x0 = x - sigma v, h = lambda' - lambda:
 
         first order (no previous x0, or sigma' = 0):  x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) x0
+                                                      (at sigma = 1: x' = sigma' x + alpha' x0, the Euler step)
         second order: r = (lambda - lambda_prev) / h, D1 = (x0 - x0_prev) / r,
                       x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) (x0 + D1 / 2)
 
@@ -486,6 +488,8 @@ def dpm_solver_pp_2m(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next:
     x0 = x - sigma * v
     if sigma_next == 0:
         return x0, x0
+    if sigma >= 1:  # pure noise, alpha = 0: lambda = -inf, e^{-h} = 0, the first-order step is sigma' x + alpha' x0
+        return sigma_next * x + (1 - sigma_next) * x0, x0
     lam = lambda s: math.log((1 - s) / s)  # noqa: E731
     h = lam(sigma_next) - lam(sigma)
     c = (1 - sigma_next) * math.expm1(-h)  # alpha' (e^{-h} - 1)

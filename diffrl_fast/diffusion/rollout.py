@@ -338,7 +338,7 @@ def sample_trajectories(
     g = guidance_scale if use_cfg else 1.0
     branch = set(tree.branch_steps) if tree is not None else set()
     tail = post_window
-    if tail is not None and (tail.start < 1 or tail.start >= T or bool(schedule.stochastic[tail.start:].any())):
+    if tail is not None and (tail.start < 0 or tail.start >= T or bool(schedule.stochastic[tail.start:].any())):
         raise ValueError(f"post_window starts at step {tail.start}, which must follow the schedule's last stochastic step")
     prev_x0 = None  # the data prediction x - sigma v of the step before the tail (DPM-Solver++'s history)
     for j in range(T if tail is None else tail.start):
@@ -397,7 +397,7 @@ def sample_trajectories(
             if tail.solver == "euler":
                 x = x + (sig[k + 1] - sig[k]) * v
             else:
-                s_prev = float(timesteps[tail.start - 1]) / n_train if k == 0 else sig[k - 1]
+                s_prev = (float(timesteps[tail.start - 1]) / n_train if tail.start else None) if k == 0 else sig[k - 1]
                 x, prev_x0 = dpm_solver_pp_2m(x, v, sig[k], sig[k + 1], prev_x0, s_prev)
         x = rnd(x)
         latents[:, slot[T]] = x.to(storage)

@@ -66,8 +66,8 @@ class SampleConfig:
     width: Optional[int] = option(None, "Image width in pixels (null: the model's native size).")
     sigma_grid: Optional[str] = option(None, "Flow models: the sigma grid of the T steps before the model's shift: null = the model's own (FLUX: 'flux'; Wan shipped with UniPC: 'flow_sigmas'; else the scheduler's); 'scheduler' = FlowMatchEulerDiscreteScheduler.set_timesteps' linspace(1, 1/N_train, T); 'flux' = linspace(1, 1/T, T), FluxPipeline's and DanceGRPO's linspace(1, 0, T + 1) without its end; 'flow_sigmas' = the multistep solvers' linspace(1, 1/N_train, T + 1)[:-1].")
     num_frames: Optional[int] = option(None, "Video models (Wan): pixel frames per sample, 4k + 1 for Wan's VAE (null: the model's default, Wan's 81). The reward then takes videos [B, F, 3, H, W] (rewards/video.py).")
-    post_window_solver: str = option("euler", "Flow models with a timestep window: the ODE solver of the deterministic steps after the window's last step: 'euler' (the flow ODE's Euler step, as the SDE at noise 0) or 'dpmsolver++' (DPM-Solver++(2M), MixGRPO-Flash's --dpm_algorithm_type dpmsolver++ with order 2, midpoint).")
-    post_window_compress: float = option(1.0, "Flow models with a timestep window: MixGRPO-Flash's dpm_post_compress_ratio: the steps after the window's last stochastic step L become max(2, int((T - L) x this)) noise levels, uniform in the scheduler's unshifted time (1: the schedule's own steps; MixGRPO-Flash: 0.4, Flash*: 0.2). Fewer denoiser passes per rollout; the trained steps are unchanged.")
+    post_window_solver: str = option("euler", "Flow models with a timestep window: the ODE solver of the deterministic steps after the window's last step: 'euler' (the flow ODE's Euler step, as the SDE at noise 0) or 'dpmsolver++' (DPM-Solver++(2M), MixGRPO-Flash's --dpm_algorithm_type dpmsolver++ with order 2, midpoint). For the forward-process algorithms (nft, awm, dgpo), whose rollouts are deterministic throughout, it solves the whole rollout (DGPO's reference rolls out with DPM-Solver++); their trained timesteps stay on the sample.num_steps grid.")
+    post_window_compress: float = option(1.0, "Flow models with a timestep window: MixGRPO-Flash's dpm_post_compress_ratio: the steps after the window's last stochastic step L become max(2, int((T - L) x this)) noise levels, uniform in the scheduler's unshifted time (1: the schedule's own steps; MixGRPO-Flash: 0.4, Flash*: 0.2). Fewer denoiser passes per rollout; the trained steps are unchanged. A forward-process algorithm's rollout (no stochastic step, L = -1) becomes max(2, int((T + 1) x this)) noise levels from sigma_0.")
     tree_branch_steps: list[int] = option([], "Tree rollouts (BranchGRPO, Li et al. 2025; algo=grpo): the steps j (0 = noisiest) at which every node of a prompt's tree splits into sample.tree_branch_factor children; [] = independent samples. A tree has factor^len(steps) leaves = grpo.group_size; shared prefixes are computed once, each distinct transition is trained once, advantages are BranchGRPO's node advantages (sample.tree_reward_fusion). BranchGRPO's FLUX script: [0, 3, 6, 9] of 20 steps.")
     tree_branch_factor: int = option(2, "Tree rollouts: children per node at a branch step (BranchGRPO: 2).")
     tree_reward_fusion: str = option("mean", "Tree rollouts: a node's reward from its leaves: 'mean' (BranchGRPO's default) or 'prob_weighted' (bottom-up, children weighted by softmax of the log-prob of the action into them: BranchGRPO's --tree_prob_weighted).")
@@ -405,6 +405,10 @@ def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
     return mask
 
 
+# the forward-process algorithms: their rollouts are deterministic and only x_T is trained on (algos/forward.py)
+DETERMINISTIC_ROLLOUT_ALGOS = ("nft", "awm", "dgpo")
+
+
 def tree_spec(cfg: Config):
     """The ``TreeSpec`` of tree rollouts (sample.tree_branch_steps, sample.tree_branch_factor), or None."""
     s = cfg.sample
@@ -457,9 +461,11 @@ def validate(cfg: Config) -> Config:
     need(s.sde_type != "cps" or s.noise_level < 2, f"sample.sde_type=cps needs sample.noise_level in (0, 2), got {s.noise_level}")
     need(s.post_window_solver in ("euler", "dpmsolver++"), f"sample.post_window_solver must be 'euler' or 'dpmsolver++', got {s.post_window_solver!r}")
     need(0 < s.post_window_compress <= 1, f"sample.post_window_compress must be in (0, 1], got {s.post_window_compress}")
-    need((s.post_window_solver == "euler" and s.post_window_compress == 1) or cfg.train.timestep_window != "all",
+    need((s.post_window_solver == "euler" and s.post_window_compress == 1) or cfg.train.timestep_window != "all"
+         or cfg.algo in DETERMINISTIC_ROLLOUT_ALGOS,
          "sample.post_window_solver / sample.post_window_compress act on the deterministic steps after a timestep window "
-         "(MixGRPO-Flash): set train.timestep_window=fixed or sliding, or leave them at euler / 1")
+         "(MixGRPO-Flash) or on the whole deterministic rollout of a forward-process algorithm (algo=nft, awm, dgpo): set "
+         "train.timestep_window=fixed or sliding, or leave them at euler / 1")
     need(s.guidance_scale >= 1, f"sample.guidance_scale must be >= 1 (1 = no guidance), got {s.guidance_scale}")
     need(s.batch_size >= 1 and s.num_batches_per_epoch >= 1, "sample.batch_size and sample.num_batches_per_epoch must be >= 1")
     need(t.batch_size >= 1, "train.batch_size must be >= 1")

@@ -127,6 +127,60 @@ def test_flash_rollout_fewer_passes_same_window(flow_model):
                             post_window=dataclasses.replace(tail, start=3))
 
 
+def test_dpm_step_from_pure_noise_is_the_euler_step():
+    g = torch.Generator().manual_seed(4)
+    x, v = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    y, x0 = dpm_solver_pp_2m(x, v, 1.0, 0.7, None, None)  # alpha = 0 at sigma = 1: lambda = -inf
+    assert torch.allclose(y, x + (0.7 - 1.0) * v, atol=1e-12) and torch.equal(x0, x - v)
+
+
+def test_deterministic_rollout_solved_whole(flow_model):
+    """A forward-process algorithm's rollout has no stochastic step (L = -1): the ODE solves it from x_0 over the
+    schedule's own noise levels (Euler through that grid is exactly the schedule's steps) or a compressed grid."""
+    from diffrl_fast.diffusion.coefficients import PostWindowODE
+
+    model = flow_model
+    T, prompts, seeds = 10, ["3 left of 8", "7", "two 5s", "1"], [21, 22, 23, 24]
+    ode = make_schedule(model.scheduler, T, window=torch.zeros(T, dtype=torch.bool))
+    own = post_window_ode(model.scheduler, ode, solver="dpmsolver++")
+    assert own.start == 0 and own.sigmas.numel() == T + 1 and float(own.sigmas[0]) == pytest.approx(float(ode.timesteps[0]) / 1000)
+    assert post_window_ode(model.scheduler, ode, solver="euler", compress=1.0) is None
+    short = post_window_ode(model.scheduler, ode, solver="dpmsolver++", compress=0.4)
+    assert short.start == 0 and short.sigmas.numel() == 4 and float(short.sigmas[-1]) == 0  # int(11 x 0.4) = 4 levels, 3 passes
+    keep = torch.zeros(T + 1, dtype=torch.bool)  # the forward-process algorithms keep only x_T
+    run = lambda **kw: sample_trajectories(model, prompts, num_steps=T, guidance_scale=1.0, seeds=seeds, schedule=ode,  # noqa: E731
+                                           keep_latents=keep, **kw)
+    plain = run()
+    euler = run(post_window=PostWindowODE(0, own.sigmas, "euler"))
+    assert torch.allclose(euler.final_latents, plain.final_latents, atol=1e-5, rtol=0)
+    start = model.denoiser_passes
+    fast = run(post_window=short)
+    assert model.denoiser_passes - start == 4 * 3
+    assert float((fast.images - plain.images).abs().mean()) < 0.05  # the same images, in 3 passes instead of 10
+
+
+def test_forward_process_algorithms_roll_out_with_the_solver(tmp_path):
+    """algo=dgpo with the solver options: no timestep window needed; rollouts of 3 passes a sample (int(11 x 0.4) = 4
+    noise levels), training on the 10-step grid's timesteps as without them."""
+    import json
+
+    from diffrl_fast.config_utils import load_config
+    from diffrl_fast.train.config import PRESETS, Config, validate
+    from diffrl_fast.train.trainer import Trainer
+
+    over = ["algo=dgpo", "sample.batch_size=8", "sample.num_batches_per_epoch=1", "train.batch_size=8", "dgpo.group_size=4",
+            "dgpo.train_timesteps=2", "num_epochs=1", "log.eval_samples=0", "guard.heldout_reward=[]", "log.progress=false",
+            "log.tensorboard=false", "log.grid_samples=0", f"output_dir={tmp_path}", "name=r"]
+    passes = {}
+    for name, extra in (("euler", []), ("dpm", ["sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.4"])):
+        cfg = validate(load_config(Config, PRESETS / "flow_digits.yaml", [*over, f"name={name}", *extra]))
+        Trainer(cfg, tmp_path / name, log_fn=lambda s: None).run()
+        record = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert math.isfinite(record["loss"])
+        passes[name] = record["denoiser_passes"]
+    assert passes["euler"] - passes["dpm"] == 8 * (10 - 3)  # the rollout's passes only
+
+
 def test_options_need_a_window_and_a_flow_model(tmp_path):
     from diffrl_fast.config_utils import ConfigError, load_config
     from diffrl_fast.train.config import PRESETS, Config, validate
