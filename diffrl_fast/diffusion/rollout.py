@@ -264,6 +264,8 @@ def sample_trajectories(
             deterministic, are replaced by an ODE over ``post_window.sigmas`` with its solver; x_T is its result (the
             states in between are never stored: nothing trains on them). DPM-Solver++'s first tail step takes the
             data prediction of the last window step as its previous one, as MixGRPO's solver history does.
+            ``post_window.start`` = 0 (a schedule with no stochastic step: a forward-process algorithm's rollout)
+            solves the whole rollout from x_0, its first step first-order.
         state_dtype: torch.bfloat16 or torch.float16 keeps the states in that dtype, as a rollout run in the
             denoiser's dtype does: x_0 and every x_{j+1} of the schedule's steps are rounded to it before the chain
             continues from them and before the action's log-prob is taken, and so is the post-window tail's result
