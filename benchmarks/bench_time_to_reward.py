@@ -123,6 +123,10 @@ FLOW_CONTENDERS = {
     # of which DGPO trains on x_T alone, solved by DPM-Solver++(2M) (the reference's rollout solver) over int(11 x 0.4)
     # = 4 noise levels: 3 passes instead of 10. 13 passes per sample against DGPO's 30 and Flow-GRPO's 46
     "dgpo+2t+dpm3": ["algo=dgpo", "dgpo.train_timesteps=2", "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.4"],
+    # the same with 10x the reference's KL to the base model (0.2): screened to keep within-prompt diversity
+    # (time_to_reward_flow_screen.md)
+    "dgpo+2t+dpm3+kl0.2": ["algo=dgpo", "dgpo.train_timesteps=2", "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.4",
+                           "dgpo.kl_beta=0.2"],
 }
 WORLDS = {
     "digits": dict(preset="digits.yaml", baseline="ddpo_is", reward="digit_confidence", heldout="digit_confidence_heldout",
