@@ -405,10 +405,6 @@ def timestep_window(cfg: Config, epoch: int) -> Optional[torch.Tensor]:
     return mask
 
 
-# the forward-process algorithms: their rollouts are deterministic and only x_T is trained on (algos/forward.py)
-DETERMINISTIC_ROLLOUT_ALGOS = ("nft", "awm", "dgpo")
-
-
 def tree_spec(cfg: Config):
     """The ``TreeSpec`` of tree rollouts (sample.tree_branch_steps, sample.tree_branch_factor), or None."""
     s = cfg.sample
@@ -462,7 +458,7 @@ def validate(cfg: Config) -> Config:
     need(s.post_window_solver in ("euler", "dpmsolver++"), f"sample.post_window_solver must be 'euler' or 'dpmsolver++', got {s.post_window_solver!r}")
     need(0 < s.post_window_compress <= 1, f"sample.post_window_compress must be in (0, 1], got {s.post_window_compress}")
     need((s.post_window_solver == "euler" and s.post_window_compress == 1) or cfg.train.timestep_window != "all"
-         or cfg.algo in DETERMINISTIC_ROLLOUT_ALGOS,
+         or ALGORITHMS[cfg.algo].deterministic_rollout,
          "sample.post_window_solver / sample.post_window_compress act on the deterministic steps after a timestep window "
          "(MixGRPO-Flash) or on the whole deterministic rollout of a forward-process algorithm (algo=nft, awm, dgpo): set "
          "train.timestep_window=fixed or sliding, or leave them at euler / 1")
@@ -493,10 +489,10 @@ def validate(cfg: Config) -> Config:
         except ValueError as exc:
             raise ConfigError(f"sample.tree_branch_steps / sample.tree_branch_factor: {exc}") from None
         need(s.tree_split_noise_scale > 0, f"sample.tree_split_noise_scale must be > 0, got {s.tree_split_noise_scale}")
-        choice("sample.tree_reward_fusion", s.tree_reward_fusion, ("mean", "prob_weighted"))
-        choice("sample.tree_advantage_norm", s.tree_advantage_norm, ("level", "leaves"))
-        from ..diffusion.tree import PRUNE_WIDTH_MODES
+        from ..diffusion.tree import PRUNE_WIDTH_MODES, TREE_ADVANTAGE_NORMS, TREE_FUSIONS
 
+        choice("sample.tree_reward_fusion", s.tree_reward_fusion, TREE_FUSIONS)
+        choice("sample.tree_advantage_norm", s.tree_advantage_norm, TREE_ADVANTAGE_NORMS)
         choice("sample.tree_prune_width", s.tree_prune_width, PRUNE_WIDTH_MODES)
         need(0 < s.tree_prune_width_ratio <= 1, f"sample.tree_prune_width_ratio must be in (0, 1], got {s.tree_prune_width_ratio}")
         need(isinstance(s.tree_prune_depths, list) and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= s.num_steps
