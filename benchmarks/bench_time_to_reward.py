@@ -127,7 +127,7 @@ FLOW_CONTENDERS = {
     # (time_to_reward_flow_screen.md)
     "dgpo+2t+dpm3+kl0.2": ["algo=dgpo", "dgpo.train_timesteps=2", "sample.post_window_solver=dpmsolver++", "sample.post_window_compress=0.4",
                            "dgpo.kl_beta=0.2"],
-    # the same with 5 optimiser steps of linear warm-up and 5x the reference's KL (0.1, free here: DGPO's preference
+    # dgpo+2t+dpm3 with 5 optimiser steps of linear warm-up and 5x the reference's KL (0.1, free here: DGPO's preference
     # already runs the base model on every trained row). Full fine-tuning at 3e-4 with one step per epoch: Adam's first
     # steps move every weight by about the learning rate, and the screen saw diversity fall in the first two epochs
     # before any gain; warm-up and the KL kept it (time_to_reward_flow_screen.md, seeds 0 and 4-6)
