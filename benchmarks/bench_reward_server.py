@@ -33,6 +33,8 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import RESULTS, machine_info, reading_lines  # noqa: E402
 
 CLIENTS = (1, 4, 16)
+BIG = 512  # the bodies' comparison: SD 1.5 / SD3's generated images, 8 per request
+BODY_MODES = ("batching", "one at a time")
 # mode -> the server's flags beyond the common ones; "batching" is the default adaptive wait
 MODES = {"batching": [], "batching, fixed wait": ["--wait", "fixed"], "one at a time": ["--no-batching"]}
 IMAGES_PER_REQUEST = 8
@@ -53,7 +55,10 @@ def clip_style_reward(seed: int = 0):
 
     @torch.no_grad()
     def fn(images, prompts, metadata):
-        x = (images.float() - mean) / std
+        x = images.float()
+        if x.shape[-2:] != (64, 64):  # as CLIP's processor resizes to the tower's input
+            x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        x = (x - mean) / std
         emb = model(pixel_values=x).image_embeds
         return head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1), {}
 
@@ -118,6 +123,13 @@ class ServerProcess:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_s(self) -> float:
+        """The server process's CPU seconds so far (user + system, all its threads)."""
+        import os
+
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
@@ -134,29 +146,36 @@ def scrape(url: str) -> dict:
     return out
 
 
-def load(url: str, reward, clients: int, seconds: float, seed: int) -> dict:
-    """``clients`` threads sending requests of 8 images back to back for ``seconds``; every reply is checked against
-    the reward scored here, after the load (off the clock)."""
+def load(server: "ServerProcess", reward, clients: int, seconds: float, seed: int, size: int = 64, binary: bool | None = None) -> dict:
+    """``clients`` threads sending requests of 8 images of ``size`` pixels back to back for ``seconds``, each from a pool
+    of distinct batches made before the clock starts (a trainer has its images already; the client's work is
+    encoding and HTTP); every reply is checked against the reward scored here, after the load (off the clock).
+    ``binary``: the client's body (None: binary, as the server offers it). The server's CPU time is read around the
+    load: its work per request, all threads."""
     import torch
 
     from diffrl_fast.rewards.remote import RemoteReward
 
-    before = scrape(url)
+    url = server.url
+    pool = 4 if size <= 128 else 2
+
+    def batch(c, k):
+        g = torch.Generator().manual_seed(seed * 100003 + c * 101 + k)
+        x = (torch.rand(IMAGES_PER_REQUEST, 3, size, size, generator=g) * 255).round() / 255
+        return x, [f"c{c} r{k} i{i}" for i in range(IMAGES_PER_REQUEST)]
+
+    batches = {c: [batch(c, k) for k in range(pool)] for c in range(clients)}
+    before, cpu0 = scrape(url), server.cpu_s()
     lat, errors = [], []
     replies = {c: [] for c in range(clients)}
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
-    def batch(g, c, k):
-        x = (torch.rand(IMAGES_PER_REQUEST, 3, 64, 64, generator=g) * 255).round() / 255
-        return x, [f"c{c} r{k} i{i}" for i in range(IMAGES_PER_REQUEST)]
-
     def client(c):
-        g = torch.Generator().manual_seed(seed * 1000 + c)
-        remote = RemoteReward(url, image_format="uint8", timeout_s=120, retries=0)
+        remote = RemoteReward(url, image_format="uint8", timeout_s=120, retries=0, binary=binary)
         k = 0
         while time.perf_counter() < stop_at:
-            x, prompts = batch(g, c, k)
+            x, prompts = batches[c][k % pool]
             t = time.perf_counter()
             try:
                 got, _ = remote(x, prompts, [{}] * IMAGES_PER_REQUEST)
@@ -178,21 +197,40 @@ def load(url: str, reward, clients: int, seconds: float, seed: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    after = scrape(url)
-    mixed = 0
-    for c, got in replies.items():  # the same batches again, scored here
-        g = torch.Generator().manual_seed(seed * 1000 + c)
-        for k, r in enumerate(got):
-            x, prompts = batch(g, c, k)
-            mixed += not torch.allclose(r, reward(x, prompts, None)[0].float(), atol=1e-4, rtol=1e-4)
-    images = sum(len(v) for v in replies.values()) * IMAGES_PER_REQUEST
+    after, cpu1 = scrape(url), server.cpu_s()
+    expected = {(c, k): reward(*batches[c][k], None)[0].float() for c in range(clients) for k in range(pool)}
+    mixed = sum(not torch.allclose(r, expected[c, k % pool], atol=1e-4, rtol=1e-4) for c, got in replies.items() for k, r in enumerate(got))
+    requests = len(lat)
+    images = requests * IMAGES_PER_REQUEST
     calls = after["reward_server_batches_total"] - before["reward_server_batches_total"]
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
-    return {"clients": clients, "requests": len(lat), "images": images, "wall_s": round(wall, 2),
-            "images_per_s": images / wall, "p50_ms": q(0.5), "p99_ms": q(0.99),
+    return {"clients": clients, "size": size, "body": "json" if binary is False else "binary", "requests": requests,
+            "images": images, "wall_s": round(wall, 2), "images_per_s": images / wall, "p50_ms": q(0.5), "p99_ms": q(0.99),
             "mean_batch": (after["reward_server_images_total"] - before["reward_server_images_total"]) / max(calls, 1),
-            "reward_calls": int(calls), "errors": errors[:5], "error_count": len(errors), "mixed": mixed}
+            "reward_calls": int(calls), "server_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / max(requests, 1),
+            "errors": errors[:5], "error_count": len(errors), "mixed": mixed}
+
+
+def reward_profile(reward, sizes=(8, 32, 128), repeats: int = 10) -> dict:
+    """Milliseconds per call of ``reward`` on one thread (as the server runs it) at each batch size of 64x64 images:
+    how much a merged call can save per image."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for n in sizes:
+            x = torch.rand(n, 3, 64, 64)
+            reward(x, None, None)
+            t = time.perf_counter()
+            for _ in range(repeats):
+                reward(x, None, None)
+            out[n] = 1000 * (time.perf_counter() - t) / repeats
+        return out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _png(mode: str, size=(4, 4)) -> str:
@@ -203,12 +241,13 @@ def _png(mode: str, size=(4, 4)) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def fuzz_cases(max_batch: int, max_side: int) -> list[tuple[str, object, int]]:
-    """Malformed /score requests and the status each must get: (name, JSON-able body or raw bytes, code), for a
-    server of ``max_batch`` images of at most ``max_side`` pixels a side (at most 299)."""
+def fuzz_cases(max_batch: int, max_side: int) -> list[tuple[str, bytes, str, int]]:
+    """Malformed /score requests and the status each must get: (name, body, its Content-Type, code), JSON bodies and
+    binary (safetensors) ones, for a server of ``max_batch`` images of at most ``max_side`` pixels a side."""
     import torch
+    from safetensors.torch import save
 
-    from diffrl_fast.rewards.remote import body_limit, encode_images
+    from diffrl_fast.rewards.remote import BINARY_TYPE, JSON_TYPE, body_limit, encode_images
 
     def raw(value, shape):
         import math
@@ -219,7 +258,32 @@ def fuzz_cases(max_batch: int, max_side: int) -> list[tuple[str, object, int]]:
     good = {"prompts": ["1"], "images": encode_images(torch.zeros(1, 1, 4, 4))}
     img = lambda **kw: {**good, "images": {"format": "uint8", "shape": [1, 1, 4, 4], "data": base64.b64encode(bytes(16)).decode(), **kw}}  # noqa: E731
     n = max_batch + 1
-    return [
+
+    def st(tensors=None, **meta):  # a safetensors body: one uint8 image and one prompt unless told otherwise
+        meta = {"prompts": '["1"]', **meta}
+        return save(tensors or {"images": torch.zeros(1, 1, 4, 4, dtype=torch.uint8)}, metadata={k: v for k, v in meta.items() if v is not None})
+
+    valid = st()
+    binary = [
+        ("binary: garbage", b"garbage", 400), ("binary: empty", b"", 400), ("binary: truncated", valid[:-5], 400),
+        ("binary: header length past the body", (10**12).to_bytes(8, "little") + b"{}", 400),
+        ("binary: header not JSON", (6).to_bytes(8, "little") + b"{oops}", 400),
+        ("binary: two tensors", st({"images": torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "x": torch.zeros(1)}), 400),
+        ("binary: no images tensor", st({"x": torch.zeros(1, 1, 4, 4, dtype=torch.uint8)}), 400),
+        ("binary: int64 images", st({"images": torch.zeros(1, 1, 4, 4, dtype=torch.int64)}), 400),
+        ("binary: 3-d images", st({"images": torch.zeros(1, 4, 4, dtype=torch.uint8)}), 400),
+        ("binary: 4 channels", st({"images": torch.zeros(1, 4, 4, 4, dtype=torch.uint8)}), 400),
+        ("binary: a side over --max-side", st({"images": torch.zeros(1, 1, 1, max_side + 1, dtype=torch.uint8)}), 400),
+        ("binary: NaN float32", st({"images": torch.full((1, 1, 4, 4), float("nan"))}), 400),
+        ("binary: float32 above 1", st({"images": torch.full((1, 1, 4, 4), 2.0)}), 400),
+        ("binary: no prompts", st(prompts=None), 400), ("binary: prompts not JSON", st(prompts="[oops"), 400),
+        ("binary: prompts nested deeply", st(prompts="[" * 100000 + "]" * 100000), 400),
+        ("binary: prompts of ints", st(prompts="[1]"), 400), ("binary: metadata of the wrong length", st(metadata="[{}, {}]"), 400),
+        ("binary: images for other prompts", st(prompts='["1", "2"]'), 400),
+        ("binary: more images than --max-batch", st({"images": torch.zeros(n, 1, 4, 4, dtype=torch.uint8)}, prompts=json.dumps(["1"] * n)), 413),
+        ("binary: body over the size limit", b"\0" * (body_limit(max_batch, max_side) + 10), 413),
+    ]
+    return [(name, body if isinstance(body, bytes) else json.dumps(body).encode(), JSON_TYPE, code) for name, body, code in [
         ("not JSON", b"{oops", 400), ("a list", b"[1, 2]", 400), ("a string", b'"x"', 400), ("NaN constant", b'{"prompts": NaN}', 400),
         ("deeply nested list", b"[" * 100000 + b"]" * 100000, 400), ("deeply nested object", b'{"a":' * 50000 + b"1" + b"}" * 50000, 400),
         ("no prompts", {"images": good["images"]}, 400), ("prompts not a list", {**good, "prompts": "1"}, 400),
@@ -241,20 +305,19 @@ def fuzz_cases(max_batch: int, max_side: int) -> list[tuple[str, object, int]]:
         ("png not base64", {**good, "images": {"format": "png", "data": ["%%%"]}}, 400),
         ("RGBA png", {**good, "images": {"format": "png", "data": [_png("RGBA")]}}, 400),
         ("pngs of two sizes", {**good, "prompts": ["1", "2"], "images": {"format": "png", "data": [_png("L"), _png("L", (5, 5))]}}, 400),
-        ("png over --max-side", {**good, "images": {"format": "png", "data": [_png("L", (300, 2))]}}, 400),
+        ("png over --max-side", {**good, "images": {"format": "png", "data": [_png("L", (max_side + 1, 2))]}}, 400),
         ("more images than --max-batch", {"prompts": ["1"] * n, "images": encode_images(torch.zeros(n, 1, 4, 4))}, 413),
         ("body over the size limit", b" " * (body_limit(max_batch, max_side) + 10), 413),
-    ]
+    ]] + [(name, body, BINARY_TYPE, code) for name, body, code in binary]
 
 
 def fuzz(url: str, max_batch: int, max_side: int) -> dict:
     import requests
 
     codes = {}
-    for name, body, _ in fuzz_cases(max_batch, max_side):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    for name, body, content_type, _ in fuzz_cases(max_batch, max_side):
         try:
-            codes[name] = requests.post(f"{url}/score", data=data, headers={"Content-Type": "application/json"}, timeout=60).status_code
+            codes[name] = requests.post(f"{url}/score", data=body, headers={"Content-Type": content_type}, timeout=60).status_code
         except requests.RequestException as exc:
             codes[name] = f"{type(exc).__name__}"
     return codes
@@ -266,21 +329,35 @@ def write_md(data: dict, path: Path) -> None:
              f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}, {m['date']}. "
              f"`diffrl-fast bench reward-server --seconds {data['seconds']:g}`: a CLIP-style reward (random weights, 64x64 inputs) "
              f"served on 127.0.0.1; clients send {IMAGES_PER_REQUEST} images per request back to back.", "",
-             "| clients | mode | images/s | p50 latency (ms) | p99 latency (ms) | images per reward call | requests | mixed replies | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| clients | mode | image side | body | images/s | p50 latency (ms) | p99 latency (ms) | images per reward call | "
+             "server CPU per request (ms) | requests | mixed replies | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['clients']} | {r['mode']} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{r['mean_batch']:.1f} | {r['requests']} | {r['mixed']} | {r['error_count']} |")
+        lines.append(f"| {r['clients']} | {r['mode']} | {r['size']} | {r['body']} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['server_cpu_ms_per_request']:.2f} | {r['requests']} | "
+                     f"{r['mixed']} | {r['error_count']} |")
     s = data["summary"]
+    prof = s["reward_ms_per_call"]
     lines += ["", f"With {max(CLIENTS)} clients dynamic batching scores **{s['speedup']:.2f}x** the images per second of one request "
               f"per reward call (target: at least 3x), at {s['p99_ratio']:.2f}x its p99 latency (target: at most 2x).", "",
               f"With one client the adaptive wait (the default) scores {s['one_client_adaptive_over_fixed']:.2f}x the images per second "
               f"of the fixed 5 ms wait, and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching.", "",
+              "The reward on one thread, milliseconds per call: " + ", ".join(f"{n} images {ms:.1f}" for n, ms in prof.items())
+              + f"; a merged call of {max(prof, key=int)} costs {s['reward_per_image_saving']:.2f}x less per image than calls of 8.", "",
+              f"At {s['big_size']}x{s['big_size']} pixels with {s['big_clients']} clients and batching, binary bodies score "
+              f"{s['binary_over_json']:.2f}x the images per second of JSON ones, at {s['binary_server_cpu_ratio']:.2f}x the server's CPU "
+              f"time per request; with binary bodies batching scores {s['big_speedup']:.2f}x one request per reward call.", "",
               f"Fuzz: {s['fuzz_cases']} malformed requests, {s['fuzz_4xx']} answered 4xx as expected, {s['fuzz_5xx']} 5xx; the server "
               f"answered a valid request afterwards: {s['alive_after_fuzz']}. Resident memory: {s['rss_warm_mb']:.0f} MB after warm-up, "
               f"{s['rss_load_mb']:.0f} MB after the load, {s['rss_fuzz_mb']:.0f} MB after the fuzz ({s['rss_ratio']:.2f}x; target at most 1.5x).", ""]
     lines += reading_lines(path)
     path.write_text("\n".join(lines))
+
+
+def _print(r: dict) -> None:
+    print(f"{r['mode']:>20} {r['clients']:>2} clients, {r['size']}px {r['body']:>6}: {r['images_per_s']:.0f} images/s, "
+          f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['mean_batch']:.1f} images per call, "
+          f"server CPU {r['server_cpu_ms_per_request']:.2f} ms per request", flush=True)
 
 
 def main(argv=None) -> int:
@@ -295,36 +372,56 @@ def main(argv=None) -> int:
     from diffrl_fast.rewards.remote import encode_images
 
     reward = clip_style_reward()
+    profile = reward_profile(reward, repeats=2 if args.smoke else 10)
+    print("reward ms per call on one thread: " + ", ".join(f"{n} images {ms:.1f}" for n, ms in profile.items()), flush=True)
     max_batch, max_side = 128, 256
     clients = (1, 4) if args.smoke else CLIENTS
+    # the bodies at a generated image's size: JSON (base64) against binary (safetensors), 16 clients
+    big, body_clients = (128, 4) if args.smoke else (BIG, max(CLIENTS))
     rows, rss = [], {}
     for mode in MODES:
         flags = ["--max-batch", str(max_batch), "--max-wait-ms", "5", "--max-side", str(max_side)]
         server = ServerProcess(*flags, *MODES[mode])
         try:
-            load(server.url, reward, 2, 0.5, seed=99)  # warm-up: first calls, allocator
+            load(server, reward, 2, 0.5, seed=99)  # warm-up: first calls, allocator
             if mode == "batching":
                 rss["warm"] = server.rss_mb()
             for n in clients:
-                rows.append({"mode": mode, **load(server.url, reward, n, args.seconds, seed=n)})
-                print(f"{mode:>14} {n:>2} clients: {rows[-1]['images_per_s']:.0f} images/s, p50 {rows[-1]['p50_ms']:.1f} ms, "
-                      f"p99 {rows[-1]['p99_ms']:.1f} ms, {rows[-1]['mean_batch']:.1f} images per call", flush=True)
+                rows.append({"mode": mode, **load(server, reward, n, args.seconds, seed=n)})
+                _print(rows[-1])
             if mode == "batching":
                 rss["load"] = server.rss_mb()
                 codes = fuzz(server.url, max_batch, max_side)
-                expected = {name: code for name, _, code in fuzz_cases(max_batch, max_side)}
+                expected = {name: code for name, _, _, code in fuzz_cases(max_batch, max_side)}
                 good = {"prompts": ["1"], "images": encode_images(torch.zeros(1, 3, 64, 64))}
                 alive = requests.post(f"{server.url}/score", json=good, timeout=60).status_code == 200
                 rss["fuzz"] = server.rss_mb()
         finally:
             server.close()
+    for mode in BODY_MODES:  # its own servers: --max-side big (the fuzz's server keeps its body limit small)
+        server = ServerProcess("--max-batch", str(max_batch), "--max-wait-ms", "5", "--max-side", str(big), *MODES[mode])
+        try:
+            load(server, reward, 2, 0.5, seed=99, size=big)
+            for binary in (False, True):
+                rows.append({"mode": mode, **load(server, reward, body_clients, args.seconds, seed=7, size=big, binary=binary)})
+                _print(rows[-1])
+        finally:
+            server.close()
     top = max(clients)
-    fast = next(r for r in rows if r["mode"] == "batching" and r["clients"] == top)
-    slow = next(r for r in rows if r["mode"] == "one at a time" and r["clients"] == top)
-    one = {r["mode"]: r["images_per_s"] for r in rows if r["clients"] == 1}
+    main_rows = [r for r in rows if r["size"] == 64]
+    fast = next(r for r in main_rows if r["mode"] == "batching" and r["clients"] == top)
+    slow = next(r for r in main_rows if r["mode"] == "one at a time" and r["clients"] == top)
+    one = {r["mode"]: r["images_per_s"] for r in main_rows if r["clients"] == 1}
+    body = {(r["mode"], r["body"]): r for r in rows if r["size"] == big}
     summary = {"speedup": fast["images_per_s"] / slow["images_per_s"], "p99_ratio": fast["p99_ms"] / slow["p99_ms"],
                "one_client_adaptive_over_fixed": one["batching"] / one["batching, fixed wait"],
                "one_client_adaptive_over_unbatched": one["batching"] / one["one at a time"],
+               "reward_ms_per_call": profile,
+               "reward_per_image_saving": (profile[8] / 8) / (profile[max(profile)] / max(profile)),
+               "big_size": big, "big_clients": body_clients,
+               "binary_over_json": body["batching", "binary"]["images_per_s"] / body["batching", "json"]["images_per_s"],
+               "binary_server_cpu_ratio": body["batching", "binary"]["server_cpu_ms_per_request"] / body["batching", "json"]["server_cpu_ms_per_request"],
+               "big_speedup": body["batching", "binary"]["images_per_s"] / body["one at a time", "binary"]["images_per_s"],
                "fuzz_cases": len(codes), "fuzz_4xx": sum(codes[k] == expected[k] for k in codes),
                "fuzz_5xx": sum(isinstance(c, int) and c >= 500 for c in codes.values()), "fuzz_codes": codes,
                "alive_after_fuzz": alive, "rss_warm_mb": rss["warm"], "rss_load_mb": rss["load"], "rss_fuzz_mb": rss["fuzz"],

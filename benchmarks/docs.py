@@ -318,21 +318,28 @@ def overopt_table(data: dict) -> str:
 
 
 def reward_server_table(data: dict) -> str:
-    """The reward server's load benchmark (bench reward-server's JSON): images/s and latency with and without dynamic
-    batching, the ratio against the targets, the fuzz and the memory."""
+    """The reward server's load benchmark (bench reward-server's JSON): images/s, latency and the server's CPU time per
+    request with and without dynamic batching, JSON against binary bodies at a generated image's size, the ratios
+    against the targets, the reward's cost per call, the fuzz and the memory."""
     s = data["summary"]
-    lines = ["| clients | mode | images/s | p50 / p99 latency (ms) | images per reward call |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| clients | mode | image side, body | images/s | p50 / p99 latency (ms) | images per reward call | server CPU per request (ms) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in data["rows"]:
-        lines.append(f"| {r['clients']} | {r['mode']} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['mean_batch']:.1f} |")
+        lines.append(f"| {r['clients']} | {r['mode']} | {r['size']}, {r['body']} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} / "
+                     f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['server_cpu_ms_per_request']:.2f} |")
     top = max(r["clients"] for r in data["rows"])
+    prof = s["reward_ms_per_call"]
     command = f"diffrl-fast bench reward-server --seconds {data['seconds']:g}"
-    lines += ["", f"With {top} clients dynamic batching scores {s['speedup']:.2f}x the images per second of one request per reward "
-              f"call at {s['p99_ratio']:.2f}x its p99 latency; {s['mixed']} mixed replies, {s['errors']} errors; a fuzz of "
-              f"{s['fuzz_cases']} malformed requests got {s['fuzz_4xx']} expected 4xx answers and {s['fuzz_5xx']} 5xx; resident "
-              f"memory {s['rss_ratio']:.2f}x its after-warm-up value ({_provenance(data, command)}).", ""]
-    if "one_client_adaptive_over_fixed" in s:
-        lines[-1:-1] = [f"With one client the adaptive wait scores {s['one_client_adaptive_over_fixed']:.2f}x the images per second of "
-                        f"the fixed 5 ms wait and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching.", ""]
+    lines += ["", f"With {top} clients of 64x64 images dynamic batching scores {s['speedup']:.2f}x the images per second of one "
+              f"request per reward call at {s['p99_ratio']:.2f}x its p99 latency; {s['mixed']} mixed replies, {s['errors']} errors; "
+              f"a fuzz of {s['fuzz_cases']} malformed requests got {s['fuzz_4xx']} expected 4xx answers and {s['fuzz_5xx']} 5xx; "
+              f"resident memory {s['rss_ratio']:.2f}x its after-warm-up value ({_provenance(data, command)}).", "",
+              f"With one client the adaptive wait scores {s['one_client_adaptive_over_fixed']:.2f}x the images per second of "
+              f"the fixed 5 ms wait and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching. The reward costs "
+              + ", ".join(f"{ms:.1f} ms for {n} images" for n, ms in prof.items()) + " on one thread: a merged call saves at most "
+              f"{s['reward_per_image_saving']:.2f}x per image. At {s['big_size']}x{s['big_size']} pixels binary bodies score "
+              f"{s['binary_over_json']:.2f}x the images per second of JSON ones at {s['binary_server_cpu_ratio']:.2f}x the server's "
+              f"CPU time per request.", ""]
     return "\n".join(lines)
 
 

@@ -1,13 +1,15 @@
 """Rewards as a service: an HTTP reward server and the client the trainer uses for ``reward.name=http://HOST:PORT``.
 
-Protocol (JSON over HTTP, version 1):
+Protocol (HTTP, version 1):
 
-    GET  /health  -> {"status": "ok", "reward": NAME, "max_batch": N, "protocol": 1, ...}
+    GET  /health  -> {"status": "ok", "reward": NAME, "max_batch": N, "protocol": 1, "bodies": ["json", "safetensors"], ...}
     GET  /metrics -> Prometheus text format: requests by endpoint and status, images, reward calls and their mean
                      size, queue depth, /score latency quantiles
     POST /score   <- {"prompts": [B strings], "metadata": [B objects],
                       "images": {"format": "uint8" | "float32", "shape": [B, C, H, W], "data": base64 of the raw array}
                                 | {"format": "png", "data": [B base64 PNG files]}}
+                     or, as Content-Type application/octet-stream, a safetensors file: one tensor "images" (uint8 or
+                     float32 [B, C, H, W]) and, in its header's metadata, "prompts" and "metadata" as JSON strings
                   -> {"rewards": [B numbers or null (a non-finite reward)], "info": {name: number}}
                   errors, each as {"error": message}: 400 (malformed request: JSON, shapes, base64, NaN/inf or
                   out-of-range floats, images over --max-side), 401 (no or wrong token), 413 (more than max_batch images,
@@ -16,11 +18,14 @@ Protocol (JSON over HTTP, version 1):
 
 Images are the trainer's [B, C, H, W] floats in [0, 1], C = 1 or 3. ``uint8`` (the default) and ``png`` send
 round(255 x) as an 8-bit image would store it; ``float32`` sends the floats exactly (4x the bytes), so a remote reward
-equals the local one bit for bit.
+equals the local one bit for bit. The client sends raw formats as the binary body where the server takes it (its
+/health lists "safetensors"): the server then reads the pixels without base64 or a JSON string of them, which at
+512x512 is most of its work per request.
 
 The server (``make_app``) is aiohttp's. Concurrent requests are merged into reward calls of up to max_batch images
 (dynamic batching: whole requests of the same image size, formed once full or --max-wait-ms after the oldest arrived),
-run one at a time in a worker thread so /health and /metrics answer meanwhile, and split back to their requests.
+run one at a time in a worker thread so /health and /metrics answer meanwhile (8-bit pixels become the reward's
+floats there, not on the event loop), and split back to their requests.
 
 The client (:class:`RemoteReward`) checks ``/health`` when it is built (before the trainer loads any model), sends
 batches of at most the server's ``max_batch`` (with the bearer token of reward.token_file where the server needs one),
@@ -43,6 +48,8 @@ from .values import RewardError, reward_values
 
 PROTOCOL = 1
 IMAGE_FORMATS = ("uint8", "png", "float32")
+JSON_TYPE, BINARY_TYPE = "application/json", "application/octet-stream"  # a /score body's Content-Type
+BODIES = ("json", "safetensors")  # the bodies a server takes (/health's "bodies")
 
 
 class RewardServiceError(RewardError):
@@ -50,47 +57,94 @@ class RewardServiceError(RewardError):
 
 
 # ---- images on the wire ---------------------------------------------------------------------------------------
+def _wire_array(images: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The array a format sends: float32 as given (exact), or round(255 x) of x clamped to [0, 1] as uint8."""
+    x = images.detach().float().cpu()
+    if fmt == "float32":
+        return x.contiguous()
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+
+
 def encode_images(images: torch.Tensor, fmt: str = "uint8") -> dict:
     """[B, C, H, W] floats in [0, 1] (or videos [B, F, C, H, W]) as the JSON ``images`` field: raw uint8 / float32
     bytes, or one PNG per image (images only)."""
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"image format {fmt!r} is not one of {IMAGE_FORMATS}")
-    x = images.detach().float().cpu()
-    if x.dim() == 5 and fmt == "png":
+    if images.dim() == 5 and fmt == "png":
         raise ValueError("videos travel as raw uint8 or float32 (reward.remote_format), not PNG")
-    if fmt == "float32":
-        return {"format": fmt, "shape": list(x.shape), "data": base64.b64encode(x.contiguous().numpy().tobytes()).decode()}
-    u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    if fmt == "uint8":
-        return {"format": fmt, "shape": list(u8.shape), "data": base64.b64encode(u8.contiguous().numpy().tobytes()).decode()}
+    arr = _wire_array(images, fmt)
+    if fmt != "png":
+        return {"format": fmt, "shape": list(arr.shape), "data": base64.b64encode(arr.numpy().tobytes()).decode()}
     from PIL import Image
 
     files = []
-    for img in u8:
-        arr = img.permute(1, 2, 0).numpy()
+    for img in arr:
+        a = img.permute(1, 2, 0).numpy()
         buf = io.BytesIO()
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="PNG")
         files.append(base64.b64encode(buf.getvalue()).decode())
     return {"format": fmt, "data": files}
 
 
-def decode_images(field, max_side: int = 1 << 16, max_frames: int = 0) -> torch.Tensor:
-    """The JSON ``images`` field back as [B, C, H, W] float32 in [0, 1] (C = 1 or 3, H and W at most ``max_side``), or
-    with ``max_frames`` > 0 (a video reward's server) videos [B, F, C, H, W] of at most ``max_frames`` frames, raw
-    formats only; ValueError names what is malformed: the format, the shape, the base64, the byte count, a PNG that is
-    not one or not grayscale / RGB, float32 values that are not finite or outside [0, 1]."""
+def encode_request(images: torch.Tensor, prompts: list, metadata: list, fmt: str = "uint8", binary: bool = False) -> tuple[bytes, str]:
+    """A /score body and its Content-Type. JSON: ``{"prompts", "metadata", "images": encode_images(images, fmt)}``.
+    ``binary`` (raw formats only): a safetensors file whose one tensor ``images`` is the uint8 / float32 array and
+    whose header metadata holds ``prompts`` and ``metadata`` as JSON strings: no base64 and no JSON string of the
+    pixels to parse, so the server's work per request no longer grows with the image's bytes through Python."""
+    if not binary:
+        body = {"prompts": prompts, "metadata": metadata, "images": encode_images(images, fmt)}
+        return json.dumps(body).encode(), JSON_TYPE
+    if fmt not in ("uint8", "float32"):
+        raise ValueError(f"binary bodies carry raw uint8 or float32 arrays, not {fmt!r}")
+    from safetensors.torch import save
+
+    meta = {"prompts": json.dumps(prompts), "metadata": json.dumps(metadata)}
+    return save({"images": _wire_array(images, fmt)}, metadata=meta), BINARY_TYPE
+
+
+def _reject_constant(value):
+    raise ValueError(f"{value} is not JSON")
+
+
+def _check_shape(shape: list, max_side: int, max_frames: int, what: str) -> None:
+    """ValueError unless ``shape`` is a batch a server takes: [B, C, H, W] (or [B, F, C, H, W] when ``max_frames`` > 0)
+    of positive sizes, C = 1 or 3, sides of at most ``max_side``, at most ``max_frames`` frames."""
+    dims, form = (5, "[B, F, C, H, W] (videos: this server's reward takes them)") if max_frames else (4, "[B, C, H, W]")
+    if len(shape) != dims or not all(s > 0 for s in shape):
+        raise ValueError(f"{what} {shape} must be {form} of positive integers")
+    if shape[-3] not in (1, 3):
+        raise ValueError(f"{what} {shape} has {shape[-3]} channels; images are grayscale (1) or RGB (3)")
+    if max(shape[-2:]) > max_side:
+        raise ValueError(f"{what} {shape} is {shape[-2]}x{shape[-1]} pixels; this server takes at most {max_side} a side (--max-side)")
+    if max_frames and shape[1] > max_frames:
+        raise ValueError(f"{what} {shape} has {shape[1]} frames; this server takes at most {max_frames} (--max-frames)")
+
+
+def _check_values(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` if it is uint8, or float32 finite and in [0, 1]; ValueError naming what is not."""
+    if x.dtype == torch.float32:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the float32 images hold NaN or infinite values")
+        if bool((x < 0).any() or (x > 1).any()):
+            raise ValueError(f"the float32 images hold values outside [0, 1] (min {float(x.min()):g}, max {float(x.max()):g})")
+    elif x.dtype != torch.uint8:
+        raise ValueError(f"{what} is {x.dtype}; images travel as uint8 or float32")
+    return x
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """A decoded batch as the reward's float32 in [0, 1]: uint8 v -> v / 255, float32 as it is."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x  # in place: one float array, not two
+
+
+def _decode_field(field, max_side: int, max_frames: int) -> torch.Tensor:
+    """The JSON ``images`` field as its checked uint8 (uint8, png) or float32 array (decode_images without the
+    conversion, which the server leaves to its reward thread)."""
     import numpy as np
 
     if not isinstance(field, dict) or field.get("format") not in IMAGE_FORMATS:
         raise ValueError(f"'images' must be an object with 'format' one of {list(IMAGE_FORMATS)}")
     fmt, data = field["format"], field.get("data")
-
-    def check_size(c, h, w, what):
-        if c not in (1, 3):
-            raise ValueError(f"{what} has {c} channels; images are grayscale (1) or RGB (3)")
-        if max(h, w) > max_side:
-            raise ValueError(f"{what} is {h}x{w} pixels; this server takes at most {max_side} a side (--max-side)")
-
     if fmt == "png":
         from PIL import Image
 
@@ -102,8 +156,9 @@ def decode_images(field, max_side: int = 1 << 16, max_frames: int = 0) -> torch.
         for i, item in enumerate(data):
             try:
                 im = Image.open(io.BytesIO(base64.b64decode(item, validate=True)), formats=["PNG"])
-                w, h = im.size
-                check_size(1, h, w, f"image {i}")
+                w, h = im.size  # checked before the pixels are decoded
+                if max(h, w) > max_side:
+                    raise ValueError(f"image {i} is {h}x{w} pixels; this server takes at most {max_side} a side (--max-side)")
                 if im.mode not in ("L", "RGB"):
                     raise ValueError(f"image {i} is a PNG of mode {im.mode}; send grayscale (L) or RGB")
                 arr = np.asarray(im)
@@ -114,14 +169,11 @@ def decode_images(field, max_side: int = 1 << 16, max_frames: int = 0) -> torch.
             arrays.append(arr[..., None] if arr.ndim == 2 else arr)
         if len({a.shape for a in arrays}) != 1:
             raise ValueError("the PNG images have different sizes or modes")
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     shape = field.get("shape")
-    dims, form = (5, "[B, F, C, H, W] (videos: this server's reward takes them)") if max_frames else (4, "[B, C, H, W]")
-    if not (isinstance(shape, list) and len(shape) == dims and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-        raise ValueError(f"'images.shape' must be {form} of positive integers")
-    check_size(shape[-3], shape[-2], shape[-1], f"'images.shape' {shape}")
-    if max_frames and shape[1] > max_frames:
-        raise ValueError(f"'images.shape' {shape} has {shape[1]} frames; this server takes at most {max_frames} (--max-frames)")
+    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+        raise ValueError("'images.shape' must be a list of integers, " + ("[B, F, C, H, W]" if max_frames else "[B, C, H, W]"))
+    _check_shape(shape, max_side, max_frames, "'images.shape'")
     if not isinstance(data, str):
         raise ValueError("'images.data' must be a base64 string")
     try:
@@ -132,14 +184,46 @@ def decode_images(field, max_side: int = 1 << 16, max_frames: int = 0) -> torch.
     if len(raw) != math.prod(shape) * np.dtype(dtype).itemsize:
         raise ValueError(f"'images.data' holds {len(raw)} bytes; shape {shape} of {fmt} needs "
                          f"{math.prod(shape) * np.dtype(dtype).itemsize}")
-    x = torch.from_numpy(np.frombuffer(raw, dtype=dtype).reshape(shape).copy())
-    if fmt == "uint8":
-        return x.float() / 255
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("the float32 images hold NaN or infinite values")
-    if bool((x < 0).any() or (x > 1).any()):
-        raise ValueError(f"the float32 images hold values outside [0, 1] (min {float(x.min()):g}, max {float(x.max()):g})")
-    return x
+    return _check_values(torch.from_numpy(np.frombuffer(raw, dtype=dtype).reshape(shape).copy()), "'images.data'")
+
+
+def decode_images(field, max_side: int = 1 << 16, max_frames: int = 0) -> torch.Tensor:
+    """The JSON ``images`` field back as [B, C, H, W] float32 in [0, 1] (C = 1 or 3, H and W at most ``max_side``), or
+    with ``max_frames`` > 0 (a video reward's server) videos [B, F, C, H, W] of at most ``max_frames`` frames, raw
+    formats only; ValueError names what is malformed: the format, the shape, the base64, the byte count, a PNG that is
+    not one or not grayscale / RGB, float32 values that are not finite or outside [0, 1]."""
+    return to_unit(_decode_field(field, max_side, max_frames))
+
+
+def decode_binary(body: bytes, max_side: int = 1 << 16, max_frames: int = 0) -> tuple[torch.Tensor, list, list]:
+    """A binary /score body (``encode_request(..., binary=True)``: a safetensors file) as (images as sent, uint8 or
+    float32, checked as decode_images checks them; prompts; metadata, or None when absent); ValueError names what is
+    malformed: not a safetensors file, tensors other than one ``images``, its dtype, shape or values, prompts or
+    metadata that are not JSON strings in the header."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(body)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own message says what is wrong with the file
+        raise ValueError(f"the binary body is not a safetensors file ({str(exc)[:200]})") from None
+    if set(tensors) != {"images"}:
+        raise ValueError(f"a binary body holds one tensor, 'images'; this one holds {sorted(tensors)[:8]}")
+    n = int.from_bytes(body[:8], "little")  # the header safetensors has just read and checked
+    meta = json.loads(body[8:8 + n]).get("__metadata__") or {}
+    fields = []
+    for key in ("prompts", "metadata"):
+        text = meta.get(key)
+        if text is None:
+            fields.append(None)
+            continue
+        try:
+            fields.append(json.loads(text, parse_constant=_reject_constant))
+        except (ValueError, RecursionError):
+            raise ValueError(f"the header's '{key}' is not JSON, or nests too deeply (it holds the list as a JSON "
+                                 "string)") from None
+    x = tensors["images"]
+    _check_shape(list(x.shape), max_side, max_frames, "'images'")
+    return _check_values(x, "'images'"), fields[0], fields[1]
 
 
 # ---- the server -------------------------------------------------------------------------------------------------
@@ -233,7 +317,9 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     def fail(status: int, message: str, **headers):
         return web.json_response({"error": message}, status=status, headers=headers or None)
 
-    def compute(images, prompts, metadata):
+    def compute(arrays, prompts, metadata):
+        # in the reward thread: the requests' arrays as the reward's floats (torch releases the GIL), then the reward
+        images = to_unit(arrays[0]) if len(arrays) == 1 else torch.cat([to_unit(a) for a in arrays])
         with torch.no_grad():
             out = reward_fn(images, prompts, metadata)
         # NaN/inf travel as null: the client decides (reward.drop_nonfinite) what a non-finite reward means
@@ -253,9 +339,8 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         ("raised", message)."""
         loop = asyncio.get_running_loop()
         t = time.perf_counter()
-        images = torch.cat([p.images for p in items]) if len(items) > 1 else items[0].images
         try:
-            rewards, info = await loop.run_in_executor(worker, compute, images, [x for p in items for x in p.prompts],
+            rewards, info = await loop.run_in_executor(worker, compute, [p.images for p in items], [x for p in items for x in p.prompts],
                                                        [x for p in items for x in p.metadata])
         except Exception as exc:  # noqa: BLE001 - the reward's own failure goes back to its request, named
             if len(items) > 1:  # find the request that makes it fail: each alone
@@ -270,7 +355,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         stats.batches += 1
         stats.batch_requests += len(items)
         state["last_requests"] = len(items)
-        stats.images += images.shape[0]
+        stats.images += sum(len(p.prompts) for p in items)
         start = 0
         for p in items:
             n = len(p.prompts)
@@ -341,7 +426,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         return resp
 
     async def health(request):
-        return web.json_response({"status": "ok", "reward": name, "max_batch": max_batch, "protocol": PROTOCOL,
+        return web.json_response({"status": "ok", "reward": name, "max_batch": max_batch, "protocol": PROTOCOL, "bodies": list(BODIES),
                                   "batching": batching, "wait": wait, "max_side": max_side, "queued": len(queue),
                                   "video": video, "max_frames": frames,
                                   "batches": stats.batches, "images": stats.images})
@@ -372,9 +457,6 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
-    def reject_constant(value):
-        raise ValueError(f"{value} is not JSON")
-
     async def score(request):
         state["arriving"] += 1  # others are coming: the batcher's adaptive wait reads this
         try:
@@ -396,15 +478,21 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
 
     async def receive(request):
         """The checked request as a _Pending, or the error response that refuses it."""
-        try:
-            body = json.loads(await request.text(), parse_constant=reject_constant)
-        except (ValueError, UnicodeDecodeError):
-            return fail(400, "the request body is not JSON")
-        except RecursionError:
-            return fail(400, "the request body nests too deeply")
-        if not isinstance(body, dict):
-            return fail(400, "the request body must be a JSON object")
-        prompts, metadata = body.get("prompts"), body.get("metadata")
+        if request.content_type == BINARY_TYPE:  # a safetensors file: the images, and prompts / metadata in its header
+            try:
+                images, prompts, metadata = decode_binary(await request.read(), max_side=max_side, max_frames=frames)
+            except ValueError as exc:
+                return fail(400, str(exc))
+        else:
+            try:
+                body = json.loads(await request.text(), parse_constant=_reject_constant)
+            except (ValueError, UnicodeDecodeError):
+                return fail(400, "the request body is not JSON (or send a safetensors file as application/octet-stream)")
+            except RecursionError:
+                return fail(400, "the request body nests too deeply")
+            if not isinstance(body, dict):
+                return fail(400, "the request body must be a JSON object")
+            prompts, metadata, images = body.get("prompts"), body.get("metadata"), None
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             return fail(400, "'prompts' must be a non-empty list of strings")
         metadata = [{} for _ in prompts] if metadata is None else metadata
@@ -412,10 +500,11 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             return fail(400, f"'metadata' must be a list of {len(prompts)} objects")
         if len(prompts) > max_batch:
             return fail(413, f"{len(prompts)} images in one request; this server takes at most {max_batch} (send smaller batches)")
-        try:
-            images = decode_images(body.get("images"), max_side=max_side, max_frames=frames)
-        except ValueError as exc:
-            return fail(400, str(exc))
+        if images is None:
+            try:  # uint8 stays uint8 until the reward thread converts it
+                images = _decode_field(body.get("images"), max_side=max_side, max_frames=frames)
+            except ValueError as exc:
+                return fail(400, str(exc))
         if images.shape[0] != len(prompts):
             return fail(400, f"{images.shape[0]} images for {len(prompts)} prompts")
         if len(queue) >= max_queue:
@@ -460,12 +549,13 @@ class RemoteReward:
     Requests go in batches of ``min(batch_size, the server's max_batch)``; each may take ``timeout_s``; a failed request
     (connection error, timeout, HTTP 5xx, 429 or 422) is retried ``retries`` times after backoff_s, 2 backoff_s, 4 backoff_s,
     ... (after a 429, at least its Retry-After); ``close()`` stops it between attempts. ``token``: sent as
-    ``Authorization: Bearer <token>`` (a server bound beyond loopback needs it).
+    ``Authorization: Bearer <token>`` (a server bound beyond loopback needs it). ``binary``: raw formats travel as a
+    safetensors body (``encode_request``); None (the default) when the server's /health lists it, else JSON.
     """
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 1.0,
                  image_format: str = "uint8", batch_size: int = 0, health_timeout_s: float = 10.0,
-                 allow_nonfinite: bool = False, token: str | None = None) -> None:
+                 allow_nonfinite: bool = False, token: str | None = None, binary: bool | None = None) -> None:
         import threading
 
         from .._extras import require
@@ -503,6 +593,11 @@ class RemoteReward:
             raise RewardError(f"reward server {self.url} scores videos, which travel as raw frames: set reward.remote_format "
                               f"to uint8 or float32")
         self.batch_size = min(batch_size, health["max_batch"]) if batch_size > 0 else health["max_batch"]
+        offered = "safetensors" in (health.get("bodies") or ())  # a server before binary bodies lists none
+        if binary and not offered:
+            raise RewardServiceError(f"reward server {self.url} does not take binary bodies (its /health lists "
+                                     f"{health.get('bodies')!r}): update it, or send JSON")
+        self.binary = (offered if binary is None else binary) and image_format != "png"
 
     def __repr__(self) -> str:
         return f"RemoteReward({self.url!r}, reward={self.name!r})"
@@ -526,8 +621,7 @@ class RemoteReward:
     def _score(self, images: torch.Tensor, prompts: list, metadata: list):
         import requests
 
-        body = json.dumps({"prompts": prompts, "metadata": _jsonable(metadata),
-                           "images": encode_images(images, self.image_format)})
+        body, content_type = encode_request(images, prompts, _jsonable(metadata), self.image_format, self.binary)
         last, retry_after = "", 0.0
         for attempt in range(self.retries + 1):
             if attempt and self.closed.wait(max(retry_after, self.backoff_s * 2 ** (attempt - 1))):
@@ -537,7 +631,7 @@ class RemoteReward:
                 break
             try:
                 reply = self.session.post(f"{self.url}/score", data=body, timeout=self.timeout_s,
-                                          headers={"Content-Type": "application/json"})
+                                          headers={"Content-Type": content_type})
             except requests.Timeout:
                 last = f"no reply within reward.timeout_s={self.timeout_s:g} s"
                 continue

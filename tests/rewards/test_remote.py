@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from diffrl_fast.rewards import RewardError, WeightedReward, get_reward
-from diffrl_fast.rewards.remote import RemoteReward, RewardServiceError, decode_images, encode_images, make_app
+from diffrl_fast.rewards.remote import (RemoteReward, RewardServiceError, decode_binary, decode_images, encode_images,
+                                        encode_request, make_app, to_unit)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +55,15 @@ def test_images_round_trip_in_every_format():
     assert torch.equal(decode_images(encode_images(x, "png")), q)
     gray = x[:, :1]
     assert decode_images(encode_images(gray, "png")).shape == gray.shape
+    meta = [{"seed": 1}, {}]
+    for fmt, want in (("float32", x), ("uint8", q)):  # the binary body: a safetensors file, prompts in its header
+        body, ctype = encode_request(x, ["a", "b"], meta, fmt, binary=True)
+        assert ctype == "application/octet-stream" and len(body) < x.numel() * (4 if fmt == "float32" else 1) + 512
+        images, prompts, metadata = decode_binary(body)
+        assert images.dtype == (torch.float32 if fmt == "float32" else torch.uint8)
+        assert torch.equal(to_unit(images), want) and prompts == ["a", "b"] and metadata == meta
+    with pytest.raises(ValueError, match="raw uint8 or float32"):
+        encode_request(x, ["a", "b"], meta, "png", binary=True)
 
 
 def _fixed_app(handler):
@@ -73,6 +83,24 @@ def _fixed_app(handler):
     app.router.add_get("/health", health)
     app.router.add_post("/score", score)
     return app, calls
+
+
+def test_a_server_without_binary_bodies_gets_json(serve):
+    from aiohttp import web
+
+    seen = []
+
+    async def handler(request):  # a server of before binary bodies: its /health lists no "bodies"
+        seen.append(request.content_type)
+        body = await request.json()
+        return web.json_response({"rewards": [0.5] * len(body["prompts"])})
+
+    app, _ = _fixed_app(handler)
+    server = serve(app)
+    assert RemoteReward(server.url)(torch.zeros(2, 1, 4, 4), ["a", "b"], [{}, {}])[0].tolist() == [0.5, 0.5]
+    assert seen == ["application/json"]
+    with pytest.raises(RewardServiceError, match="does not take binary bodies"):
+        RemoteReward(server.url, binary=True)
 
 
 @pytest.mark.parametrize("reply,message", [

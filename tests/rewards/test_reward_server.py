@@ -36,10 +36,11 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rewards(serve):
     batches = [(torch.rand(4, 1, 8, 8, generator=g), [str(100 * c + i) for i in range(4)]) for c in range(16)]
     got, errors = {}, []
 
-    def client(c):
+    def client(c):  # bodies of both kinds merged into the same reward calls: JSON float32, binary uint8 and float32
         try:
             images, prompts = batches[c]
-            got[c] = RemoteReward(server.url, image_format="float32")(images, prompts, [{}] * 4)[0]
+            fmt, binary = [("float32", False), ("uint8", True), ("float32", True)][c % 3]
+            got[c] = RemoteReward(server.url, image_format=fmt, binary=binary)(images, prompts, [{}] * 4)[0]
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -49,8 +50,9 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rewards(serve):
     for t in threads:
         t.join(60)
     assert not errors and len(got) == 16
-    for c, (images, prompts) in enumerate(batches):  # no reply mixed between requests
-        assert torch.equal(got[c], per_sample(images, prompts, None)[0].float())
+    for c, (images, prompts) in enumerate(batches):  # no reply mixed between requests; each request's own pixels
+        sent = (images * 255).round() / 255 if c % 3 == 1 else images
+        assert torch.equal(got[c], per_sample(sent, prompts, None)[0].float())
     m = metrics(server.url)
     assert m['reward_server_requests_total{path="/score",code="200"}'] == 16 and m["reward_server_images_total"] == 64
     assert m["reward_server_batches_total"] < 16  # merged: fewer reward calls than requests
@@ -166,9 +168,9 @@ def test_fuzz_of_malformed_requests_gets_4xx_and_the_server_goes_on(serve):
     server = serve(make_app(per_sample, "per_sample", max_batch=8, max_side=256))
     cases = fuzz_cases(8, 256)
     assert len(cases) >= 30
-    for name, body, code in cases:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        reply = requests.post(f"{server.url}/score", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+    assert sum(ctype == "application/octet-stream" for _, _, ctype, _ in cases) >= 15  # binary bodies too
+    for name, body, ctype, code in cases:
+        reply = requests.post(f"{server.url}/score", data=body, headers={"Content-Type": ctype}, timeout=30)
         assert reply.status_code == code, (name, reply.status_code, reply.text[:200])
         assert reply.json()["error"], name
     assert requests.post(f"{server.url}/score", json=GOOD, timeout=30).json()["rewards"] == [1.0]
