@@ -231,6 +231,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 WAIT_MODES = ("adaptive", "fixed")  # the batcher's wait for more requests (make_app)
+ACTIVE_WINDOW_S = 30.0  # the adaptive wait counts the clients (connections) that sent a request within this window
 
 
 def body_limit(max_batch: int, max_side: int, max_frames: int = 0) -> int:
@@ -263,6 +264,7 @@ class _Stats:
         self.latency_sum, self.latency_count = 0.0, 0
         self.images = self.batches = self.batch_requests = 0
         self.waited = 0  # batches whose batcher waited for more requests
+        self.deadline = 0  # of those, the batches whose wait ended at max_wait_ms
         self.call_s = 0.0  # moving average of a reward call's seconds (Retry-After's estimate)
 
     def quantile(self, q: float) -> float:
@@ -278,9 +280,12 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     Dynamic batching (``batching``): requests wait in one queue; a batcher forms a reward call from the oldest request
     and the ones behind it with the same image size, whole requests only, up to ``max_batch`` images, once it has
     them or ``max_wait_ms`` after the oldest arrived, then splits the rewards back (each request gets its own; the
-    ``info`` statistics are the formed batch's). ``wait="adaptive"`` (the default) waits only when other clients are
-    active: a request is being received, more than one is queued, or the last reward call merged several; a lone
-    sequential client is then scored at once instead of paying ``max_wait_ms`` per request. ``"fixed"`` always waits.
+    ``info`` statistics are the formed batch's). ``wait="adaptive"`` (the default) also stops waiting once every
+    client that sent requests of that size within ACTIVE_WINDOW_S (30 s; a client is a connection, as a trainer
+    process's keep-alive session) has one queued: a lone client is scored at once instead of paying ``max_wait_ms``
+    per request, 4 clients are merged as soon as the fourth request is in, and a long ``max_wait_ms`` (for trainer
+    processes that send at different moments of their epoch) is paid only while a recent client is missing.
+    ``"fixed"`` always waits for a full batch or ``max_wait_ms``.
     A formed batch whose reward raises is scored again request by request,
     so only a request that fails alone gets its 422. Without batching, one request per reward call (in arrival order).
     Backpressure: more than ``max_queue`` waiting requests get 429 with Retry-After (seconds, estimated from the
@@ -312,14 +317,34 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")  # one reward call at a time
     stats, queue = _Stats(), []
     limit = body_limit(max_batch, max_side, frames)
-    state: dict = {"arriving": 0, "last_requests": 0}  # /score requests being read; requests of the last reward call
+    state: dict = {}
+    clients: dict = {}  # (host, port) of a connection that sent /score -> (when its last request was queued, its image size)
+
+    def expected(key) -> int:
+        """The clients that sent requests of this image size within the last ACTIVE_WINDOW_S: the adaptive wait's
+        guess of how many requests one reward call could merge."""
+        old = asyncio.get_running_loop().time() - ACTIVE_WINDOW_S
+        for peer in [peer for peer, (t, _) in clients.items() if t < old]:
+            del clients[peer]
+        return max(1, sum(k == key for _, k in clients.values()))
 
     def fail(status: int, message: str, **headers):
         return web.json_response({"error": message}, status=status, headers=headers or None)
 
     def compute(arrays, prompts, metadata):
-        # in the reward thread: the requests' arrays as the reward's floats (torch releases the GIL), then the reward
-        images = to_unit(arrays[0]) if len(arrays) == 1 else torch.cat([to_unit(a) for a in arrays])
+        # in the reward thread (torch releases the GIL): the requests' arrays as the reward's floats, converted into
+        # their slices of one batch (one pass over the pixels, no per-request float copies to concatenate)
+        if len(arrays) == 1:
+            images = to_unit(arrays[0])
+        else:
+            images = torch.empty((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]), dtype=torch.float32)
+            start = 0
+            for a in arrays:
+                part = images[start:start + a.shape[0]]
+                part.copy_(a)
+                if a.dtype == torch.uint8:
+                    part.div_(255)
+                start += a.shape[0]
         with torch.no_grad():
             out = reward_fn(images, prompts, metadata)
         # NaN/inf travel as null: the client decides (reward.drop_nonfinite) what a non-finite reward means
@@ -354,7 +379,6 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         stats.call_s = dt if stats.batches == 0 else 0.8 * stats.call_s + 0.2 * dt
         stats.batches += 1
         stats.batch_requests += len(items)
-        state["last_requests"] = len(items)
         stats.images += sum(len(p.prompts) for p in items)
         start = 0
         for p in items:
@@ -378,17 +402,21 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             if not queue:
                 continue
             key = queue[0].key
-            others = state["arriving"] > 0 or len(queue) > 1 or state["last_requests"] > 1
-            if batching and (wait == "fixed" or others):  # wait for a full batch, at most max_wait_ms after the oldest
-                until = queue[0].t0 + max_wait_ms / 1000    # request arrived
-                waited = False
-                while sum(len(p.prompts) for p in queue if p.key == key) < max_batch and loop.time() < until:
+            if batching:  # wait for more requests, at most max_wait_ms after the oldest arrived
+                until, waited = queue[0].t0 + max_wait_ms / 1000, False
+                while True:
+                    same = [p for p in queue if p.key == key]
+                    if sum(len(p.prompts) for p in same) >= max_batch or loop.time() >= until:
+                        break
+                    if wait == "adaptive" and len(same) >= expected(key):  # every recent client is in
+                        break
                     if not waited:  # counted once per batch, and only when it does wait
                         stats.waited, waited = stats.waited + 1, True
                     wake.clear()
                     try:
                         await asyncio.wait_for(wake.wait(), until - loop.time())
                     except asyncio.TimeoutError:
+                        stats.deadline += 1
                         break
             picked, n = [], 0
             for p in list(queue):
@@ -441,6 +469,8 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
                   f"reward_server_batches_total {stats.batches}",
                   "# HELP reward_server_batches_waited_total Batches for which the batcher waited for more requests.",
                   "# TYPE reward_server_batches_waited_total counter", f"reward_server_batches_waited_total {stats.waited}",
+                  "# HELP reward_server_batches_deadline_total Batches formed when --max-wait-ms ran out.",
+                  "# TYPE reward_server_batches_deadline_total counter", f"reward_server_batches_deadline_total {stats.deadline}",
                   "# HELP reward_server_batch_images Images per reward call (mean: _sum / _count).",
                   "# TYPE reward_server_batch_images summary",
                   f"reward_server_batch_images_sum {stats.images}", f"reward_server_batch_images_count {stats.batches}",
@@ -458,13 +488,11 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def score(request):
-        state["arriving"] += 1  # others are coming: the batcher's adaptive wait reads this
-        try:
-            pending = await receive(request)
-        finally:
-            state["arriving"] -= 1
+        pending = await receive(request)
         if not isinstance(pending, _Pending):
             return pending  # the request's error answer
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        clients[peer if peer is not None else request.remote] = (pending.t0, pending.key)
         queue.append(pending)
         state["wake"].set()
         kind, value = await pending.future

@@ -96,6 +96,38 @@ def test_adaptive_wait_spares_a_lone_client_and_still_merges_concurrent_ones(ser
         make_app(per_sample, "per_sample", wait="sometimes")
 
 
+def test_adaptive_wait_merges_as_soon_as_every_recent_client_is_in(serve):
+    server = serve(make_app(per_sample, "per_sample", max_batch=64, max_wait_ms=300))
+    images, prompts = torch.rand(2, 1, 4, 4), ["1", "2"]
+    remotes = [RemoteReward(server.url) for _ in range(4)]  # 4 trainer processes: 4 keep-alive connections
+    barrier, errors, marks = threading.Barrier(4), [], {}
+
+    def client(c):
+        try:
+            for r in range(3):  # rounds in lockstep: every client sends, all replies come back, then the next round
+                if r == 1 and barrier.wait(30) == 0:
+                    marks["round 2"] = metrics(server.url)  # while nobody sends
+                barrier.wait(30)
+                remotes[c](images, prompts, [{}] * 2)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    m, before = metrics(server.url), marks["round 2"]
+    # rounds 2 and 3: one reward call each, formed when the fourth request arrived, not when 300 ms ran out (8 images
+    # never fill --max-batch 64, so a fixed wait would have waited out every round)
+    assert m["reward_server_batches_total"] - before["reward_server_batches_total"] == 2
+    assert m["reward_server_batch_requests_sum"] - before["reward_server_batch_requests_sum"] == 8
+    assert m["reward_server_batches_deadline_total"] == before["reward_server_batches_deadline_total"]
+    remotes[0](images, prompts, [{}] * 2)  # the others were seen within 30 s: a request alone waits out the 300 ms
+    assert metrics(server.url)["reward_server_batches_deadline_total"] == m["reward_server_batches_deadline_total"] + 1
+
+
 def test_a_request_that_breaks_the_reward_fails_alone(serve):
     def picky(images, prompts, metadata):
         if "bad" in prompts:
