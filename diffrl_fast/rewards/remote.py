@@ -281,8 +281,8 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     and the ones behind it with the same image size, whole requests only, up to ``max_batch`` images, once it has
     them or ``max_wait_ms`` after the oldest arrived, then splits the rewards back (each request gets its own; the
     ``info`` statistics are the formed batch's). ``wait="adaptive"`` (the default) also stops waiting once every
-    client that sent requests of that size within ACTIVE_WINDOW_S (30 s; a client is a connection, as a trainer
-    process's keep-alive session) has one queued: a lone client is scored at once instead of paying ``max_wait_ms``
+    client that sent requests of that size within ACTIVE_WINDOW_S (30 s; a client is an open connection, as a
+    trainer process's keep-alive session; a closed one no longer counts) has one queued: a lone client is scored at once instead of paying ``max_wait_ms``
     per request, 4 clients are merged as soon as the fourth request is in, and a long ``max_wait_ms`` (for trainer
     processes that send at different moments of their epoch) is paid only while a recent client is missing.
     ``"fixed"`` always waits for a full batch or ``max_wait_ms``.
@@ -318,14 +318,15 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     stats, queue = _Stats(), []
     limit = body_limit(max_batch, max_side, frames)
     state: dict = {}
-    clients: dict = {}  # (host, port) of a connection that sent /score -> (when its last request was queued, its image size)
+    clients: dict = {}  # a connection that sent /score -> (when its last request was queued, its image size)
 
     def expected(key) -> int:
-        """The clients that sent requests of this image size within the last ACTIVE_WINDOW_S: the adaptive wait's
-        guess of how many requests one reward call could merge."""
+        """The open connections that sent requests of this image size within the last ACTIVE_WINDOW_S: the adaptive
+        wait's guess of how many requests one reward call could merge (a closed connection, a client gone, no longer
+        counts)."""
         old = asyncio.get_running_loop().time() - ACTIVE_WINDOW_S
-        for peer in [peer for peer, (t, _) in clients.items() if t < old]:
-            del clients[peer]
+        for conn in [conn for conn, (t, _) in clients.items() if t < old or conn.is_closing()]:
+            del clients[conn]
         return max(1, sum(k == key for _, k in clients.values()))
 
     def fail(status: int, message: str, **headers):
@@ -491,8 +492,8 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         pending = await receive(request)
         if not isinstance(pending, _Pending):
             return pending  # the request's error answer
-        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-        clients[peer if peer is not None else request.remote] = (pending.t0, pending.key)
+        if request.transport is not None:  # the connection: a trainer process's keep-alive session
+            clients[request.transport] = (pending.t0, pending.key)
         queue.append(pending)
         state["wake"].set()
         kind, value = await pending.future

@@ -125,7 +125,13 @@ def test_adaptive_wait_merges_as_soon_as_every_recent_client_is_in(serve):
     assert m["reward_server_batch_requests_sum"] - before["reward_server_batch_requests_sum"] == 8
     assert m["reward_server_batches_deadline_total"] == before["reward_server_batches_deadline_total"]
     remotes[0](images, prompts, [{}] * 2)  # the others were seen within 30 s: a request alone waits out the 300 ms
-    assert metrics(server.url)["reward_server_batches_deadline_total"] == m["reward_server_batches_deadline_total"] + 1
+    deadline = m["reward_server_batches_deadline_total"] + 1
+    assert metrics(server.url)["reward_server_batches_deadline_total"] == deadline
+    for remote in remotes[1:]:  # those clients leave: their connections close, and they no longer count
+        remote.close()
+    time.sleep(0.2)
+    remotes[0](images, prompts, [{}] * 2)
+    assert metrics(server.url)["reward_server_batches_deadline_total"] == deadline
 
 
 def test_a_request_that_breaks_the_reward_fails_alone(serve):
