@@ -209,6 +209,9 @@ def load(server: "ServerProcess", reward, clients: int, seconds: float, seed: in
             "images": images, "wall_s": round(wall, 2), "images_per_s": images / wall, "p50_ms": q(0.5), "p99_ms": q(0.99),
             "mean_batch": (after["reward_server_images_total"] - before["reward_server_images_total"]) / max(calls, 1),
             "reward_calls": int(calls), "server_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / max(requests, 1),
+            "batches_waited": int(after["reward_server_batches_waited_total"] - before["reward_server_batches_waited_total"]),
+            "batches_at_deadline": int(after["reward_server_batches_deadline_total"] - before["reward_server_batches_deadline_total"]),
+            "call_fixed_ms": 1000 * after["reward_server_call_fixed_seconds"],
             "errors": errors[:5], "error_count": len(errors), "mixed": mixed}
 
 

@@ -240,6 +240,21 @@ def body_limit(max_batch: int, max_side: int, max_frames: int = 0) -> int:
     return int(max_batch * (max(1, max_frames) * 3 * max_side * max_side * 4 * 4 / 3 + 65536)) + 65536
 
 
+def fixed_cost(calls) -> float:
+    """The fixed part f of a reward call's cost t(n) = f + p n for n images, from recent calls [(n, seconds)]: the
+    least-squares intercept, clamped to [0, mean t]; 0 (nothing known to save) until there are 4 calls of different
+    sizes. Merging k requests into one call saves (k - 1) f: the adaptive wait never waits longer than f."""
+    if len(calls) < 4:
+        return 0.0
+    mn = sum(n for n, _ in calls) / len(calls)
+    mt = sum(t for _, t in calls) / len(calls)
+    var = sum((n - mn) ** 2 for n, _ in calls)
+    if var == 0:
+        return 0.0
+    slope = sum((n - mn) * (t - mt) for n, t in calls) / var
+    return min(max(mt - slope * mn, 0.0), mt)
+
+
 class _Pending:
     """One /score request waiting in the server's queue."""
 
@@ -266,6 +281,8 @@ class _Stats:
         self.waited = 0  # batches whose batcher waited for more requests
         self.deadline = 0  # of those, the batches whose wait ended at max_wait_ms
         self.call_s = 0.0  # moving average of a reward call's seconds (Retry-After's estimate)
+        self.calls = collections.deque(maxlen=64)  # (images, seconds) of the recent reward calls
+        self.fixed_s = 0.0  # the reward's estimated fixed cost per call (fixed_cost of self.calls)
 
     def quantile(self, q: float) -> float:
         vals = sorted(self.latency)
@@ -280,12 +297,14 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     Dynamic batching (``batching``): requests wait in one queue; a batcher forms a reward call from the oldest request
     and the ones behind it with the same image size, whole requests only, up to ``max_batch`` images, once it has
     them or ``max_wait_ms`` after the oldest arrived, then splits the rewards back (each request gets its own; the
-    ``info`` statistics are the formed batch's). ``wait="adaptive"`` (the default) also stops waiting once every
-    client that sent requests of that size within ACTIVE_WINDOW_S (30 s; a client is an open connection, as a
-    trainer process's keep-alive session; a closed one no longer counts) has one queued: a lone client is scored at once instead of paying ``max_wait_ms``
-    per request, 4 clients are merged as soon as the fourth request is in, and a long ``max_wait_ms`` (for trainer
-    processes that send at different moments of their epoch) is paid only while a recent client is missing.
-    ``"fixed"`` always waits for a full batch or ``max_wait_ms``.
+    ``info`` statistics are the formed batch's). ``wait="adaptive"`` (the default) waits only as long as merging
+    can pay: at most the reward's fixed cost per call (``fixed_cost`` of the recent calls' durations against their
+    sizes: merging a latecomer saves one call's fixed cost and no more), and only until every client that sent
+    requests of that size within ACTIVE_WINDOW_S (30 s; a client is an open connection, as a trainer process's
+    keep-alive session; a closed one no longer counts) has one queued. A lone client, or a reward whose cost grows
+    with its images alone, is scored at once; a reward with a large cost per call (a GPU model's launches and
+    transfers) merges the active clients as soon as the last one's request is in. ``"fixed"`` always waits for a
+    full batch or ``max_wait_ms``.
     A formed batch whose reward raises is scored again request by request,
     so only a request that fails alone gets its 422. Without batching, one request per reward call (in arrival order).
     Backpressure: more than ``max_queue`` waiting requests get 429 with Retry-After (seconds, estimated from the
@@ -378,6 +397,8 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             return
         dt = time.perf_counter() - t
         stats.call_s = dt if stats.batches == 0 else 0.8 * stats.call_s + 0.2 * dt
+        stats.calls.append((sum(len(p.prompts) for p in items), dt))
+        stats.fixed_s = fixed_cost(stats.calls)
         stats.batches += 1
         stats.batch_requests += len(items)
         stats.images += sum(len(p.prompts) for p in items)
@@ -403,8 +424,10 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             if not queue:
                 continue
             key = queue[0].key
-            if batching:  # wait for more requests, at most max_wait_ms after the oldest arrived
-                until, waited = queue[0].t0 + max_wait_ms / 1000, False
+            if batching:  # wait for more requests, at most max_wait_ms after the oldest arrived (adaptive: and no longer
+                # than the reward's fixed cost per call, which is all that merging a latecomer saves)
+                limit = max_wait_ms / 1000 if wait == "fixed" else min(max_wait_ms / 1000, stats.fixed_s)
+                until, waited = queue[0].t0 + limit, False
                 while True:
                     same = [p for p in queue if p.key == key]
                     if sum(len(p.prompts) for p in same) >= max_batch or loop.time() >= until:
@@ -470,7 +493,10 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
                   f"reward_server_batches_total {stats.batches}",
                   "# HELP reward_server_batches_waited_total Batches for which the batcher waited for more requests.",
                   "# TYPE reward_server_batches_waited_total counter", f"reward_server_batches_waited_total {stats.waited}",
-                  "# HELP reward_server_batches_deadline_total Batches formed when --max-wait-ms ran out.",
+                  "# HELP reward_server_call_fixed_seconds The reward's estimated fixed cost per call (the adaptive wait's cap).",
+                  "# TYPE reward_server_call_fixed_seconds gauge", f"reward_server_call_fixed_seconds {stats.fixed_s:.6f}",
+                  "# HELP reward_server_batches_deadline_total Batches formed when the wait ran out (--max-wait-ms; adaptive: "
+                  "or the reward's fixed cost per call).",
                   "# TYPE reward_server_batches_deadline_total counter", f"reward_server_batches_deadline_total {stats.deadline}",
                   "# HELP reward_server_batch_images Images per reward call (mean: _sum / _count).",
                   "# TYPE reward_server_batch_images summary",

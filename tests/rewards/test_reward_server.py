@@ -66,8 +66,12 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rewards(serve):
 
 
 def test_adaptive_wait_spares_a_lone_client_and_still_merges_concurrent_ones(serve):
-    adaptive = serve(make_app(per_sample, "per_sample", max_batch=64, max_wait_ms=300))
-    fixed = serve(make_app(per_sample, "per_sample", max_batch=64, max_wait_ms=300, wait="fixed"))
+    def slow(images, prompts, metadata):  # 50 ms a call: requests that arrive meanwhile queue up
+        time.sleep(0.05)
+        return per_sample(images, prompts, metadata)
+
+    adaptive = serve(make_app(slow, "slow", max_batch=64, max_wait_ms=300))
+    fixed = serve(make_app(slow, "slow", max_batch=64, max_wait_ms=300, wait="fixed"))
     images, prompts = torch.rand(2, 1, 4, 4), ["1", "2"]
     for server in (adaptive, fixed):
         client = RemoteReward(server.url)
@@ -91,47 +95,88 @@ def test_adaptive_wait_spares_a_lone_client_and_still_merges_concurrent_ones(ser
         t.join(60)
     m = metrics(adaptive.url)
     assert not errors and len(done) == 12 and m["reward_server_batch_requests_sum"] == 15
-    assert m["reward_server_batches_total"] - 3 < 12 and m["reward_server_batches_waited_total"] > 0  # merged
+    assert m["reward_server_batches_total"] - 3 < 12  # merged: the requests that arrived during a call share the next
     with pytest.raises(ValueError, match="wait must be one of"):
         make_app(per_sample, "per_sample", wait="sometimes")
 
 
-def test_adaptive_wait_merges_as_soon_as_every_recent_client_is_in(serve):
-    server = serve(make_app(per_sample, "per_sample", max_batch=64, max_wait_ms=300))
-    images, prompts = torch.rand(2, 1, 4, 4), ["1", "2"]
-    remotes = [RemoteReward(server.url) for _ in range(4)]  # 4 trainer processes: 4 keep-alive connections
-    barrier, errors, marks = threading.Barrier(4), [], {}
+def test_fixed_cost_is_the_intercept_of_call_time_against_images():
+    from diffrl_fast.rewards.remote import fixed_cost
+
+    assert fixed_cost([(8, 0.05 + 0.001 * 8)] * 10) == 0.0  # one size only: nothing known, no wait
+    assert fixed_cost([(n, 0.05 + 0.001 * n) for n in (8, 16, 8, 32, 24)]) == pytest.approx(0.05)
+    assert fixed_cost([(n, 0.001 * n) for n in (8, 16, 8, 32)]) == pytest.approx(0.0, abs=1e-12)
+    assert fixed_cost([(n, 0.5 - 0.01 * n) for n in (8, 16, 8, 32)]) == pytest.approx(0.5 - 0.01 * 16)  # clamped to the mean
+    assert fixed_cost([(8, 0.1), (16, 0.2), (8, 0.1)]) == 0.0  # fewer than 4 calls
+
+
+def _lockstep(url, remotes, rounds, images, prompts):
+    """The clients ``remotes`` send in lockstep rounds (all send, all replies back, next round); /metrics before the
+    second round, read while nobody sends."""
+    barrier, errors, marks = threading.Barrier(len(remotes)), [], {}
 
     def client(c):
         try:
-            for r in range(3):  # rounds in lockstep: every client sends, all replies come back, then the next round
+            for r in range(rounds):
                 if r == 1 and barrier.wait(30) == 0:
-                    marks["round 2"] = metrics(server.url)  # while nobody sends
+                    marks["round 2"] = metrics(url)
                 barrier.wait(30)
-                remotes[c](images, prompts, [{}] * 2)
+                remotes[c](images, prompts, [{}] * len(prompts))
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(remotes))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors
-    m, before = metrics(server.url), marks["round 2"]
-    # rounds 2 and 3: one reward call each, formed when the fourth request arrived, not when 300 ms ran out (8 images
-    # never fill --max-batch 64, so a fixed wait would have waited out every round)
+    return marks["round 2"]
+
+
+def test_adaptive_wait_merges_active_clients_when_the_reward_has_a_fixed_cost(serve):
+    def launch_bound(images, prompts, metadata):  # a GPU reward's profile: 0.2 s a call, whatever its size
+        time.sleep(0.2)
+        return per_sample(images, prompts, metadata)
+
+    server = serve(make_app(launch_bound, "launch_bound", max_batch=64, max_wait_ms=5000))
+    first = RemoteReward(server.url)
+    for n in (1, 2, 3, 4):  # calls of different sizes: the server learns the reward's cost per call
+        first(torch.rand(n, 1, 4, 4), [str(i) for i in range(n)], [{}] * n)
+    assert 0.15 < metrics(server.url)["reward_server_call_fixed_seconds"] < 0.3
+    images, prompts = torch.rand(2, 1, 4, 4), ["1", "2"]
+    remotes = [first] + [RemoteReward(server.url) for _ in range(3)]  # 4 trainer processes: 4 keep-alive connections
+    before = _lockstep(server.url, remotes, 3, images, prompts)
+    m = metrics(server.url)
+    # rounds 2 and 3: one reward call each, formed when the fourth request arrived, not when the wait ran out (8
+    # images never fill --max-batch 64)
     assert m["reward_server_batches_total"] - before["reward_server_batches_total"] == 2
     assert m["reward_server_batch_requests_sum"] - before["reward_server_batch_requests_sum"] == 8
     assert m["reward_server_batches_deadline_total"] == before["reward_server_batches_deadline_total"]
-    remotes[0](images, prompts, [{}] * 2)  # the others were seen within 30 s: a request alone waits out the 300 ms
+    first(images, prompts, [{}] * 2)  # the others were seen within 30 s: a request alone waits, for ~0.2 s, not 5 s
     deadline = m["reward_server_batches_deadline_total"] + 1
     assert metrics(server.url)["reward_server_batches_deadline_total"] == deadline
     for remote in remotes[1:]:  # those clients leave: their connections close, and they no longer count
         remote.close()
     time.sleep(0.2)
-    remotes[0](images, prompts, [{}] * 2)
+    first(images, prompts, [{}] * 2)
     assert metrics(server.url)["reward_server_batches_deadline_total"] == deadline
+
+
+def test_adaptive_wait_does_not_wait_when_the_cost_is_per_image(serve):
+    def per_image(images, prompts, metadata):  # a CPU reward's profile: 20 ms an image, nothing per call
+        time.sleep(0.02 * len(prompts))
+        return per_sample(images, prompts, metadata)
+
+    server = serve(make_app(per_image, "per_image", max_batch=64, max_wait_ms=5000))
+    first = RemoteReward(server.url)
+    for n in (1, 2, 3, 4):
+        first(torch.rand(n, 1, 4, 4), [str(i) for i in range(n)], [{}] * n)
+    assert metrics(server.url)["reward_server_call_fixed_seconds"] < 0.01
+    remotes = [first] + [RemoteReward(server.url) for _ in range(3)]
+    _lockstep(server.url, remotes, 2, torch.rand(2, 1, 4, 4), ["1", "2"])
+    assert metrics(server.url)["reward_server_batches_deadline_total"] <= 2  # waits of at most ~10 ms, never 5 s
+    assert metrics(server.url)['reward_server_score_seconds{quantile="0.99"}'] < 2.0
 
 
 def test_a_request_that_breaks_the_reward_fails_alone(serve):
