@@ -354,6 +354,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     def compute(arrays, prompts, metadata):
         # in the reward thread (torch releases the GIL): the requests' arrays as the reward's floats, converted into
         # their slices of one batch (one pass over the pixels, no per-request float copies to concatenate)
+        t = time.perf_counter()  # timed here, not around the hand-over to this thread: the call's own cost
         if len(arrays) == 1:
             images = to_unit(arrays[0])
         else:
@@ -377,15 +378,14 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
                 continue  # only scalar statistics travel
             if math.isfinite(f):
                 scalars[str(k)] = f
-        return [v if math.isfinite(v) else None for v in rewards.tolist()], scalars
+        return [v if math.isfinite(v) else None for v in rewards.tolist()], scalars, time.perf_counter() - t
 
     async def call(items):
         """One reward call on the concatenated requests ``items``; each future gets ("ok", (rewards, info)) or
         ("raised", message)."""
         loop = asyncio.get_running_loop()
-        t = time.perf_counter()
         try:
-            rewards, info = await loop.run_in_executor(worker, compute, [p.images for p in items], [x for p in items for x in p.prompts],
+            rewards, info, dt = await loop.run_in_executor(worker, compute, [p.images for p in items], [x for p in items for x in p.prompts],
                                                        [x for p in items for x in p.metadata])
         except Exception as exc:  # noqa: BLE001 - the reward's own failure goes back to its request, named
             if len(items) > 1:  # find the request that makes it fail: each alone
@@ -395,7 +395,6 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             if not items[0].future.done():
                 items[0].future.set_result(("raised", f"reward {name!r} raised {type(exc).__name__}: {exc}"))
             return
-        dt = time.perf_counter() - t
         stats.call_s = dt if stats.batches == 0 else 0.8 * stats.call_s + 0.2 * dt
         stats.calls.append((sum(len(p.prompts) for p in items), dt))
         stats.fixed_s = fixed_cost(stats.calls)
