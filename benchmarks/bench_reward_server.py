@@ -1,18 +1,23 @@
-"""The reward server under load: dynamic batching against one request at a time, on a reward with a realistic
-per-call cost.
+"""The reward server under load: dynamic batching against one request at a time, binary bodies against JSON ones.
 
-The reward: a CLIP-style image encoder built locally with random weights (transformers' CLIPVisionModelWithProjection:
-64x64 inputs, 16x16 patches, width 64, 2 layers; a linear head on its projection), served on one thread, whose forward costs a
-fixed amount per call (operator dispatch, as a GPU reward's launches and transfers) plus a small cost per image.
-Served by ``diffrl-fast reward-server`` in its own process on 127.0.0.1 with dynamic batching (``--max-batch 128``,
-``--max-wait-ms 5``; its default adaptive wait, and ``--wait fixed``) and without it (``--no-batching``). 1, 4 and 16 clients (threads of this process, each a
-``RemoteReward``) send requests of 8 images (64x64 RGB, uint8) back to back for ``--seconds`` each. Reported per mode
-and client count: images per second, p50 and p99 latency of a request, the mean images per reward call (from
-/metrics), every reply checked after the load against the reward scored here (0 mixed), and the server process's
-resident memory after warm-up, after the load and after a fuzz of malformed requests (``fuzz_cases``, also
-tests/rewards/test_reward_server.py's).
+The reward: a CLIP-style image encoder built locally with random weights (transformers' CLIPVisionModelWithProjection
+and a linear head on its projection; ``clip_style_reward``), the images resized to its input. On a CPU (the default)
+a tiny tower (64x64 inputs, 16x16 patches, width 64, 2 layers) on one thread: its cost grows with its images, with
+little fixed per call (``reward_profile`` measures it: the run's first line). With ``--device cuda`` the tower of
+CLIP ViT-B/16 (224x224, width 768, 12 layers) in bfloat16: a GPU reward, whose cost per call (launches, transfers,
+synchronisation) is what dynamic batching merges. Served by ``diffrl-fast reward-server`` in its own process on
+127.0.0.1 with dynamic batching (``--max-batch 128``, ``--max-wait-ms 5``; its default adaptive wait, and ``--wait
+fixed``) and without it (``--no-batching``). 1, 4 and 16 clients (threads of this process, each a ``RemoteReward``)
+send requests of 8 images back to back for ``--seconds`` each, from batches made before the clock starts: 64x64
+images as binary bodies (the client's default), and 512x512 images with 16 clients as JSON and as binary bodies.
+Reported per row: images per second, p50 and p99 latency of a request, the mean images per reward call, the waits
+(from /metrics), the server process's CPU time per request (all its threads, from /proc), every reply checked after
+the load against the reward scored here (0 mixed); and the server's resident memory after warm-up, after the load
+and after a fuzz of malformed requests (``fuzz_cases``, also tests/rewards/test_reward_server.py's).
 
 Run: ``diffrl-fast bench reward-server [--seconds 8]``; writes benchmarks/results/reward_server.{json,md}.
+``--device cuda --quick`` (the GPU suite's step): batching and one at a time only, 4 and 16 clients, 64x64 and
+512x512 binary bodies, no fuzz; JSON only.
 """
 from __future__ import annotations
 
@@ -40,27 +45,47 @@ MODES = {"batching": [], "batching, fixed wait": ["--wait", "fixed"], "one at a 
 IMAGES_PER_REQUEST = 8
 
 
-def clip_style_reward(seed: int = 0):
-    """A CLIP-style reward with random weights: the vision tower's projected embedding through a linear head."""
+# transformers CLIPVisionConfig fields; "tiny" on a CPU, "vit-b/16" (CLIP ViT-B/16's tower, the size of an aesthetic or
+# CLIP-score reward's) on a GPU
+TOWERS = {
+    "tiny": dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 projection_dim=128),
+    "vit-b/16": dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, projection_dim=512),
+}
+
+
+def clip_style_reward(seed: int = 0, device: str = "cpu", tower: str = "tiny"):
+    """A CLIP-style reward with random weights: the vision tower's projected embedding through a linear head, the images
+    resized to the tower's input as CLIP's processor does. On a GPU the tower runs in bfloat16, and each image's reward
+    gets 100 x the sum of its first 8 pixels (float32, before the tower): replies are then checked for mixing with a
+    tolerance that bfloat16's batch-size-dependent rounding stays far inside, while another image's reward is far
+    outside it."""
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    if tower not in TOWERS:
+        raise ValueError(f"tower {tower!r} is not one of {list(TOWERS)}")
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, projection_dim=128)
-    model = CLIPVisionModelWithProjection(cfg).eval()
-    head = torch.nn.Linear(128, 1)
-    mean = torch.tensor([0.481, 0.458, 0.408]).reshape(1, 3, 1, 1)
-    std = torch.tensor([0.269, 0.261, 0.276]).reshape(1, 3, 1, 1)
+    cfg = CLIPVisionConfig(**TOWERS[tower])
+    exact = device == "cpu"
+    model = CLIPVisionModelWithProjection(cfg).eval().to(device, torch.float32 if exact else torch.bfloat16)
+    head = torch.nn.Linear(cfg.projection_dim, 1).to(device)
+    mean = torch.tensor([0.481, 0.458, 0.408], device=device).reshape(1, 3, 1, 1)
+    std = torch.tensor([0.269, 0.261, 0.276], device=device).reshape(1, 3, 1, 1)
+    side = cfg.image_size
 
     @torch.no_grad()
     def fn(images, prompts, metadata):
-        x = images.float()
-        if x.shape[-2:] != (64, 64):  # as CLIP's processor resizes to the tower's input
-            x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        x = images.to(device).float()
+        if x.shape[-2:] != (side, side):
+            x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         x = (x - mean) / std
-        emb = model(pixel_values=x).image_embeds
-        return head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1), {}
+        emb = model(pixel_values=x.to(model.dtype)).image_embeds.float()
+        r = head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1)
+        if exact:
+            return r, {}
+        return r.cpu() + 100 * images[:, 0, 0, :8].float().cpu().sum(1), {}
 
     return fn
 
@@ -100,12 +125,12 @@ class Server:
 class ServerProcess:
     """``diffrl-fast reward-server`` serving this module's CLIP-style reward in its own process on a free port."""
 
-    def __init__(self, *flags: str) -> None:
+    def __init__(self, *flags: str, kwargs: dict | None = None) -> None:
         import re
         import subprocess
 
         cmd = [sys.executable, "-m", "diffrl_fast", "reward-server", "--reward", "benchmarks.bench_reward_server:clip_style_reward",
-               "--port", "0", *flags]
+               "--kwargs", json.dumps(kwargs or {}), "--port", "0", *flags]
         import os
 
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the reward on one core, the clients on the other
@@ -146,7 +171,8 @@ def scrape(url: str) -> dict:
     return out
 
 
-def load(server: "ServerProcess", reward, clients: int, seconds: float, seed: int, size: int = 64, binary: bool | None = None) -> dict:
+def load(server: "ServerProcess", reward, clients: int, seconds: float, seed: int, size: int = 64, binary: bool | None = None,
+         atol: float = 1e-4) -> dict:
     """``clients`` threads sending requests of 8 images of ``size`` pixels back to back for ``seconds``, each from a pool
     of distinct batches made before the clock starts (a trainer has its images already; the client's work is
     encoding and HTTP); every reply is checked against the reward scored here, after the load (off the clock).
@@ -199,7 +225,7 @@ def load(server: "ServerProcess", reward, clients: int, seconds: float, seed: in
     wall = time.perf_counter() - t0
     after, cpu1 = scrape(url), server.cpu_s()
     expected = {(c, k): reward(*batches[c][k], None)[0].float() for c in range(clients) for k in range(pool)}
-    mixed = sum(not torch.allclose(r, expected[c, k % pool], atol=1e-4, rtol=1e-4) for c, got in replies.items() for k, r in enumerate(got))
+    mixed = sum(not torch.allclose(r, expected[c, k % pool], atol=atol, rtol=1e-4) for c, got in replies.items() for k, r in enumerate(got))
     requests = len(lat)
     images = requests * IMAGES_PER_REQUEST
     calls = after["reward_server_batches_total"] - before["reward_server_batches_total"]
@@ -366,6 +392,11 @@ def _print(r: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="diffrl-fast bench reward-server", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="load per (mode, client count)")
+    ap.add_argument("--device", default="cpu", help="where the reward runs: cpu (default) or cuda")
+    ap.add_argument("--tower", choices=list(TOWERS), default=None, help="the reward's tower (default: tiny on cpu, vit-b/16 on cuda)")
+    ap.add_argument("--quick", action="store_true", help="the GPU suite's configuration: batching and one at a time, 4 and 16 "
+                                                          "clients, 64x64 and 512x512 binary bodies, no fixed wait, JSON bodies or fuzz")
+    ap.add_argument("--stem", default=None, help="result file name (default: reward_server, _smoke with --smoke)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="a tiny configuration that only checks the benchmark runs (CI)")
     args = ap.parse_args(argv)
@@ -374,25 +405,34 @@ def main(argv=None) -> int:
 
     from diffrl_fast.rewards.remote import encode_images
 
-    reward = clip_style_reward()
+    kwargs = {"device": args.device, "tower": args.tower or ("tiny" if args.device == "cpu" else "vit-b/16")}
+    atol = 1e-4 if args.device == "cpu" else 0.5  # bfloat16 on a GPU: clip_style_reward's docstring
+    reward = clip_style_reward(**kwargs)
     profile = reward_profile(reward, repeats=2 if args.smoke else 10)
-    print("reward ms per call on one thread: " + ", ".join(f"{n} images {ms:.1f}" for n, ms in profile.items()), flush=True)
+    print(f"reward ({kwargs['tower']} on {args.device}) ms per call: " + ", ".join(f"{n} images {ms:.1f}" for n, ms in profile.items()), flush=True)
     max_batch, max_side = 128, 256
-    clients = (1, 4) if args.smoke else CLIENTS
+    clients = (1, 4) if args.smoke else (4, 16) if args.quick else CLIENTS
     # the bodies at a generated image's size: JSON (base64) against binary (safetensors), 16 clients
     big, body_clients = (128, 4) if args.smoke else (BIG, max(CLIENTS))
-    rows, rss = [], {}
-    for mode in MODES:
-        flags = ["--max-batch", str(max_batch), "--max-wait-ms", "5", "--max-side", str(max_side)]
-        server = ServerProcess(*flags, *MODES[mode])
+    modes = BODY_MODES if args.quick else tuple(MODES)
+    rows, rss, codes = [], {}, None
+
+    def measure(mode, n, **kw):
+        rows.append({"mode": mode, **load(server, reward, n, args.seconds, atol=atol, **kw)})
+        _print(rows[-1])
+
+    for mode in modes:
+        side = big if args.quick else max_side  # quick: one server per mode for both sizes (no fuzz to bound)
+        server = ServerProcess("--max-batch", str(max_batch), "--max-wait-ms", "5", "--max-side", str(side), *MODES[mode], kwargs=kwargs)
         try:
-            load(server, reward, 2, 0.5, seed=99)  # warm-up: first calls, allocator
+            load(server, reward, 2, 0.5, seed=99, atol=atol)  # warm-up: first calls, allocator
             if mode == "batching":
                 rss["warm"] = server.rss_mb()
             for n in clients:
-                rows.append({"mode": mode, **load(server, reward, n, args.seconds, seed=n)})
-                _print(rows[-1])
-            if mode == "batching":
+                measure(mode, n, seed=n)
+            if args.quick:
+                measure(mode, body_clients, seed=7, size=big)
+            elif mode == "batching":
                 rss["load"] = server.rss_mb()
                 codes = fuzz(server.url, max_batch, max_side)
                 expected = {name: code for name, _, _, code in fuzz_cases(max_batch, max_side)}
@@ -401,40 +441,42 @@ def main(argv=None) -> int:
                 rss["fuzz"] = server.rss_mb()
         finally:
             server.close()
-    for mode in BODY_MODES:  # its own servers: --max-side big (the fuzz's server keeps its body limit small)
-        server = ServerProcess("--max-batch", str(max_batch), "--max-wait-ms", "5", "--max-side", str(big), *MODES[mode])
+    for mode in () if args.quick else BODY_MODES:  # own servers: --max-side big (the fuzz's server keeps its body limit small)
+        server = ServerProcess("--max-batch", str(max_batch), "--max-wait-ms", "5", "--max-side", str(big), *MODES[mode], kwargs=kwargs)
         try:
-            load(server, reward, 2, 0.5, seed=99, size=big)
+            load(server, reward, 2, 0.5, seed=99, size=big, atol=atol)
             for binary in (False, True):
-                rows.append({"mode": mode, **load(server, reward, body_clients, args.seconds, seed=7, size=big, binary=binary)})
-                _print(rows[-1])
+                measure(mode, body_clients, seed=7, size=big, binary=binary)
         finally:
             server.close()
     top = max(clients)
     main_rows = [r for r in rows if r["size"] == 64]
     fast = next(r for r in main_rows if r["mode"] == "batching" and r["clients"] == top)
     slow = next(r for r in main_rows if r["mode"] == "one at a time" and r["clients"] == top)
-    one = {r["mode"]: r["images_per_s"] for r in main_rows if r["clients"] == 1}
     body = {(r["mode"], r["body"]): r for r in rows if r["size"] == big}
-    summary = {"speedup": fast["images_per_s"] / slow["images_per_s"], "p99_ratio": fast["p99_ms"] / slow["p99_ms"],
-               "one_client_adaptive_over_fixed": one["batching"] / one["batching, fixed wait"],
-               "one_client_adaptive_over_unbatched": one["batching"] / one["one at a time"],
-               "reward_ms_per_call": profile,
+    summary = {"device": args.device, "tower": kwargs["tower"], "speedup": fast["images_per_s"] / slow["images_per_s"],
+               "p99_ratio": fast["p99_ms"] / slow["p99_ms"], "reward_ms_per_call": profile,
                "reward_per_image_saving": (profile[8] / 8) / (profile[max(profile)] / max(profile)),
                "big_size": big, "big_clients": body_clients,
-               "binary_over_json": body["batching", "binary"]["images_per_s"] / body["batching", "json"]["images_per_s"],
-               "binary_server_cpu_ratio": body["batching", "binary"]["server_cpu_ms_per_request"] / body["batching", "json"]["server_cpu_ms_per_request"],
                "big_speedup": body["batching", "binary"]["images_per_s"] / body["one at a time", "binary"]["images_per_s"],
-               "fuzz_cases": len(codes), "fuzz_4xx": sum(codes[k] == expected[k] for k in codes),
-               "fuzz_5xx": sum(isinstance(c, int) and c >= 500 for c in codes.values()), "fuzz_codes": codes,
-               "alive_after_fuzz": alive, "rss_warm_mb": rss["warm"], "rss_load_mb": rss["load"], "rss_fuzz_mb": rss["fuzz"],
-               "rss_ratio": max(rss["load"], rss["fuzz"]) / rss["warm"],
                "mixed": sum(r["mixed"] for r in rows), "errors": sum(r["error_count"] for r in rows)}
-    data = {"machine": machine_info("cpu"), "seconds": args.seconds, "rows": rows, "summary": summary}
-    stem = "reward_server" + ("_smoke" if args.smoke else "")
+    if not args.quick:
+        one = {r["mode"]: r["images_per_s"] for r in main_rows if r["clients"] == 1}
+        summary.update({
+            "one_client_adaptive_over_fixed": one["batching"] / one["batching, fixed wait"],
+            "one_client_adaptive_over_unbatched": one["batching"] / one["one at a time"],
+            "binary_over_json": body["batching", "binary"]["images_per_s"] / body["batching", "json"]["images_per_s"],
+            "binary_server_cpu_ratio": body["batching", "binary"]["server_cpu_ms_per_request"] / body["batching", "json"]["server_cpu_ms_per_request"],
+            "fuzz_cases": len(codes), "fuzz_4xx": sum(codes[k] == expected[k] for k in codes),
+            "fuzz_5xx": sum(isinstance(c, int) and c >= 500 for c in codes.values()), "fuzz_codes": codes,
+            "alive_after_fuzz": alive, "rss_warm_mb": rss["warm"], "rss_load_mb": rss["load"], "rss_fuzz_mb": rss["fuzz"],
+            "rss_ratio": max(rss["load"], rss["fuzz"]) / rss["warm"]})
+    data = {"machine": machine_info(args.device), "seconds": args.seconds, "rows": rows, "summary": summary}
+    stem = args.stem or ("reward_server" + ("_smoke" if args.smoke else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
-    write_md(data, args.out / f"{stem}.md")
+    if not args.quick:
+        write_md(data, args.out / f"{stem}.md")
     print(json.dumps({k: v for k, v in summary.items() if k != "fuzz_codes"}, indent=1))
     return 0
 

@@ -12,7 +12,7 @@ def _ratio(a, b):
 
 
 def targets(out: Path) -> list[str]:
-    """Markdown lines: each GPU target of issue 15 with the measured figure from ``out``'s files, met or not."""
+    """Markdown lines: each GPU target (issues 15 and 31) with the measured figure from ``out``'s files, met or not."""
     lines = ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     ops = out / "ops_gpu.json"
     if ops.is_file():
@@ -54,4 +54,11 @@ def targets(out: Path) -> list[str]:
             lines.append(f"| SDXL {r['mode']} {r['rows']} rows: measured / counted working memory | "
                          f"{r.get('measured_over_estimated_working', float('nan')):.2f} ({r['measured_working_gib']:.1f} / "
                          f"{r.get('estimated_peak', float('nan')):.1f} GiB) | n/a |")
+    rs = out / "rewardserver_gpu.json"
+    if rs.is_file():  # issue 31's targets, on a GPU reward (bench reward-server --device cuda --quick)
+        s = json.loads(rs.read_text())["summary"]
+        lines += [f"| reward server, 16 clients: batching >= 3x one request per call, p99 <= 2x ({s['tower']}) | "
+                  f"{s['speedup']:.2f}x, p99 {s['p99_ratio']:.2f}x | {'yes' if s['speedup'] >= 3 and s['p99_ratio'] <= 2 else 'no'} |",
+                  f"| ... 0 mixed replies, 0 errors | {s['mixed']} mixed, {s['errors']} errors | "
+                  f"{'yes' if s['mixed'] == 0 and s['errors'] == 0 else 'no'} |"]
     return lines

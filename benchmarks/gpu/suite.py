@@ -30,9 +30,11 @@ a timeout still leaves results:
                  bf16 rows, diffrl_fast against trl 0.23.1 (written per contender)     -> e2e_gpu.json
     memory       an SDXL-size UNet step, LoRA and full fine-tuning with checkpointing,
                  measured against the counted estimate of docs/scaling.md              -> memory_gpu.json
+    rewards      ``bench reward-server --device cuda --quick``: dynamic batching against
+                 one request per call on a ViT-B/16-size reward in bfloat16            -> rewardserver_gpu.json
 
 plus suite_gpu.log (what ran, for how long, how it ended) and summary_gpu.md (the device, the commit, each step's
-outcome, the targets): 7 files, no folders. The device tool's limits are enforced on DIR at the end: at most
+outcome, the targets): 8 files, no folders. The device tool's limits are enforced on DIR at the end: at most
 8 files (the suite's own first, then the plan's order), each at most 16 MiB (cut in the middle, head and tail
 kept), at most 2 folders deep; what is cut or dropped is noted in the log and the summary. DIR must be empty
 or new. The names are those to commit: ``cp DIR/* benchmarks/results/``.
@@ -101,7 +103,7 @@ def steps(py: str) -> list[Step]:
         Step("environment", 20, "nvidia-smi, versions, commit",
              [py, "-m", "benchmarks.gpu.suite", "--environment", "{out}/environment.txt"],
              {"environment_gpu.txt": ("environment.txt",)}),
-        Step("tests", 170, "ops, diffusion and reference-objective tests on CUDA (triton backend, parity); all run",
+        Step("tests", 160, "ops, diffusion and reference-objective tests on CUDA (triton backend, parity); all run",
              [py, "-m", "pytest", "-q", "--tb=short", "--durations=15", "-p", "no:cacheprovider", "tests/ops", "tests/diffusion",
               "tests/algos/test_reference_objectives.py",
               # compiles for sm_80/sm_90 without a GPU, in CI already: not worth its minute here
@@ -109,14 +111,19 @@ def steps(py: str) -> list[Step]:
              {"tests_gpu.txt": ("stdout.txt",)}),
         # 0.5 s of timing per case (GPU medians settle in far fewer calls): 4 shapes x 4 providers x 3 modes, the
         # torch.compile warm-ups and the interleaved bandwidth check fit the 80 s
-        Step("ops", 80, "bench ops on CUDA: eager, torch.compile, triton (fused, recompute); copy bandwidth",
+        Step("ops", 75, "bench ops on CUDA: eager, torch.compile, triton (fused, recompute); copy bandwidth",
              [py, "benchmarks/bench_ops.py", "--device", "cuda", "--min-time", "0.5", "--out", "{out}"],
              {"ops_gpu.json": ("ops_cuda.json", "ops_cuda.partial.json")}),
-        Step("e2e", 190, "bench e2e at SD 1.5 size, fp32 and bf16 rows, trl 0.23.1 vs diffrl_fast",
+        Step("e2e", 180, "bench e2e at SD 1.5 size, fp32 and bf16 rows, trl 0.23.1 vs diffrl_fast",
              [py, "-m", "benchmarks.gpu.e2e_rows", "--out", "{out}"], {"e2e_gpu.json": ("e2e_gpu.json",)}),
-        Step("memory", 70, "SDXL-size UNet step, LoRA and full fine-tuning with checkpointing vs the counted estimate",
+        Step("memory", 65, "SDXL-size UNet step, LoRA and full fine-tuning with checkpointing vs the counted estimate",
              [py, "benchmarks/gpu/memory_sdxl.py", "--out", "{out}/memory_gpu.json", "--rows", "8"],
              {"memory_gpu.json": ("memory_gpu.json",)}),
+        # the reward server's 3x target is for a reward with a GPU's cost per call: CLIP ViT-B/16's tower in bfloat16,
+        # 4 and 16 clients of 8 images (64x64, and 512x512 binary bodies), batching against one request per call
+        Step("rewards", 40, "bench reward-server on CUDA: dynamic batching against one request per call, ViT-B/16 reward",
+             [py, "-m", "benchmarks.bench_reward_server", "--device", "cuda", "--quick", "--seconds", "1.5", "--stem",
+              "rewardserver_gpu", "--out", "{out}"], {"rewardserver_gpu.json": ("rewardserver_gpu.json",)}),
     ]
 
 
