@@ -133,7 +133,9 @@ class ServerProcess:
                "--kwargs", json.dumps(kwargs or {}), "--port", "0", *flags]
         import os
 
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the reward on one core, the clients on the other
+        env = dict(os.environ)
+        if (kwargs or {}).get("device", "cpu") == "cpu":  # the reward on one core, the clients on the other
+            env["OMP_NUM_THREADS"] = "1"
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         line = self.proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
@@ -352,6 +354,12 @@ def fuzz(url: str, max_batch: int, max_side: int) -> dict:
     return codes
 
 
+def body_pairs(data: dict) -> list[tuple[str, dict, dict]]:
+    """(mode, binary row, JSON row) of the large-image rows, per mode that ran both bodies."""
+    big = {(r["mode"], r["body"]): r for r in data["rows"] if r["size"] == data["summary"]["big_size"]}
+    return [(mode, big[mode, "binary"], big[mode, "json"]) for mode in BODY_MODES if (mode, "json") in big and (mode, "binary") in big]
+
+
 def write_md(data: dict, path: Path) -> None:
     m, rows = data["machine"], data["rows"]
     lines = ["# The reward server under load", "",
@@ -372,10 +380,14 @@ def write_md(data: dict, path: Path) -> None:
               f"With one client the adaptive wait (the default) scores {s['one_client_adaptive_over_fixed']:.2f}x the images per second "
               f"of the fixed 5 ms wait, and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching.", "",
               "The reward on one thread, milliseconds per call: " + ", ".join(f"{n} images {ms:.1f}" for n, ms in prof.items())
-              + f"; a merged call of {max(prof, key=int)} costs {s['reward_per_image_saving']:.2f}x less per image than calls of 8.", "",
-              f"At {s['big_size']}x{s['big_size']} pixels with {s['big_clients']} clients and batching, binary bodies score "
-              f"{s['binary_over_json']:.2f}x the images per second of JSON ones, at {s['binary_server_cpu_ratio']:.2f}x the server's CPU "
-              f"time per request; with binary bodies batching scores {s['big_speedup']:.2f}x one request per reward call.", "",
+              + f"; per image, calls of 8 cost {s['reward_per_image_saving']:.2f}x a call of {max(prof, key=int)}: the most merging "
+              "can save of the reward's own time.", "",
+              f"At {s['big_size']}x{s['big_size']} pixels with {s['big_clients']} clients, binary bodies score "
+              + " and ".join(f"{r['images_per_s'] / j['images_per_s']:.2f}x ({mode})" for mode, r, j in body_pairs(data))
+              + " the images per second of JSON ones, at "
+              + " and ".join(f"{r['server_cpu_ms_per_request'] / j['server_cpu_ms_per_request']:.2f}x" for _, r, j in body_pairs(data))
+              + f" the server's CPU time per request; with binary bodies batching scores {s['big_speedup']:.2f}x one request "
+              "per reward call.", "",
               f"Fuzz: {s['fuzz_cases']} malformed requests, {s['fuzz_4xx']} answered 4xx as expected, {s['fuzz_5xx']} 5xx; the server "
               f"answered a valid request afterwards: {s['alive_after_fuzz']}. Resident memory: {s['rss_warm_mb']:.0f} MB after warm-up, "
               f"{s['rss_load_mb']:.0f} MB after the load, {s['rss_fuzz_mb']:.0f} MB after the fuzz ({s['rss_ratio']:.2f}x; target at most 1.5x).", ""]

@@ -321,6 +321,8 @@ def reward_server_table(data: dict) -> str:
     """The reward server's load benchmark (bench reward-server's JSON): images/s, latency and the server's CPU time per
     request with and without dynamic batching, JSON against binary bodies at a generated image's size, the ratios
     against the targets, the reward's cost per call, the fuzz and the memory."""
+    from benchmarks.bench_reward_server import body_pairs
+
     s = data["summary"]
     lines = ["| clients | mode | image side, body | images/s | p50 / p99 latency (ms) | images per reward call | server CPU per request (ms) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -338,8 +340,10 @@ def reward_server_table(data: dict) -> str:
               f"the fixed 5 ms wait and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching. The reward costs "
               + ", ".join(f"{ms:.1f} ms for {n} images" for n, ms in prof.items()) + " on one thread: a merged call saves at most "
               f"{s['reward_per_image_saving']:.2f}x per image. At {s['big_size']}x{s['big_size']} pixels binary bodies score "
-              f"{s['binary_over_json']:.2f}x the images per second of JSON ones at {s['binary_server_cpu_ratio']:.2f}x the server's "
-              f"CPU time per request.", ""]
+              + " and ".join(f"{r['images_per_s'] / j['images_per_s']:.2f}x ({mode})" for mode, r, j in body_pairs(data))
+              + " the images per second of JSON ones, at "
+              + " and ".join(f"{r['server_cpu_ms_per_request'] / j['server_cpu_ms_per_request']:.2f}x" for _, r, j in body_pairs(data))
+              + " the server's CPU time per request.", ""]
     return "\n".join(lines)
 
 
