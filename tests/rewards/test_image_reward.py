@@ -148,6 +148,7 @@ def test_image_reward_equals_the_transcribed_formula(tiny):
 
     assert (IMAGE_REWARD_MEAN, IMAGE_REWARD_STD) == (0.16717362830052426, 1.0333394966054072)
     fn = get_reward("image_reward", checkpoint=tiny["checkpoint"], tokenizer_path=tiny["tokenizer_path"])
+    assert fn.device is None  # a reward server leaves its images on the CPU (the reward follows them)
     images = torch.rand(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
     rewards, _ = fn(images, PROMPTS, [{}] * 3)
     tok = AutoTokenizer.from_pretrained(tiny["tokenizer_path"])

@@ -65,6 +65,35 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rewards(serve):
     assert metrics(plain.url)["reward_server_batches_total"] == 3
 
 
+def test_a_reward_with_a_device_gets_its_images_there_converted_from_8_bits(serve):
+    seen = []
+
+    def on_device(images, prompts, metadata):
+        seen.append((images.device, images.dtype, len(prompts)))
+        return per_sample(images, prompts, metadata)
+
+    on_device.device = torch.device("cpu")  # the path a GPU reward takes: arrays moved, then converted, there
+    server = serve(make_app(on_device, "on_device", max_batch=64, max_wait_ms=200, wait="fixed"))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(3, 1, 4, 4, generator=g), [str(10 * c + i) for i in range(3)]) for c in range(4)]
+    got = {}
+
+    def client(c):  # 8-bit (binary) and float32 (JSON) requests merged into one call
+        images, prompts = batches[c]
+        got[c] = RemoteReward(server.url, image_format="uint8" if c % 2 else "float32", binary=bool(c % 2))(images, prompts, [{}] * 3)[0]
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c, (images, prompts) in enumerate(batches):
+        sent = (images * 255).round() / 255 if c % 2 else images
+        assert torch.equal(got[c], per_sample(sent, prompts, None)[0].float())
+    assert all(d == torch.device("cpu") and dtype == torch.float32 for d, dtype, _ in seen) and sum(n for *_, n in seen) == 12
+    assert len(seen) < 4  # merged
+
+
 def test_adaptive_wait_spares_a_lone_client_and_still_merges_concurrent_ones(serve):
     def slow(images, prompts, metadata):  # 50 ms a call: requests that arrive meanwhile queue up
         time.sleep(0.05)
