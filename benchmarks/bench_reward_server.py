@@ -17,7 +17,7 @@ and after a fuzz of malformed requests (``fuzz_cases``, also tests/rewards/test_
 
 Run: ``diffrl-fast bench reward-server [--seconds 8]``; writes benchmarks/results/reward_server.{json,md}.
 ``--device cuda --quick`` (the GPU suite's step): batching and one at a time only, 4 and 16 clients, 64x64 and
-512x512 binary bodies, no fuzz; JSON only.
+512x512 binary bodies, no fuzz; the .json only (no .md), rewritten after each row so a run cut short keeps its rows.
 """
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def load(server: "ServerProcess", reward, clients: int, seconds: float, seed: in
 
 
 def reward_profile(reward, sizes=(8, 32, 128), repeats: int = 10) -> dict:
-    """Milliseconds per call of ``reward`` on one thread (as the server runs it) at each batch size of 64x64 images:
+    """Milliseconds per call of ``reward`` (on one CPU thread, as the server runs a CPU reward) at each batch size of 64x64 images:
     how much a merged call can save per image."""
     import torch
 
@@ -365,7 +365,8 @@ def write_md(data: dict, path: Path) -> None:
     m, rows = data["machine"], data["rows"]
     lines = ["# The reward server under load", "",
              f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}, {m['date']}. "
-             f"`diffrl-fast bench reward-server --seconds {data['seconds']:g}`: a CLIP-style reward (random weights, 64x64 inputs) "
+             f"`diffrl-fast bench reward-server --seconds {data['seconds']:g}`: a CLIP-style reward (random weights, tower "
+             f"{data['summary'].get('tower', 'tiny')} on {data['summary'].get('device', 'cpu')}) "
              f"served on 127.0.0.1; clients send {IMAGES_PER_REQUEST} images per request back to back.", "",
              "| clients | mode | image side | body | images/s | p50 latency (ms) | p99 latency (ms) | images per reward call | "
              "server CPU per request (ms) | requests | mixed replies | errors |",
@@ -380,7 +381,7 @@ def write_md(data: dict, path: Path) -> None:
               f"per reward call (target: at least 3x), at {s['p99_ratio']:.2f}x its p99 latency (target: at most 2x).", "",
               f"With one client the adaptive wait (the default) scores {s['one_client_adaptive_over_fixed']:.2f}x the images per second "
               f"of the fixed 5 ms wait, and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching.", "",
-              "The reward on one thread, milliseconds per call: " + ", ".join(f"{n} images {ms:.1f}" for n, ms in prof.items())
+              f"The reward on {data['summary'].get('device', 'cpu')}, milliseconds per call: " + ", ".join(f"{n} images {ms:.1f}" for n, ms in prof.items())
               + f"; per image, calls of 8 cost {s['reward_per_image_saving']:.2f}x a call of {max(prof, key=int)}: the most merging "
               "can save of the reward's own time.", "",
               f"At {s['big_size']}x{s['big_size']} pixels with {s['big_clients']} clients, binary bodies score "
@@ -430,9 +431,14 @@ def main(argv=None) -> int:
     modes = BODY_MODES if args.quick else tuple(MODES)
     rows, rss, codes = [], {}, None
 
+    stem = args.stem or ("reward_server" + ("_smoke" if args.smoke else ""))
+    args.out.mkdir(parents=True, exist_ok=True)
+
     def measure(mode, n, **kw):
         rows.append({"mode": mode, **load(server, reward, n, args.seconds, atol=atol, **kw)})
         _print(rows[-1])
+        partial = {"machine": {**machine_info(args.device), "partial": True}, "seconds": args.seconds, "rows": rows}
+        (args.out / f"{stem}.json").write_text(json.dumps(partial, indent=1) + "\n")  # the summary replaces it at the end
 
     for mode in modes:
         side = big if args.quick else max_side  # quick: one server per mode for both sizes (no fuzz to bound)
@@ -444,6 +450,7 @@ def main(argv=None) -> int:
             for n in clients:
                 measure(mode, n, seed=n)
             if args.quick:
+                load(server, reward, 2, 0.5, seed=99, size=big, atol=atol)  # warm-up at this size too
                 measure(mode, body_clients, seed=7, size=big)
             elif mode == "batching":
                 rss["load"] = server.rss_mb()
@@ -485,8 +492,6 @@ def main(argv=None) -> int:
             "alive_after_fuzz": alive, "rss_warm_mb": rss["warm"], "rss_load_mb": rss["load"], "rss_fuzz_mb": rss["fuzz"],
             "rss_ratio": max(rss["load"], rss["fuzz"]) / rss["warm"]})
     data = {"machine": machine_info(args.device), "seconds": args.seconds, "rows": rows, "summary": summary}
-    stem = args.stem or ("reward_server" + ("_smoke" if args.smoke else ""))
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     if not args.quick:
         write_md(data, args.out / f"{stem}.md")

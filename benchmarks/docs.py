@@ -338,7 +338,7 @@ def reward_server_table(data: dict) -> str:
               f"resident memory {s['rss_ratio']:.2f}x its after-warm-up value ({_provenance(data, command)}).", "",
               f"With one client the adaptive wait scores {s['one_client_adaptive_over_fixed']:.2f}x the images per second of "
               f"the fixed 5 ms wait and {s['one_client_adaptive_over_unbatched']:.2f}x those of no batching. The reward costs "
-              + ", ".join(f"{ms:.1f} ms for {n} images" for n, ms in prof.items()) + " on one thread: a merged call saves at most "
+              + ", ".join(f"{ms:.1f} ms for {n} images" for n, ms in prof.items()) + f" ({s.get('device', 'cpu')}): a merged call saves at most "
               f"{s['reward_per_image_saving']:.2f}x per image. At {s['big_size']}x{s['big_size']} pixels binary bodies score "
               + " and ".join(f"{r['images_per_s'] / j['images_per_s']:.2f}x ({mode})" for mode, r, j in body_pairs(data))
               + " the images per second of JSON ones, at "

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the oldest waiting request may wait for others to fill a batch (default: 5)")
     ap.add_argument("--wait", choices=WAIT_MODES, default="adaptive",
                     help="adaptive (default): wait no longer than the reward's fixed cost per call (estimated from recent calls) and "
-                         "only until every client (open connection) seen in the last 30 s has a request queued, so a lone "
+                         "only until every client (open connection) seen in the last 120 s has a request queued, so a lone "
                          "client, or a reward whose cost is all per image, pays no wait; fixed: wait for a full batch or "
                          "--max-wait-ms")
     ap.add_argument("--no-batching", action="store_true", help="one request per reward call, in arrival order (no merging)")

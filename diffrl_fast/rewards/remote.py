@@ -223,7 +223,9 @@ def decode_binary(body: bytes, max_side: int = 1 << 16, max_frames: int = 0) -> 
                                  "string)") from None
     x = tensors["images"]
     _check_shape(list(x.shape), max_side, max_frames, "'images'")
-    return _check_values(x, "'images'"), fields[0], fields[1]
+    x = _check_values(x, "'images'")
+    # float32 reaches the reward as it is: a copy of its own, not a view of the request's immutable bytes
+    return (x.clone() if x.dtype == torch.float32 else x), fields[0], fields[1]
 
 
 # ---- the server -------------------------------------------------------------------------------------------------
@@ -231,7 +233,9 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 WAIT_MODES = ("adaptive", "fixed")  # the batcher's wait for more requests (make_app)
-ACTIVE_WINDOW_S = 30.0  # the adaptive wait counts the clients (connections) that sent a request within this window
+# the adaptive wait counts the clients (open connections) that sent a request within this window: a trainer process
+# sending once an epoch counts while its epochs take less than that
+ACTIVE_WINDOW_S = 120.0
 
 
 def body_limit(max_batch: int, max_side: int, max_frames: int = 0) -> int:
@@ -240,17 +244,18 @@ def body_limit(max_batch: int, max_side: int, max_frames: int = 0) -> int:
     return int(max_batch * (max(1, max_frames) * 3 * max_side * max_side * 4 * 4 / 3 + 65536)) + 65536
 
 
-def fixed_cost(calls) -> float:
-    """The fixed part f of a reward call's cost t(n) = f + p n for n images, from recent calls [(n, seconds)]: the
-    least-squares intercept, clamped to [0, mean t]; 0 (nothing known to save) until there are 4 calls of different
-    sizes. Merging k requests into one call saves (k - 1) f: the adaptive wait never waits longer than f."""
+def fixed_cost(calls) -> float | None:
+    """The fixed part f of a reward call's cost t(n) = f + p n for n pixel values (images x their C x H x W), from
+    recent calls [(n, seconds)]: the least-squares intercept, clamped to [0, mean t]; None when the calls cannot tell
+    (fewer than 4, or all of one size: the caller keeps its last estimate, 0 at first). Merging k requests into one
+    call saves (k - 1) f: the adaptive wait never waits longer than f."""
     if len(calls) < 4:
-        return 0.0
+        return None
     mn = sum(n for n, _ in calls) / len(calls)
     mt = sum(t for _, t in calls) / len(calls)
     var = sum((n - mn) ** 2 for n, _ in calls)
     if var == 0:
-        return 0.0
+        return None
     slope = sum((n - mn) * (t - mt) for n, t in calls) / var
     return min(max(mt - slope * mn, 0.0), mt)
 
@@ -279,9 +284,9 @@ class _Stats:
         self.latency_sum, self.latency_count = 0.0, 0
         self.images = self.batches = self.batch_requests = 0
         self.waited = 0  # batches whose batcher waited for more requests
-        self.deadline = 0  # of those, the batches whose wait ended at max_wait_ms
+        self.deadline = 0  # of those, the batches whose wait ran out (max_wait_ms; adaptive: or the fixed cost)
         self.call_s = 0.0  # moving average of a reward call's seconds (Retry-After's estimate)
-        self.calls = collections.deque(maxlen=64)  # (images, seconds) of the recent reward calls
+        self.calls = collections.deque(maxlen=64)  # (pixel values, seconds) of the recent reward calls
         self.fixed_s = 0.0  # the reward's estimated fixed cost per call (fixed_cost of self.calls)
 
     def quantile(self, q: float) -> float:
@@ -300,7 +305,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     ``info`` statistics are the formed batch's). ``wait="adaptive"`` (the default) waits only as long as merging
     can pay: at most the reward's fixed cost per call (``fixed_cost`` of the recent calls' durations against their
     sizes: merging a latecomer saves one call's fixed cost and no more), and only until every client that sent
-    requests of that size within ACTIVE_WINDOW_S (30 s; a client is an open connection, as a trainer process's
+    requests of that size within ACTIVE_WINDOW_S (120 s; a client is an open connection, as a trainer process's
     keep-alive session; a closed one no longer counts) has one queued. A lone client, or a reward whose cost grows
     with its images alone, is scored at once; a reward with a large cost per call (a GPU model's launches and
     transfers) merges the active clients as soon as the last one's request is in. ``"fixed"`` always waits for a
@@ -343,13 +348,16 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
     state: dict = {}
     clients: dict = {}  # a connection that sent /score -> (when its last request was queued, its image size)
 
-    def expected(key) -> int:
-        """The open connections that sent requests of this image size within the last ACTIVE_WINDOW_S: the adaptive
-        wait's guess of how many requests one reward call could merge (a closed connection, a client gone, no longer
-        counts)."""
+    def forget_gone() -> None:
+        """Drop the connections that closed (a client gone) or sent nothing within ACTIVE_WINDOW_S."""
         old = asyncio.get_running_loop().time() - ACTIVE_WINDOW_S
         for conn in [conn for conn, (t, _) in clients.items() if t < old or conn.is_closing()]:
             del clients[conn]
+
+    def expected(key) -> int:
+        """The open connections that sent requests of this image size within the last ACTIVE_WINDOW_S: the adaptive
+        wait's guess of how many requests one reward call could merge."""
+        forget_gone()
         return max(1, sum(k == key for _, k in clients.values()))
 
     def fail(status: int, message: str, **headers):
@@ -403,8 +411,9 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
                 items[0].future.set_result(("raised", f"reward {name!r} raised {type(exc).__name__}: {exc}"))
             return
         stats.call_s = dt if stats.batches == 0 else 0.8 * stats.call_s + 0.2 * dt
-        stats.calls.append((sum(len(p.prompts) for p in items), dt))
-        stats.fixed_s = fixed_cost(stats.calls)
+        stats.calls.append((sum(p.images.numel() for p in items), dt))
+        estimate = fixed_cost(stats.calls)
+        stats.fixed_s = stats.fixed_s if estimate is None else estimate
         stats.batches += 1
         stats.batch_requests += len(items)
         stats.images += sum(len(p.prompts) for p in items)
@@ -524,7 +533,8 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
         pending = await receive(request)
         if not isinstance(pending, _Pending):
             return pending  # the request's error answer
-        if request.transport is not None:  # the connection: a trainer process's keep-alive session
+        if batching and wait == "adaptive" and request.transport is not None:  # a trainer's keep-alive connection
+            forget_gone()  # here too: a client opening a connection per request must not grow the table
             clients[request.transport] = (pending.t0, pending.key)
         queue.append(pending)
         state["wake"].set()
@@ -539,7 +549,9 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
 
     async def receive(request):
         """The checked request as a _Pending, or the error response that refuses it."""
-        if request.content_type == BINARY_TYPE:  # a safetensors file: the images, and prompts / metadata in its header
+        # a safetensors file: the images, and prompts / metadata in its header (aiohttp reads a missing Content-Type
+        # as application/octet-stream: such bodies stay JSON, as before binary bodies)
+        if "Content-Type" in request.headers and request.content_type == BINARY_TYPE:
             try:
                 images, prompts, metadata = decode_binary(await request.read(), max_side=max_side, max_frames=frames)
             except ValueError as exc:
@@ -655,6 +667,8 @@ class RemoteReward:
                               f"to uint8 or float32")
         self.batch_size = min(batch_size, health["max_batch"]) if batch_size > 0 else health["max_batch"]
         offered = "safetensors" in (health.get("bodies") or ())  # a server before binary bodies lists none
+        if binary and image_format == "png":
+            raise RewardError("binary bodies carry raw arrays: reward.remote_format png travels as JSON")
         if binary and not offered:
             raise RewardServiceError(f"reward server {self.url} does not take binary bodies (its /health lists "
                                      f"{health.get('bodies')!r}): update it, or send JSON")

@@ -101,6 +101,8 @@ def test_a_server_without_binary_bodies_gets_json(serve):
     assert seen == ["application/json"]
     with pytest.raises(RewardServiceError, match="does not take binary bodies"):
         RemoteReward(server.url, binary=True)
+    with pytest.raises(RewardError, match="png travels as JSON"):
+        RemoteReward(server.url, binary=True, image_format="png")
 
 
 @pytest.mark.parametrize("reply,message", [

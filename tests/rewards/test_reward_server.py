@@ -132,11 +132,11 @@ def test_adaptive_wait_spares_a_lone_client_and_still_merges_concurrent_ones(ser
 def test_fixed_cost_is_the_intercept_of_call_time_against_images():
     from diffrl_fast.rewards.remote import fixed_cost
 
-    assert fixed_cost([(8, 0.05 + 0.001 * 8)] * 10) == 0.0  # one size only: nothing known, no wait
+    assert fixed_cost([(8, 0.05 + 0.001 * 8)] * 10) is None  # one size only: cannot tell (the server keeps its last)
     assert fixed_cost([(n, 0.05 + 0.001 * n) for n in (8, 16, 8, 32, 24)]) == pytest.approx(0.05)
     assert fixed_cost([(n, 0.001 * n) for n in (8, 16, 8, 32)]) == pytest.approx(0.0, abs=1e-12)
     assert fixed_cost([(n, 0.5 - 0.01 * n) for n in (8, 16, 8, 32)]) == pytest.approx(0.5 - 0.01 * 16)  # clamped to the mean
-    assert fixed_cost([(8, 0.1), (16, 0.2), (8, 0.1)]) == 0.0  # fewer than 4 calls
+    assert fixed_cost([(8, 0.1), (16, 0.2), (8, 0.1)]) is None  # fewer than 4 calls
 
 
 def _lockstep(url, remotes, rounds, images, prompts):
@@ -182,7 +182,7 @@ def test_adaptive_wait_merges_active_clients_when_the_reward_has_a_fixed_cost(se
     assert m["reward_server_batches_total"] - before["reward_server_batches_total"] == 2
     assert m["reward_server_batch_requests_sum"] - before["reward_server_batch_requests_sum"] == 8
     assert m["reward_server_batches_deadline_total"] == before["reward_server_batches_deadline_total"]
-    first(images, prompts, [{}] * 2)  # the others were seen within 30 s: a request alone waits, for ~0.2 s, not 5 s
+    first(images, prompts, [{}] * 2)  # the others were seen within 120 s: a request alone waits, for ~0.2 s, not 5 s
     deadline = m["reward_server_batches_deadline_total"] + 1
     assert metrics(server.url)["reward_server_batches_deadline_total"] == deadline
     for remote in remotes[1:]:  # those clients leave: their connections close, and they no longer count
@@ -286,6 +286,10 @@ def test_fuzz_of_malformed_requests_gets_4xx_and_the_server_goes_on(serve):
         assert reply.status_code == code, (name, reply.status_code, reply.text[:200])
         assert reply.json()["error"], name
     assert requests.post(f"{server.url}/score", json=GOOD, timeout=30).json()["rewards"] == [1.0]
+    # a JSON body sent without a Content-Type (which aiohttp reads as application/octet-stream) is still JSON
+    bare = requests.Request("POST", f"{server.url}/score", data=json.dumps(GOOD).encode()).prepare()
+    bare.headers.pop("Content-Type", None)
+    assert requests.Session().send(bare, timeout=30).json()["rewards"] == [1.0]
     assert not any(k.endswith(f'code="{c}"}}') for k in metrics(server.url) for c in range(500, 600))
 
 
