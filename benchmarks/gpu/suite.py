@@ -120,7 +120,7 @@ def steps(py: str) -> list[Step]:
              [py, "benchmarks/gpu/memory_sdxl.py", "--out", "{out}/memory_gpu.json", "--rows", "8"],
              {"memory_gpu.json": ("memory_gpu.json",)}),
         # the reward server's 3x target is for a reward with a GPU's cost per call: CLIP ViT-B/16's tower in bfloat16,
-        # 4 and 16 clients of 8 images (64x64, and 512x512 binary bodies), batching against one request per call
+        # 16 clients of 8 images (64x64, and 512x512 binary bodies), batching against one request per call
         Step("rewards", 40, "bench reward-server on CUDA: dynamic batching against one request per call, ViT-B/16 reward",
              [py, "-m", "benchmarks.bench_reward_server", "--device", "cuda", "--quick", "--seconds", "1.5", "--stem",
               "rewardserver_gpu", "--out", "{out}"], {"rewardserver_gpu.json": ("rewardserver_gpu.json",)}),
