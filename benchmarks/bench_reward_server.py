@@ -513,8 +513,6 @@ def _run(args, kwargs, atol, max_batch, max_side, big, body_clients, modes, star
         summary.update({
             "one_client_adaptive_over_fixed": one["batching"] / one["batching, fixed wait"],
             "one_client_adaptive_over_unbatched": one["batching"] / one["one at a time"],
-            "binary_over_json": body["batching", "binary"]["images_per_s"] / body["batching", "json"]["images_per_s"],
-            "binary_server_cpu_ratio": body["batching", "binary"]["server_cpu_ms_per_request"] / body["batching", "json"]["server_cpu_ms_per_request"],
             "fuzz_cases": len(codes), "fuzz_4xx": sum(codes[k] == expected[k] for k in codes),
             "fuzz_5xx": sum(isinstance(c, int) and c >= 500 for c in codes.values()), "fuzz_codes": codes,
             "alive_after_fuzz": alive, "rss_warm_mb": rss["warm"], "rss_load_mb": rss["load"], "rss_fuzz_mb": rss["fuzz"],

@@ -13,6 +13,6 @@ def test_reward_server_bench_smoke(tmp_path):
     assert all(r["server_cpu_ms_per_request"] > 0 for r in data["rows"])
     assert all(r["requests"] > 0 and r["mixed"] == 0 and r["error_count"] == 0 for r in data["rows"])
     s = data["summary"]
-    assert set(s["reward_ms_per_call"]) == {"8", "32", "128"} and s["binary_over_json"] > 0
+    assert set(s["reward_ms_per_call"]) == {"8", "32", "128"} and [m for m, *_ in b.body_pairs(data)] == list(b.BODY_MODES)
     assert s["fuzz_5xx"] == 0 and s["fuzz_4xx"] == s["fuzz_cases"] >= 30 and s["alive_after_fuzz"]
     assert "images/s" in (tmp_path / "reward_server_smoke.md").read_text()

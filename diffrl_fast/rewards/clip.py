@@ -126,12 +126,6 @@ class ClipImageTransform:
         return ((x - mean) / std).to(dtype)
 
 
-def _declared(device) -> torch.device | None:
-    """A reward's ``device`` attribute: where a reward server sends its images (8-bit, converted there), None to leave
-    them on the CPU (the reward then follows its images' device)."""
-    return None if device is None else torch.device(device)
-
-
 def _follow_device(model: nn.Module, device, images: torch.Tensor) -> torch.device:
     target = torch.device(device) if device is not None else images.device
     if next(model.parameters()).device != target:
@@ -199,7 +193,7 @@ def aesthetic(clip_path, mlp_path, device=None, dtype="float32"):
         return mlp(embeds), {}
 
     fn.embed = embed
-    fn.device = _declared(device)
+    fn.device = device  # where a reward server sends its images (None: they stay on the CPU)
     return fn
 
 
@@ -254,5 +248,5 @@ def clip_score(model_path, device=None, dtype="float32"):
         return e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)
 
     fn.embed = embed
-    fn.device = _declared(device)
+    fn.device = device  # where a reward server sends its images (None: they stay on the CPU)
     return fn

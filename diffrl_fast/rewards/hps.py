@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import _extras
 from . import RewardError, register
-from .clip import CLIP_MEAN, CLIP_STD, _declared, _dtype, _follow_device, _require
+from .clip import CLIP_MEAN, CLIP_STD, _dtype, _follow_device, _require
 from .weights import load_state_dict_file
 
 HPS_ARCHITECTURE = "ViT-H-14"
@@ -168,5 +168,5 @@ def hpsv2(checkpoint, model_config=None, architecture: str = HPS_ARCHITECTURE, d
         return model.encode_image(pixels, normalize=True).float()
 
     fn.embed = embed
-    fn.device = _declared(device)
+    fn.device = device  # where a reward server sends its images (None: they stay on the CPU)
     return fn

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import register
-from .clip import AestheticMLP, ClipImageTransform, _declared, _dtype, _follow_device, _require
+from .clip import AestheticMLP, ClipImageTransform, _dtype, _follow_device, _require
 from .weights import load_state_dict_file
 
 IMAGE_REWARD_MEAN = 0.16717362830052426
@@ -211,5 +211,5 @@ def image_reward(checkpoint, tokenizer_path, device=None, dtype="float32", visio
         pixels = transform(images.to(target), model.vision.dtype)
         return model(pixels, tokens.input_ids.to(target), tokens.attention_mask.to(target)), {}
 
-    fn.device = _declared(device)
+    fn.device = device  # where a reward server sends its images (None: they stay on the CPU)
     return fn

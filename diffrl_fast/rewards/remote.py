@@ -132,9 +132,13 @@ def _check_values(x: torch.Tensor, what: str) -> torch.Tensor:
     return x
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """A decoded batch as the reward's float32 in [0, 1]: uint8 v -> v / 255, float32 as it is."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x  # in place: one float array, not two
+def to_unit(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A decoded batch as the reward's float32 in [0, 1]: uint8 v -> v / 255, float32 as it is; written into ``out``
+    (a slice of a merged batch) when given."""
+    if out is None:
+        return x.float().div_(255) if x.dtype == torch.uint8 else x  # in place: one float array, not two
+    out.copy_(x)
+    return out.div_(255) if x.dtype == torch.uint8 else out
 
 
 def _decode_field(field, max_side: int, max_frames: int) -> torch.Tensor:
@@ -285,9 +289,13 @@ class _Stats:
         self.images = self.batches = self.batch_requests = 0
         self.waited = 0  # batches whose batcher waited for more requests
         self.deadline = 0  # of those, the batches whose wait ran out (max_wait_ms; adaptive: or the fixed cost)
-        self.call_s = 0.0  # moving average of a reward call's seconds (Retry-After's estimate)
         self.calls = collections.deque(maxlen=64)  # (pixel values, seconds) of the recent reward calls
         self.fixed_s = 0.0  # the reward's estimated fixed cost per call (fixed_cost of self.calls)
+
+    @property
+    def call_s(self) -> float:
+        """Mean seconds of the recent reward calls (Retry-After's estimate); 0 before the first."""
+        return sum(t for _, t in self.calls) / len(self.calls) if self.calls else 0.0
 
     def quantile(self, q: float) -> float:
         vals = sorted(self.latency)
@@ -376,10 +384,7 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
                                  device=arrays[0].device)
             start = 0
             for a in arrays:
-                part = images[start:start + a.shape[0]]
-                part.copy_(a)
-                if a.dtype == torch.uint8:
-                    part.div_(255)
+                to_unit(a, out=images[start:start + a.shape[0]])
                 start += a.shape[0]
         with torch.no_grad():
             out = reward_fn(images, prompts, metadata)
@@ -410,7 +415,6 @@ def make_app(reward_fn, name: str, max_batch: int = 64, *, max_wait_ms: float = 
             if not items[0].future.done():
                 items[0].future.set_result(("raised", f"reward {name!r} raised {type(exc).__name__}: {exc}"))
             return
-        stats.call_s = dt if stats.batches == 0 else 0.8 * stats.call_s + 0.2 * dt
         stats.calls.append((sum(p.images.numel() for p in items), dt))
         estimate = fixed_cost(stats.calls)
         stats.fixed_s = stats.fixed_s if estimate is None else estimate

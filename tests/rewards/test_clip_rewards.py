@@ -82,7 +82,7 @@ def test_aesthetic_equals_mlp_of_normalised_embedding(clip_dir, mlp_path, mlp_st
     again, _ = get_reward("aesthetic", clip_path=clip_dir, mlp_path=mlp_path)(images, PROMPTS, [{}] * 3)
     assert torch.equal(rewards, again), "not deterministic"
     # the device a reward server sends the images to: only where one is given
-    assert fn.device is None and get_reward("aesthetic", clip_path=clip_dir, mlp_path=mlp_path, device="cpu").device == torch.device("cpu")
+    assert fn.device is None and get_reward("aesthetic", clip_path=clip_dir, mlp_path=mlp_path, device="cpu").device == "cpu"
 
 
 def test_aesthetic_reads_pth_state_dicts(clip_dir, mlp_path, mlp_state, tmp_path):
